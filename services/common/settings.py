@@ -1,0 +1,63 @@
+"""Typed settings shared by every service: one object per service, from a file and the environment.
+
+Each service defines a ``pydantic_settings.BaseSettings`` subclass with its own ``env_prefix``
+(``INFERPLANE_ROUTER_``, ...). ``load_settings`` builds it in ``main()`` from an optional YAML file
+(its top-level section for the service) overridden by environment variables; nothing is read at
+import time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel
+from pydantic_settings import BaseSettings
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+class TelemetrySettings(BaseModel):
+    """OpenTelemetry set-up for one service."""
+
+    # "none", "console", "file" (JSON lines at ``file_path``) or "otlp" (OTLP/gRPC to ``otlp_endpoint``).
+    exporter: Literal["none", "console", "file", "otlp"] = "none"
+    file_path: Path = Path(".inferplane/traces.jsonl")
+    otlp_endpoint: str = "http://127.0.0.1:4317"
+    # Fraction of new traces sampled (parent-based: a sampled parent is always followed).
+    sample_ratio: float = 1.0
+
+
+class ServerSettings(BaseModel):
+    """Where and how a gRPC service listens."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    # Seconds in-flight RPCs get to finish after SIGTERM.
+    grace_seconds: float = 10.0
+    max_message_bytes: int = 16 * 1024 * 1024
+
+
+def load_settings(cls: type[S], *, config_file: Path | None = None, section: str | None = None,
+                  **overrides: Any) -> S:
+    """Build ``cls`` from ``config_file``'s ``section`` (YAML), then environment, then ``overrides``.
+
+    Environment variables win over the file (pydantic-settings gives init arguments priority, so
+    the file's values are passed as defaults through ``_file_defaults``).
+    """
+    file_values: dict[str, Any] = {}
+    if config_file is not None:
+        data = yaml.safe_load(Path(config_file).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{config_file}: expected a mapping at the top level")
+        file_values = data.get(section, {}) if section else data
+        if not isinstance(file_values, dict):
+            raise ValueError(f"{config_file}: section {section!r} must be a mapping")
+    env_only = cls()  # environment and defaults
+    merged: dict[str, Any] = {**file_values}
+    # Environment-provided fields override the file: they are the ones that differ from a bare default.
+    for name in env_only.model_fields_set:
+        merged[name] = getattr(env_only, name)
+    merged.update(overrides)
+    return cls(**merged)
