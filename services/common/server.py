@@ -32,6 +32,9 @@ def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[s
     if isinstance(exc, InferplaneError):
         md = ((PARAM_METADATA_KEY, exc.param),) if exc.param else ()
         return exc.code, exc.message, md
+    if isinstance(exc, grpc.aio.AioRpcError):
+        # A downstream service's precise status passes through (its message was written for callers).
+        return exc.code(), exc.details() or exc.code().name, ()
     if isinstance(exc, TimeoutError):
         return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded", ()
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}", ()

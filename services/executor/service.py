@@ -1,0 +1,112 @@
+"""The executor's gRPC API: thin edges over ``TritonLLMClient``.
+
+Tokens are forwarded as they arrive; when the reader (the router) falls behind, the tokens that are
+ready go out together in one message (coalescing under backpressure) instead of one message each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+from inferplane.v1 import common_pb2, executor_pb2, executor_pb2_grpc
+
+from services.common.errors import InvalidArgument
+from services.executor.triton_client import GenerateParams, TritonChunk, TritonLLMClient
+
+log = logging.getLogger(__name__)
+
+FINISH_REASONS = {
+    "stop": common_pb2.FINISH_REASON_STOP,
+    "length": common_pb2.FINISH_REASON_LENGTH,
+    "cancelled": common_pb2.FINISH_REASON_CANCELLED,
+}
+
+
+def params_from_pb(req: executor_pb2.ExecutorGenerateRequest) -> GenerateParams:
+    if not req.prompt_token_ids:
+        raise InvalidArgument("prompt_token_ids must not be empty", param="prompt")
+    if req.max_tokens < 1:
+        raise InvalidArgument("max_tokens must be at least 1", param="max_tokens")
+    s = req.sampling
+    return GenerateParams(
+        prompt_token_ids=list(req.prompt_token_ids),
+        max_tokens=req.max_tokens,
+        temperature=s.temperature if s.HasField("temperature") else None,
+        top_p=s.top_p if s.HasField("top_p") else None,
+        top_k=s.top_k if s.HasField("top_k") else None,
+        seed=s.seed if s.HasField("seed") else None,
+        stop_token_ids=list(req.stop_token_ids),
+    )
+
+
+def chunk_to_pb(token_ids: list[int], final: TritonChunk | None) -> executor_pb2.ExecutorGenerateResponse:
+    msg = executor_pb2.ExecutorGenerateResponse(token_ids=token_ids)
+    if final is not None:
+        msg.finish_reason = FINISH_REASONS.get(final.finish_reason or "", common_pb2.FINISH_REASON_ERROR)
+        msg.usage.prompt_tokens = final.prompt_tokens
+        msg.usage.completion_tokens = final.completion_tokens
+        msg.usage.total_tokens = final.prompt_tokens + final.completion_tokens
+    return msg
+
+
+async def coalesce(chunks: AsyncIterator[TritonChunk]) -> AsyncIterator[tuple[list[int], TritonChunk | None]]:
+    """Yield (token ids, final or None); all ids that arrived while the consumer was busy come together."""
+    queue: asyncio.Queue[TritonChunk | BaseException] = asyncio.Queue()
+
+    async def pump() -> None:
+        try:
+            async for chunk in chunks:
+                queue.put_nowait(chunk)
+        except BaseException as exc:  # handed to the consumer, re-raised there
+            queue.put_nowait(exc)
+
+    task = asyncio.create_task(pump())
+    try:
+        while True:
+            items = [await queue.get()]
+            while not queue.empty():
+                items.append(queue.get_nowait())
+            ids: list[int] = []
+            for item in items:
+                if isinstance(item, BaseException):
+                    if ids:
+                        yield ids, None
+                    raise item
+                ids.extend(item.token_ids)
+                if item.finish_reason is not None:
+                    yield ids, item
+                    return
+            yield ids, None
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
+    def __init__(self, client: TritonLLMClient, models: list[str]) -> None:
+        self._client = client
+        self._models = models
+        self.active = 0
+        self.triton_version = ""
+
+    async def Generate(self, request: executor_pb2.ExecutorGenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[executor_pb2.ExecutorGenerateResponse]:
+        params = params_from_pb(request)
+        self.active += 1
+        try:
+            async for ids, final in coalesce(self._client.generate(request.model, params,
+                                                                   request_id=request.request_id)):
+                yield chunk_to_pb(ids, final)
+        finally:
+            self.active -= 1
+
+    async def GetStatus(self, request: executor_pb2.GetStatusRequest,
+                        context: grpc.aio.ServicerContext) -> executor_pb2.GetStatusResponse:
+        ready = [m for m in self._models if await self._client.is_ready([m])]
+        return executor_pb2.GetStatusResponse(ready_models=ready, active_requests=self.active,
+                                              triton_version=self.triton_version)

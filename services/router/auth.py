@@ -1,0 +1,61 @@
+"""API key authentication: metadata → metering's VerifyKey, with a short-lived cache of good keys."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+
+import grpc
+
+from services.common.errors import Unauthenticated
+from services.router.clients import KeyInfo, MeteringClient
+
+MISSING_KEY = ("You didn't provide an API key. Provide it in the Authorization header "
+               "(Authorization: Bearer YOUR_KEY).")
+
+
+def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
+    for key, value in metadata or ():
+        if key.lower() == "authorization":
+            text = value.decode() if isinstance(value, bytes) else value
+            scheme, _, token = text.strip().partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+            break
+    raise Unauthenticated(MISSING_KEY)
+
+
+class KeyVerifier:
+    """Verifies keys with metering; caches successes for ``ttl`` seconds (never failures).
+
+    The cache is keyed by a SHA-256 of the key so the raw key is not kept in memory longer than needed.
+    Revocation therefore takes effect within ``ttl`` seconds.
+    """
+
+    def __init__(self, metering: MeteringClient, *, ttl: float = 30.0, max_entries: int = 10_000,
+                 timeout: float = 5.0) -> None:
+        self._metering = metering
+        self._ttl = ttl
+        self._max = max_entries
+        self._timeout = timeout
+        self._cache: OrderedDict[bytes, tuple[float, KeyInfo]] = OrderedDict()
+
+    async def verify(self, api_key: str) -> KeyInfo:
+        digest = hashlib.sha256(api_key.encode()).digest()
+        now = time.monotonic()
+        hit = self._cache.get(digest)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        try:
+            info = await self._metering.verify_key(api_key, timeout=self._timeout)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                raise Unauthenticated("Incorrect API key provided.") from None
+            raise
+        self._cache[digest] = (now + self._ttl, info)
+        self._cache.move_to_end(digest)
+        while len(self._cache) > self._max:
+            self._cache.popitem(last=False)
+        return info

@@ -1,0 +1,105 @@
+"""The router's clients of tokenizer, executor and metering: protobuf in, plain Python out."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+from inferplane.v1 import (
+    common_pb2,
+    executor_pb2,
+    executor_pb2_grpc,
+    metering_pb2,
+    metering_pb2_grpc,
+    tokenizer_pb2,
+    tokenizer_pb2_grpc,
+)
+
+from services.common.errors import Unavailable
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    token_ids: list[int]
+    stop_token_ids: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    key_id: str
+    name: str
+
+
+class TokenizerClient:
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._stub = tokenizer_pb2_grpc.TokenizerServiceStub(channel)
+
+    async def encode_text(self, model: str, text: str, *, timeout: float | None) -> Encoded:
+        resp = await self._stub.Encode(tokenizer_pb2.EncodeRequest(model=model, text=text), timeout=timeout)
+        return Encoded(list(resp.token_ids), list(resp.stop_token_ids))
+
+    async def encode_chat(self, model: str, messages: list[common_pb2.ChatMessage], *,
+                          timeout: float | None) -> Encoded:
+        req = tokenizer_pb2.EncodeRequest(model=model, chat=tokenizer_pb2.ChatMessages(messages=messages))
+        resp = await self._stub.Encode(req, timeout=timeout)
+        return Encoded(list(resp.token_ids), list(resp.stop_token_ids))
+
+    def decoder(self, model: str, *, timeout: float | None) -> StreamingDecoder:
+        return StreamingDecoder(self._stub.DecodeStream(timeout=timeout), model)
+
+
+class StreamingDecoder:
+    """One DecodeStream call: write new ids, read back the text they completed (lock-step)."""
+
+    def __init__(self, call: grpc.aio.StreamStreamCall, model: str) -> None:
+        self._call = call
+        self._model: str | None = model
+
+    async def push(self, token_ids: list[int], *, final: bool = False) -> str:
+        req = tokenizer_pb2.DecodeStreamRequest(token_ids=token_ids, final=final)
+        if self._model is not None:
+            req.model, self._model = self._model, None
+        await self._call.write(req)
+        resp = await self._call.read()
+        if resp is grpc.aio.EOF:  # type: ignore[attr-defined]
+            raise Unavailable("tokenizer closed the decode stream")
+        assert isinstance(resp, tokenizer_pb2.DecodeStreamResponse)
+        return resp.text
+
+    async def close(self) -> None:
+        if not self._call.done():
+            await self._call.done_writing()
+            self._call.cancel()
+
+
+class ExecutorPool:
+    """The executor replicas (round robin here; load-aware routing comes with replicas and failover)."""
+
+    def __init__(self, channels: list[grpc.aio.Channel]) -> None:
+        if not channels:
+            raise ValueError("at least one executor address is required")
+        self._stubs = [executor_pb2_grpc.ExecutorServiceStub(c) for c in channels]
+        self._next = itertools.cycle(range(len(self._stubs)))
+
+    def pick(self) -> executor_pb2_grpc.ExecutorServiceStub:
+        return self._stubs[next(self._next)]
+
+    @staticmethod
+    def generate(stub: executor_pb2_grpc.ExecutorServiceStub, req: executor_pb2.ExecutorGenerateRequest, *,
+                 timeout: float | None) -> AsyncIterator[executor_pb2.ExecutorGenerateResponse]:
+        return stub.Generate(req, timeout=timeout)
+
+
+class MeteringClient:
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._stub = metering_pb2_grpc.MeteringServiceStub(channel)
+
+    async def verify_key(self, api_key: str, *, timeout: float) -> KeyInfo:
+        resp = await self._stub.VerifyKey(metering_pb2.VerifyKeyRequest(api_key=api_key), timeout=timeout)
+        return KeyInfo(resp.key_id, resp.name)
+
+    async def record_usage(self, record: metering_pb2.UsageRecord, *, timeout: float) -> bool:
+        resp = await self._stub.RecordUsage(metering_pb2.RecordUsageRequest(record=record), timeout=timeout)
+        return bool(resp.created)

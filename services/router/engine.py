@@ -1,0 +1,250 @@
+"""One generation through the mesh: validate, encode, stream from an executor, detokenize, stop, meter.
+
+``GenerationEngine.generate`` is plain async Python: it takes a ``GenerationInput`` and yields
+``Delta``s; the gRPC servicer only converts messages at the edge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from inferplane.v1 import common_pb2, executor_pb2, metering_pb2
+from opentelemetry import trace
+
+from services.common.catalog import Catalog, CatalogModel
+from services.common.errors import InvalidArgument, NotFound, Unavailable
+from services.router.clients import ExecutorPool, KeyInfo, MeteringClient, TokenizerClient
+from services.router.stops import StopMatcher
+
+log = logging.getLogger(__name__)
+
+MAX_STOP_SEQUENCES = 4
+
+
+@dataclass(slots=True)
+class GenerationInput:
+    """A validated-at-the-edge request (types only; ranges are checked in ``validate``)."""
+
+    model: str
+    prompt: str | None = None
+    messages: list[common_pb2.ChatMessage] | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Delta:
+    text: str
+    token_count: int
+    finish_reason: int = common_pb2.FINISH_REASON_UNSPECIFIED
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+FINISH_NAMES: dict[int, str] = {
+    common_pb2.FINISH_REASON_STOP: "stop",
+    common_pb2.FINISH_REASON_LENGTH: "length",
+    common_pb2.FINISH_REASON_CANCELLED: "cancelled",
+    common_pb2.FINISH_REASON_ERROR: "error",
+}
+
+
+def validate(inp: GenerationInput, model: CatalogModel) -> None:
+    """Parameter checks that need no tokens (OpenAI's ranges)."""
+    if inp.messages is not None:
+        if "chat" not in model.tasks:
+            raise InvalidArgument(f"The model `{model.id}` does not support chat completions.", param="model")
+        if not inp.messages:
+            raise InvalidArgument("'messages' must contain at least one message.", param="messages")
+    else:
+        if "completion" not in model.tasks:
+            raise InvalidArgument(f"The model `{model.id}` does not support completions.", param="model")
+        if not inp.prompt:
+            raise InvalidArgument("'prompt' must be a non-empty string.", param="prompt")
+    if inp.max_tokens is not None and inp.max_tokens < 1:
+        raise InvalidArgument(f"Invalid 'max_tokens': integer below minimum value. Expected a value >= 1, "
+                              f"but got {inp.max_tokens} instead.", param="max_tokens")
+    if inp.temperature is not None and not 0.0 <= inp.temperature <= 2.0:
+        raise InvalidArgument("'temperature' must be between 0 and 2.", param="temperature")
+    if inp.top_p is not None and not 0.0 < inp.top_p <= 1.0:
+        raise InvalidArgument("'top_p' must be greater than 0 and at most 1.", param="top_p")
+    if inp.top_k is not None and inp.top_k < 0:
+        raise InvalidArgument("'top_k' must be >= 0.", param="top_k")
+    if len(inp.stop) > MAX_STOP_SEQUENCES or any(not s for s in inp.stop):
+        raise InvalidArgument(f"'stop' takes up to {MAX_STOP_SEQUENCES} non-empty strings.", param="stop")
+
+
+def completion_budget(prompt_tokens: int, max_tokens: int | None, model: CatalogModel) -> int:
+    room = model.context_length - prompt_tokens
+    if room < 1:
+        raise InvalidArgument(
+            f"This model's maximum context length is {model.context_length} tokens. However, your prompt "
+            f"has {prompt_tokens} tokens, which leaves no room for a completion.", param="messages")
+    if max_tokens is None:
+        return room
+    if max_tokens > room:
+        raise InvalidArgument(
+            f"This model's maximum context length is {model.context_length} tokens. However, you requested "
+            f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} for the "
+            f"completion). Please reduce the prompt or max_tokens.", param="max_tokens")
+    return max_tokens
+
+
+class GenerationEngine:
+    def __init__(self, *, catalog: Catalog, tokenizer: TokenizerClient, executors: ExecutorPool,
+                 metering: MeteringClient, request_timeout_s: float = 600.0) -> None:
+        self.catalog = catalog
+        self._tokenizer = tokenizer
+        self._executors = executors
+        self._metering = metering
+        self._timeout = request_timeout_s
+        self._background: set[asyncio.Task[None]] = set()
+
+    def model(self, model_id: str) -> CatalogModel:
+        model = self.catalog.get(model_id)
+        if model is None:
+            raise NotFound(f"The model `{model_id}` does not exist or you do not have access to it.",
+                           param="model")
+        return model
+
+    async def generate(self, inp: GenerationInput, *, key: KeyInfo, request_id: str,
+                       deadline: float | None = None) -> AsyncIterator[Delta]:
+        model = self.model(inp.model)
+        validate(inp, model)
+        started = time.monotonic()
+        created_at = Timestamp()
+        created_at.GetCurrentTime()
+        end = deadline if deadline is not None else started + self._timeout
+        span = trace.get_current_span()
+        span.set_attributes({"gen_ai.operation.name": "chat" if inp.messages is not None else "text_completion",
+                             "gen_ai.request.model": model.id, "inferplane.request_id": request_id,
+                             "inferplane.key_id": key.key_id})
+
+        def left() -> float:
+            return max(0.001, end - time.monotonic())
+
+        if inp.messages is not None:
+            encoded = await self._tokenizer.encode_chat(model.id, inp.messages, timeout=left())
+        else:
+            encoded = await self._tokenizer.encode_text(model.id, inp.prompt or "", timeout=left())
+        max_tokens = completion_budget(len(encoded.token_ids), inp.max_tokens, model)
+        req = executor_pb2.ExecutorGenerateRequest(
+            model=model.triton_model, prompt_token_ids=encoded.token_ids, max_tokens=max_tokens,
+            stop_token_ids=encoded.stop_token_ids, request_id=request_id)
+        for name in ("temperature", "top_p", "top_k", "seed"):
+            value = getattr(inp, name)
+            if value is not None:
+                setattr(req.sampling, name, value)
+
+        prompt_tokens, completion_tokens = len(encoded.token_ids), 0
+        finish: int | None = None
+        first_token_at: float | None = None
+        stops = StopMatcher(inp.stop)
+        decoder = self._tokenizer.decoder(model.id, timeout=left())
+        call = self._executors.generate(self._executors.pick(), req, timeout=left())
+        pending = 0  # tokens whose text has not been sent yet (an incomplete character, a held stop prefix)
+        try:
+            async for msg in call:
+                if msg.token_ids:
+                    if first_token_at is None:
+                        first_token_at = time.monotonic()
+                        span.add_event("gen_ai.first_token")
+                    completion_tokens += len(msg.token_ids)
+                    pending += len(msg.token_ids)
+                    text = stops.feed(await decoder.push(list(msg.token_ids)))
+                    if text:
+                        yield Delta(text, pending)
+                        pending = 0
+                    if stops.matched:
+                        finish = common_pb2.FINISH_REASON_STOP
+                        break
+                if msg.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+                    # The model's own counts of what it consumed and produced are authoritative.
+                    prompt_tokens, completion_tokens = msg.usage.prompt_tokens, msg.usage.completion_tokens
+                    finish = msg.finish_reason
+                    break
+            if finish is None:
+                raise Unavailable("the executor ended the stream before the generation finished")
+            if not stops.matched:
+                tail = stops.feed(await decoder.push([], final=True))
+                tail += stops.flush()
+                if stops.matched:
+                    finish = common_pb2.FINISH_REASON_STOP
+                if tail:
+                    yield Delta(tail, pending)
+                    pending = 0
+        except BaseException as exc:
+            client_gone = isinstance(exc, asyncio.CancelledError | GeneratorExit)
+            finish = common_pb2.FINISH_REASON_CANCELLED if client_gone else common_pb2.FINISH_REASON_ERROR
+            raise
+        finally:
+            call.cancel()  # type: ignore[attr-defined]
+            await _quietly(decoder.close())
+            record = _usage_record(request_id, key, model.id, prompt_tokens, completion_tokens,
+                                   finish or common_pb2.FINISH_REASON_ERROR, started, first_token_at, created_at)
+            if finish in (common_pb2.FINISH_REASON_STOP, common_pb2.FINISH_REASON_LENGTH):
+                await self.record(record)
+            else:
+                # The caller is gone or the stream broke: tokens already generated are still billed, from
+                # a task that the cancellation of this request cannot interrupt.
+                self._spawn(self.record(record))
+        span.set_attributes({"gen_ai.usage.input_tokens": prompt_tokens,
+                             "gen_ai.usage.output_tokens": completion_tokens,
+                             "gen_ai.response.finish_reasons": [FINISH_NAMES.get(finish, "error")]})
+        assert finish is not None
+        yield Delta("", pending, finish, prompt_tokens, completion_tokens)
+
+    async def record(self, record: metering_pb2.UsageRecord, attempts: int = 5) -> None:
+        """Send one usage record; retried with backoff (idempotent on request id)."""
+        delay = 0.2
+        for attempt in range(1, attempts + 1):
+            try:
+                await self._metering.record_usage(record, timeout=5.0)
+                return
+            except grpc.aio.AioRpcError as exc:
+                if attempt == attempts or exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    log.error("usage record %s not stored after %d attempts: %s", record.request_id,
+                              attempt, exc.code().name)
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain(self) -> None:
+        """Wait for background usage records (at shutdown)."""
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+
+async def _quietly(aw: object) -> None:
+    try:
+        await aw  # type: ignore[misc]
+    except Exception:  # closing a stream that already failed is not an error worth raising
+        pass
+
+
+def _usage_record(request_id: str, key: KeyInfo, model: str, prompt_tokens: int, completion_tokens: int,
+                  finish: int, started: float, first_token_at: float | None,
+                  created_at: Timestamp) -> metering_pb2.UsageRecord:
+    record = metering_pb2.UsageRecord(
+        request_id=request_id, key_id=key.key_id, model=model, prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens, finish_reason=FINISH_NAMES.get(finish, "error"),
+        latency_ms=int((time.monotonic() - started) * 1000), created_at=created_at)
+    if first_token_at is not None:
+        record.time_to_first_token_ms = int((first_token_at - started) * 1000)
+    return record

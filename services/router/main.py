@@ -1,0 +1,93 @@
+"""Router service entry point: settings, wiring, serve."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from pathlib import Path
+
+from inferplane.v1 import router_pb2_grpc
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.common.catalog import load_catalog
+from services.common.logs import setup_logging
+from services.common.server import GrpcServer, client_channel
+from services.common.settings import ServerSettings, TelemetrySettings, load_settings
+from services.common.telemetry import setup_tracing
+from services.router.auth import KeyVerifier
+from services.router.clients import ExecutorPool, MeteringClient, TokenizerClient
+from services.router.engine import GenerationEngine
+from services.router.service import RouterServicer
+
+log = logging.getLogger(__name__)
+
+
+class RouterSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="INFERPLANE_ROUTER_", env_nested_delimiter="__")
+
+    server: ServerSettings = ServerSettings(port=50051)
+    telemetry: TelemetrySettings = TelemetrySettings()
+    catalog: Path = Path("config/catalog.yaml")
+    tokenizer_addr: str = "127.0.0.1:50052"
+    metering_addr: str = "127.0.0.1:50054"
+    executor_addrs: list[str] = ["127.0.0.1:50053"]
+    # Upper bound of one request when the caller sets no deadline.
+    request_timeout_s: float = 600.0
+    # Seconds a verified key stays cached (revocation takes effect within this time).
+    key_cache_ttl_s: float = 30.0
+
+
+class Router:
+    """The router's server and its outbound channels, started and stopped together."""
+
+    def __init__(self, settings: RouterSettings) -> None:
+        self.settings = settings
+        catalog = load_catalog(settings.catalog)
+        self._channels = [client_channel(settings.tokenizer_addr), client_channel(settings.metering_addr)]
+        executor_channels = [client_channel(a) for a in settings.executor_addrs]
+        self._channels += executor_channels
+        metering = MeteringClient(self._channels[1])
+        self.engine = GenerationEngine(catalog=catalog, tokenizer=TokenizerClient(self._channels[0]),
+                                       executors=ExecutorPool(executor_channels), metering=metering,
+                                       request_timeout_s=settings.request_timeout_s)
+        servicer = RouterServicer(self.engine, KeyVerifier(metering, ttl=settings.key_cache_ttl_s))
+        self.server = GrpcServer(
+            settings.server, service_names=["inferplane.v1.RouterService"],
+            register=lambda s: router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, s))
+
+    async def start(self) -> int:
+        return await self.server.start()
+
+    async def stop(self, grace: float | None = None) -> None:
+        await self.server.stop(grace)
+        await self.close()
+
+    async def close(self) -> None:
+        await self.engine.drain()
+        for channel in self._channels:
+            await channel.close(None)
+
+
+async def run(settings: RouterSettings) -> None:
+    provider = setup_tracing("router", settings.telemetry)
+    router = Router(settings)
+    await router.start()
+    try:
+        await router.server.serve_until_signal(router.close)
+    finally:
+        provider.shutdown()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="inferplane-router", description="inferplane router service")
+    parser.add_argument("--config", type=Path, help="YAML settings file (section 'router')")
+    parser.add_argument("--port", type=int)
+    args = parser.parse_args(argv)
+    setup_logging("router")
+    overrides = {}
+    settings = load_settings(RouterSettings, config_file=args.config, section="router")
+    if args.port is not None:
+        overrides["server"] = settings.server.model_copy(update={"port": args.port})
+        settings = settings.model_copy(update=overrides)
+    asyncio.run(run(settings))
