@@ -55,9 +55,17 @@ def load_settings(cls: type[S], *, config_file: Path | None = None, section: str
         if not isinstance(file_values, dict):
             raise ValueError(f"{config_file}: section {section!r} must be a mapping")
     env_only = cls()  # environment and defaults
-    merged: dict[str, Any] = {**file_values}
-    # Environment-provided fields override the file: they are the ones that differ from a bare default.
-    for name in env_only.model_fields_set:
-        merged[name] = getattr(env_only, name)
-    merged.update(overrides)
+    # Environment-provided fields override the file, nested ones field by field.
+    merged = _deep_merge(file_values, env_only.model_dump(exclude_unset=True))
+    merged = _deep_merge(merged, overrides)
     return cls(**merged)
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
