@@ -1,0 +1,41 @@
+# inferplane: the two commands are `make up` and `make test`.
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: up test install lint typecheck protos check-protos bench clean
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (Python 3.11) on PATH"; exit 1; }
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "installing inferplane into $(VENV) (torch 2.13.0 CPU build, Triton from nvidia-pytriton, Envoy) ..."
+	$(BIN)/python -m pip install --progress-bar off -q --upgrade pip
+	$(BIN)/python -m pip install --progress-bar off -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+## Run every service on loopback (Triton included), print the base URL, an API key and a curl.
+up: install
+	$(BIN)/inferplane up
+
+## Lint, type-check, then the whole test suite (unit, integration on real Triton, end-to-end).
+test: install lint typecheck
+	$(BIN)/python -m pytest -q -ra --durations=15
+
+lint: install
+	$(BIN)/ruff check services gateway tests scripts
+
+typecheck: install
+	$(BIN)/mypy
+
+## Regenerate the gRPC stubs from protos/ (a test fails when they are stale).
+protos: install
+	$(BIN)/python scripts/gen_protos.py
+
+bench: install
+	$(BIN)/python -m bench.mesh_vs_triton
+
+clean:
+	rm -rf .inferplane .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,270 @@
+"""``inferplane up``: every service as a process on loopback, with embedded defaults.
+
+The launcher writes one settings file (``.inferplane/stack.yaml``, a section per service), starts
+metering, tokenizer, executor (which starts Triton), router and gateway as child processes, waits
+for each one's readiness (gRPC health / HTTP), creates a demo API key, writes ``.inferplane/local.env``
+and stays in the foreground. SIGINT/SIGTERM stop every child (and Triton under the executor).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Default ports: clear of PostgreSQL 5432, Redis 6379, NATS 4222, RabbitMQ 5672, Mosquitto 1883, MariaDB 3306.
+DEFAULT_PORTS = {"gateway": 8080, "router": 50051, "tokenizer": 50052, "executor": 50053, "metering": 50054,
+                 "triton_http": 18000, "triton_grpc": 18001, "triton_metrics": 18002}
+START_ORDER = ["metering", "tokenizer", "executor", "router", "gateway"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class StackConfig:
+    """What ``up`` needs to know; everything else has embedded defaults."""
+
+    state_dir: Path = Path(".inferplane")
+    catalog: Path = ROOT / "config" / "catalog.yaml"
+    # Port per component; 0 picks a free one (the tests do this).
+    ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
+    host: str = "127.0.0.1"
+    trace_exporter: str = "file"
+    ready_timeout_s: float = 600.0
+
+    def resolved_ports(self) -> dict[str, int]:
+        return {k: (v or free_port()) for k, v in self.ports.items()}
+
+
+def stack_settings(cfg: StackConfig, ports: dict[str, int]) -> dict[str, Any]:
+    """The settings file every service reads (its own section)."""
+    state = cfg.state_dir.resolve()
+    telemetry = {"exporter": cfg.trace_exporter, "file_path": str(state / "traces.jsonl")}
+
+    def server(name: str) -> dict[str, Any]:
+        return {"host": cfg.host, "port": ports[name], "grace_seconds": 5.0}
+
+    addr = {name: f"{cfg.host}:{ports[name]}" for name in ("router", "tokenizer", "executor", "metering")}
+    return {
+        "metering": {"server": server("metering"), "telemetry": telemetry,
+                     "database_url": f"sqlite:///{state / 'metering.db'}",
+                     "secret_file": str(state / "metering-secret")},
+        "tokenizer": {"server": server("tokenizer"), "telemetry": telemetry, "catalog": str(cfg.catalog)},
+        "executor": {"server": server("executor"), "telemetry": telemetry, "catalog": str(cfg.catalog),
+                     "triton": {"grpc_port": ports["triton_grpc"], "http_port": ports["triton_http"],
+                                "metrics_port": ports["triton_metrics"], "work_dir": str(state / "executor")}},
+        "router": {"server": server("router"), "telemetry": telemetry, "catalog": str(cfg.catalog),
+                   "tokenizer_addr": addr["tokenizer"], "metering_addr": addr["metering"],
+                   "executor_addrs": [addr["executor"]]},
+        "gateway": {"host": cfg.host, "port": ports["gateway"], "router_addr": addr["router"],
+                    "telemetry": telemetry},
+    }
+
+
+def grpc_serving(target: str, timeout: float = 1.0) -> bool:
+    try:
+        with grpc.insecure_channel(target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            resp = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+            return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
+    except grpc.RpcError:
+        return False
+
+
+def http_ok(url: str, timeout: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+class LocalStack:
+    """The child processes of one local stack."""
+
+    def __init__(self, cfg: StackConfig, *, log: Callable[[str], None] = print) -> None:
+        self.cfg = cfg
+        self.log = log
+        self.ports = cfg.resolved_ports()
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.state = cfg.state_dir.resolve()
+        self.settings_file = self.state / "stack.yaml"
+        self.settings = stack_settings(cfg, self.ports)
+        self.interrupted = threading.Event()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.cfg.host}:{self.ports['gateway']}/v1"
+
+    @property
+    def grpc_addr(self) -> str:
+        return f"{self.cfg.host}:{self.ports['router']}"
+
+    def _ready(self, name: str) -> bool:
+        if name == "gateway":
+            return http_ok(f"http://{self.cfg.host}:{self.ports['gateway']}/healthz")
+        return grpc_serving(f"{self.cfg.host}:{self.ports[name]}")
+
+    def start(self) -> None:
+        self.state.mkdir(parents=True, exist_ok=True)
+        (self.state / "logs").mkdir(exist_ok=True)
+        self.settings_file.write_text(yaml.safe_dump(self.settings, sort_keys=False))
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        for name in START_ORDER:
+            logfile = (self.state / "logs" / f"{name}.log").open("ab")
+            cmd = [sys.executable, "-m", "services.cli", "serve", name, "--config", str(self.settings_file)]
+            # Own process group per service: a stop signal reaches the service and whatever it spawned.
+            self.procs[name] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logfile, stderr=subprocess.STDOUT,
+                                                start_new_session=True)
+            logfile.close()
+            self._wait(name)
+
+    def _wait(self, name: str) -> None:
+        started = time.monotonic()
+        last_note = 0.0
+        while not self._ready(name):
+            if self.interrupted.is_set():
+                raise RuntimeError("interrupted while starting")
+            proc = self.procs[name]
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}; see {self.state / 'logs' / (name + '.log')}")
+            waited = time.monotonic() - started
+            if waited > self.cfg.ready_timeout_s:
+                raise TimeoutError(f"{name} not ready after {waited:.0f}s; see {self.state / 'logs'}")
+            if waited - last_note >= 5:
+                last_note = waited
+                self.log(f"  … waiting for {name} ({waited:.0f}s){self._progress_hint(name)}")
+            time.sleep(0.2)
+        self.log(f"  ✓ {name} ready on {self.cfg.host}:{self.ports[name]} ({time.monotonic() - started:.1f}s)")
+
+    def _progress_hint(self, name: str) -> str:
+        """The last progress line the service logged (Triton loading models, …)."""
+        path = self.state / "logs" / f"{name}.log"
+        try:
+            lines = path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        for line in reversed(lines[-50:]):
+            if "progress" in line.lower() or "loading" in line.lower():
+                return ": " + line.strip()[:160]
+        return ""
+
+    def stop(self, timeout: float = 20.0) -> None:
+        for name in reversed(list(self.procs)):
+            proc = self.procs[name]
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + timeout
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for proc in self.procs.values():  # whatever did not drain in time, and anything it left behind
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            proc.wait()
+
+    def create_demo_key(self) -> str:
+        from services.metering.main import MeteringSettings, open_store
+
+        settings = MeteringSettings(**self.settings["metering"])
+        store = open_store(settings)
+        env_file = self.state / "local.env"
+        old = read_env(env_file).get("INFERPLANE_API_KEY")
+        if old:
+            try:
+                store.verify_key(old)
+                return old
+            except Exception:
+                pass
+        _, key = store.create_key("demo")
+        return key
+
+    def write_env(self, api_key: str) -> Path:
+        env_file = self.state / "local.env"
+        values = {"INFERPLANE_BASE_URL": self.base_url, "INFERPLANE_GRPC_ADDR": self.grpc_addr,
+                  "INFERPLANE_API_KEY": api_key}
+        env_file.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+        env_file.chmod(0o600)
+        return env_file
+
+
+def read_env(path: Path) -> dict[str, str]:
+    if not path.exists():
+        return {}
+    out = {}
+    for line in path.read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.startswith("#"):
+            out[key.strip()] = value.strip()
+    return out
+
+
+def add_up_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--state-dir", type=Path, default=Path(".inferplane"), help="where state, logs and traces go")
+    parser.add_argument("--catalog", type=Path, default=ROOT / "config" / "catalog.yaml")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORTS["gateway"], help="gateway HTTP port")
+    parser.add_argument("--ready-timeout", type=float, default=600.0)
+
+
+def up(args: argparse.Namespace) -> int:
+    ports = dict(DEFAULT_PORTS, gateway=args.port)
+    cfg = StackConfig(state_dir=args.state_dir, catalog=args.catalog.resolve(), ports=ports,
+                      ready_timeout_s=args.ready_timeout)
+    stack = LocalStack(cfg)
+    stop = stack.interrupted
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    started = time.monotonic()
+    print("inferplane: starting the local stack", flush=True)
+    try:
+        stack.start()
+        key = stack.create_demo_key()
+        env_file = stack.write_env(key)
+        print(f"\ninferplane is ready in {time.monotonic() - started:.1f}s\n"
+              f"  base URL   {stack.base_url}\n  gRPC       {stack.grpc_addr}\n  API key    {key}\n"
+              f"  env file   {env_file}\n  logs       {stack.state / 'logs'}\n\n"
+              f"Try it:\n  curl {stack.base_url}/chat/completions \\\n"
+              f"    -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\\n"
+              f"    -d '{{\"model\": \"tiny-llama\", \"messages\": [{{\"role\": \"user\", "
+              f"\"content\": \"What does os.path.join do?\"}}], \"max_tokens\": 32}}'\n\n"
+              "Ctrl-C stops everything.", flush=True)
+        while not stop.is_set():
+            for name, proc in stack.procs.items():
+                if proc.poll() is not None:
+                    print(f"inferplane: {name} exited with {proc.returncode}; stopping", flush=True)
+                    stop.set()
+            stop.wait(0.5)
+        return 0
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"inferplane: {exc}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        print("inferplane: stopping", flush=True)
+        stack.stop()

@@ -1,0 +1,5 @@
+"""``python -m services.tokenizer``."""
+
+from services.tokenizer.main import main
+
+main()

@@ -1,0 +1,39 @@
+"""The whole local stack, started once for the e2e tests, exactly as `inferplane up` starts it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from services.launcher import LocalStack, StackConfig
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    state = tmp_path_factory.mktemp("stack")
+    cfg = StackConfig(state_dir=state, ports=dict.fromkeys(StackConfig().ports, 0), ready_timeout_s=300)
+    lines: list[str] = []
+    local = LocalStack(cfg, log=lines.append)
+    try:
+        local.start()
+    except Exception:
+        local.stop()
+        logs = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted((state / "logs").glob("*.log")))
+        raise RuntimeError(f"stack did not start:\n{chr(10).join(lines)}\n{logs}") from None
+    key = local.create_demo_key()
+    local.write_env(key)
+    local.api_key = key  # type: ignore[attr-defined]
+    yield local
+    local.stop()
+
+
+@pytest.fixture(scope="session")
+def api_key(stack: LocalStack) -> str:
+    return stack.api_key  # type: ignore[attr-defined,no-any-return]
+
+
+@pytest.fixture(scope="session")
+def state_dir(stack: LocalStack) -> Path:
+    return stack.state
