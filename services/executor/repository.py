@@ -7,6 +7,7 @@ The model code lives in ``services/executor/triton_models/llm/`` (a template of 
 from __future__ import annotations
 
 import shutil
+import string
 from pathlib import Path
 
 from services.common.catalog import Catalog, CatalogModel
@@ -16,9 +17,9 @@ TEMPLATES = Path(__file__).resolve().parent / "triton_models"
 
 def render_llm_config(model: CatalogModel, *, torch_threads: int) -> str:
     assert model.checkpoint is not None, f"{model.id}: an LLM needs a checkpoint directory"
-    template = (TEMPLATES / "llm" / "config.pbtxt.j2").read_text()
-    return template.format(
-        name=model.triton_model,
+    template = string.Template((TEMPLATES / "llm" / "config.pbtxt.j2").read_text())
+    return template.substitute(
+        model_name=model.triton_model,
         checkpoint_dir=str(model.checkpoint),
         instance_kind=model.instance_kind,
         torch_threads=torch_threads,
