@@ -21,7 +21,6 @@ import grpc
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from inferplane.v1 import router_pb2, router_pb2_grpc
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from pydantic import ValidationError
@@ -51,7 +50,8 @@ from gateway.protocol import (
     models_body,
     usage_dict,
 )
-from services.common.server import client_channel
+from inferplane.v1 import router_pb2, router_pb2_grpc
+from services.common.server import client_channel, close_stream
 
 if TYPE_CHECKING:
     from gateway.main import GatewaySettings
@@ -257,8 +257,8 @@ async def _complete_unless_gone(request: Request, call: Any, first: router_pb2.G
     finally:
         gone.cancel()
         if not work.done():
-            call.cancel()
             work.cancel()
+            await close_stream(call)
     if work.cancelled():
         raise _client_gone()
     return work.result()
@@ -305,7 +305,7 @@ class RouterEventStream(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self._call.cancel()  # no-op once the call has finished
+            await close_stream(self._call)  # cancels the router call unless it finished; ends its client span
             aclose = getattr(self.body_iterator, "aclose", None)
             if aclose is not None:
                 await aclose()
@@ -320,7 +320,7 @@ async def _generate(request: Request, model: type[GenerationRequest]) -> Respons
         first = await _first_message(call)
         headers = forwarded_headers(await call.initial_metadata())
     except BaseException:
-        call.cancel()
+        await close_stream(call)
         raise
     enc = body.encoder(first, include_usage=body.include_usage)
     if body.stream:
@@ -375,7 +375,9 @@ def create_app(settings: GatewaySettings, *, tracer_provider: trace.TracerProvid
         finally:
             await channel.close(grace=None)
 
-    app = FastAPI(title="inferplane gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # FastAPI's native telemetry is off: the middleware above owns the one SERVER span per request.
+    app = FastAPI(title="inferplane gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  telemetry={"tracing": False})
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
     app.add_api_route("/v1/completions", completions, methods=["POST"])
     app.add_api_route("/v1/models", list_models, methods=["GET"])

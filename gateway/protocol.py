@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from inferplane.v1 import common_pb2, router_pb2
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 
 from gateway.errors import CLIENT_CLOSED_REQUEST, SERVER_ERROR, GatewayError
+from inferplane.v1 import common_pb2, router_pb2
 
 MAX_STOP_SEQUENCES = 4
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1

@@ -177,3 +177,24 @@ class GrpcServer:
         await self.stop()
         if on_stop is not None:
             await on_stop()
+
+
+async def close_stream(call: Any, *, cancel: bool = True) -> None:
+    """Cancel a response-streaming client call and run its iterator out, so its client span ends now.
+
+    OpenTelemetry's aio client interceptor ends a streaming call's span only when the response iterator
+    finishes; a call that is merely cancelled and dropped would leave its span open (and unexported).
+    A cancellation of the calling task itself that arrives meanwhile is re-raised, never swallowed.
+    """
+    task = asyncio.current_task()
+    before = task.cancelling() if task is not None else 0
+    if cancel:
+        call.cancel()
+    try:
+        async for _ in call:
+            pass
+    except asyncio.CancelledError:
+        if task is not None and task.cancelling() > before:
+            raise
+    except grpc.aio.AioRpcError:
+        pass

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
+
 from inferplane.v1 import (
     common_pb2,
     executor_pb2,
@@ -16,7 +18,6 @@ from inferplane.v1 import (
     tokenizer_pb2,
     tokenizer_pb2_grpc,
 )
-
 from services.common.errors import Unavailable
 
 
@@ -69,8 +70,14 @@ class StreamingDecoder:
         return resp.text
 
     async def close(self) -> None:
-        if not self._call.done():
-            await self._call.done_writing()
+        """Half-close and read to the end (the tokenizer ends the stream), so the client span ends too."""
+        try:
+            if not self._call.done():
+                await self._call.done_writing()
+            async with asyncio.timeout(2.0):
+                while await self._call.read() is not grpc.aio.EOF:  # type: ignore[attr-defined]
+                    pass
+        except (TimeoutError, grpc.aio.AioRpcError, grpc.aio.UsageError):
             self._call.cancel()
 
 

@@ -15,11 +15,12 @@ from typing import Any
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
-from inferplane.v1 import common_pb2, executor_pb2, metering_pb2
 from opentelemetry import trace
 
+from inferplane.v1 import common_pb2, executor_pb2, metering_pb2
 from services.common.catalog import Catalog, CatalogModel
 from services.common.errors import InvalidArgument, NotFound, Unavailable
+from services.common.server import close_stream
 from services.router.clients import ExecutorPool, KeyInfo, MeteringClient, TokenizerClient
 from services.router.stops import StopMatcher
 
@@ -153,6 +154,7 @@ class GenerationEngine:
         stops = StopMatcher(inp.stop)
         decoder = self._tokenizer.decoder(model.id, timeout=left())
         call = self._executors.generate(self._executors.pick(), req, timeout=left())
+        got_final = False
         pending = 0  # tokens whose text has not been sent yet (an incomplete character, a held stop prefix)
         try:
             async for msg in call:
@@ -173,6 +175,7 @@ class GenerationEngine:
                     # The model's own counts of what it consumed and produced are authoritative.
                     prompt_tokens, completion_tokens = msg.usage.prompt_tokens, msg.usage.completion_tokens
                     finish = msg.finish_reason
+                    got_final = True
                     break
             if finish is None:
                 raise Unavailable("the executor ended the stream before the generation finished")
@@ -189,7 +192,8 @@ class GenerationEngine:
             finish = common_pb2.FINISH_REASON_CANCELLED if client_gone else common_pb2.FINISH_REASON_ERROR
             raise
         finally:
-            call.cancel()  # type: ignore[attr-defined]
+            # cancels the executor (and Triton) when the caller left or a stop matched
+            await close_stream(call, cancel=not got_final)
             await _quietly(decoder.close())
             record = _usage_record(request_id, key, model.id, prompt_tokens, completion_tokens,
                                    finish or common_pb2.FINISH_REASON_ERROR, started, first_token_at, created_at)

@@ -7,8 +7,8 @@ import uuid
 from collections.abc import AsyncIterator, Iterable
 
 import grpc
-from inferplane.v1 import common_pb2, router_pb2, router_pb2_grpc
 
+from inferplane.v1 import common_pb2, router_pb2, router_pb2_grpc
 from services.common.errors import InvalidArgument
 from services.router.auth import KeyVerifier, bearer_token
 from services.router.engine import GenerationEngine, GenerationInput
