@@ -25,8 +25,8 @@ import numpy as np
 import openai
 import tritonclient.grpc.aio as triton_aio
 import yaml
-from inferplane.v1 import router_pb2, router_pb2_grpc
 
+from inferplane.v1 import router_pb2, router_pb2_grpc
 from services.common.catalog import load_catalog
 from services.executor.triton_client import GenerateParams, build_inputs
 from services.launcher import LocalStack, StackConfig, read_env

@@ -13,10 +13,10 @@ import logging
 import time
 from pathlib import Path
 
-from inferplane.v1 import executor_pb2_grpc
 from pydantic import BaseModel
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from inferplane.v1 import executor_pb2_grpc
 from services.common.catalog import load_catalog
 from services.common.logs import setup_logging
 from services.common.server import GrpcServer

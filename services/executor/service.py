@@ -12,8 +12,8 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
-from inferplane.v1 import common_pb2, executor_pb2, executor_pb2_grpc
 
+from inferplane.v1 import common_pb2, executor_pb2, executor_pb2_grpc
 from services.common.errors import InvalidArgument
 from services.executor.triton_client import GenerateParams, TritonChunk, TritonLLMClient
 

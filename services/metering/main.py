@@ -8,10 +8,10 @@ import logging
 from pathlib import Path
 
 import grpc
-from inferplane.v1 import metering_pb2, metering_pb2_grpc
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from inferplane.v1 import metering_pb2, metering_pb2_grpc
 from services.common.server import GrpcServer
 from services.common.settings import ServerSettings, TelemetrySettings, load_settings
 from services.common.telemetry import setup_tracing

@@ -6,8 +6,8 @@ import asyncio
 from datetime import UTC, datetime
 
 import grpc
-from inferplane.v1 import metering_pb2, metering_pb2_grpc
 
+from inferplane.v1 import metering_pb2, metering_pb2_grpc
 from services.common.errors import InvalidArgument
 from services.metering.store import DEFAULT_USAGE_LIMIT, MeteringStore, UsageRow
 

@@ -7,9 +7,9 @@ import asyncio
 import logging
 from pathlib import Path
 
-from inferplane.v1 import tokenizer_pb2_grpc
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from inferplane.v1 import tokenizer_pb2_grpc
 from services.common.logs import setup_logging
 from services.common.server import GrpcServer
 from services.common.settings import ServerSettings, TelemetrySettings, load_settings

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from inferplane.v1 import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 
+from inferplane.v1 import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 from services.common.catalog import Catalog, load_catalog
 from services.common.errors import InvalidArgument, NotFound
 from services.tokenizer.bundle import TokenizerBundle

@@ -31,12 +31,12 @@ import pytest_asyncio
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from inferplane.v1 import common_pb2, router_pb2, router_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from gateway.main import GatewayServer, GatewaySettings
+from inferplane.v1 import common_pb2, router_pb2, router_pb2_grpc
 from services.common.errors import PARAM_METADATA_KEY
 from services.common.settings import load_settings
 from tests.openai_schema import DERIVED_STREAM_COMPLETION, is_valid, validate

@@ -16,8 +16,8 @@ import grpc
 import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from inferplane.v1 import metering_pb2, metering_pb2_grpc
 
+from inferplane.v1 import metering_pb2, metering_pb2_grpc
 from services.common.errors import PARAM_METADATA_KEY
 from services.common.server import GrpcServer
 from services.common.settings import ServerSettings, load_settings

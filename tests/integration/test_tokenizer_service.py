@@ -10,9 +10,9 @@ import grpc
 import pytest
 import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from inferplane.v1 import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from inferplane.v1 import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 from services.common.errors import PARAM_METADATA_KEY
 from services.common.server import GrpcServer, client_channel
 from services.common.settings import ServerSettings
