@@ -1,0 +1,139 @@
+"""The executor service on a real Triton (spawned from the nvidia-pytriton wheel) with the shipped model."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from inferplane.v1 import common_pb2, executor_pb2, executor_pb2_grpc
+from services.common.settings import ServerSettings
+from services.executor.main import Executor, ExecutorSettings, TritonSettings
+from services.executor.service import coalesce
+from services.executor.triton_client import TritonChunk
+from services.launcher import ROOT, free_port
+from services.tokenizer.bundle import TokenizerBundle
+
+pytestmark = pytest.mark.triton
+MODEL_DIR = ROOT / "models" / "tiny-llama"
+
+
+@pytest.fixture(scope="module")
+async def executor(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Executor]:
+    work = tmp_path_factory.mktemp("executor")
+    settings = ExecutorSettings(
+        server=ServerSettings(port=0, grace_seconds=1), catalog=ROOT / "config" / "catalog.yaml",
+        triton=TritonSettings(grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
+                              work_dir=Path(work), exit_timeout_s=1, ready_timeout_s=180))
+    ex = Executor(settings)
+    await ex.start()
+    yield ex
+    await ex.stop(0)
+
+
+def prompt_ids() -> list[int]:
+    return TokenizerBundle.from_dir(MODEL_DIR).encode("Return the")
+
+
+def stub(ex: Executor) -> executor_pb2_grpc.ExecutorServiceStub:
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{ex.server.port}")
+    return executor_pb2_grpc.ExecutorServiceStub(channel)
+
+
+async def health(ex: Executor) -> int:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{ex.server.port}") as channel:
+        resp = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        return int(resp.status)
+
+
+async def test_generate_streams_tokens_then_usage(executor: Executor) -> None:
+    req = executor_pb2.ExecutorGenerateRequest(model="tiny-llama", prompt_token_ids=prompt_ids(), max_tokens=12)
+    req.sampling.temperature = 0
+    msgs = [m async for m in stub(executor).Generate(req, timeout=60)]
+    ids = [t for m in msgs for t in m.token_ids]
+    last = msgs[-1]
+    assert last.finish_reason in (common_pb2.FINISH_REASON_LENGTH, common_pb2.FINISH_REASON_STOP)
+    assert last.usage.prompt_tokens == len(req.prompt_token_ids)
+    assert last.usage.completion_tokens == len(ids) <= 12
+    # greedy is deterministic
+    again = [t async for m in stub(executor).Generate(req, timeout=60) for t in m.token_ids]
+    assert again == ids
+
+
+async def test_bad_request_is_invalid_argument(executor: Executor) -> None:
+    req = executor_pb2.ExecutorGenerateRequest(model="tiny-llama", prompt_token_ids=[], max_tokens=4)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        _ = [m async for m in stub(executor).Generate(req, timeout=30)]
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_unknown_model_is_not_found(executor: Executor) -> None:
+    req = executor_pb2.ExecutorGenerateRequest(model="nope", prompt_token_ids=[1, 2], max_tokens=4)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        _ = [m async for m in stub(executor).Generate(req, timeout=30)]
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_status_reports_models_and_version(executor: Executor) -> None:
+    status = await stub(executor).GetStatus(executor_pb2.GetStatusRequest(), timeout=10)
+    assert list(status.ready_models) == ["tiny-llama"]
+    assert status.triton_version and status.active_requests == 0
+
+
+async def test_cancel_mid_stream_frees_the_model(executor: Executor) -> None:
+    req = executor_pb2.ExecutorGenerateRequest(model="tiny-llama", prompt_token_ids=prompt_ids(), max_tokens=400)
+    req.sampling.temperature = 1.0
+    req.sampling.seed = 5
+    call = stub(executor).Generate(req, timeout=60)
+    got = 0
+    async for m in call:
+        got += len(m.token_ids)
+        if got >= 3:
+            break
+    call.cancel()
+    # The model stopped: the next request is served promptly and in full.
+    small = executor_pb2.ExecutorGenerateRequest(model="tiny-llama", prompt_token_ids=prompt_ids(), max_tokens=3)
+    small.sampling.temperature = 0
+    msgs = [m async for m in stub(executor).Generate(small, timeout=30)]
+    assert msgs[-1].usage.completion_tokens == sum(len(m.token_ids) for m in msgs)
+    assert executor.servicer.active == 0
+
+
+async def test_coalesce_batches_what_arrived_while_the_reader_was_busy() -> None:
+    async def chunks() -> AsyncIterator[TritonChunk]:
+        for i in range(10):
+            yield TritonChunk([i])
+        yield TritonChunk([], finish_reason="length", prompt_tokens=2, completion_tokens=10)
+
+    out = []
+    async for ids, final in coalesce(chunks()):
+        out.append((ids, final))
+        await asyncio.sleep(0.01)  # a slow reader
+    assert [t for ids, _ in out for t in ids] == list(range(10))
+    assert len(out) < 11  # tokens that queued up went out together
+    assert out[-1][1] is not None and out[-1][1].completion_tokens == 10
+
+
+async def test_triton_killed_is_restarted_and_health_follows(executor: Executor) -> None:
+    assert await health(executor) == health_pb2.HealthCheckResponse.SERVING
+    proc = executor.process
+    assert proc is not None and proc.proc is not None
+    os.killpg(proc.proc.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while await health(executor) == health_pb2.HealthCheckResponse.SERVING:
+        assert time.monotonic() < deadline, "health never left SERVING after Triton died"
+        await asyncio.sleep(0.2)
+    deadline = time.monotonic() + 180
+    while await health(executor) != health_pb2.HealthCheckResponse.SERVING:
+        assert time.monotonic() < deadline, "Triton was not restarted"
+        await asyncio.sleep(0.5)
+    req = executor_pb2.ExecutorGenerateRequest(model="tiny-llama", prompt_token_ids=prompt_ids(), max_tokens=2)
+    msgs = [m async for m in stub(executor).Generate(req, timeout=60)]
+    assert msgs[-1].usage.completion_tokens >= 1
