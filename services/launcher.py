@@ -230,11 +230,13 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dir", type=Path, default=Path(".inferplane"), help="where state, logs and traces go")
     parser.add_argument("--catalog", type=Path, default=ROOT / "config" / "catalog.yaml")
     parser.add_argument("--port", type=int, default=DEFAULT_PORTS["gateway"], help="gateway HTTP port")
+    parser.add_argument("--free-ports", action="store_true",
+                        help="pick free ports for every component (several stacks side by side)")
     parser.add_argument("--ready-timeout", type=float, default=600.0)
 
 
 def up(args: argparse.Namespace) -> int:
-    ports = dict(DEFAULT_PORTS, gateway=args.port)
+    ports = dict.fromkeys(DEFAULT_PORTS, 0) if args.free_ports else dict(DEFAULT_PORTS, gateway=args.port)
     cfg = StackConfig(state_dir=args.state_dir, catalog=args.catalog.resolve(), ports=ports,
                       ready_timeout_s=args.ready_timeout)
     stack = LocalStack(cfg)

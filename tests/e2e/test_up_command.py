@@ -1,0 +1,96 @@
+"""`inferplane up` as a user runs it: ready banner, a working key and curl, and Ctrl-C leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from services.launcher import ROOT, read_env
+
+pytestmark = pytest.mark.e2e
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (from /proc), by parent links."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                parents[int(entry.name)] = int(fields[1])
+            except (OSError, IndexError):
+                continue
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_up_prints_a_working_key_and_stops_every_child_on_ctrl_c(tmp_path: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--state-dir", str(tmp_path),
+                             "--free-ports", "--ready-timeout", "300"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out: list[str] = []
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 320
+        for line in proc.stdout:
+            out.append(line)
+            if line.startswith("Ctrl-C stops everything"):
+                break
+            assert time.monotonic() < deadline, "".join(out)
+        banner = "".join(out)
+        assert "inferplane is ready" in banner, banner
+        assert "waiting for executor" in banner or "executor ready" in banner
+        env = read_env(tmp_path / "local.env")
+        assert env["INFERPLANE_API_KEY"] in banner
+        assert oct((tmp_path / "local.env").stat().st_mode & 0o777) == "0o600"
+
+        # The printed curl works as printed (run it through a shell).
+        curl = re.search(r"^  (curl .*?)\n\n", banner, re.S | re.M)
+        assert curl, banner
+        result = subprocess.run(["bash", "-c", curl.group(1).replace("\\\n", " ")], capture_output=True, text=True,
+                                timeout=60)
+        assert '"chat.completion"' in result.stdout, result.stdout + result.stderr
+
+        models = httpx.get(f"{env['INFERPLANE_BASE_URL']}/models",
+                           headers={"Authorization": f"Bearer {env['INFERPLANE_API_KEY']}"}, timeout=10)
+        assert models.status_code == 200
+
+        children = descendants(proc.pid)
+        names = {Path(f"/proc/{p}/exe").resolve().name for p in children if alive(p)}
+        assert "tritonserver" in names, names
+    finally:
+        children = descendants(proc.pid)
+        proc.send_signal(signal.SIGINT)
+        try:
+            code = proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert code == 0
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [p for p in children if alive(p)]
+    for p in left:
+        os.kill(p, signal.SIGKILL)
+    assert not left, f"processes left behind after Ctrl-C: {left}"
