@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import re
+import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing, asynccontextmanager
@@ -23,6 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from pydantic import ValidationError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -51,6 +53,7 @@ from gateway.protocol import (
     usage_dict,
 )
 from inferplane.v1 import router_pb2, router_pb2_grpc
+from services.common.metrics import LATENCY_BUCKETS
 from services.common.server import client_channel, close_stream
 
 if TYPE_CHECKING:
@@ -79,6 +82,16 @@ class _BodyTooLarge(StarletteHTTPException):
         super().__init__(413, body_too_large(limit).message)
 
 
+HTTP_REQUESTS = Counter("inferplane_gateway_http_requests", "HTTP requests, by route, method and status",
+                        ["http_route", "http_request_method", "http_response_status_code"])
+HTTP_SECONDS = Histogram("inferplane_gateway_http_request_duration_seconds",
+                         "HTTP request duration (streams: until the last byte)", ["http_route", "http_request_method"],
+                         buckets=LATENCY_BUCKETS)
+
+# Probes and scrapes: answered, never traced (they would drown the real traces).
+UNTRACED_PATHS = frozenset({"/healthz", "/metrics"})
+
+
 class EdgeMiddleware:
     """Per request: the request id, a SERVER span (W3C context from the headers), the body size limit.
 
@@ -91,7 +104,7 @@ class EdgeMiddleware:
         self.tracer = tracer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"] in UNTRACED_PATHS:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
@@ -120,6 +133,7 @@ class EdgeMiddleware:
                     raise _BodyTooLarge(self.limit)
             return message
 
+        t0 = time.perf_counter()
         context = propagate.extract(dict(headers))
         with self.tracer.start_as_current_span(method, context=context, kind=SpanKind.SERVER) as span:
             span.set_attributes({"http.request.method": method, "url.path": scope["path"],
@@ -137,6 +151,8 @@ class EdgeMiddleware:
                                                                                             send_with_id)
             finally:
                 route = getattr(scope.get("route"), "path", None)
+                HTTP_REQUESTS.labels(route or "unmatched", method, str(status)).inc()
+                HTTP_SECONDS.labels(route or "unmatched", method).observe(time.perf_counter() - t0)
                 if route is not None:
                     span.update_name(f"{method} {route}")
                     span.set_attribute("http.route", route)
@@ -347,6 +363,11 @@ async def list_models(request: Request) -> Response:
     return JSONResponse(models_body(resp))
 
 
+async def metrics(request: Request) -> Response:
+    """Prometheus scrape endpoint (the edge never routes it: only /v1 and /admin are public)."""
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
 async def healthz(request: Request) -> Response:
     """200 when the router answers its health check as SERVING, else 503."""
     try:
@@ -382,6 +403,7 @@ def create_app(settings: GatewaySettings, *, tracer_provider: trace.TracerProvid
     app.add_api_route("/v1/completions", completions, methods=["POST"])
     app.add_api_route("/v1/models", list_models, methods=["GET"])
     app.add_api_route("/healthz", healthz, methods=["GET"])
+    app.add_api_route("/metrics", metrics, methods=["GET"])
     install_handlers(app)
     app.add_middleware(EdgeMiddleware, max_body_bytes=settings.max_body_bytes,
                        tracer=trace.get_tracer(TRACER_NAME, tracer_provider=tracer_provider))

@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> None:
     from services.metering.cli import register as register_metering
 
     register_metering(sub)
+    from services.tracecli import register as register_trace
+
+    register_trace(sub)
 
     # `serve` hands everything after the service name to that service's own parser.
     if len(argv) >= 2 and argv[0] == "serve" and argv[1] in SERVICES:

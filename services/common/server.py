@@ -18,14 +18,17 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
-from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
+from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor, filters
 
 from services.common.errors import PARAM_METADATA_KEY, InferplaneError
+from services.common.metrics import MetricsInterceptor, start_metrics_server
 from services.common.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 
 Register = Callable[[grpc.aio.Server], None]
+# Health checks (probes, the launcher, load balancers) are not traced: they would drown the real traces.
+NOT_HEALTH = filters.negate(filters.service_name("grpc.health.v1.Health"))
 
 
 def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
@@ -118,7 +121,8 @@ def channel_options(max_message_bytes: int = 16 * 1024 * 1024) -> list[tuple[str
 def client_channel(target: str, *, max_message_bytes: int = 16 * 1024 * 1024) -> grpc.aio.Channel:
     """An insecure loopback/cluster channel with OpenTelemetry client interceptors (trace propagation)."""
     return grpc.aio.insecure_channel(
-        target, options=channel_options(max_message_bytes), interceptors=aio_client_interceptors()
+        target, options=channel_options(max_message_bytes),
+        interceptors=aio_client_interceptors(filter_=NOT_HEALTH),
     )
 
 
@@ -133,10 +137,11 @@ class GrpcServer:
         self._readiness = readiness
         self.health = HealthServicer()
         self.server = grpc.aio.server(
-            interceptors=[aio_server_interceptor(), ErrorInterceptor()],
+            interceptors=[aio_server_interceptor(filter_=NOT_HEALTH), MetricsInterceptor(), ErrorInterceptor()],
             options=channel_options(settings.max_message_bytes),
         )
         self.port = 0
+        self.metrics_port: int | None = None
         self._stopped = asyncio.Event()
 
     async def start(self) -> int:
@@ -151,6 +156,8 @@ class GrpcServer:
         if self.port == 0:
             raise OSError(f"cannot bind {self.settings.host}:{self.settings.port}")
         await self.server.start()
+        if self.settings.metrics_port is not None:
+            self.metrics_port = start_metrics_server(self.settings.host, self.settings.metrics_port)
         await self.set_serving(await self._readiness() if self._readiness else True)
         log.info("serving %s on %s:%d", ",".join(self.service_names), self.settings.host, self.port)
         return self.port

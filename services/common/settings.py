@@ -25,6 +25,8 @@ class TelemetrySettings(BaseModel):
     exporter: Literal["none", "console", "file", "otlp"] = "none"
     file_path: Path = Path(".inferplane/traces.jsonl")
     otlp_endpoint: str = "http://127.0.0.1:4317"
+    # Where Triton (which speaks only OTLP/HTTP) sends its spans when the exporter is "otlp".
+    otlp_http_traces_url: str = "http://127.0.0.1:4318/v1/traces"
     # Fraction of new traces sampled (parent-based: a sampled parent is always followed).
     sample_ratio: float = 1.0
 
@@ -37,6 +39,8 @@ class ServerSettings(BaseModel):
     # Seconds in-flight RPCs get to finish after SIGTERM.
     grace_seconds: float = 10.0
     max_message_bytes: int = 16 * 1024 * 1024
+    # Prometheus /metrics port on ``host``; None turns the endpoint off, 0 picks a free port.
+    metrics_port: int | None = None
 
 
 def load_settings(cls: type[S], *, config_file: Path | None = None, section: str | None = None,

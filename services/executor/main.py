@@ -22,6 +22,7 @@ from services.common.logs import setup_logging
 from services.common.server import GrpcServer
 from services.common.settings import ServerSettings, TelemetrySettings, load_settings
 from services.common.telemetry import setup_tracing
+from services.executor.otlp_receiver import OtlpFileReceiver
 from services.executor.repository import render_repository
 from services.executor.service import ExecutorServicer
 from services.executor.triton_client import TritonLLMClient
@@ -76,6 +77,9 @@ class Executor:
             register=lambda s: executor_pb2_grpc.add_ExecutorServiceServicer_to_server(self.servicer, s),
             readiness=self._not_yet)
         self.process: TritonProcess | None = None
+        self.receiver: OtlpFileReceiver | None = None
+        if settings.telemetry.exporter == "file" and not t.url:
+            self.receiver = OtlpFileReceiver(settings.telemetry.file_path)
         self._supervisor: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -83,13 +87,26 @@ class Executor:
     async def _not_yet() -> bool:
         return False
 
+    def triton_trace_args(self) -> list[str]:
+        """Triton's own OpenTelemetry tracing, into the same trace as the caller (``traceparent``)."""
+        tel = self.settings.telemetry
+        if self.receiver is not None:
+            url = self.receiver.url
+        elif tel.exporter == "otlp":
+            url = tel.otlp_http_traces_url
+        else:
+            return []
+        return [arg for kv in ("mode=opentelemetry", "rate=1", "level=TIMESTAMPS", f"opentelemetry,url={url}",
+                               "opentelemetry,resource=service.name=triton", "opentelemetry,bsp_schedule_delay=200")
+                for arg in ("--trace-config", kv)]
+
     def _spawn(self) -> TritonProcess:
         t = self.settings.triton
         work = t.work_dir.resolve()
         proc = TritonProcess(
             self.repo, backend_dir=prepare_backend_dir(work / "backends"), grpc_port=t.grpc_port,
             http_port=t.http_port, metrics_port=t.metrics_port, exit_timeout_s=t.exit_timeout_s,
-            extra_args=t.extra_args, log_path=work / "tritonserver.log")
+            extra_args=[*self.triton_trace_args(), *t.extra_args], log_path=work / "tritonserver.log")
         proc.start()
         return proc
 
@@ -112,6 +129,8 @@ class Executor:
 
     async def start(self) -> int:
         port = await self.server.start()
+        if self.receiver is not None:
+            self.receiver.start()
         if not self.settings.triton.url:
             self.process = self._spawn()
         await self.wait_triton_ready(self.settings.triton.ready_timeout_s)
@@ -156,6 +175,9 @@ class Executor:
         await self.client.close()
         if self.process is not None:
             await asyncio.to_thread(self.process.stop)
+        if self.receiver is not None:
+            self.receiver.stop()
+            self.receiver = None
 
 
 async def run(settings: ExecutorSettings) -> None:

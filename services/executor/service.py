@@ -12,6 +12,7 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
+from prometheus_client import Counter, Gauge
 
 from inferplane.v1 import common_pb2, executor_pb2, executor_pb2_grpc
 from services.common.errors import InvalidArgument
@@ -87,6 +88,11 @@ async def coalesce(chunks: AsyncIterator[TritonChunk]) -> AsyncIterator[tuple[li
             await task
 
 
+ACTIVE = Gauge("inferplane_executor_active_requests", "Generate calls in progress on this executor")
+QUEUE_DEPTH = Gauge("inferplane_executor_queue_depth", "Requests sent to Triton that have not produced a token yet")
+TRITON_CANCELS = Counter("inferplane_executor_cancellations", "Generations cancelled towards Triton")
+
+
 class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
     def __init__(self, client: TritonLLMClient, models: list[str]) -> None:
         self._client = client
@@ -98,12 +104,24 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
                        context: grpc.aio.ServicerContext) -> AsyncIterator[executor_pb2.ExecutorGenerateResponse]:
         params = params_from_pb(request)
         self.active += 1
+        ACTIVE.inc()
+        QUEUE_DEPTH.inc()
+        queued, finished = True, False
         try:
             async for ids, final in coalesce(self._client.generate(request.model, params,
                                                                    request_id=request.request_id)):
+                if queued:
+                    queued = False
+                    QUEUE_DEPTH.dec()
+                finished = final is not None
                 yield chunk_to_pb(ids, final)
         finally:
             self.active -= 1
+            ACTIVE.dec()
+            if queued:
+                QUEUE_DEPTH.dec()
+            if not finished:
+                TRITON_CANCELS.inc()
 
     async def GetStatus(self, request: executor_pb2.GetStatusRequest,
                         context: grpc.aio.ServicerContext) -> executor_pb2.GetStatusResponse:

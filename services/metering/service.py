@@ -6,6 +6,7 @@ import asyncio
 from datetime import UTC, datetime
 
 import grpc
+from prometheus_client import Counter, Histogram
 
 from inferplane.v1 import metering_pb2, metering_pb2_grpc
 from services.common.errors import InvalidArgument
@@ -33,6 +34,13 @@ def usage_to_pb(row: UsageRow) -> metering_pb2.UsageRecord:
     return pb
 
 
+RECORDS = Counter("inferplane_metering_usage_records", "RecordUsage calls, by result (created/duplicate)",
+                  ["result"])
+INGEST_LAG = Histogram("inferplane_metering_ingest_lag_seconds",
+                       "From request acceptance (the record's created_at) to the ledger write",
+                       buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600))
+
+
 class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
     """``inferplane.v1.MeteringService`` over a ``MeteringStore``."""
 
@@ -48,7 +56,11 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
                           context: grpc.aio.ServicerContext) -> metering_pb2.RecordUsageResponse:
         if not request.HasField("record"):
             raise InvalidArgument("record is required", param="record")
-        created = await asyncio.to_thread(self._store.record_usage, usage_from_pb(request.record))
+        row = usage_from_pb(request.record)
+        created = await asyncio.to_thread(self._store.record_usage, row)
+        RECORDS.labels("created" if created else "duplicate").inc()
+        if created:
+            INGEST_LAG.observe(max(0.0, (datetime.now(UTC) - row.created_at).total_seconds()))
         return metering_pb2.RecordUsageResponse(created=created)
 
     async def ListUsage(self, request: metering_pb2.ListUsageRequest,

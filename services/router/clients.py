@@ -84,13 +84,14 @@ class StreamingDecoder:
 class ExecutorPool:
     """The executor replicas (round robin here; load-aware routing comes with replicas and failover)."""
 
-    def __init__(self, channels: list[grpc.aio.Channel]) -> None:
+    def __init__(self, channels: dict[str, grpc.aio.Channel]) -> None:
         if not channels:
             raise ValueError("at least one executor address is required")
-        self._stubs = [executor_pb2_grpc.ExecutorServiceStub(c) for c in channels]
+        self._stubs = [(addr, executor_pb2_grpc.ExecutorServiceStub(c)) for addr, c in channels.items()]
         self._next = itertools.cycle(range(len(self._stubs)))
 
-    def pick(self) -> executor_pb2_grpc.ExecutorServiceStub:
+    def pick(self) -> tuple[str, executor_pb2_grpc.ExecutorServiceStub]:
+        """The next replica: (its address, its stub)."""
         return self._stubs[next(self._next)]
 
     @staticmethod

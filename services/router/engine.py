@@ -21,6 +21,7 @@ from inferplane.v1 import common_pb2, executor_pb2, metering_pb2
 from services.common.catalog import Catalog, CatalogModel
 from services.common.errors import InvalidArgument, NotFound, Unavailable
 from services.common.server import close_stream
+from services.router import metrics
 from services.router.clients import ExecutorPool, KeyInfo, MeteringClient, TokenizerClient
 from services.router.stops import StopMatcher
 
@@ -127,10 +128,14 @@ class GenerationEngine:
         created_at = Timestamp()
         created_at.GetCurrentTime()
         end = deadline if deadline is not None else started + self._timeout
+        operation = "chat" if inp.messages is not None else "text_completion"
         span = trace.get_current_span()
-        span.set_attributes({"gen_ai.operation.name": "chat" if inp.messages is not None else "text_completion",
-                             "gen_ai.request.model": model.id, "inferplane.request_id": request_id,
-                             "inferplane.key_id": key.key_id})
+        span.set_attributes({"gen_ai.operation.name": operation, "gen_ai.request.model": model.id,
+                             "inferplane.request_id": request_id, "inferplane.key_id": key.key_id})
+        for attr, value in (("gen_ai.request.max_tokens", inp.max_tokens), ("gen_ai.request.temperature",
+                            inp.temperature), ("gen_ai.request.top_p", inp.top_p), ("gen_ai.request.seed", inp.seed)):
+            if value is not None:
+                span.set_attribute(attr, value)
 
         def left() -> float:
             return max(0.001, end - time.monotonic())
@@ -151,9 +156,12 @@ class GenerationEngine:
         prompt_tokens, completion_tokens = len(encoded.token_ids), 0
         finish: int | None = None
         first_token_at: float | None = None
+        last_token_at: float | None = None
         stops = StopMatcher(inp.stop)
         decoder = self._tokenizer.decoder(model.id, timeout=left())
-        call = self._executors.generate(self._executors.pick(), req, timeout=left())
+        replica, executor = self._executors.pick()
+        span.set_attribute("inferplane.executor", replica)
+        call = self._executors.generate(executor, req, timeout=left())
         got_final = False
         pending = 0  # tokens whose text has not been sent yet (an incomplete character, a held stop prefix)
         try:
@@ -162,6 +170,7 @@ class GenerationEngine:
                     if first_token_at is None:
                         first_token_at = time.monotonic()
                         span.add_event("gen_ai.first_token")
+                    last_token_at = time.monotonic()
                     completion_tokens += len(msg.token_ids)
                     pending += len(msg.token_ids)
                     text = stops.feed(await decoder.push(list(msg.token_ids)))
@@ -197,15 +206,21 @@ class GenerationEngine:
             await _quietly(decoder.close())
             record = _usage_record(request_id, key, model.id, prompt_tokens, completion_tokens,
                                    finish or common_pb2.FINISH_REASON_ERROR, started, first_token_at, created_at)
+            outcome = FINISH_NAMES.get(finish or common_pb2.FINISH_REASON_ERROR, "error")
+            span.set_attributes({"gen_ai.usage.input_tokens": prompt_tokens,
+                                 "gen_ai.usage.output_tokens": completion_tokens,
+                                 "gen_ai.response.finish_reasons": [outcome]})
+            metrics.observe(model.id, operation, outcome, prompt_tokens=prompt_tokens,
+                            completion_tokens=completion_tokens,
+                            ttft_s=None if first_token_at is None else first_token_at - started,
+                            duration_s=time.monotonic() - started,
+                            last_token_s=None if last_token_at is None else last_token_at - started)
             if finish in (common_pb2.FINISH_REASON_STOP, common_pb2.FINISH_REASON_LENGTH):
                 await self.record(record)
             else:
                 # The caller is gone or the stream broke: tokens already generated are still billed, from
                 # a task that the cancellation of this request cannot interrupt.
                 self._spawn(self.record(record))
-        span.set_attributes({"gen_ai.usage.input_tokens": prompt_tokens,
-                             "gen_ai.usage.output_tokens": completion_tokens,
-                             "gen_ai.response.finish_reasons": [FINISH_NAMES.get(finish, "error")]})
         assert finish is not None
         yield Delta("", pending, finish, prompt_tokens, completion_tokens)
 
@@ -218,6 +233,7 @@ class GenerationEngine:
                 return
             except grpc.aio.AioRpcError as exc:
                 if attempt == attempts or exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    metrics.USAGE_RECORDS_FAILED.inc()
                     log.error("usage record %s not stored after %d attempts: %s", record.request_id,
                               attempt, exc.code().name)
                     return

@@ -45,8 +45,8 @@ class Router:
         self.settings = settings
         catalog = load_catalog(settings.catalog)
         self._channels = [client_channel(settings.tokenizer_addr), client_channel(settings.metering_addr)]
-        executor_channels = [client_channel(a) for a in settings.executor_addrs]
-        self._channels += executor_channels
+        executor_channels = {a: client_channel(a) for a in settings.executor_addrs}
+        self._channels += list(executor_channels.values())
         metering = MeteringClient(self._channels[1])
         self.engine = GenerationEngine(catalog=catalog, tokenizer=TokenizerClient(self._channels[0]),
                                        executors=ExecutorPool(executor_channels), metering=metering,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 import uuid
 
@@ -11,7 +13,7 @@ import httpx
 import pytest
 
 from inferplane.v1 import metering_pb2, metering_pb2_grpc
-from services.launcher import LocalStack
+from services.launcher import ROOT, LocalStack
 
 pytestmark = pytest.mark.e2e
 MODEL = "tiny-llama"
@@ -34,7 +36,7 @@ def test_one_request_is_one_trace_through_every_service(stack: LocalStack, api_k
                       json={"model": MODEL, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4})
     assert resp.status_code == 200
     path = stack.state / "traces.jsonl"
-    wanted = {"gateway", "router", "tokenizer", "executor", "metering"}
+    wanted = {"gateway", "router", "tokenizer", "executor", "metering", "triton"}
 
     def spans() -> list[dict]:
         return [json.loads(line) for line in path.read_text().splitlines() if trace_id in line] if path.exists() else []
@@ -55,7 +57,19 @@ def test_one_request_is_one_trace_through_every_service(stack: LocalStack, api_k
     router = next(s for s in found if s["service"] == "router" and s["kind"] == "SERVER")
     assert router["attributes"]["gen_ai.request.model"] == MODEL
     assert router["attributes"]["gen_ai.usage.output_tokens"] == resp.json()["usage"]["completion_tokens"]
+    triton = next(s for s in found if s["service"] == "triton" and s["name"] == "InferRequest")
+    parent = next(s for s in found if s["span_id"] == triton["parent_span_id"])
+    assert (parent["service"], parent["kind"]) == ("executor", "SERVER")
+    assert router["attributes"]["inferplane.request_id"] == resp.headers["x-request-id"]
     assert api_key not in path.read_text()
+
+    # `inferplane trace REQUEST_ID` prints the same tree as a waterfall
+    out = subprocess.run([sys.executable, "-m", "services.cli", "trace", resp.headers["x-request-id"], "--file",
+                          str(path)], capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert trace_id in out.stdout
+    for service in wanted:
+        assert service in out.stdout
 
 
 def test_client_disconnect_cancels_and_bills_generated_tokens(stack: LocalStack, api_key: str) -> None:
