@@ -90,6 +90,7 @@ HTTP_SECONDS = Histogram("inferplane_gateway_http_request_duration_seconds",
 
 # Probes and scrapes: answered, never traced (they would drown the real traces).
 UNTRACED_PATHS = frozenset({"/healthz", "/metrics"})
+NOOP_TRACER = trace.NoOpTracer()
 
 
 class EdgeMiddleware:
@@ -104,7 +105,7 @@ class EdgeMiddleware:
         self.tracer = tracer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in UNTRACED_PATHS:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
@@ -135,7 +136,8 @@ class EdgeMiddleware:
 
         t0 = time.perf_counter()
         context = propagate.extract(dict(headers))
-        with self.tracer.start_as_current_span(method, context=context, kind=SpanKind.SERVER) as span:
+        tracer = NOOP_TRACER if scope["path"] in UNTRACED_PATHS else self.tracer
+        with tracer.start_as_current_span(method, context=context, kind=SpanKind.SERVER) as span:
             span.set_attributes({"http.request.method": method, "url.path": scope["path"],
                                  "inferplane.request_id": request_id})
             try:
