@@ -23,6 +23,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import logging
 import os
 import shutil
 import signal
@@ -37,6 +38,8 @@ from collections.abc import Callable, Mapping, Sequence
 from importlib.util import find_spec
 from pathlib import Path
 from types import TracebackType
+
+log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
 BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
@@ -103,6 +106,18 @@ def free_port(host: str = "127.0.0.1") -> int:
 def _die_with_parent() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _wait_group_gone(pgid: int, timeout: float) -> bool:
+    """Wait until no process of the group is left (killed stubs linger until init reaps them)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):  # gone (or the pgid now belongs to someone else)
+            return True
+        time.sleep(0.05)
+    return False
 
 
 class TritonProcess:
@@ -238,7 +253,10 @@ class TritonProcess:
                 pass
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the group, stubs included
-        return proc.wait()
+        code = proc.wait()
+        if not _wait_group_gone(proc.pid, timeout=5.0):
+            log.warning("processes of tritonserver's group %d still exist 5s after SIGKILL", proc.pid)
+        return code
 
     def __enter__(self) -> TritonProcess:
         self.start()

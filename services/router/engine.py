@@ -163,6 +163,7 @@ class GenerationEngine:
         span.set_attribute("inferplane.executor", replica)
         call = self._executors.generate(executor, req, timeout=left())
         got_final = False
+        streamed = 0  # token ids received from the executor
         pending = 0  # tokens whose text has not been sent yet (an incomplete character, a held stop prefix)
         try:
             async for msg in call:
@@ -172,6 +173,7 @@ class GenerationEngine:
                         span.add_event("gen_ai.first_token")
                     last_token_at = time.monotonic()
                     completion_tokens += len(msg.token_ids)
+                    streamed += len(msg.token_ids)
                     pending += len(msg.token_ids)
                     text = stops.feed(await decoder.push(list(msg.token_ids)))
                     if text:
@@ -222,7 +224,9 @@ class GenerationEngine:
                 # a task that the cancellation of this request cannot interrupt.
                 self._spawn(self.record(record))
         assert finish is not None
-        yield Delta("", pending, finish, prompt_tokens, completion_tokens)
+        # The last message also carries tokens that produced no text (an end-of-turn token the model counts
+        # but does not stream), so the token counts of all messages add up to completion_tokens.
+        yield Delta("", pending + max(0, completion_tokens - streamed), finish, prompt_tokens, completion_tokens)
 
     async def record(self, record: metering_pb2.UsageRecord, attempts: int = 5) -> None:
         """Send one usage record; retried with backoff (idempotent on request id)."""

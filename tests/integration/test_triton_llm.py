@@ -1,0 +1,253 @@
+"""The decoupled ``llm`` Triton model on a real tritonserver, driven through ``tritonclient.grpc.aio``.
+
+The server serves two copies rendered from ``config.pbtxt.j2`` with models/tiny-llama: ``llm`` (the
+checkpoint's full context) and ``llm_ctx`` (max_context 32, to reach the context end quickly).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import string
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tritonclient.grpc.aio as grpcclient
+from tokenizers import Tokenizer
+from tritonclient.grpc import InferInput
+
+from services.executor.llama import LlamaForCausalLM, generate, load_model
+from services.executor.triton_process import TritonProcess, prepare_backend_dir
+
+pytestmark = pytest.mark.triton
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY_LLAMA = ROOT / "models" / "tiny-llama"
+MODEL_DIR = ROOT / "services" / "executor" / "triton_models" / "llm"
+SHORT_CONTEXT = 32
+PROMPT = "Create a new"  # greedy: ~25 tokens of docstring before </s>
+
+
+def render_model(repo: Path, name: str, *, max_context: int) -> None:
+    config = string.Template((MODEL_DIR / "config.pbtxt.j2").read_text()).substitute(
+        model_name=name, checkpoint_dir=str(TINY_LLAMA), instance_kind="KIND_CPU", torch_threads=1,
+        max_context=max_context,
+    )
+    (repo / name / "1").mkdir(parents=True)
+    (repo / name / "config.pbtxt").write_text(config)
+    shutil.copy(MODEL_DIR / "model.py", repo / name / "1" / "model.py")
+
+
+@pytest.fixture(scope="module")
+def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonProcess]:
+    work = tmp_path_factory.mktemp("triton")
+    render_model(work / "repo", "llm", max_context=0)
+    render_model(work / "repo", "llm_ctx", max_context=SHORT_CONTEXT)
+    server = TritonProcess(work / "repo", backend_dir=prepare_backend_dir(work / "cache"), log_path=work / "log")
+    server.start()
+    assert server.proc is not None
+    group = server.proc.pid  # start_new_session: the server leads its own process group
+    try:
+        server.wait_ready(timeout=180)
+        yield server
+    finally:
+        server.stop()
+    with pytest.raises(ProcessLookupError):  # nothing of the group (server, stubs) is left
+        os.killpg(group, 0)
+
+
+@pytest.fixture(scope="module")
+def reference() -> tuple[LlamaForCausalLM, Tokenizer, frozenset[int]]:
+    tok = Tokenizer.from_file(str(TINY_LLAMA / "tokenizer.json"))
+    eos = frozenset({tok.token_to_id("</s>"), tok.token_to_id("<|end|>")})
+    return load_model(TINY_LLAMA, progress=None), tok, eos
+
+
+@pytest.fixture(autouse=True, scope="module")
+def empty_final_response() -> Iterator[None]:
+    """Ask for ``triton_final_response`` on every response.
+
+    The aio client's ``stream_infer`` has no ``enable_empty_final_response`` switch (the sync client's
+    ``async_stream_infer`` has) and refuses ``triton_*`` request parameters, so the request it builds
+    gets the flag here.
+    """
+    build = grpcclient._get_inference_request
+
+    def with_flag(**kwargs: Any) -> Any:
+        request = build(**kwargs)
+        request.parameters["triton_enable_empty_final_response"].bool_param = True
+        return request
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(grpcclient, "_get_inference_request", with_flag)
+        yield
+
+
+def tensor(name: str, values: list[int] | list[float], dtype: str) -> InferInput:
+    arr = np.asarray(values, dtype={"INT64": np.int64, "INT32": np.int32, "FP32": np.float32}[dtype])
+    t = InferInput(name, list(arr.shape), dtype)
+    t.set_data_from_numpy(arr)
+    return t
+
+
+def request_inputs(input_ids: list[int], max_tokens: int, **optional: Any) -> list[InferInput]:
+    inputs = [tensor("input_ids", input_ids, "INT64"), tensor("max_tokens", [max_tokens], "INT32")]
+    types = {"temperature": "FP32", "top_p": "FP32", "top_k": "INT32", "seed": "INT64", "stop_token_ids": "INT64"}
+    for name, value in optional.items():
+        inputs.append(tensor(name, value if isinstance(value, list) else [value], types[name]))
+    return inputs
+
+
+@dataclass
+class Streamed:
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finals: list[bool] = field(default_factory=list)  # triton_final_response of every response
+    final: dict[str, Any] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+
+async def one_request(inputs: list[InferInput], model: str) -> AsyncIterator[dict[str, Any]]:
+    yield {"model_name": model, "inputs": inputs}
+
+
+async def stream(
+    server: TritonProcess, inputs: list[InferInput], *, model: str = "llm", cancel_after: int | None = None,
+) -> Streamed:
+    """Send one request on a fresh stream and collect its responses until the stream ends."""
+    out = Streamed()
+    async with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        responses = client.stream_infer(one_request(inputs, model))
+        async for result, error in responses:
+            if error is not None:
+                out.errors.append(str(error))
+                continue
+            out.finals.append(result.get_response().parameters["triton_final_response"].bool_param)
+            ids = result.as_numpy("token_ids")
+            if out.finals[-1]:
+                assert ids is not None and ids.size == 0, "the final response carries no token"
+                out.final = {k: result.as_numpy(k)[0] for k in ("finish_reason", "prompt_tokens", "completion_tokens")}
+                out.final["finish_reason"] = out.final["finish_reason"].decode()
+                break
+            assert ids is not None and ids.shape == (1,), "one token per response"
+            out.tokens.append(int(ids[0]))
+            out.logprobs.append(float(result.as_numpy("logprobs")[0]))
+            if cancel_after is not None and len(out.tokens) >= cancel_after:
+                responses.cancel()
+                break
+    return out
+
+
+def reference_run(ref: tuple[LlamaForCausalLM, Tokenizer, frozenset[int]], prompt: list[int], **kw: Any) -> Any:
+    model, _, eos = ref
+    stop = eos | frozenset(kw.pop("stop_ids", ()))
+    gen = generate(model, prompt, stop_ids=stop, **kw)
+    steps = list(gen)
+    return [s.token_id for s in steps], [s.logprob for s in steps], gen
+
+
+async def test_stream_equals_in_process_greedy(triton: TritonProcess, reference: Any) -> None:
+    prompt = reference[1].encode(PROMPT).ids
+    ref_ids, ref_logprobs, gen = reference_run(reference, prompt, max_tokens=32)
+    got = await stream(triton, request_inputs(prompt, 32))
+    assert got.errors == []
+    assert got.tokens == ref_ids
+    np.testing.assert_allclose(got.logprobs, ref_logprobs, atol=1e-4)
+    assert got.finals == [False] * len(ref_ids) + [True]
+    assert got.final == {"finish_reason": gen.finish_reason, "prompt_tokens": len(prompt),
+                         "completion_tokens": gen.completion_tokens}
+
+
+async def test_max_tokens_is_honoured(triton: TritonProcess, reference: Any) -> None:
+    prompt = reference[1].encode(PROMPT).ids
+    ref_ids, _, gen = reference_run(reference, prompt, max_tokens=5)
+    assert gen.finish_reason == "length", "precondition: no eos in the first 5 greedy tokens"
+    got = await stream(triton, request_inputs(prompt, 5))
+    assert got.tokens == ref_ids and len(got.tokens) == 5
+    assert got.final == {"finish_reason": "length", "prompt_tokens": len(prompt), "completion_tokens": 5}
+
+
+async def test_stop_token_ids_are_honoured(triton: TritonProcess, reference: Any) -> None:
+    prompt = reference[1].encode(PROMPT).ids
+    free, _, gen = reference_run(reference, prompt, max_tokens=20)
+    assert gen.finish_reason == "length", "precondition: no eos in the first 20 greedy tokens"
+    stop = free[4]
+    got = await stream(triton, request_inputs(prompt, 20, stop_token_ids=[stop, 4095]))
+    assert got.tokens == free[: free.index(stop)]
+    assert got.final["finish_reason"] == "stop"
+    assert got.final["completion_tokens"] == free.index(stop) + 1  # the stop token is counted, not sent
+
+
+async def test_context_end_finishes_with_length(triton: TritonProcess, reference: Any) -> None:
+    # A number list keeps the greedy model going, so it is the context end that stops it.
+    numbers = ", ".join(str(i) for i in range(1, 40))
+    prompt_ids = reference[1].encode(numbers).ids[: SHORT_CONTEXT - 4]
+    ref_ids, _, gen = reference_run(reference, prompt_ids, max_tokens=100, max_context=SHORT_CONTEXT)
+    assert gen.finish_reason == "length" and len(ref_ids) == 4, "precondition: no eos before the context end"
+    got = await stream(triton, request_inputs(prompt_ids, 100), model="llm_ctx")
+    assert got.tokens == ref_ids
+    assert got.final == {"finish_reason": "length", "prompt_tokens": SHORT_CONTEXT - 4, "completion_tokens": 4}
+
+
+async def test_seeded_sampling_is_reproducible_through_triton(triton: TritonProcess, reference: Any) -> None:
+    prompt = reference[1].encode(PROMPT).ids
+    runs = [await stream(triton, request_inputs(prompt, 16, temperature=0.9, top_p=0.9, top_k=40, seed=s))
+            for s in (11, 11, 12)]
+    assert runs[0].tokens == runs[1].tokens
+    assert runs[0].tokens != runs[2].tokens
+    assert all(r.final["completion_tokens"] >= len(r.tokens) for r in runs)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "model", "message"),
+    [
+        (lambda: request_inputs([], 5), "llm", "input_ids must not be empty"),
+        (lambda: request_inputs([5, 6], 0), "llm", "max_tokens must be >= 1"),
+        (lambda: request_inputs(list(range(10, 10 + SHORT_CONTEXT)), 1), "llm_ctx", "does not fit the context"),
+        (lambda: request_inputs([5, 6], 3, top_p=0.0), "llm", "top_p must be in"),
+        (lambda: request_inputs([5, 6], 3, top_p=1.5), "llm", "top_p must be in"),
+        (lambda: request_inputs([5, 6], 3, temperature=-1.0), "llm", "temperature must be >= 0"),
+    ],
+    ids=["empty", "max_tokens", "too_long", "top_p_0", "top_p_big", "negative_temperature"],
+)
+async def test_bad_requests_get_one_error(triton: TritonProcess, inputs: Any, model: str, message: str) -> None:
+    got = await stream(triton, inputs(), model=model)
+    assert len(got.errors) == 1 and message in got.errors[0], got.errors
+    assert got.tokens == [] and got.final == {}
+
+
+async def test_cancel_stops_the_model_and_next_request_works(triton: TritonProcess, reference: Any) -> None:
+    # The model usually ends a docstring within ~100 tokens; number lists and rulers make it loop instead.
+    tok = reference[1]
+    max_tokens = 300
+    candidates = ["1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,", "-" * 20, ">>> x = 1\n>>> x = 2\n>>> x = 3\n>>>"]
+    for text in candidates:
+        prompt = tok.encode(text).ids
+        _, _, gen = reference_run(reference, prompt, max_tokens=max_tokens)
+        if gen.finish_reason == "length":
+            break
+    else:
+        pytest.fail("precondition: none of the prompts gives a long greedy generation to cancel")
+    log_mark = len(triton.log_tail(10**9))
+
+    got = await stream(triton, request_inputs(prompt, max_tokens), cancel_after=3)
+    assert len(got.tokens) == 3 and got.final == {}
+
+    deadline = time.monotonic() + 30
+    while not (m := re.search(r"finish=cancelled .*completion_tokens=(\d+)", triton.log_tail(10**9)[log_mark:])):
+        assert time.monotonic() < deadline, f"the model did not report a cancel:\n{triton.log_tail()}"
+        await asyncio.sleep(0.1)
+    assert 3 <= int(m.group(1)) < gen.completion_tokens
+
+    started = time.monotonic()
+    after = await stream(triton, request_inputs(reference[1].encode(PROMPT).ids, 5))
+    assert len(after.tokens) == 5 and after.final["finish_reason"] == "length"
+    assert time.monotonic() - started < 10
+
