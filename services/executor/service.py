@@ -123,6 +123,14 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
             if not finished:
                 TRITON_CANCELS.inc()
 
+    async def Embed(self, request: executor_pb2.ExecutorEmbedRequest,
+                    context: grpc.aio.ServicerContext) -> executor_pb2.ExecutorEmbedResponse:
+        inputs = [list(i.token_ids) for i in request.inputs]
+        if not inputs or any(not ids for ids in inputs):
+            raise InvalidArgument("every embedding input needs at least one token id", param="input")
+        vectors = await self._client.embed(request.model, inputs, request_id=request.request_id)
+        return executor_pb2.ExecutorEmbedResponse(embeddings=[common_pb2.Embedding(values=v) for v in vectors])
+
     async def GetStatus(self, request: executor_pb2.GetStatusRequest,
                         context: grpc.aio.ServicerContext) -> executor_pb2.GetStatusResponse:
         ready = [m for m in self._models if await self._client.is_ready([m])]

@@ -8,6 +8,7 @@ The contract with the model (services/executor/triton_models/llm): inputs ``inpu
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -106,6 +107,26 @@ class TritonLLMClient:
     async def server_version(self) -> str:
         meta = await self._client.get_server_metadata()
         return str(meta.version)
+
+    async def embed(self, model: str, inputs: list[list[int]], *, request_id: str = "") -> list[list[float]]:
+        """One Triton request per input, all at once: Triton's dynamic batcher groups them (and other callers')."""
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+
+        async def one(ids: list[int]) -> list[float]:
+            array = np.asarray([ids], dtype=np.int64)  # [1, S]
+            tensors = [_input("input_ids", array, "INT64"),
+                       _input("attention_mask", np.ones_like(array), "INT64")]
+            try:
+                result = await self._client.infer(model, tensors, request_id=request_id, headers=carrier or None)
+            except InferenceServerException as exc:
+                raise _triton_error(exc, model) from exc
+            out = result.as_numpy("embedding")
+            if out is None:
+                raise Unavailable(f"{model!r} returned no 'embedding' output")
+            return [float(x) for x in out.reshape(-1)]
+
+        return list(await asyncio.gather(*(one(ids) for ids in inputs)))
 
     async def generate(self, model: str, params: GenerateParams, *, request_id: str = "") -> AsyncIterator[TritonChunk]:
         carrier: dict[str, str] = {}

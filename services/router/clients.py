@@ -47,6 +47,12 @@ class TokenizerClient:
         resp = await self._stub.Encode(req, timeout=timeout)
         return Encoded(list(resp.token_ids), list(resp.stop_token_ids))
 
+    async def encode_batch(self, model: str, texts: list[str], *, add_special_tokens: bool,
+                           timeout: float | None) -> list[list[int]]:
+        req = tokenizer_pb2.EncodeBatchRequest(model=model, texts=texts, add_special_tokens=add_special_tokens)
+        resp = await self._stub.EncodeBatch(req, timeout=timeout)
+        return [list(e.ids) for e in resp.encodings]
+
     def decoder(self, model: str, *, timeout: float | None) -> StreamingDecoder:
         return StreamingDecoder(self._stub.DecodeStream(timeout=timeout), model)
 
@@ -93,6 +99,14 @@ class ExecutorPool:
     def pick(self) -> tuple[str, executor_pb2_grpc.ExecutorServiceStub]:
         """The next replica: (its address, its stub)."""
         return self._stubs[next(self._next)]
+
+    @staticmethod
+    async def embed(stub: executor_pb2_grpc.ExecutorServiceStub, model: str, inputs: list[list[int]], *,
+                    request_id: str, timeout: float | None) -> list[list[float]]:
+        req = executor_pb2.ExecutorEmbedRequest(model=model, request_id=request_id, inputs=[
+            executor_pb2.EmbedInput(token_ids=ids) for ids in inputs])
+        resp = await stub.Embed(req, timeout=timeout)
+        return [list(e.values) for e in resp.embeddings]
 
     @staticmethod
     def generate(stub: executor_pb2_grpc.ExecutorServiceStub, req: executor_pb2.ExecutorGenerateRequest, *,

@@ -107,10 +107,10 @@ class GenerationEngine:
     def __init__(self, *, catalog: Catalog, tokenizer: TokenizerClient, executors: ExecutorPool,
                  metering: MeteringClient, request_timeout_s: float = 600.0) -> None:
         self.catalog = catalog
-        self._tokenizer = tokenizer
-        self._executors = executors
+        self.tokenizer = tokenizer
+        self.executors = executors
         self._metering = metering
-        self._timeout = request_timeout_s
+        self.request_timeout_s = request_timeout_s
         self._background: set[asyncio.Task[None]] = set()
 
     def model(self, model_id: str) -> CatalogModel:
@@ -127,7 +127,7 @@ class GenerationEngine:
         started = time.monotonic()
         created_at = Timestamp()
         created_at.GetCurrentTime()
-        end = deadline if deadline is not None else started + self._timeout
+        end = deadline if deadline is not None else started + self.request_timeout_s
         operation = "chat" if inp.messages is not None else "text_completion"
         span = trace.get_current_span()
         span.set_attributes({"gen_ai.operation.name": operation, "gen_ai.request.model": model.id,
@@ -141,9 +141,9 @@ class GenerationEngine:
             return max(0.001, end - time.monotonic())
 
         if inp.messages is not None:
-            encoded = await self._tokenizer.encode_chat(model.id, inp.messages, timeout=left())
+            encoded = await self.tokenizer.encode_chat(model.id, inp.messages, timeout=left())
         else:
-            encoded = await self._tokenizer.encode_text(model.id, inp.prompt or "", timeout=left())
+            encoded = await self.tokenizer.encode_text(model.id, inp.prompt or "", timeout=left())
         max_tokens = completion_budget(len(encoded.token_ids), inp.max_tokens, model)
         req = executor_pb2.ExecutorGenerateRequest(
             model=model.triton_model, prompt_token_ids=encoded.token_ids, max_tokens=max_tokens,
@@ -158,10 +158,10 @@ class GenerationEngine:
         first_token_at: float | None = None
         last_token_at: float | None = None
         stops = StopMatcher(inp.stop)
-        decoder = self._tokenizer.decoder(model.id, timeout=left())
-        replica, executor = self._executors.pick()
+        decoder = self.tokenizer.decoder(model.id, timeout=left())
+        replica, executor = self.executors.pick()
         span.set_attribute("inferplane.executor", replica)
-        call = self._executors.generate(executor, req, timeout=left())
+        call = self.executors.generate(executor, req, timeout=left())
         got_final = False
         streamed = 0  # token ids received from the executor
         pending = 0  # tokens whose text has not been sent yet (an incomplete character, a held stop prefix)
@@ -206,7 +206,7 @@ class GenerationEngine:
             # cancels the executor (and Triton) when the caller left or a stop matched
             await close_stream(call, cancel=not got_final)
             await _quietly(decoder.close())
-            record = _usage_record(request_id, key, model.id, prompt_tokens, completion_tokens,
+            record = usage_record(request_id, key, model.id, prompt_tokens, completion_tokens,
                                    finish or common_pb2.FINISH_REASON_ERROR, started, first_token_at, created_at)
             outcome = FINISH_NAMES.get(finish or common_pb2.FINISH_REASON_ERROR, "error")
             span.set_attributes({"gen_ai.usage.input_tokens": prompt_tokens,
@@ -262,7 +262,7 @@ async def _quietly(aw: object) -> None:
         pass
 
 
-def _usage_record(request_id: str, key: KeyInfo, model: str, prompt_tokens: int, completion_tokens: int,
+def usage_record(request_id: str, key: KeyInfo, model: str, prompt_tokens: int, completion_tokens: int,
                   finish: int, started: float, first_token_at: float | None,
                   created_at: Timestamp) -> metering_pb2.UsageRecord:
     record = metering_pb2.UsageRecord(

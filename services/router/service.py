@@ -11,6 +11,7 @@ import grpc
 from inferplane.v1 import common_pb2, router_pb2, router_pb2_grpc
 from services.common.errors import InvalidArgument
 from services.router.auth import KeyVerifier, bearer_token
+from services.router.embeddings import embed
 from services.router.engine import GenerationEngine, GenerationInput
 
 TASKS = {"chat": common_pb2.MODEL_TASK_CHAT, "completion": common_pb2.MODEL_TASK_COMPLETION,
@@ -71,6 +72,21 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 msg.usage.completion_tokens = delta.completion_tokens
                 msg.usage.total_tokens = delta.prompt_tokens + delta.completion_tokens
             yield msg
+
+    async def Embed(self, request: router_pb2.EmbedRequest,
+                    context: grpc.aio.ServicerContext) -> router_pb2.EmbedResponse:
+        metadata = context.invocation_metadata()
+        request_id = request_id_from(metadata)
+        context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+        key = await self._keys.verify(bearer_token(metadata))
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        result = await embed(self._engine, request.model, list(request.inputs), key=key, request_id=request_id,
+                             deadline=deadline)
+        return router_pb2.EmbedResponse(
+            request_id=request_id, model=request.model,
+            embeddings=[common_pb2.Embedding(values=v) for v in result.vectors],
+            usage=common_pb2.Usage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens))
 
     async def ListModels(self, request: router_pb2.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> router_pb2.ListModelsResponse:

@@ -167,6 +167,10 @@ class TokenizerBundle:
         if not tokenizer_file.is_file():
             raise FileNotFoundError(f"{tokenizer_file} not found")
         tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        # Some tokenizer.json files (all-MiniLM-L6-v2's among them) switch on padding and truncation; token
+        # counts must be the text's real ones, and a too-long input is refused, never silently cut.
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
         config = _read_json(path / "tokenizer_config.json")
         special_map = _read_json(path / "special_tokens_map.json")
         generation = _read_json(path / "generation_config.json")
@@ -194,9 +198,17 @@ class TokenizerBundle:
         bos = self.special_tokens.get("bos_token")
         return self.tokenizer.token_to_id(bos) if bos else None
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` as is: no special tokens are added (the chat template places them)."""
-        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+    def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of ``text``; by default no special tokens are added (the chat template places them).
+
+        ``add_special_tokens`` applies the tokenizer's own post-processor (BERT's ``[CLS] ... [SEP]``),
+        as encoders such as embedding models expect.
+        """
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def encode_batch(self, texts: Sequence[str], *, add_special_tokens: bool = False) -> list[list[int]]:
+        """``encode`` for many texts at once (the library encodes them in parallel)."""
+        return [list(e.ids) for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
 
     def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
         """The conversation as the model's chat template writes it."""

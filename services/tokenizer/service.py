@@ -78,10 +78,16 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         if which == "chat":
             ids, rendered = bundle.encode_chat(messages_from_pb(request.chat))
         elif which == "text":
-            ids, rendered = bundle.encode(request.text), request.text
+            ids, rendered = bundle.encode(request.text, add_special_tokens=request.add_special_tokens), request.text
         else:
             raise InvalidArgument("EncodeRequest needs text or chat", param="input")
         return tokenizer_pb2.EncodeResponse(token_ids=ids, rendered=rendered, stop_token_ids=bundle.stop_token_ids)
+
+    async def EncodeBatch(self, request: tokenizer_pb2.EncodeBatchRequest,
+                          context: grpc.aio.ServicerContext[Any, Any]) -> tokenizer_pb2.EncodeBatchResponse:
+        bundle = self.registry.get(request.model)
+        encoded = bundle.encode_batch(list(request.texts), add_special_tokens=request.add_special_tokens)
+        return tokenizer_pb2.EncodeBatchResponse(encodings=[tokenizer_pb2.TokenIds(ids=ids) for ids in encoded])
 
     async def Decode(self, request: tokenizer_pb2.DecodeRequest,
                      context: grpc.aio.ServicerContext[Any, Any]) -> tokenizer_pb2.DecodeResponse:

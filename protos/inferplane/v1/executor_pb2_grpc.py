@@ -40,6 +40,11 @@ class ExecutorServiceStub:
                 request_serializer=inferplane_dot_v1_dot_executor__pb2.ExecutorGenerateRequest.SerializeToString,
                 response_deserializer=inferplane_dot_v1_dot_executor__pb2.ExecutorGenerateResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/inferplane.v1.ExecutorService/Embed',
+                request_serializer=inferplane_dot_v1_dot_executor__pb2.ExecutorEmbedRequest.SerializeToString,
+                response_deserializer=inferplane_dot_v1_dot_executor__pb2.ExecutorEmbedResponse.FromString,
+                _registered_method=True)
         self.GetStatus = channel.unary_unary(
                 '/inferplane.v1.ExecutorService/GetStatus',
                 request_serializer=inferplane_dot_v1_dot_executor__pb2.GetStatusRequest.SerializeToString,
@@ -59,6 +64,13 @@ class ExecutorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """Embed token-id sequences with an embedding model (each input one Triton request: dynamic batching).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetStatus(self, request, context):
         """What this executor serves and how loaded it is.
         """
@@ -73,6 +85,11 @@ def add_ExecutorServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=inferplane_dot_v1_dot_executor__pb2.ExecutorGenerateRequest.FromString,
                     response_serializer=inferplane_dot_v1_dot_executor__pb2.ExecutorGenerateResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=inferplane_dot_v1_dot_executor__pb2.ExecutorEmbedRequest.FromString,
+                    response_serializer=inferplane_dot_v1_dot_executor__pb2.ExecutorEmbedResponse.SerializeToString,
             ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
@@ -108,6 +125,33 @@ class ExecutorService:
             '/inferplane.v1.ExecutorService/Generate',
             inferplane_dot_v1_dot_executor__pb2.ExecutorGenerateRequest.SerializeToString,
             inferplane_dot_v1_dot_executor__pb2.ExecutorGenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inferplane.v1.ExecutorService/Embed',
+            inferplane_dot_v1_dot_executor__pb2.ExecutorEmbedRequest.SerializeToString,
+            inferplane_dot_v1_dot_executor__pb2.ExecutorEmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,

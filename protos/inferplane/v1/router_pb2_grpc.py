@@ -42,6 +42,11 @@ class RouterServiceStub:
                 request_serializer=inferplane_dot_v1_dot_router__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=inferplane_dot_v1_dot_router__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/inferplane.v1.RouterService/Embed',
+                request_serializer=inferplane_dot_v1_dot_router__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=inferplane_dot_v1_dot_router__pb2.EmbedResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/inferplane.v1.RouterService/ListModels',
                 request_serializer=inferplane_dot_v1_dot_router__pb2.ListModelsRequest.SerializeToString,
@@ -62,6 +67,13 @@ class RouterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """Embed texts with an embedding model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListModels(self, request, context):
         """List the models of the catalog.
         """
@@ -76,6 +88,11 @@ def add_RouterServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=inferplane_dot_v1_dot_router__pb2.GenerateRequest.FromString,
                     response_serializer=inferplane_dot_v1_dot_router__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=inferplane_dot_v1_dot_router__pb2.EmbedRequest.FromString,
+                    response_serializer=inferplane_dot_v1_dot_router__pb2.EmbedResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -113,6 +130,33 @@ class RouterService:
             '/inferplane.v1.RouterService/Generate',
             inferplane_dot_v1_dot_router__pb2.GenerateRequest.SerializeToString,
             inferplane_dot_v1_dot_router__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inferplane.v1.RouterService/Embed',
+            inferplane_dot_v1_dot_router__pb2.EmbedRequest.SerializeToString,
+            inferplane_dot_v1_dot_router__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,27 +25,33 @@ _sym_db = _symbol_database.Default()
 from inferplane.v1 import common_pb2 as inferplane_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dinferplane/v1/tokenizer.proto\x12\rinferplane.v1\x1a\x1ainferplane/v1/common.proto\"d\n\rEncodeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12+\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1b.inferplane.v1.ChatMessagesH\x00\x42\x07\n\x05input\"<\n\x0c\x43hatMessages\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.inferplane.v1.ChatMessage\"M\n\x0e\x45ncodeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x10\n\x08rendered\x18\x02 \x01(\t\x12\x16\n\x0estop_token_ids\x18\x03 \x03(\x03\"N\n\rDecodeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x1b\n\x13skip_special_tokens\x18\x03 \x01(\x08\"\x1e\n\x0e\x44\x65\x63odeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"F\n\x13\x44\x65\x63odeStreamRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\r\n\x05\x66inal\x18\x03 \x01(\x08\"$\n\x14\x44\x65\x63odeStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t2\xfd\x01\n\x10TokenizerService\x12\x45\n\x06\x45ncode\x12\x1c.inferplane.v1.EncodeRequest\x1a\x1d.inferplane.v1.EncodeResponse\x12\x45\n\x06\x44\x65\x63ode\x12\x1c.inferplane.v1.DecodeRequest\x1a\x1d.inferplane.v1.DecodeResponse\x12[\n\x0c\x44\x65\x63odeStream\x12\".inferplane.v1.DecodeStreamRequest\x1a#.inferplane.v1.DecodeStreamResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dinferplane/v1/tokenizer.proto\x12\rinferplane.v1\x1a\x1ainferplane/v1/common.proto\"\x80\x01\n\rEncodeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12+\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1b.inferplane.v1.ChatMessagesH\x00\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x04 \x01(\x08\x42\x07\n\x05input\"N\n\x12\x45ncodeBatchRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"A\n\x13\x45ncodeBatchResponse\x12*\n\tencodings\x18\x01 \x03(\x0b\x32\x17.inferplane.v1.TokenIds\"<\n\x0c\x43hatMessages\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.inferplane.v1.ChatMessage\"M\n\x0e\x45ncodeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x10\n\x08rendered\x18\x02 \x01(\t\x12\x16\n\x0estop_token_ids\x18\x03 \x03(\x03\"N\n\rDecodeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x1b\n\x13skip_special_tokens\x18\x03 \x01(\x08\"\x1e\n\x0e\x44\x65\x63odeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"F\n\x13\x44\x65\x63odeStreamRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\r\n\x05\x66inal\x18\x03 \x01(\x08\"$\n\x14\x44\x65\x63odeStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t2\xd3\x02\n\x10TokenizerService\x12\x45\n\x06\x45ncode\x12\x1c.inferplane.v1.EncodeRequest\x1a\x1d.inferplane.v1.EncodeResponse\x12\x45\n\x06\x44\x65\x63ode\x12\x1c.inferplane.v1.DecodeRequest\x1a\x1d.inferplane.v1.DecodeResponse\x12T\n\x0b\x45ncodeBatch\x12!.inferplane.v1.EncodeBatchRequest\x1a\".inferplane.v1.EncodeBatchResponse\x12[\n\x0c\x44\x65\x63odeStream\x12\".inferplane.v1.DecodeStreamRequest\x1a#.inferplane.v1.DecodeStreamResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'inferplane.v1.tokenizer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENCODEREQUEST']._serialized_start=76
-  _globals['_ENCODEREQUEST']._serialized_end=176
-  _globals['_CHATMESSAGES']._serialized_start=178
-  _globals['_CHATMESSAGES']._serialized_end=238
-  _globals['_ENCODERESPONSE']._serialized_start=240
-  _globals['_ENCODERESPONSE']._serialized_end=317
-  _globals['_DECODEREQUEST']._serialized_start=319
-  _globals['_DECODEREQUEST']._serialized_end=397
-  _globals['_DECODERESPONSE']._serialized_start=399
-  _globals['_DECODERESPONSE']._serialized_end=429
-  _globals['_DECODESTREAMREQUEST']._serialized_start=431
-  _globals['_DECODESTREAMREQUEST']._serialized_end=501
-  _globals['_DECODESTREAMRESPONSE']._serialized_start=503
-  _globals['_DECODESTREAMRESPONSE']._serialized_end=539
-  _globals['_TOKENIZERSERVICE']._serialized_start=542
-  _globals['_TOKENIZERSERVICE']._serialized_end=795
+  _globals['_ENCODEREQUEST']._serialized_start=77
+  _globals['_ENCODEREQUEST']._serialized_end=205
+  _globals['_ENCODEBATCHREQUEST']._serialized_start=207
+  _globals['_ENCODEBATCHREQUEST']._serialized_end=285
+  _globals['_TOKENIDS']._serialized_start=287
+  _globals['_TOKENIDS']._serialized_end=310
+  _globals['_ENCODEBATCHRESPONSE']._serialized_start=312
+  _globals['_ENCODEBATCHRESPONSE']._serialized_end=377
+  _globals['_CHATMESSAGES']._serialized_start=379
+  _globals['_CHATMESSAGES']._serialized_end=439
+  _globals['_ENCODERESPONSE']._serialized_start=441
+  _globals['_ENCODERESPONSE']._serialized_end=518
+  _globals['_DECODEREQUEST']._serialized_start=520
+  _globals['_DECODEREQUEST']._serialized_end=598
+  _globals['_DECODERESPONSE']._serialized_start=600
+  _globals['_DECODERESPONSE']._serialized_end=630
+  _globals['_DECODESTREAMREQUEST']._serialized_start=632
+  _globals['_DECODESTREAMREQUEST']._serialized_end=702
+  _globals['_DECODESTREAMRESPONSE']._serialized_start=704
+  _globals['_DECODESTREAMRESPONSE']._serialized_end=740
+  _globals['_TOKENIZERSERVICE']._serialized_start=743
+  _globals['_TOKENIZERSERVICE']._serialized_end=1082
 # @@protoc_insertion_point(module_scope)

@@ -45,6 +45,11 @@ class TokenizerServiceStub:
                 request_serializer=inferplane_dot_v1_dot_tokenizer__pb2.DecodeRequest.SerializeToString,
                 response_deserializer=inferplane_dot_v1_dot_tokenizer__pb2.DecodeResponse.FromString,
                 _registered_method=True)
+        self.EncodeBatch = channel.unary_unary(
+                '/inferplane.v1.TokenizerService/EncodeBatch',
+                request_serializer=inferplane_dot_v1_dot_tokenizer__pb2.EncodeBatchRequest.SerializeToString,
+                response_deserializer=inferplane_dot_v1_dot_tokenizer__pb2.EncodeBatchResponse.FromString,
+                _registered_method=True)
         self.DecodeStream = channel.stream_stream(
                 '/inferplane.v1.TokenizerService/DecodeStream',
                 request_serializer=inferplane_dot_v1_dot_tokenizer__pb2.DecodeStreamRequest.SerializeToString,
@@ -70,6 +75,13 @@ class TokenizerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EncodeBatch(self, request, context):
+        """Encode many texts in one call (embeddings inputs); each text as Encode with its text.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DecodeStream(self, request_iterator, context):
         """Incremental detokenization: the first message names the model, each message carries new token
         ids, each reply carries the text that became complete (never a broken UTF-8 character).
@@ -90,6 +102,11 @@ def add_TokenizerServiceServicer_to_server(servicer, server):
                     servicer.Decode,
                     request_deserializer=inferplane_dot_v1_dot_tokenizer__pb2.DecodeRequest.FromString,
                     response_serializer=inferplane_dot_v1_dot_tokenizer__pb2.DecodeResponse.SerializeToString,
+            ),
+            'EncodeBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.EncodeBatch,
+                    request_deserializer=inferplane_dot_v1_dot_tokenizer__pb2.EncodeBatchRequest.FromString,
+                    response_serializer=inferplane_dot_v1_dot_tokenizer__pb2.EncodeBatchResponse.SerializeToString,
             ),
             'DecodeStream': grpc.stream_stream_rpc_method_handler(
                     servicer.DecodeStream,
@@ -152,6 +169,33 @@ class TokenizerService:
             '/inferplane.v1.TokenizerService/Decode',
             inferplane_dot_v1_dot_tokenizer__pb2.DecodeRequest.SerializeToString,
             inferplane_dot_v1_dot_tokenizer__pb2.DecodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EncodeBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inferplane.v1.TokenizerService/EncodeBatch',
+            inferplane_dot_v1_dot_tokenizer__pb2.EncodeBatchRequest.SerializeToString,
+            inferplane_dot_v1_dot_tokenizer__pb2.EncodeBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,62 @@
+"""Embeddings through the mesh: validate, encode (batch), embed on an executor, meter."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from opentelemetry import trace
+
+from inferplane.v1 import common_pb2
+from services.common.errors import InvalidArgument
+from services.router import metrics
+from services.router.clients import KeyInfo
+from services.router.engine import GenerationEngine, usage_record
+
+
+@dataclass(slots=True)
+class EmbedResult:
+    vectors: list[list[float]]
+    prompt_tokens: int
+
+
+async def embed(engine: GenerationEngine, model_id: str, inputs: list[str], *, key: KeyInfo, request_id: str,
+                deadline: float | None = None) -> EmbedResult:
+    model = engine.model(model_id)
+    if not model.is_embedding:
+        raise InvalidArgument(f"The model `{model.id}` does not support embeddings.", param="model")
+    if not inputs:
+        raise InvalidArgument("'input' must contain at least one string.", param="input")
+    if len(inputs) > model.max_batch_inputs:
+        raise InvalidArgument(f"'input' has {len(inputs)} items; at most {model.max_batch_inputs} are allowed "
+                              "per request.", param="input")
+    for i, text in enumerate(inputs):
+        if not text:
+            raise InvalidArgument(f"'input[{i}]' must be a non-empty string.", param="input")
+    started = time.monotonic()
+    created_at = Timestamp()
+    created_at.GetCurrentTime()
+    end = deadline if deadline is not None else started + engine.request_timeout_s
+    span = trace.get_current_span()
+    span.set_attributes({"gen_ai.operation.name": "embeddings", "gen_ai.request.model": model.id,
+                         "inferplane.request_id": request_id, "inferplane.key_id": key.key_id})
+
+    def left() -> float:
+        return max(0.001, end - time.monotonic())
+
+    encoded = await engine.tokenizer.encode_batch(model.id, inputs, add_special_tokens=True, timeout=left())
+    for i, ids in enumerate(encoded):  # checked before any work is queued on the executor
+        if len(ids) > model.context_length:
+            raise InvalidArgument(f"'input[{i}]' has {len(ids)} tokens; this model's maximum is "
+                                  f"{model.context_length}.", param="input")
+    replica, stub = engine.executors.pick()
+    span.set_attribute("inferplane.executor", replica)
+    vectors = await engine.executors.embed(stub, model.triton_model, encoded, request_id=request_id, timeout=left())
+    prompt_tokens = sum(len(ids) for ids in encoded)
+    span.set_attributes({"gen_ai.usage.input_tokens": prompt_tokens, "gen_ai.usage.output_tokens": 0})
+    metrics.observe(model.id, "embeddings", "stop", prompt_tokens=prompt_tokens, completion_tokens=0, ttft_s=None,
+                    duration_s=time.monotonic() - started, last_token_s=None)
+    await engine.record(usage_record(request_id, key, model.id, prompt_tokens, 0, common_pb2.FINISH_REASON_STOP,
+                                      started, None, created_at))
+    return EmbedResult(vectors, prompt_tokens)
