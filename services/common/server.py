@@ -173,14 +173,17 @@ class GrpcServer:
         await self.server.stop(self.settings.grace_seconds if grace is None else grace)
         self._stopped.set()
 
-    async def serve_until_signal(self, on_stop: Callable[[], Awaitable[None]] | None = None) -> None:
-        """Run until SIGTERM/SIGINT, then drain and call ``on_stop``."""
+    async def serve_until_signal(self, on_stop: Callable[[], Awaitable[None]] | None = None, *,
+                                 before_drain: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Run until SIGTERM/SIGINT, then call ``before_drain``, drain, and call ``on_stop``."""
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("signal received: draining (grace %.1fs)", self.settings.grace_seconds)
+        if before_drain is not None:
+            await before_drain()
         await self.stop()
         if on_stop is not None:
             await on_stop()

@@ -162,16 +162,20 @@ class Executor:
                 await self.server.set_serving(ready)
 
     async def stop(self, grace: float | None = None) -> None:
+        await self.stop_supervising()
+        await self.server.stop(grace)
+        await self.close()
+
+    async def stop_supervising(self) -> None:
         self._stopping = True
         if self._supervisor is not None:
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
-        await self.server.stop(grace)
-        await self.close()
+            self._supervisor = None
 
     async def close(self) -> None:
-        self._stopping = True
+        await self.stop_supervising()  # a Triton that exits because we stop it is not restarted
         await self.client.close()
         if self.process is not None:
             await asyncio.to_thread(self.process.stop)
@@ -185,7 +189,7 @@ async def run(settings: ExecutorSettings) -> None:
     executor = Executor(settings)
     try:
         await executor.start()
-        await executor.server.serve_until_signal(executor.close)
+        await executor.server.serve_until_signal(before_drain=executor.stop_supervising)
     finally:
         await executor.close()
         provider.shutdown()
