@@ -6,6 +6,7 @@ import asyncio
 import itertools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
@@ -19,6 +20,8 @@ from inferplane.v1 import (
     tokenizer_pb2_grpc,
 )
 from services.common.errors import Unavailable
+from services.tokenizer.bundle import TokenizerBundle
+from services.tokenizer.detok import IncrementalDecoder
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +88,38 @@ class StreamingDecoder:
                     pass
         except (TimeoutError, grpc.aio.AioRpcError, grpc.aio.UsageError):
             self._call.cancel()
+
+
+class LocalDecoder:
+    """In-process incremental detokenization with the same code the tokenizer service runs.
+
+    Saves the round trip to the tokenizer for every executor message (two messages and their
+    (de)serialisation on each side); the router then needs the tokenizer files of its catalog.
+    """
+
+    def __init__(self, decoder: IncrementalDecoder) -> None:
+        self._decoder = decoder
+
+    async def push(self, token_ids: list[int], *, final: bool = False) -> str:
+        text = self._decoder.push(token_ids) if token_ids else ""
+        return text + self._decoder.flush() if final else text
+
+    async def close(self) -> None:
+        return None
+
+
+class LocalTokenizers:
+    """Tokenizer bundles the router loads itself (lazily, once per model) for ``LocalDecoder``."""
+
+    def __init__(self, paths: dict[str, Path]) -> None:
+        self._paths = paths
+        self._bundles: dict[str, TokenizerBundle] = {}
+
+    def decoder(self, model: str) -> LocalDecoder:
+        bundle = self._bundles.get(model)
+        if bundle is None:
+            bundle = self._bundles[model] = TokenizerBundle.from_dir(self._paths[model], name=model)
+        return LocalDecoder(IncrementalDecoder(bundle, skip_special_tokens=True))
 
 
 class ExecutorPool:

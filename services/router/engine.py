@@ -22,7 +22,15 @@ from services.common.catalog import Catalog, CatalogModel
 from services.common.errors import InvalidArgument, NotFound, Unavailable
 from services.common.server import close_stream
 from services.router import metrics
-from services.router.clients import ExecutorPool, KeyInfo, MeteringClient, TokenizerClient
+from services.router.clients import (
+    ExecutorPool,
+    KeyInfo,
+    LocalDecoder,
+    LocalTokenizers,
+    MeteringClient,
+    StreamingDecoder,
+    TokenizerClient,
+)
 from services.router.stops import StopMatcher
 
 log = logging.getLogger(__name__)
@@ -105,12 +113,14 @@ def completion_budget(prompt_tokens: int, max_tokens: int | None, model: Catalog
 
 class GenerationEngine:
     def __init__(self, *, catalog: Catalog, tokenizer: TokenizerClient, executors: ExecutorPool,
-                 metering: MeteringClient, request_timeout_s: float = 600.0) -> None:
+                 metering: MeteringClient, request_timeout_s: float = 600.0,
+                 local_tokenizers: LocalTokenizers | None = None) -> None:
         self.catalog = catalog
         self.tokenizer = tokenizer
         self.executors = executors
         self._metering = metering
         self.request_timeout_s = request_timeout_s
+        self._local = local_tokenizers
         self._background: set[asyncio.Task[None]] = set()
 
     def model(self, model_id: str) -> CatalogModel:
@@ -158,7 +168,9 @@ class GenerationEngine:
         first_token_at: float | None = None
         last_token_at: float | None = None
         stops = StopMatcher(inp.stop)
-        decoder = self.tokenizer.decoder(model.id, timeout=left())
+        decoder: LocalDecoder | StreamingDecoder = (
+            self._local.decoder(model.id) if self._local is not None else self.tokenizer.decoder(model.id,
+                                                                                                  timeout=left()))
         replica, executor = self.executors.pick()
         span.set_attribute("inferplane.executor", replica)
         call = self.executors.generate(executor, req, timeout=left())

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 from pathlib import Path
+from typing import Literal
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -16,7 +17,7 @@ from services.common.server import GrpcServer, client_channel
 from services.common.settings import ServerSettings, TelemetrySettings, load_settings
 from services.common.telemetry import setup_tracing
 from services.router.auth import KeyVerifier
-from services.router.clients import ExecutorPool, MeteringClient, TokenizerClient
+from services.router.clients import ExecutorPool, LocalTokenizers, MeteringClient, TokenizerClient
 from services.router.engine import GenerationEngine
 from services.router.service import RouterServicer
 
@@ -34,6 +35,9 @@ class RouterSettings(BaseSettings):
     executor_addrs: list[str] = ["127.0.0.1:50053"]
     # Upper bound of one request when the caller sets no deadline.
     request_timeout_s: float = 600.0
+    # Where streamed token ids become text: "local" (in the router, the tokenizer service's own code and
+    # files, no extra hop per message) or "remote" (the tokenizer service's DecodeStream).
+    detokenize: Literal["local", "remote"] = "local"
     # Seconds a verified key stays cached (revocation takes effect within this time).
     key_cache_ttl_s: float = 30.0
 
@@ -50,7 +54,9 @@ class Router:
         metering = MeteringClient(self._channels[1])
         self.engine = GenerationEngine(catalog=catalog, tokenizer=TokenizerClient(self._channels[0]),
                                        executors=ExecutorPool(executor_channels), metering=metering,
-                                       request_timeout_s=settings.request_timeout_s)
+                                       request_timeout_s=settings.request_timeout_s,
+                                       local_tokenizers=LocalTokenizers({m.id: m.tokenizer for m in catalog.models})
+                                       if settings.detokenize == "local" else None)
         servicer = RouterServicer(self.engine, KeyVerifier(metering, ttl=settings.key_cache_ttl_s))
         self.server = GrpcServer(
             settings.server, service_names=["inferplane.v1.RouterService"],
