@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,31 +120,12 @@ class LocalTokenizers:
         return LocalDecoder(IncrementalDecoder(bundle, skip_special_tokens=True))
 
 
-class ExecutorPool:
-    """The executor replicas (round robin here; load-aware routing comes with replicas and failover)."""
-
-    def __init__(self, channels: dict[str, grpc.aio.Channel]) -> None:
-        if not channels:
-            raise ValueError("at least one executor address is required")
-        self._stubs = [(addr, executor_pb2_grpc.ExecutorServiceStub(c)) for addr, c in channels.items()]
-        self._next = itertools.cycle(range(len(self._stubs)))
-
-    def pick(self) -> tuple[str, executor_pb2_grpc.ExecutorServiceStub]:
-        """The next replica: (its address, its stub)."""
-        return self._stubs[next(self._next)]
-
-    @staticmethod
-    async def embed(stub: executor_pb2_grpc.ExecutorServiceStub, model: str, inputs: list[list[int]], *,
-                    request_id: str, timeout: float | None) -> list[list[float]]:
-        req = executor_pb2.ExecutorEmbedRequest(model=model, request_id=request_id, inputs=[
-            executor_pb2.EmbedInput(token_ids=ids) for ids in inputs])
-        resp = await stub.Embed(req, timeout=timeout)
-        return [list(e.values) for e in resp.embeddings]
-
-    @staticmethod
-    def generate(stub: executor_pb2_grpc.ExecutorServiceStub, req: executor_pb2.ExecutorGenerateRequest, *,
-                 timeout: float | None) -> AsyncIterator[executor_pb2.ExecutorGenerateResponse]:
-        return stub.Generate(req, timeout=timeout)
+async def embed_on(stub: executor_pb2_grpc.ExecutorServiceStub, model: str, inputs: list[list[int]], *,
+                   request_id: str, timeout: float | None) -> list[list[float]]:
+    req = executor_pb2.ExecutorEmbedRequest(model=model, request_id=request_id, inputs=[
+        executor_pb2.EmbedInput(token_ids=ids) for ids in inputs])
+    resp = await stub.Embed(req, timeout=timeout)
+    return [list(e.values) for e in resp.embeddings]
 
 
 class MeteringClient:

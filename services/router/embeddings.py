@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from opentelemetry import trace
 
 from inferplane.v1 import common_pb2
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, Unavailable
 from services.router import metrics
-from services.router.clients import KeyInfo
+from services.router.clients import KeyInfo, embed_on
 from services.router.engine import GenerationEngine, usage_record
+from services.router.replicas import RETRIES, replica_fault
 
 
 @dataclass(slots=True)
@@ -50,9 +53,7 @@ async def embed(engine: GenerationEngine, model_id: str, inputs: list[str], *, k
         if len(ids) > model.context_length:
             raise InvalidArgument(f"'input[{i}]' has {len(ids)} tokens; this model's maximum is "
                                   f"{model.context_length}.", param="input")
-    replica, stub = engine.executors.pick()
-    span.set_attribute("inferplane.executor", replica)
-    vectors = await engine.executors.embed(stub, model.triton_model, encoded, request_id=request_id, timeout=left())
+    vectors = await _embed_with_retry(engine, model.triton_model, encoded, request_id=request_id, left=left)
     prompt_tokens = sum(len(ids) for ids in encoded)
     span.set_attributes({"gen_ai.usage.input_tokens": prompt_tokens, "gen_ai.usage.output_tokens": 0})
     metrics.observe(model.id, "embeddings", "stop", prompt_tokens=prompt_tokens, completion_tokens=0, ttft_s=None,
@@ -60,3 +61,28 @@ async def embed(engine: GenerationEngine, model_id: str, inputs: list[str], *, k
     await engine.record(usage_record(request_id, key, model.id, prompt_tokens, 0, common_pb2.FINISH_REASON_STOP,
                                       started, None, created_at))
     return EmbedResult(vectors, prompt_tokens)
+
+
+async def _embed_with_retry(engine: GenerationEngine, triton_model: str, encoded: list[list[int]], *,
+                            request_id: str, left: Callable[[], float]) -> list[list[float]]:
+    """Embed on one replica; a replica fault is retried once elsewhere, within the retry budget."""
+    tried: set[str] = set()
+    engine.executors.budget.on_request()
+    while True:
+        replica = engine.executors.pick(triton_model, exclude=tried)
+        trace.get_current_span().set_attribute("inferplane.executor", replica.address)
+        replica.outstanding += 1
+        try:
+            vectors = await embed_on(replica.stub, triton_model, encoded, request_id=request_id, timeout=left())
+            replica.succeeded()
+            return vectors
+        except grpc.aio.AioRpcError as exc:
+            if not replica_fault(exc):
+                raise
+            engine.executors.failed(replica, exc)
+            if tried or not engine.executors.budget.try_spend():
+                raise Unavailable(f"executor {replica.address} failed: {exc.code().name}") from exc
+            tried.add(replica.address)
+            RETRIES.inc()
+        finally:
+            replica.outstanding -= 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +23,6 @@ from services.common.errors import InvalidArgument, NotFound, Unavailable
 from services.common.server import close_stream
 from services.router import metrics
 from services.router.clients import (
-    ExecutorPool,
     KeyInfo,
     LocalDecoder,
     LocalTokenizers,
@@ -31,11 +30,13 @@ from services.router.clients import (
     StreamingDecoder,
     TokenizerClient,
 )
+from services.router.replicas import RETRIES, Replica, ReplicaSet, replica_fault
 from services.router.stops import StopMatcher
 
 log = logging.getLogger(__name__)
 
 MAX_STOP_SEQUENCES = 4
+FirstMessage = executor_pb2.ExecutorGenerateResponse | None
 
 
 @dataclass(slots=True)
@@ -112,7 +113,7 @@ def completion_budget(prompt_tokens: int, max_tokens: int | None, model: Catalog
 
 
 class GenerationEngine:
-    def __init__(self, *, catalog: Catalog, tokenizer: TokenizerClient, executors: ExecutorPool,
+    def __init__(self, *, catalog: Catalog, tokenizer: TokenizerClient, executors: ReplicaSet,
                  metering: MeteringClient, request_timeout_s: float = 600.0,
                  local_tokenizers: LocalTokenizers | None = None) -> None:
         self.catalog = catalog
@@ -171,14 +172,15 @@ class GenerationEngine:
         decoder: LocalDecoder | StreamingDecoder = (
             self._local.decoder(model.id) if self._local is not None else self.tokenizer.decoder(model.id,
                                                                                                   timeout=left()))
-        replica, executor = self.executors.pick()
-        span.set_attribute("inferplane.executor", replica)
-        call = self.executors.generate(executor, req, timeout=left())
         got_final = False
         streamed = 0  # token ids received from the executor
         pending = 0  # tokens whose text has not been sent yet (an incomplete character, a held stop prefix)
+        replica: Replica | None = None
+        call: Any = None
         try:
-            async for msg in call:
+            replica, call, first = await self._open_stream(model.triton_model, req, left)
+            span.set_attribute("inferplane.executor", replica.address)
+            async for msg in _chain(first, call):
                 if msg.token_ids:
                     if first_token_at is None:
                         first_token_at = time.monotonic()
@@ -215,8 +217,11 @@ class GenerationEngine:
             finish = common_pb2.FINISH_REASON_CANCELLED if client_gone else common_pb2.FINISH_REASON_ERROR
             raise
         finally:
-            # cancels the executor (and Triton) when the caller left or a stop matched
-            await close_stream(call, cancel=not got_final)
+            if call is not None:
+                # cancels the executor (and Triton) when the caller left or a stop matched
+                await close_stream(call, cancel=not got_final)
+            if replica is not None:
+                replica.outstanding -= 1
             await _quietly(decoder.close())
             record = usage_record(request_id, key, model.id, prompt_tokens, completion_tokens,
                                    finish or common_pb2.FINISH_REASON_ERROR, started, first_token_at, created_at)
@@ -239,6 +244,36 @@ class GenerationEngine:
         # The last message also carries tokens that produced no text (an end-of-turn token the model counts
         # but does not stream), so the token counts of all messages add up to completion_tokens.
         yield Delta("", pending + max(0, completion_tokens - streamed), finish, prompt_tokens, completion_tokens)
+
+    async def _open_stream(self, triton_model: str, req: executor_pb2.ExecutorGenerateRequest,
+                           left: Callable[[], float]) -> tuple[Replica, Any, FirstMessage]:
+        """Start the executor stream and wait for its first message. A replica fault before that first
+        message (nothing has reached the caller yet) is retried once on another replica, within the retry
+        budget; after it, failures end the stream. Returns (replica, call, first message or None)."""
+        tried: set[str] = set()
+        self.executors.budget.on_request()
+        while True:
+            replica = self.executors.pick(triton_model, exclude=tried)
+            replica.outstanding += 1
+            call = replica.stub.Generate(req, timeout=left())
+            try:
+                first = await call.__aiter__().__anext__()
+                replica.succeeded()
+                return replica, call, first
+            except StopAsyncIteration:
+                return replica, call, None
+            except BaseException as exc:
+                replica.outstanding -= 1
+                await close_stream(call)
+                if not replica_fault(exc):
+                    raise
+                assert isinstance(exc, grpc.aio.AioRpcError)
+                self.executors.failed(replica, exc)
+                if tried or not self.executors.budget.try_spend():
+                    raise Unavailable(f"executor {replica.address} failed: {exc.code().name}") from exc
+                tried.add(replica.address)
+                RETRIES.inc()
+                log.warning("retrying %s on another replica after %s", req.request_id, exc.code().name)
 
     async def record(self, record: metering_pb2.UsageRecord, attempts: int = 5) -> None:
         """Send one usage record; retried with backoff (idempotent on request id)."""
@@ -265,6 +300,15 @@ class GenerationEngine:
         """Wait for background usage records (at shutdown)."""
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+
+
+async def _chain(first: executor_pb2.ExecutorGenerateResponse | None,
+                 call: Any) -> AsyncIterator[executor_pb2.ExecutorGenerateResponse]:
+    if first is None:
+        return
+    yield first
+    async for msg in call:
+        yield msg
 
 
 async def _quietly(aw: object) -> None:

@@ -17,8 +17,9 @@ from services.common.server import GrpcServer, client_channel
 from services.common.settings import ServerSettings, TelemetrySettings, load_settings
 from services.common.telemetry import setup_tracing
 from services.router.auth import KeyVerifier
-from services.router.clients import ExecutorPool, LocalTokenizers, MeteringClient, TokenizerClient
+from services.router.clients import LocalTokenizers, MeteringClient, TokenizerClient
 from services.router.engine import GenerationEngine
+from services.router.replicas import ReplicaSet
 from services.router.service import RouterServicer
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,13 @@ class RouterSettings(BaseSettings):
     catalog: Path = Path("config/catalog.yaml")
     tokenizer_addr: str = "127.0.0.1:50052"
     metering_addr: str = "127.0.0.1:50054"
+    # Executor endpoints: host:port each, or dns:///name:port (a headless Service: one replica per address).
     executor_addrs: list[str] = ["127.0.0.1:50053"]
+    # A failed replica is ejected for eject_base_s, doubling per consecutive failure up to eject_max_s.
+    eject_base_s: float = 1.0
+    eject_max_s: float = 30.0
+    # Retries (before a first token only) may add at most this fraction of requests.
+    retry_budget_ratio: float = 0.2
     # Upper bound of one request when the caller sets no deadline.
     request_timeout_s: float = 600.0
     # Where streamed token ids become text: "local" (in the router, the tokenizer service's own code and
@@ -49,11 +56,12 @@ class Router:
         self.settings = settings
         catalog = load_catalog(settings.catalog)
         self._channels = [client_channel(settings.tokenizer_addr), client_channel(settings.metering_addr)]
-        executor_channels = {a: client_channel(a) for a in settings.executor_addrs}
-        self._channels += list(executor_channels.values())
+        self.replicas = ReplicaSet(settings.executor_addrs, channel_factory=client_channel,
+                                   eject_base_s=settings.eject_base_s, eject_max_s=settings.eject_max_s,
+                                   retry_ratio=settings.retry_budget_ratio)
         metering = MeteringClient(self._channels[1])
         self.engine = GenerationEngine(catalog=catalog, tokenizer=TokenizerClient(self._channels[0]),
-                                       executors=ExecutorPool(executor_channels), metering=metering,
+                                       executors=self.replicas, metering=metering,
                                        request_timeout_s=settings.request_timeout_s,
                                        local_tokenizers=LocalTokenizers({m.id: m.tokenizer for m in catalog.models})
                                        if settings.detokenize == "local" else None)
@@ -63,6 +71,9 @@ class Router:
             register=lambda s: router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, s))
 
     async def start(self) -> int:
+        await self.replicas.start()
+        if not await self.replicas.wait_any_serving(timeout=10.0):
+            log.warning("no executor replica is serving yet; requests get UNAVAILABLE until one is")
         return await self.server.start()
 
     async def stop(self, grace: float | None = None) -> None:
@@ -71,6 +82,7 @@ class Router:
 
     async def close(self) -> None:
         await self.engine.drain()
+        await self.replicas.close()
         for channel in self._channels:
             await channel.close(None)
 
