@@ -98,3 +98,23 @@ def test_client_disconnect_cancels_and_bills_generated_tokens(stack: LocalStack,
     assert rec is not None, "a cancelled request must still leave its usage record"
     assert rec.finish_reason == "cancelled"
     assert 3 <= rec.completion_tokens < 400
+
+
+def test_logs_and_traces_hold_no_key_prompt_or_completion(stack: LocalStack, api_key: str) -> None:
+    prompt = f"Secret prompt {uuid.uuid4().hex}"
+    resp = httpx.post(f"{stack.base_url}/completions", headers={"Authorization": f"Bearer {api_key}"}, timeout=60,
+                      json={"model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0})
+    assert resp.status_code == 200
+    completion = resp.json()["choices"][0]["text"].strip()
+    bad = httpx.post(f"{stack.base_url}/completions", headers={"Authorization": f"Bearer {api_key}x"}, timeout=60,
+                     json={"model": MODEL, "prompt": prompt})
+    assert bad.status_code == 401 and api_key not in bad.text
+    time.sleep(1.0)  # let the batch span processors flush
+    texts = {p.name: p.read_text(errors="replace") for p in (stack.state / "logs").glob("*.log")}
+    texts["traces.jsonl"] = (stack.state / "traces.jsonl").read_text()
+    secret_part = api_key[len("sk-ip-") + 13:]  # the random part after "sk-ip-<key id>-"
+    for name, text in texts.items():
+        assert secret_part not in text, f"the API key appears in {name}"
+        assert prompt not in text, f"the prompt appears in {name}"
+        if len(completion) > 12:
+            assert completion not in text, f"the completion appears in {name}"
