@@ -1,9 +1,11 @@
 """``inferplane up``: every service as a process on loopback, with embedded defaults.
 
 The launcher writes one settings file (``.inferplane/stack.yaml``, a section per service), starts
-metering, tokenizer, executor (which starts Triton), router and gateway as child processes, waits
-for each one's readiness (gRPC health / HTTP), creates a demo API key, writes ``.inferplane/local.env``
-and stays in the foreground. SIGINT/SIGTERM stop every child (and Triton under the executor).
+metering, tokenizer, executor (which starts Triton), router, gateway and Envoy (the edge, its config
+generated from the same file into ``.inferplane/envoy.yaml``) as child processes, waits for each one's
+readiness (gRPC health / HTTP / Envoy's admin ``/ready``), creates a demo API key, writes
+``.inferplane/local.env`` and stays in the foreground. The base URL and gRPC address it prints are
+Envoy's. SIGINT/SIGTERM stop every child (and Triton under the executor), the edge first.
 """
 
 from __future__ import annotations
@@ -26,12 +28,20 @@ import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gateway.envoy import edge_settings, envoy_command, write_envoy_yaml
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # Default ports: clear of PostgreSQL 5432, Redis 6379, NATS 4222, RabbitMQ 5672, Mosquitto 1883, MariaDB 3306.
-DEFAULT_PORTS = {"gateway": 8080, "router": 50051, "tokenizer": 50052, "executor": 50053, "metering": 50054,
-                 "triton_http": 18000, "triton_grpc": 18001, "triton_metrics": 18002}
-START_ORDER = ["metering", "tokenizer", "executor", "router", "gateway"]
+# "edge" is Envoy's listener (the one public port: REST and gRPC); its admin listens on loopback only.
+DEFAULT_PORTS = {"edge": 8080, "envoy_admin": 9901, "gateway": 8081, "router": 50051, "tokenizer": 50052,
+                 "executor": 50053, "metering": 50054, "triton_http": 18000, "triton_grpc": 18001,
+                 "triton_metrics": 18002}
+START_ORDER = ["metering", "tokenizer", "executor", "router", "gateway", "envoy"]
+# The port a component is reported on, where it is not the one named after it.
+PORT_OF = {"envoy": "edge"}
+# Envoy's own log as JSON lines, like the services' logs (%j: the message, JSON-escaped).
+ENVOY_LOG_FORMAT = '{"time":"%Y-%m-%dT%T.%fZ","level":"%l","service":"envoy","logger":"%n","message":"%j"}'
 
 
 def free_port() -> int:
@@ -51,6 +61,8 @@ class StackConfig:
     host: str = "127.0.0.1"
     trace_exporter: str = "file"
     ready_timeout_s: float = 600.0
+    # Overrides of the edge's settings (``gateway.envoy.EdgeSettings`` fields, e.g. request_timeout_s).
+    edge: dict[str, Any] = field(default_factory=dict)
 
     def resolved_ports(self) -> dict[str, int]:
         return {k: (v or free_port()) for k, v in self.ports.items()}
@@ -78,6 +90,9 @@ def stack_settings(cfg: StackConfig, ports: dict[str, int]) -> dict[str, Any]:
                    "executor_addrs": [addr["executor"]]},
         "gateway": {"host": cfg.host, "port": ports["gateway"], "router_addr": addr["router"],
                     "telemetry": telemetry},
+        "edge": {"host": cfg.host, "port": ports["edge"], "admin_port": ports["envoy_admin"],
+                 "gateway_addr": f"{cfg.host}:{ports['gateway']}", "router_addr": addr["router"],
+                 "access_log_path": str(state / "logs" / "edge-access.log"), **cfg.edge},
     }
 
 
@@ -114,25 +129,39 @@ class LocalStack:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.cfg.host}:{self.ports['gateway']}/v1"
+        """Envoy's: REST callers go through the edge (``ports['gateway']`` is the gateway itself)."""
+        return f"http://{self.cfg.host}:{self.ports['edge']}/v1"
 
     @property
     def grpc_addr(self) -> str:
-        return f"{self.cfg.host}:{self.ports['router']}"
+        """Envoy's too: the edge routes the public RouterService (``ports['router']`` is the router itself)."""
+        return f"{self.cfg.host}:{self.ports['edge']}"
+
+    @property
+    def envoy_file(self) -> Path:
+        return self.state / "envoy.yaml"
 
     def _ready(self, name: str) -> bool:
         if name == "gateway":
             return http_ok(f"http://{self.cfg.host}:{self.ports['gateway']}/healthz")
+        if name == "envoy":
+            return http_ok(f"http://127.0.0.1:{self.ports['envoy_admin']}/ready")
         return grpc_serving(f"{self.cfg.host}:{self.ports[name]}")
+
+    def _command(self, name: str) -> list[str]:
+        if name == "envoy":
+            return [*envoy_command(self.envoy_file), "--log-format", ENVOY_LOG_FORMAT]
+        return [sys.executable, "-m", "services.cli", "serve", name, "--config", str(self.settings_file)]
 
     def start(self) -> None:
         self.state.mkdir(parents=True, exist_ok=True)
         (self.state / "logs").mkdir(exist_ok=True)
         self.settings_file.write_text(yaml.safe_dump(self.settings, sort_keys=False))
+        write_envoy_yaml(edge_settings(self.settings_file), self.envoy_file, source=str(self.settings_file))
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         for name in START_ORDER:
             logfile = (self.state / "logs" / f"{name}.log").open("ab")
-            cmd = [sys.executable, "-m", "services.cli", "serve", name, "--config", str(self.settings_file)]
+            cmd = self._command(name)
             # Own process group per service: a stop signal reaches the service and whatever it spawned.
             self.procs[name] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logfile, stderr=subprocess.STDOUT,
                                                 start_new_session=True)
@@ -155,7 +184,8 @@ class LocalStack:
                 last_note = waited
                 self.log(f"  … waiting for {name} ({waited:.0f}s){self._progress_hint(name)}")
             time.sleep(0.2)
-        self.log(f"  ✓ {name} ready on {self.cfg.host}:{self.ports[name]} ({time.monotonic() - started:.1f}s)")
+        port = self.ports[PORT_OF.get(name, name)]
+        self.log(f"  ✓ {name} ready on {self.cfg.host}:{port} ({time.monotonic() - started:.1f}s)")
 
     def _progress_hint(self, name: str) -> str:
         """The last progress line the service logged (Triton loading models, …)."""
@@ -229,14 +259,15 @@ def read_env(path: Path) -> dict[str, str]:
 def add_up_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dir", type=Path, default=Path(".inferplane"), help="where state, logs and traces go")
     parser.add_argument("--catalog", type=Path, default=ROOT / "config" / "catalog.yaml")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORTS["gateway"], help="gateway HTTP port")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORTS["edge"],
+                        help="the edge's port (Envoy: REST and gRPC)")
     parser.add_argument("--free-ports", action="store_true",
                         help="pick free ports for every component (several stacks side by side)")
     parser.add_argument("--ready-timeout", type=float, default=600.0)
 
 
 def up(args: argparse.Namespace) -> int:
-    ports = dict.fromkeys(DEFAULT_PORTS, 0) if args.free_ports else dict(DEFAULT_PORTS, gateway=args.port)
+    ports = dict.fromkeys(DEFAULT_PORTS, 0) if args.free_ports else dict(DEFAULT_PORTS, edge=args.port)
     cfg = StackConfig(state_dir=args.state_dir, catalog=args.catalog.resolve(), ports=ports,
                       ready_timeout_s=args.ready_timeout)
     stack = LocalStack(cfg)
