@@ -36,8 +36,29 @@ ROOT = Path(__file__).resolve().parent.parent
 # "edge" is Envoy's listener (the one public port: REST and gRPC); its admin listens on loopback only.
 DEFAULT_PORTS = {"edge": 8080, "envoy_admin": 9901, "gateway": 8081, "router": 50051, "tokenizer": 50052,
                  "executor": 50053, "metering": 50054, "triton_http": 18000, "triton_grpc": 18001,
-                 "triton_metrics": 18002}
+                 "triton_metrics": 18002, "router_metrics": 9101, "tokenizer_metrics": 9102,
+                 "executor_metrics": 9103, "metering_metrics": 9104}
 START_ORDER = ["metering", "tokenizer", "executor", "router", "gateway", "envoy"]
+# Ports of each extra executor replica (executor_2, ...), by their offset from the first one's.
+REPLICA_PORTS = ("executor", "triton_http", "triton_grpc", "triton_metrics", "executor_metrics")
+
+
+def replica_names(n: int) -> list[str]:
+    """Component names of n executor replicas: executor, executor_2, executor_3, ..."""
+    return ["executor", *[f"executor_{i}" for i in range(2, n + 1)]]
+
+
+def replica_port_key(key: str, replica: str) -> str:
+    return key if replica == "executor" else f"{key}{replica.removeprefix('executor')}"
+
+
+def with_replica_ports(ports: dict[str, int], n: int) -> dict[str, int]:
+    """Add the ports of executors 2..n: each 10 above the previous one's (0 stays 0: a free port)."""
+    out = dict(ports)
+    for i, name in enumerate(replica_names(n)[1:], start=1):
+        for key in REPLICA_PORTS:
+            out.setdefault(replica_port_key(key, name), ports[key] + 10 * i if ports[key] else 0)
+    return out
 # The port a component is reported on, where it is not the one named after it.
 PORT_OF = {"envoy": "edge"}
 # Envoy's own log as JSON lines, like the services' logs (%j: the message, JSON-escaped).
@@ -63,9 +84,13 @@ class StackConfig:
     ready_timeout_s: float = 600.0
     # Overrides of the edge's settings (``gateway.envoy.EdgeSettings`` fields, e.g. request_timeout_s).
     edge: dict[str, Any] = field(default_factory=dict)
+    # Executor replicas, each with its own Triton.
+    executors: int = 1
+    # Overrides of the router's settings (``RouterSettings`` fields, e.g. request_timeout_s).
+    router: dict[str, Any] = field(default_factory=dict)
 
     def resolved_ports(self) -> dict[str, int]:
-        return {k: (v or free_port()) for k, v in self.ports.items()}
+        return {k: (v or free_port()) for k, v in with_replica_ports(self.ports, self.executors).items()}
 
 
 def stack_settings(cfg: StackConfig, ports: dict[str, int]) -> dict[str, Any]:
@@ -74,20 +99,31 @@ def stack_settings(cfg: StackConfig, ports: dict[str, int]) -> dict[str, Any]:
     telemetry = {"exporter": cfg.trace_exporter, "file_path": str(state / "traces.jsonl")}
 
     def server(name: str) -> dict[str, Any]:
-        return {"host": cfg.host, "port": ports[name], "grace_seconds": 5.0}
+        return {"host": cfg.host, "port": ports[name], "grace_seconds": 5.0,
+                "metrics_port": ports[f"{name}_metrics"]}
 
-    addr = {name: f"{cfg.host}:{ports[name]}" for name in ("router", "tokenizer", "executor", "metering")}
+    def executor(replica: str) -> dict[str, Any]:
+        def p(key: str) -> int:
+            return ports[replica_port_key(key, replica)]
+
+        return {"server": {"host": cfg.host, "port": p("executor"), "grace_seconds": 5.0,
+                           "metrics_port": p("executor_metrics")},
+                "telemetry": telemetry, "catalog": str(cfg.catalog),
+                "triton": {"grpc_port": p("triton_grpc"), "http_port": p("triton_http"),
+                           "metrics_port": p("triton_metrics"), "work_dir": str(state / replica)}}
+
+    addr = {name: f"{cfg.host}:{ports[name]}" for name in ("router", "tokenizer", "metering")}
+    replicas = replica_names(cfg.executors)
     return {
         "metering": {"server": server("metering"), "telemetry": telemetry,
                      "database_url": f"sqlite:///{state / 'metering.db'}",
                      "secret_file": str(state / "metering-secret")},
         "tokenizer": {"server": server("tokenizer"), "telemetry": telemetry, "catalog": str(cfg.catalog)},
-        "executor": {"server": server("executor"), "telemetry": telemetry, "catalog": str(cfg.catalog),
-                     "triton": {"grpc_port": ports["triton_grpc"], "http_port": ports["triton_http"],
-                                "metrics_port": ports["triton_metrics"], "work_dir": str(state / "executor")}},
+        **{name: executor(name) for name in replicas},
         "router": {"server": server("router"), "telemetry": telemetry, "catalog": str(cfg.catalog),
                    "tokenizer_addr": addr["tokenizer"], "metering_addr": addr["metering"],
-                   "executor_addrs": [addr["executor"]]},
+                   "executor_addrs": [f"{cfg.host}:{ports[replica_port_key('executor', r)]}" for r in replicas],
+                   **cfg.router},
         "gateway": {"host": cfg.host, "port": ports["gateway"], "router_addr": addr["router"],
                     "telemetry": telemetry},
         "edge": {"host": cfg.host, "port": ports["edge"], "admin_port": ports["envoy_admin"],
@@ -151,7 +187,28 @@ class LocalStack:
     def _command(self, name: str) -> list[str]:
         if name == "envoy":
             return [*envoy_command(self.envoy_file), "--log-format", ENVOY_LOG_FORMAT]
+        if name.startswith("executor_"):  # another replica: the executor service with its own section
+            return [sys.executable, "-m", "services.cli", "serve", "executor", "--config", str(self.settings_file),
+                    "--section", name]
         return [sys.executable, "-m", "services.cli", "serve", name, "--config", str(self.settings_file)]
+
+    @property
+    def start_order(self) -> list[str]:
+        i = START_ORDER.index("executor")
+        return [*START_ORDER[:i], *replica_names(self.cfg.executors), *START_ORDER[i + 1:]]
+
+    def metrics_url(self, name: str) -> str:
+        """Where a component's Prometheus metrics are scraped: ``router``, ``executor_2``, ``triton``,
+        ``triton_2``, ... (the gateway serves them on its own port)."""
+        if name == "gateway":
+            return f"http://{self.cfg.host}:{self.ports['gateway']}/metrics"
+        if name.startswith("triton"):
+            key = "triton_metrics" + name.removeprefix("triton")
+        elif name.startswith("executor"):
+            key = replica_port_key("executor_metrics", name)
+        else:
+            key = f"{name}_metrics"
+        return f"http://{self.cfg.host}:{self.ports[key]}/metrics"
 
     def start(self) -> None:
         self.state.mkdir(parents=True, exist_ok=True)
@@ -159,7 +216,7 @@ class LocalStack:
         self.settings_file.write_text(yaml.safe_dump(self.settings, sort_keys=False))
         write_envoy_yaml(edge_settings(self.settings_file), self.envoy_file, source=str(self.settings_file))
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        for name in START_ORDER:
+        for name in self.start_order:
             logfile = (self.state / "logs" / f"{name}.log").open("ab")
             cmd = self._command(name)
             # Own process group per service: a stop signal reaches the service and whatever it spawned.
@@ -261,6 +318,7 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--catalog", type=Path, default=ROOT / "config" / "catalog.yaml")
     parser.add_argument("--port", type=int, default=DEFAULT_PORTS["edge"],
                         help="the edge's port (Envoy: REST and gRPC)")
+    parser.add_argument("--executors", type=int, default=1, help="executor replicas, each with its own Triton")
     parser.add_argument("--free-ports", action="store_true",
                         help="pick free ports for every component (several stacks side by side)")
     parser.add_argument("--ready-timeout", type=float, default=600.0)
@@ -269,7 +327,7 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
 def up(args: argparse.Namespace) -> int:
     ports = dict.fromkeys(DEFAULT_PORTS, 0) if args.free_ports else dict(DEFAULT_PORTS, edge=args.port)
     cfg = StackConfig(state_dir=args.state_dir, catalog=args.catalog.resolve(), ports=ports,
-                      ready_timeout_s=args.ready_timeout)
+                      ready_timeout_s=args.ready_timeout, executors=max(1, args.executors))
     stack = LocalStack(cfg)
     stop = stack.interrupted
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -198,10 +198,11 @@ async def run(settings: ExecutorSettings) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="inferplane-executor", description="inferplane model executor")
     parser.add_argument("--config", type=Path, help="YAML settings file (section 'executor')")
+    parser.add_argument("--section", default="executor", help="the file's section (executor replicas: executor_2, ...)")
     parser.add_argument("--port", type=int)
     args = parser.parse_args(argv)
     setup_logging("executor")
-    settings = load_settings(ExecutorSettings, config_file=args.config, section="executor")
+    settings = load_settings(ExecutorSettings, config_file=args.config, section=args.section)
     if args.port is not None:
         settings = settings.model_copy(update={"server": settings.server.model_copy(update={"port": args.port})})
     asyncio.run(run(settings))
