@@ -210,20 +210,26 @@ class LocalStack:
             key = f"{name}_metrics"
         return f"http://{self.cfg.host}:{self.ports[key]}/metrics"
 
+    def spawn(self, name: str) -> None:
+        """Start (or restart) one component and wait until it is ready."""
+        old = self.procs.get(name)
+        if old is not None and old.poll() is None:
+            raise RuntimeError(f"{name} is still running")
+        logfile = (self.state / "logs" / f"{name}.log").open("ab")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # Own process group per service: a stop signal reaches the service and whatever it spawned.
+        self.procs[name] = subprocess.Popen(self._command(name), cwd=ROOT, env=env, stdout=logfile,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+        logfile.close()
+        self._wait(name)
+
     def start(self) -> None:
         self.state.mkdir(parents=True, exist_ok=True)
         (self.state / "logs").mkdir(exist_ok=True)
         self.settings_file.write_text(yaml.safe_dump(self.settings, sort_keys=False))
         write_envoy_yaml(edge_settings(self.settings_file), self.envoy_file, source=str(self.settings_file))
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         for name in self.start_order:
-            logfile = (self.state / "logs" / f"{name}.log").open("ab")
-            cmd = self._command(name)
-            # Own process group per service: a stop signal reaches the service and whatever it spawned.
-            self.procs[name] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logfile, stderr=subprocess.STDOUT,
-                                                start_new_session=True)
-            logfile.close()
-            self._wait(name)
+            self.spawn(name)
 
     def _wait(self, name: str) -> None:
         started = time.monotonic()

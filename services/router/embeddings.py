@@ -40,7 +40,7 @@ async def embed(engine: GenerationEngine, model_id: str, inputs: list[str], *, k
     started = time.monotonic()
     created_at = Timestamp()
     created_at.GetCurrentTime()
-    end = deadline if deadline is not None else started + engine.request_timeout_s
+    end = min(deadline or float("inf"), started + engine.request_timeout_s)
     span = trace.get_current_span()
     span.set_attributes({"gen_ai.operation.name": "embeddings", "gen_ai.request.model": model.id,
                          "inferplane.request_id": request_id, "inferplane.key_id": key.key_id})

@@ -138,7 +138,8 @@ class GenerationEngine:
         started = time.monotonic()
         created_at = Timestamp()
         created_at.GetCurrentTime()
-        end = deadline if deadline is not None else started + self.request_timeout_s
+        # the caller's deadline, capped by the router's own limit for one request
+        end = min(deadline or float("inf"), started + self.request_timeout_s)
         operation = "chat" if inp.messages is not None else "text_completion"
         span = trace.get_current_span()
         span.set_attributes({"gen_ai.operation.name": operation, "gen_ai.request.model": model.id,

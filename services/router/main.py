@@ -40,6 +40,8 @@ class RouterSettings(BaseSettings):
     eject_max_s: float = 30.0
     # Retries (before a first token only) may add at most this fraction of requests.
     retry_budget_ratio: float = 0.2
+    # ... plus this many retries in a burst (requests queued on a replica that just died).
+    retry_budget_burst: float = 50.0
     # Upper bound of one request when the caller sets no deadline.
     request_timeout_s: float = 600.0
     # Where streamed token ids become text: "local" (in the router, the tokenizer service's own code and
@@ -58,7 +60,8 @@ class Router:
         self._channels = [client_channel(settings.tokenizer_addr), client_channel(settings.metering_addr)]
         self.replicas = ReplicaSet(settings.executor_addrs, channel_factory=client_channel,
                                    eject_base_s=settings.eject_base_s, eject_max_s=settings.eject_max_s,
-                                   retry_ratio=settings.retry_budget_ratio)
+                                   retry_ratio=settings.retry_budget_ratio,
+                                   retry_burst=settings.retry_budget_burst)
         metering = MeteringClient(self._channels[1])
         self.engine = GenerationEngine(catalog=catalog, tokenizer=TokenizerClient(self._channels[0]),
                                        executors=self.replicas, metering=metering,

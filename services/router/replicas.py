@@ -65,9 +65,13 @@ class Replica:
 
 
 class RetryBudget:
-    """Retries may add at most ``ratio`` of the requests (+ a small burst): attempts ≤ (1 + ratio) × requests."""
+    """Retries may add at most ``ratio`` of the requests, plus a burst: attempts ≤ (1 + ratio) × requests + burst.
 
-    def __init__(self, ratio: float = 0.2, burst: float = 10.0) -> None:
+    The burst lets every request that was waiting on a replica that just died move to a live one (one replica
+    of two holding 32 queued requests); the ratio stops a retry storm when failures persist.
+    """
+
+    def __init__(self, ratio: float = 0.2, burst: float = 50.0) -> None:
         self.ratio = ratio
         self.burst = burst
         self.tokens = burst
@@ -93,7 +97,8 @@ def choose(candidates: list[Replica], rng: random.Random) -> Replica:
 class ReplicaSet:
     def __init__(self, targets: list[str], *, channel_factory: Callable[[str], grpc.aio.Channel],
                  status_interval_s: float = 1.0, dns_interval_s: float = 5.0, eject_base_s: float = 1.0,
-                 eject_max_s: float = 30.0, retry_ratio: float = 0.2, seed: int | None = None) -> None:
+                 eject_max_s: float = 30.0, retry_ratio: float = 0.2, retry_burst: float = 50.0,
+                 seed: int | None = None) -> None:
         if not targets:
             raise ValueError("at least one executor address is required")
         self._targets = targets
@@ -102,7 +107,7 @@ class ReplicaSet:
         self._dns_interval = dns_interval_s
         self._eject_base, self._eject_max = eject_base_s, eject_max_s
         self.replicas: dict[str, Replica] = {}
-        self.budget = RetryBudget(retry_ratio)
+        self.budget = RetryBudget(retry_ratio, retry_burst)
         self._rng = random.Random(seed)
         self._tasks: list[asyncio.Task[None]] = []
 
