@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.admin import admin_router
 from gateway.embeddings import EmbeddingRequest, embeddings_body
 from gateway.errors import (
     CLIENT_CLOSED_REQUEST,
@@ -347,7 +348,11 @@ async def _generate(request: Request, model: type[GenerationRequest]) -> Respons
     enc = body.encoder(first, include_usage=body.include_usage)
     if body.stream:
         return RouterEventStream(call, _events(call, first, enc), headers)
-    return JSONResponse(await _complete_unless_gone(request, call, first, enc), headers=headers)
+    completion = await _complete_unless_gone(request, call, first, enc)
+    cost = (completion.get("usage") or {}).get("cost")
+    if cost is not None:
+        headers["x-inferplane-cost"] = cost  # exact USD, as usage.cost (a stream has it in its usage chunk)
+    return JSONResponse(completion, headers=headers)
 
 
 async def chat_completions(request: Request) -> Response:
@@ -436,6 +441,7 @@ def create_app(settings: GatewaySettings, *, tracer_provider: trace.TracerProvid
     app.add_api_route("/v1/models", list_models, methods=["GET"])
     app.add_api_route("/healthz", healthz, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
+    app.include_router(admin_router(settings.metering_addr))  # /v1/usage and /admin/*
     install_handlers(app)
     app.add_middleware(EdgeMiddleware, max_body_bytes=settings.max_body_bytes,
                        tracer=trace.get_tracer(TRACER_NAME, tracer_provider=tracer_provider))

@@ -27,6 +27,9 @@ SERVER_ERROR = "server_error"
 CLIENT_CLOSED_REQUEST = 499
 # Router metadata that is passed on to the HTTP caller as response headers (rate-limit state).
 FORWARDED_HEADER_PREFIXES = ("x-ratelimit-", "retry-after")
+# Trailing metadata naming the OpenAI error code to answer with (set by the router's admission).
+ERROR_CODE_METADATA_KEY = "x-inferplane-error-code"
+INSUFFICIENT_QUOTA = "insufficient_quota"
 INTERNAL_MESSAGE = "The server had an error while processing your request. Sorry about that!"
 
 
@@ -75,6 +78,11 @@ GRPC_ERRORS: dict[grpc.StatusCode, _Row] = {
                                     "The request was cancelled."),
 }
 _INTERNAL = _Row(500, SERVER_ERROR, None, INTERNAL_MESSAGE)
+# (status, x-inferplane-error-code) -> the answer instead of the status's row: an exhausted budget is OpenAI's
+# 429 "insufficient_quota", not a rate limit (retrying soon does not help).
+ERROR_CODE_ROWS: dict[tuple[grpc.StatusCode, str], _Row] = {
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, INSUFFICIENT_QUOTA): _Row(429, INSUFFICIENT_QUOTA, INSUFFICIENT_QUOTA),
+}
 
 
 def _text(value: str | bytes) -> str:
@@ -91,8 +99,9 @@ def forwarded_headers(metadata: MetadataPairs | None) -> dict[str, str]:
 
 
 def from_status(code: grpc.StatusCode, details: str | None, trailing: MetadataPairs | None = None) -> GatewayError:
-    row = GRPC_ERRORS.get(code, _INTERNAL)
     pairs = list(trailing or ())
+    error_code = next((_text(v) for k, v in pairs if k.lower() == ERROR_CODE_METADATA_KEY), None)
+    row = ERROR_CODE_ROWS.get((code, error_code or ""), GRPC_ERRORS.get(code, _INTERNAL))
     param = next((_text(v) for k, v in pairs if k.lower() == PARAM_METADATA_KEY), None)
     return GatewayError(row.status, row.message or details or code.name.lower(), type=row.type,
                         param=param, code=row.code, headers=forwarded_headers(pairs))

@@ -32,6 +32,8 @@ class GatewaySettings(BaseSettings):
     # 0 picks a free port (``GatewayServer.port`` tells which).
     port: int = 8080
     router_addr: str = "127.0.0.1:50051"
+    # Metering's gRPC address, for /v1/usage and the /admin routes.
+    metering_addr: str = "127.0.0.1:50054"
     # Largest request body accepted, counted on the bytes actually read (413 beyond).
     max_body_bytes: int = 1024 * 1024
     # gRPC deadline of one router call.

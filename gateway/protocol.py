@@ -13,6 +13,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationIn
 
 from gateway.errors import CLIENT_CLOSED_REQUEST, SERVER_ERROR, GatewayError
 from inferplane.v1 import common_pb2, router_pb2
+from services.metering.money import format_usd
 
 MAX_STOP_SEQUENCES = 4
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -38,12 +39,27 @@ def finish_reason(msg: router_pb2.GenerateResponse) -> str | None:
     return FINISH_REASONS.get(msg.finish_reason)
 
 
-def usage_dict(msg: router_pb2.GenerateResponse) -> dict[str, int] | None:
+def usage_dict(msg: router_pb2.GenerateResponse) -> dict[str, Any] | None:
+    """OpenAI's ``usage``, plus the extension ``cost``: exact USD as a string ("0.000123") when the request was
+    priced (the router's ``cost_nanodollars``)."""
     if not msg.HasField("usage"):
         return None
     u = msg.usage
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.total_tokens}
+    out: dict[str, Any] = {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+                           "total_tokens": u.total_tokens}
+    if u.HasField("cost_nanodollars"):
+        out["cost"] = format_usd(u.cost_nanodollars)
+    return out
+
+
+def pricing_dict(m: common_pb2.ModelInfo) -> dict[str, Any] | None:
+    """The extension ``pricing`` of a ``/v1/models`` entry: exact USD strings."""
+    if not m.HasField("pricing"):
+        return None
+    p = m.pricing
+    return {"currency": "USD", "input_per_million_tokens": format_usd(p.input_per_million_nanodollars),
+            "output_per_million_tokens": format_usd(p.output_per_million_nanodollars),
+            "per_request": format_usd(p.per_request_nanodollars), "version": p.version}
 
 
 class ResponseEncoder:
@@ -132,9 +148,15 @@ class TextCompletionEncoder(ResponseEncoder):
 
 def models_body(resp: router_pb2.ListModelsResponse) -> dict[str, Any]:
     """OpenAI's ``GET /v1/models`` list."""
-    return {"object": "list",
-            "data": [{"id": m.id, "object": "model", "created": m.created, "owned_by": m.owned_by or "inferplane"}
-                     for m in resp.models]}
+    data = []
+    for m in resp.models:
+        entry: dict[str, Any] = {"id": m.id, "object": "model", "created": m.created,
+                                 "owned_by": m.owned_by or "inferplane"}
+        pricing = pricing_dict(m)
+        if pricing is not None:
+            entry["pricing"] = pricing
+        data.append(entry)
+    return {"object": "list", "data": data}
 
 
 # --- request models -----------------------------------------------------------------------------------

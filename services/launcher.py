@@ -117,14 +117,15 @@ def stack_settings(cfg: StackConfig, ports: dict[str, int]) -> dict[str, Any]:
     return {
         "metering": {"server": server("metering"), "telemetry": telemetry,
                      "database_url": f"sqlite:///{state / 'metering.db'}",
-                     "secret_file": str(state / "metering-secret")},
+                     "secret_file": str(state / "metering-secret"), "catalog": str(cfg.catalog)},
         "tokenizer": {"server": server("tokenizer"), "telemetry": telemetry, "catalog": str(cfg.catalog)},
         **{name: executor(name) for name in replicas},
         "router": {"server": server("router"), "telemetry": telemetry, "catalog": str(cfg.catalog),
                    "tokenizer_addr": addr["tokenizer"], "metering_addr": addr["metering"],
                    "executor_addrs": [f"{cfg.host}:{ports[replica_port_key('executor', r)]}" for r in replicas],
-                   **cfg.router},
+                   "outbox_path": str(state / "router-outbox.db"), **cfg.router},
         "gateway": {"host": cfg.host, "port": ports["gateway"], "router_addr": addr["router"],
+                    "metering_addr": addr["metering"],
                     "telemetry": telemetry},
         "edge": {"host": cfg.host, "port": ports["edge"], "admin_port": ports["envoy_admin"],
                  "gateway_addr": f"{cfg.host}:{ports['gateway']}", "router_addr": addr["router"],
@@ -284,25 +285,36 @@ class LocalStack:
             proc.wait()
 
     def create_demo_key(self) -> str:
+        return self._local_key("INFERPLANE_API_KEY", "demo", ["inference"])
+
+    def create_admin_key(self) -> str:
+        """The stack's admin key (the ``admin`` scope: /admin/* and the usage of every key)."""
+        return self._local_key("INFERPLANE_ADMIN_KEY", "admin", ["admin"])
+
+    def _local_key(self, env_name: str, name: str, scopes: list[str]) -> str:
+        """The key kept in local.env under ``env_name`` while it still verifies with these scopes, else a new one."""
         from services.metering.main import MeteringSettings, open_store
 
-        settings = MeteringSettings(**self.settings["metering"])
-        store = open_store(settings)
-        env_file = self.state / "local.env"
-        old = read_env(env_file).get("INFERPLANE_API_KEY")
-        if old:
-            try:
-                store.verify_key(old)
-                return old
-            except Exception:
-                pass
-        _, key = store.create_key("demo")
-        return key
+        store = open_store(MeteringSettings(**self.settings["metering"]))
+        try:
+            old = read_env(self.state / "local.env").get(env_name)
+            if old:
+                try:
+                    if sorted(store.verify_key(old).scopes) == sorted(scopes):
+                        return old
+                except Exception:
+                    pass
+            _, key = store.create_key(name, scopes=scopes)
+            return key
+        finally:
+            store.close()
 
-    def write_env(self, api_key: str) -> Path:
+    def write_env(self, api_key: str, admin_key: str | None = None) -> Path:
         env_file = self.state / "local.env"
         values = {"INFERPLANE_BASE_URL": self.base_url, "INFERPLANE_GRPC_ADDR": self.grpc_addr,
                   "INFERPLANE_API_KEY": api_key}
+        if admin_key is not None:
+            values["INFERPLANE_ADMIN_KEY"] = admin_key
         env_file.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
         env_file.chmod(0o600)
         return env_file
@@ -343,9 +355,11 @@ def up(args: argparse.Namespace) -> int:
     try:
         stack.start()
         key = stack.create_demo_key()
-        env_file = stack.write_env(key)
+        admin_key = stack.create_admin_key()
+        env_file = stack.write_env(key, admin_key)
         print(f"\ninferplane is ready in {time.monotonic() - started:.1f}s\n"
               f"  base URL   {stack.base_url}\n  gRPC       {stack.grpc_addr}\n  API key    {key}\n"
+              f"  admin key  {admin_key}  (INFERPLANE_ADMIN_KEY: /admin/*, inferplane keys|prices|budgets)\n"
               f"  env file   {env_file}\n  logs       {stack.state / 'logs'}\n\n"
               f"Try it:\n  curl {stack.base_url}/chat/completions \\\n"
               f"    -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\\n"

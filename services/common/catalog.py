@@ -7,6 +7,10 @@
         checkpoint: ../models/tiny-llama   # Llama-format dir (config.json + safetensors); relative to this file
         tokenizer: ../models/tiny-llama    # dir with tokenizer.json (+ tokenizer_config.json chat_template)
         context_length: 512
+        prices:                     # optional; USD as decimal strings, exact to the nano-dollar
+          input_per_million: "0.10"
+          output_per_million: "0.40"
+          per_request: "0"
 """
 
 from __future__ import annotations
@@ -16,9 +20,32 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator
+
+from services.metering.money import MoneyError, PriceNanos, format_usd, usd_to_nanos
 
 Task = Literal["chat", "completion", "embedding"]
+
+
+class ModelPrices(BaseModel):
+    """A model's price in USD as decimal strings (``"0.15"``), exact to the nano-dollar (finer is refused)."""
+
+    input_per_million: str = "0"
+    output_per_million: str = "0"
+    per_request: str = "0"
+
+    @field_validator("input_per_million", "output_per_million", "per_request", mode="before")
+    @classmethod
+    def _exact(cls, value: object, info: ValidationInfo) -> str:
+        try:
+            return format_usd(usd_to_nanos(value, field=info.field_name or "price"))  # type: ignore[arg-type]
+        except MoneyError as exc:
+            raise ValueError(str(exc)) from None
+
+    def nanos(self) -> PriceNanos:
+        """In nano-dollars (version 0: not numbered by metering yet); ``MoneyError`` when out of range."""
+        return PriceNanos(usd_to_nanos(self.input_per_million), usd_to_nanos(self.output_per_million),
+                          usd_to_nanos(self.per_request))
 
 
 class CatalogModel(BaseModel):
@@ -34,6 +61,18 @@ class CatalogModel(BaseModel):
     instance_kind: Literal["KIND_CPU", "KIND_GPU"] = "KIND_CPU"
     # Embedding models: most inputs one request may carry (OpenAI's limit is 2048).
     max_batch_inputs: int = Field(default=2048, gt=0)
+    # Seed price (metering's price table is the source of truth once seeded); None: not priced.
+    prices: ModelPrices | None = None
+
+    @field_validator("prices")
+    @classmethod
+    def _prices_in_range(cls, prices: ModelPrices | None) -> ModelPrices | None:
+        if prices is not None:
+            try:
+                prices.nanos()
+            except MoneyError as exc:
+                raise ValueError(str(exc)) from None
+        return prices
 
     @property
     def is_embedding(self) -> bool:

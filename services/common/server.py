@@ -34,6 +34,8 @@ NOT_HEALTH = filters.negate(filters.service_name("grpc.health.v1.Health"))
 def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
     if isinstance(exc, InferplaneError):
         md = ((PARAM_METADATA_KEY, exc.param),) if exc.param else ()
+        # e.g. admission's refusals: retry-after, x-ratelimit-*, x-inferplane-error-code
+        md += tuple(getattr(exc, "metadata", ()))
         return exc.code, exc.message, md
     if isinstance(exc, grpc.aio.AioRpcError):
         # A downstream service's precise status passes through (its message was written for callers).

@@ -12,6 +12,7 @@ from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from inferplane.v1 import metering_pb2, metering_pb2_grpc
+from services.common.catalog import load_catalog
 from services.common.server import GrpcServer
 from services.common.settings import ServerSettings, TelemetrySettings, load_settings
 from services.common.telemetry import setup_tracing
@@ -36,19 +37,40 @@ class MeteringSettings(BaseSettings):
     # HMAC secret for key digests; when unset, read from (or created at) ``secret_file``.
     secret: SecretStr | None = None
     secret_file: Path = Path(".inferplane/metering-secret")
+    # The model catalog whose ``prices`` seed the price table at start (skipped when the file is absent).
+    catalog: Path | None = Path("config/catalog.yaml")
+    # Seconds a budget reservation is held before it is given back (a crashed router's requests); longer than
+    # the longest request plus the time a usage record may wait in a router's outbox.
+    reservation_ttl_s: float = 900.0
+    # Seconds between sweeps of expired reservations.
+    sweep_interval_s: float = 30.0
 
 
 def open_store(settings: MeteringSettings) -> MeteringStore:
-    """The store for ``settings``, its tables created (until migrations arrive)."""
+    """The store for ``settings``, its schema migrated to the newest revision (``alembic upgrade head``)."""
     store = MeteringStore(settings.database_url,
-                          load_secret(secret=settings.secret, secret_file=settings.secret_file))
-    store.create_tables()
+                          load_secret(secret=settings.secret, secret_file=settings.secret_file),
+                          reservation_ttl_s=settings.reservation_ttl_s)
+    store.migrate()
     return store
 
 
+def seed_prices(store: MeteringStore, catalog_path: Path | None) -> None:
+    """Seed the price table from the catalog's ``prices`` (see ``MeteringStore.seed_prices``)."""
+    if catalog_path is None or not Path(catalog_path).exists():
+        log.info("no catalog at %s: prices are not seeded", catalog_path)
+        return
+    catalog = load_catalog(catalog_path)
+    seeds = {m.id: m.prices.nanos() for m in catalog.models if m.prices is not None}
+    for info in store.seed_prices(seeds):
+        log.info("price of %s from the catalog: version %d", info.model, info.price.version)
+
+
 def build_server(settings: MeteringSettings, *, store: MeteringStore | None = None) -> GrpcServer:
-    """The metering gRPC server (not started); opens the store from ``settings`` unless one is given."""
+    """The metering gRPC server (not started); opens the store from ``settings`` unless one is given, and
+    seeds prices from the catalog."""
     store = store if store is not None else open_store(settings)
+    seed_prices(store, settings.catalog)
     servicer = MeteringServicer(store)
 
     def register(server: grpc.aio.Server) -> None:
@@ -67,10 +89,26 @@ async def run(settings: MeteringSettings) -> None:
     try:
         server = build_server(settings, store=store)
         await server.start()
-        await server.serve_until_signal()
+        sweeper = asyncio.create_task(sweep_forever(store, settings.sweep_interval_s))
+        try:
+            await server.serve_until_signal()
+        finally:
+            sweeper.cancel()
     finally:
         store.close()
         provider.shutdown()
+
+
+async def sweep_forever(store: MeteringStore, interval_s: float) -> None:
+    """Give back expired reservations every ``interval_s`` (admission also sweeps before it reserves)."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            swept = await asyncio.to_thread(store.sweep_reservations)
+            if swept:
+                log.warning("gave back %d expired budget reservations", swept)
+        except Exception as exc:  # the database may be down for a while: try again next time
+            log.warning("reservation sweep failed: %s", type(exc).__name__)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,8 @@ class KeyVerifier:
     """Verifies keys with metering; caches successes for ``ttl`` seconds (never failures).
 
     The cache is keyed by a SHA-256 of the key so the raw key is not kept in memory longer than needed.
-    Revocation therefore takes effect within ``ttl`` seconds.
+    Revocation (and a change of limits or budgets) therefore takes effect within ``ttl`` seconds; expiry takes
+    effect at once.
     """
 
     def __init__(self, metering: MeteringClient, *, ttl: float = 30.0, max_entries: int = 10_000,
@@ -47,6 +48,9 @@ class KeyVerifier:
         now = time.monotonic()
         hit = self._cache.get(digest)
         if hit is not None and hit[0] > now:
+            if hit[1].expires_at is not None and hit[1].expires_at <= time.time():
+                self._cache.pop(digest, None)  # expired while cached: it stops working now, not at the TTL
+                raise Unauthenticated("Incorrect API key provided.")
             return hit[1]
         try:
             info = await self._metering.verify_key(api_key, timeout=self._timeout)

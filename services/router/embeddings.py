@@ -13,6 +13,7 @@ from opentelemetry import trace
 from inferplane.v1 import common_pb2
 from services.common.errors import InvalidArgument, Unavailable
 from services.router import metrics
+from services.router.admission import stamp
 from services.router.clients import KeyInfo, embed_on
 from services.router.engine import GenerationEngine, usage_record
 from services.router.replicas import RETRIES, replica_fault
@@ -22,6 +23,7 @@ from services.router.replicas import RETRIES, replica_fault
 class EmbedResult:
     vectors: list[list[float]]
     prompt_tokens: int
+    cost_nanodollars: int | None = None
 
 
 async def embed(engine: GenerationEngine, model_id: str, inputs: list[str], *, key: KeyInfo, request_id: str,
@@ -53,14 +55,28 @@ async def embed(engine: GenerationEngine, model_id: str, inputs: list[str], *, k
         if len(ids) > model.context_length:
             raise InvalidArgument(f"'input[{i}]' has {len(ids)} tokens; this model's maximum is "
                                   f"{model.context_length}.", param="input")
-    vectors = await _embed_with_retry(engine, model.triton_model, encoded, request_id=request_id, left=left)
     prompt_tokens = sum(len(ids) for ids in encoded)
+    ticket = None
+    if engine.admission is not None:  # rate limits and budget before the executor works
+        ticket = await engine.admission.admit(key, model, prompt_tokens, 0, request_id=request_id)
+    try:
+        vectors = await _embed_with_retry(engine, model.triton_model, encoded, request_id=request_id, left=left)
+    except BaseException:
+        if ticket is not None and engine.admission is not None:
+            await engine.admission.release(ticket)  # nothing ran: no usage record will settle it
+        raise
     span.set_attributes({"gen_ai.usage.input_tokens": prompt_tokens, "gen_ai.usage.output_tokens": 0})
     metrics.observe(model.id, "embeddings", "stop", prompt_tokens=prompt_tokens, completion_tokens=0, ttft_s=None,
                     duration_s=time.monotonic() - started, last_token_s=None)
-    await engine.record(usage_record(request_id, key, model.id, prompt_tokens, 0, common_pb2.FINISH_REASON_STOP,
-                                      started, None, created_at))
-    return EmbedResult(vectors, prompt_tokens)
+    record = usage_record(request_id, key, model.id, prompt_tokens, 0, common_pb2.FINISH_REASON_STOP, started, None,
+                          created_at)
+    cost = None
+    if ticket is not None and engine.admission is not None:
+        cost = await engine.admission.settle(ticket, prompt_tokens, 0)
+        stamp(record, ticket, cost)
+        cost = cost if ticket.price is not None else None
+    await engine.record(record)
+    return EmbedResult(vectors, prompt_tokens, cost)
 
 
 async def _embed_with_retry(engine: GenerationEngine, triton_model: str, encoded: list[list[int]], *,

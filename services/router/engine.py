@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,7 @@ from services.common.catalog import Catalog, CatalogModel
 from services.common.errors import InvalidArgument, NotFound, Unavailable
 from services.common.server import close_stream
 from services.router import metrics
+from services.router.admission import Admission, Metadata, stamp
 from services.router.clients import (
     KeyInfo,
     LocalDecoder,
@@ -30,6 +31,7 @@ from services.router.clients import (
     StreamingDecoder,
     TokenizerClient,
 )
+from services.router.outbox import UsageOutbox
 from services.router.replicas import RETRIES, Replica, ReplicaSet, replica_fault
 from services.router.stops import StopMatcher
 
@@ -61,6 +63,8 @@ class Delta:
     finish_reason: int = common_pb2.FINISH_REASON_UNSPECIFIED
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # On the final message: what the request cost (None: the model is not priced).
+    cost_nanodollars: int | None = None
 
 
 FINISH_NAMES: dict[int, str] = {
@@ -115,13 +119,16 @@ def completion_budget(prompt_tokens: int, max_tokens: int | None, model: Catalog
 class GenerationEngine:
     def __init__(self, *, catalog: Catalog, tokenizer: TokenizerClient, executors: ReplicaSet,
                  metering: MeteringClient, request_timeout_s: float = 600.0,
-                 local_tokenizers: LocalTokenizers | None = None) -> None:
+                 local_tokenizers: LocalTokenizers | None = None, admission: Admission | None = None,
+                 outbox: UsageOutbox | None = None) -> None:
         self.catalog = catalog
         self.tokenizer = tokenizer
         self.executors = executors
         self._metering = metering
         self.request_timeout_s = request_timeout_s
         self._local = local_tokenizers
+        self.admission = admission
+        self.outbox = outbox
         self._background: set[asyncio.Task[None]] = set()
 
     def model(self, model_id: str) -> CatalogModel:
@@ -132,7 +139,9 @@ class GenerationEngine:
         return model
 
     async def generate(self, inp: GenerationInput, *, key: KeyInfo, request_id: str,
-                       deadline: float | None = None) -> AsyncIterator[Delta]:
+                       deadline: float | None = None,
+                       on_admitted: Callable[[Metadata], Awaitable[None]] | None = None) -> AsyncIterator[Delta]:
+        """``on_admitted`` receives the rate-limit headers of an admitted request, before any work."""
         model = self.model(inp.model)
         validate(inp, model)
         started = time.monotonic()
@@ -157,6 +166,13 @@ class GenerationEngine:
         else:
             encoded = await self.tokenizer.encode_text(model.id, inp.prompt or "", timeout=left())
         max_tokens = completion_budget(len(encoded.token_ids), inp.max_tokens, model)
+        # Rate limits and budget, before an executor does any work (refusals raise RESOURCE_EXHAUSTED).
+        ticket = None
+        if self.admission is not None:
+            ticket = await self.admission.admit(key, model, len(encoded.token_ids), max_tokens,
+                                                request_id=request_id)
+        if on_admitted is not None:
+            await on_admitted(ticket.headers if ticket is not None else ())
         req = executor_pb2.ExecutorGenerateRequest(
             model=model.triton_model, prompt_token_ids=encoded.token_ids, max_tokens=max_tokens,
             stop_token_ids=encoded.stop_token_ids, request_id=request_id)
@@ -178,6 +194,7 @@ class GenerationEngine:
         pending = 0  # tokens whose text has not been sent yet (an incomplete character, a held stop prefix)
         replica: Replica | None = None
         call: Any = None
+        cost: int | None = None
         try:
             replica, call, first = await self._open_stream(model.triton_model, req, left)
             span.set_attribute("inferplane.executor", replica.address)
@@ -226,6 +243,10 @@ class GenerationEngine:
             await _quietly(decoder.close())
             record = usage_record(request_id, key, model.id, prompt_tokens, completion_tokens,
                                    finish or common_pb2.FINISH_REASON_ERROR, started, first_token_at, created_at)
+            if ticket is not None and self.admission is not None:
+                cost = await self.admission.settle(ticket, prompt_tokens, completion_tokens)
+                stamp(record, ticket, cost)  # the record settles the reservation in metering
+                cost = cost if ticket.price is not None else None
             outcome = FINISH_NAMES.get(finish or common_pb2.FINISH_REASON_ERROR, "error")
             span.set_attributes({"gen_ai.usage.input_tokens": prompt_tokens,
                                  "gen_ai.usage.output_tokens": completion_tokens,
@@ -244,7 +265,8 @@ class GenerationEngine:
         assert finish is not None
         # The last message also carries tokens that produced no text (an end-of-turn token the model counts
         # but does not stream), so the token counts of all messages add up to completion_tokens.
-        yield Delta("", pending + max(0, completion_tokens - streamed), finish, prompt_tokens, completion_tokens)
+        yield Delta("", pending + max(0, completion_tokens - streamed), finish, prompt_tokens, completion_tokens,
+                    cost)
 
     async def _open_stream(self, triton_model: str, req: executor_pb2.ExecutorGenerateRequest,
                            left: Callable[[], float]) -> tuple[Replica, Any, FirstMessage]:
@@ -277,7 +299,14 @@ class GenerationEngine:
                 log.warning("retrying %s on another replica after %s", req.request_id, exc.code().name)
 
     async def record(self, record: metering_pb2.UsageRecord, attempts: int = 5) -> None:
-        """Send one usage record; retried with backoff (idempotent on request id)."""
+        """Store one usage record: durably in the outbox (which replays it to metering), or, without an
+        outbox, sent with retries (idempotent on request id)."""
+        if self.outbox is not None:
+            try:
+                await self.outbox.put(record)
+                return
+            except Exception:
+                log.exception("usage outbox write failed for %s; sending directly", record.request_id)
         delay = 0.2
         for attempt in range(1, attempts + 1):
             try:

@@ -16,9 +16,12 @@ from services.common.logs import setup_logging
 from services.common.server import GrpcServer, client_channel
 from services.common.settings import ServerSettings, TelemetrySettings, load_settings
 from services.common.telemetry import setup_tracing
+from services.router.admission import Admission, PriceBook
 from services.router.auth import KeyVerifier
 from services.router.clients import LocalTokenizers, MeteringClient, TokenizerClient
 from services.router.engine import GenerationEngine
+from services.router.outbox import UsageOutbox, batch_sender
+from services.router.ratelimit import LocalRateLimiter, RateLimiter, RedisRateLimiter
 from services.router.replicas import ReplicaSet
 from services.router.service import RouterServicer
 
@@ -49,6 +52,14 @@ class RouterSettings(BaseSettings):
     detokenize: Literal["local", "remote"] = "local"
     # Seconds a verified key stays cached (revocation takes effect within this time).
     key_cache_ttl_s: float = 30.0
+    # Rate limits shared by several routers through Redis (redis://host:6379/0); None: in this process.
+    redis_url: str | None = None
+    # When Redis cannot be reached: "local" (each router enforces the limits alone), "open" or "closed".
+    ratelimit_on_redis_error: Literal["local", "open", "closed"] = "local"
+    # The durable outbox of usage records metering has not acknowledged (replayed at start).
+    outbox_path: Path = Path(".inferplane/router-outbox.db")
+    # Seconds the price table from metering is kept before it is asked again.
+    price_ttl_s: float = 10.0
 
 
 class Router:
@@ -63,17 +74,23 @@ class Router:
                                    retry_ratio=settings.retry_budget_ratio,
                                    retry_burst=settings.retry_budget_burst)
         metering = MeteringClient(self._channels[1])
+        self.limiter: RateLimiter = (RedisRateLimiter(settings.redis_url, on_error=settings.ratelimit_on_redis_error)
+                                     if settings.redis_url else LocalRateLimiter())
+        admission = Admission(metering, self.limiter, PriceBook(metering, catalog, ttl_s=settings.price_ttl_s))
+        self.outbox = UsageOutbox(settings.outbox_path, batch_sender(metering))
         self.engine = GenerationEngine(catalog=catalog, tokenizer=TokenizerClient(self._channels[0]),
                                        executors=self.replicas, metering=metering,
                                        request_timeout_s=settings.request_timeout_s,
                                        local_tokenizers=LocalTokenizers({m.id: m.tokenizer for m in catalog.models})
-                                       if settings.detokenize == "local" else None)
+                                       if settings.detokenize == "local" else None,
+                                       admission=admission, outbox=self.outbox)
         servicer = RouterServicer(self.engine, KeyVerifier(metering, ttl=settings.key_cache_ttl_s))
         self.server = GrpcServer(
             settings.server, service_names=["inferplane.v1.RouterService"],
             register=lambda s: router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, s))
 
     async def start(self) -> int:
+        self.outbox.start()  # replays what a previous run left first
         await self.replicas.start()
         if not await self.replicas.wait_any_serving(timeout=10.0):
             log.warning("no executor replica is serving yet; requests get UNAVAILABLE until one is")
@@ -85,6 +102,9 @@ class Router:
 
     async def close(self) -> None:
         await self.engine.drain()
+        await self.outbox.stop()  # sends what it can; the rest stays in the file for the next start
+        if isinstance(self.limiter, RedisRateLimiter):
+            await self.limiter.close()
         await self.replicas.close()
         for channel in self._channels:
             await channel.close(None)

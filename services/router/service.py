@@ -56,14 +56,19 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                        context: grpc.aio.ServicerContext) -> AsyncIterator[router_pb2.GenerateResponse]:
         metadata = context.invocation_metadata()
         request_id = request_id_from(metadata)
-        await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
         context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
         key = await self._keys.verify(bearer_token(metadata))
         inp = input_from_pb(request)
+
+        async def admitted(headers: tuple[tuple[str, str], ...]) -> None:
+            # initial metadata once admitted: the gateway turns x-ratelimit-* into headers of the response
+            await context.send_initial_metadata(((REQUEST_ID_KEY, request_id), *headers))
+
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         created = int(time.time())
-        async for delta in self._engine.generate(inp, key=key, request_id=request_id, deadline=deadline):
+        async for delta in self._engine.generate(inp, key=key, request_id=request_id, deadline=deadline,
+                                                 on_admitted=admitted):
             msg = router_pb2.GenerateResponse(request_id=request_id, text=delta.text, token_count=delta.token_count,
                                               created=created, model=request.model,
                                               finish_reason=delta.finish_reason)  # type: ignore[arg-type]
@@ -71,6 +76,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 msg.usage.prompt_tokens = delta.prompt_tokens
                 msg.usage.completion_tokens = delta.completion_tokens
                 msg.usage.total_tokens = delta.prompt_tokens + delta.completion_tokens
+                if delta.cost_nanodollars is not None:
+                    msg.usage.cost_nanodollars = delta.cost_nanodollars
             yield msg
 
     async def Embed(self, request: router_pb2.EmbedRequest,
@@ -86,13 +93,18 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         return router_pb2.EmbedResponse(
             request_id=request_id, model=request.model,
             embeddings=[common_pb2.Embedding(values=v) for v in result.vectors],
-            usage=common_pb2.Usage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens))
+            usage=common_pb2.Usage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens,
+                                   cost_nanodollars=result.cost_nanodollars))
 
     async def ListModels(self, request: router_pb2.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> router_pb2.ListModelsResponse:
         await self._keys.verify(bearer_token(context.invocation_metadata()))
+        prices = self._engine.admission.prices if self._engine.admission is not None else None
+        if prices is not None:
+            await prices.ensure_fresh()
         return router_pb2.ListModelsResponse(models=[
             common_pb2.ModelInfo(id=m.id, owned_by=m.owned_by, created=m.created,
-                                 tasks=[TASKS[t] for t in m.tasks], context_length=m.context_length)
+                                 tasks=[TASKS[t] for t in m.tasks], context_length=m.context_length,
+                                 pricing=prices.pricing_pb(m.id) if prices is not None else None)
             for m in self._engine.catalog.models
         ])

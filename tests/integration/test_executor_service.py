@@ -83,7 +83,7 @@ async def test_unknown_model_is_not_found(executor: Executor) -> None:
 
 async def test_status_reports_models_and_version(executor: Executor) -> None:
     status = await stub(executor).GetStatus(executor_pb2.GetStatusRequest(), timeout=10)
-    assert list(status.ready_models) == ["tiny-llama"]
+    assert sorted(status.ready_models) == ["all-minilm-l6-v2", "tiny-llama"]
     assert status.triton_version and status.active_requests == 0
 
 

@@ -1,7 +1,8 @@
 """The decoupled ``llm`` Triton model on a real tritonserver, driven through ``tritonclient.grpc.aio``.
 
 The server serves two copies rendered from ``config.pbtxt.j2`` with models/tiny-llama: ``llm`` (the
-checkpoint's full context) and ``llm_ctx`` (max_context 32, to reach the context end quickly).
+checkpoint's full context, 32 sequences batched together) and ``llm_ctx`` (max_context 32, to reach the
+context end quickly, and max_sequences 1, so that concurrent requests queue).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import re
 import shutil
 import string
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,10 +37,10 @@ SHORT_CONTEXT = 32
 PROMPT = "Create a new"  # greedy: ~25 tokens of docstring before </s>
 
 
-def render_model(repo: Path, name: str, *, max_context: int) -> None:
+def render_model(repo: Path, name: str, *, max_context: int, max_sequences: int = 32) -> None:
     config = string.Template((MODEL_DIR / "config.pbtxt.j2").read_text()).substitute(
         model_name=name, checkpoint_dir=str(TINY_LLAMA), instance_kind="KIND_CPU", torch_threads=1,
-        max_context=max_context,
+        max_context=max_context, max_sequences=max_sequences,
     )
     (repo / name / "1").mkdir(parents=True)
     (repo / name / "config.pbtxt").write_text(config)
@@ -49,7 +51,7 @@ def render_model(repo: Path, name: str, *, max_context: int) -> None:
 def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonProcess]:
     work = tmp_path_factory.mktemp("triton")
     render_model(work / "repo", "llm", max_context=0)
-    render_model(work / "repo", "llm_ctx", max_context=SHORT_CONTEXT)
+    render_model(work / "repo", "llm_ctx", max_context=SHORT_CONTEXT, max_sequences=1)
     server = TritonProcess(work / "repo", backend_dir=prepare_backend_dir(work / "cache"), log_path=work / "log")
     server.start()
     assert server.proc is not None
@@ -112,6 +114,7 @@ class Streamed:
     finals: list[bool] = field(default_factory=list)  # triton_final_response of every response
     final: dict[str, Any] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)  # tokens per token response
 
 
 async def one_request(inputs: list[InferInput], model: str) -> AsyncIterator[dict[str, Any]]:
@@ -136,9 +139,10 @@ async def stream(
                 out.final = {k: result.as_numpy(k)[0] for k in ("finish_reason", "prompt_tokens", "completion_tokens")}
                 out.final["finish_reason"] = out.final["finish_reason"].decode()
                 break
-            assert ids is not None and ids.shape == (1,), "one token per response"
-            out.tokens.append(int(ids[0]))
-            out.logprobs.append(float(result.as_numpy("logprobs")[0]))
+            assert ids is not None and ids.size >= 1, "a token response carries at least one token"
+            out.tokens += ids.tolist()
+            out.logprobs += result.as_numpy("logprobs").tolist()
+            out.sizes.append(int(ids.size))
             if cancel_after is not None and len(out.tokens) >= cancel_after:
                 responses.cancel()
                 break
@@ -160,7 +164,7 @@ async def test_stream_equals_in_process_greedy(triton: TritonProcess, reference:
     assert got.errors == []
     assert got.tokens == ref_ids
     np.testing.assert_allclose(got.logprobs, ref_logprobs, atol=1e-4)
-    assert got.finals == [False] * len(ref_ids) + [True]
+    assert got.finals == [False] * len(got.sizes) + [True]
     assert got.final == {"finish_reason": gen.finish_reason, "prompt_tokens": len(prompt),
                          "completion_tokens": gen.completion_tokens}
 
@@ -251,3 +255,85 @@ async def test_cancel_stops_the_model_and_next_request_works(triton: TritonProce
     assert len(after.tokens) == 5 and after.final["finish_reason"] == "length"
     assert time.monotonic() - started < 10
 
+
+
+def gauges(server: TritonProcess, model: str) -> dict[str, float]:
+    """The scheduler's custom metrics of ``model`` on Triton's metrics endpoint."""
+    with urllib.request.urlopen(f"http://{server.host}:{server.metrics_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    found = re.findall(rf'^inferplane_llm_(\w+){{model="{model}"}} (\S+)$', text, re.M)
+    return {name: float(value) for name, value in found}
+
+
+async def wait_for_gauge(server: TritonProcess, model: str, name: str, value: float, timeout: float = 10) -> float:
+    """Poll until the gauge reads ``value``; returns the seconds it took."""
+    started = time.monotonic()
+    while gauges(server, model).get(name) != value:
+        assert time.monotonic() - started < timeout, f"{name} never read {value}: {gauges(server, model)}"
+        await asyncio.sleep(0.005)
+    return time.monotonic() - started
+
+
+async def test_concurrent_streams_equal_alone(triton: TritonProcess, reference: Any) -> None:
+    # 8 greedy streams of mixed prompts and lengths plus 2 seeded sampled ones, all in flight at once:
+    # each gets what it gets alone (greedy: the in-process single-sequence generate()).
+    tok = reference[1]
+    texts = ["Create a new", "Return the number of", "If the value is not None,", "-" * 20,
+             "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,", ">>> x = 1\n>>> x = 2", "The optional argument", "Return a"]
+    prompts = [tok.encode(t).ids for t in texts]
+    greedy = [request_inputs(p, 20 + 5 * i) for i, p in enumerate(prompts)]
+    sampled = [request_inputs(prompts[0], 24, temperature=0.9, top_k=40, seed=s) for s in (5, 6)]
+    alone = [await stream(triton, inputs) for inputs in sampled]
+    together = await asyncio.gather(*(stream(triton, inputs) for inputs in greedy + sampled))
+    for i, (prompt, got) in enumerate(zip(prompts, together[:8], strict=True)):
+        ref_ids, ref_logprobs, gen = reference_run(reference, prompt, max_tokens=20 + 5 * i)
+        assert got.errors == [] and got.tokens == ref_ids, f"stream {i}"
+        np.testing.assert_allclose(got.logprobs, ref_logprobs, atol=1e-4)
+        assert got.final["completion_tokens"] == gen.completion_tokens
+    assert [g.tokens for g in together[8:]] == [a.tokens for a in alone]
+
+
+async def test_metrics_show_slots_and_a_cancel_frees_its_slot(triton: TritonProcess, reference: Any) -> None:
+    await wait_for_gauge(triton, "llm", "kv_slots_in_use", 0)  # earlier tests' streams have all ended
+    assert gauges(triton, "llm") == {"active_sequences": 0, "queued_requests": 0, "kv_slots_in_use": 0,
+                                     "kv_slots_total": 32}
+    assert gauges(triton, "llm_ctx")["kv_slots_total"] == 1
+    prompt = reference[1].encode("1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,").ids
+    async with grpcclient.InferenceServerClient(triton.grpc_url) as client:
+        responses = client.stream_infer(one_request(request_inputs(prompt, 400, temperature=1.0, seed=3), "llm"))
+        got = 0
+        async for result, error in responses:
+            assert error is None
+            got += int(result.as_numpy("token_ids").size)
+            if got >= 3:
+                break
+        await wait_for_gauge(triton, "llm", "kv_slots_in_use", 1)
+        assert gauges(triton, "llm")["active_sequences"] == 1
+        responses.cancel()
+        # freed within one decode step of the model seeing the cancel (it asks each stream every 50 ms)
+        took = await wait_for_gauge(triton, "llm", "kv_slots_in_use", 0)
+    assert took < 2.0
+    assert gauges(triton, "llm")["active_sequences"] == 0
+
+
+async def test_requests_beyond_max_sequences_queue_and_all_complete(triton: TritonProcess, reference: Any) -> None:
+    # llm_ctx decodes one sequence at a time: of three concurrent requests, two wait in its FIFO queue.
+    tok = reference[1]
+    prompts = [tok.encode(t).ids for t in ("1, 2, 3, 4, 5, 6,", "-" * 12, ">>> x = 1\n>>>")]
+    seen_queued = 0.0
+
+    async def watch() -> None:
+        nonlocal seen_queued
+        while True:
+            seen_queued = max(seen_queued, gauges(triton, "llm_ctx").get("queued_requests", 0))
+            await asyncio.sleep(0.005)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        got = await asyncio.gather(*(stream(triton, request_inputs(p, 100), model="llm_ctx") for p in prompts))
+    finally:
+        watcher.cancel()
+    for prompt, result in zip(prompts, got, strict=True):
+        ref_ids, _, gen = reference_run(reference, prompt, max_tokens=100, max_context=SHORT_CONTEXT)
+        assert result.tokens == ref_ids and result.final["finish_reason"] == gen.finish_reason
+    assert seen_queued >= 1

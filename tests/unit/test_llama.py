@@ -147,6 +147,47 @@ def test_kv_cache_decode_equals_full_forward() -> None:
         torch.testing.assert_close(prefill(model, torch.tensor(tokens[:8])), full[7], atol=KV_ATOL, rtol=0)
 
 
+def test_slot_cache_batched_prefill_and_per_row_decode_equal_full_forwards() -> None:
+    # The batching scheduler's path: several prompts prefilled into chosen slots in one right-padded
+    # forward, then decoded together, each row at its own position; a free row (a hole) rides along.
+    model = seeded_model(small_config())
+    seqs = [ids(n, seed=n) for n in (5, 9, 3)]
+    full = [logits_of(model, s) for s in seqs]  # [S, V] each
+    slots = [3, 0, 1]  # slot 2 stays free
+    with torch.inference_mode():
+        model.setup_caches(4, 32)
+        prompts = [s[:-2] for s in seqs]
+        longest = max(len(p) for p in prompts)
+        idx = torch.tensor([p + [0] * (longest - len(p)) for p in prompts])  # [3, S] right-padded
+        last = torch.tensor([len(p) - 1 for p in prompts])
+        pre = model.prefill_slots(idx, torch.tensor(slots), last)  # [3, V]
+        for i, s in enumerate(seqs):
+            torch.testing.assert_close(pre[i], full[i][len(s) - 3], atol=KV_ATOL, rtol=0)
+        for back in (2, 1):  # two decode steps over rows [0, 4)
+            tok = torch.zeros(4, dtype=torch.long)
+            pos = torch.zeros(4, dtype=torch.long)
+            for slot, s in zip(slots, seqs, strict=True):
+                tok[slot], pos[slot] = s[-back], len(s) - back
+            out = model.decode_rows(tok, pos, int(pos.max()) + 1)  # [4, V]
+            for slot, s, f in zip(slots, seqs, full, strict=True):
+                torch.testing.assert_close(out[slot], f[len(s) - back], atol=KV_ATOL, rtol=0)
+
+
+def test_forward_into_one_slot_leaves_the_others_alone() -> None:
+    model = seeded_model(small_config())
+    a, b = ids(6, seed=1), ids(6, seed=2)
+    with torch.inference_mode():
+        model.setup_caches(2, 16)
+        model(torch.tensor([a]), torch.arange(6), slot=1)
+        cache = model.model.layers[0].self_attn.kv_cache
+        assert cache is not None
+        before = cache.k[1].clone()
+        logits = model(torch.tensor([b]), torch.arange(6), slot=0, last_only=True)
+        assert torch.equal(cache.k[1], before)
+        assert logits.shape == (1, 1, 97)
+        torch.testing.assert_close(logits[0, 0], logits_of(model, b)[-1], atol=KV_ATOL, rtol=0)
+
+
 def test_llama3_rope_scaling_slows_only_long_wavelengths() -> None:
     base = rope_inv_freq(small_config(head_dim=64, hidden_size=512))
     scaled = rope_inv_freq(small_config(head_dim=64, hidden_size=512, rope_scaling={

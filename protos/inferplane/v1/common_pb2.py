@@ -24,25 +24,27 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ainferplane/v1/common.proto\x12\rinferplane.v1\"\x92\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"{\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08owned_by\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\x12\'\n\x05tasks\x18\x04 \x03(\x0e\x32\x18.inferplane.v1.ModelTask\x12\x16\n\x0e\x63ontext_length\x18\x05 \x01(\x05\"H\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x11\n\x04name\x18\x03 \x01(\tH\x00\x88\x01\x01\x42\x07\n\x05_name\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02*\x95\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04*q\n\tModelTask\x12\x1a\n\x16MODEL_TASK_UNSPECIFIED\x10\x00\x12\x13\n\x0fMODEL_TASK_CHAT\x10\x01\x12\x19\n\x15MODEL_TASK_COMPLETION\x10\x02\x12\x18\n\x14MODEL_TASK_EMBEDDING\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ainferplane/v1/common.proto\x12\rinferplane.v1\"\x92\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\x83\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\x12\x1d\n\x10\x63ost_nanodollars\x18\x04 \x01(\x03H\x00\x88\x01\x01\x42\x13\n\x11_cost_nanodollars\"\xa9\x01\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08owned_by\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\x12\'\n\x05tasks\x18\x04 \x03(\x0e\x32\x18.inferplane.v1.ModelTask\x12\x16\n\x0e\x63ontext_length\x18\x05 \x01(\x05\x12,\n\x07pricing\x18\x06 \x01(\x0b\x32\x1b.inferplane.v1.ModelPricing\"\x8f\x01\n\x0cModelPricing\x12%\n\x1dinput_per_million_nanodollars\x18\x01 \x01(\x03\x12&\n\x1eoutput_per_million_nanodollars\x18\x02 \x01(\x03\x12\x1f\n\x17per_request_nanodollars\x18\x03 \x01(\x03\x12\x0f\n\x07version\x18\x04 \x01(\x03\"H\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x11\n\x04name\x18\x03 \x01(\tH\x00\x88\x01\x01\x42\x07\n\x05_name\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02*\x95\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04*q\n\tModelTask\x12\x1a\n\x16MODEL_TASK_UNSPECIFIED\x10\x00\x12\x13\n\x0fMODEL_TASK_CHAT\x10\x01\x12\x19\n\x15MODEL_TASK_COMPLETION\x10\x02\x12\x18\n\x14MODEL_TASK_EMBEDDING\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'inferplane.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=504
-  _globals['_FINISHREASON']._serialized_end=653
-  _globals['_MODELTASK']._serialized_start=655
-  _globals['_MODELTASK']._serialized_end=768
+  _globals['_FINISHREASON']._serialized_start=750
+  _globals['_FINISHREASON']._serialized_end=899
+  _globals['_MODELTASK']._serialized_start=901
+  _globals['_MODELTASK']._serialized_end=1014
   _globals['_SAMPLINGPARAMS']._serialized_start=46
   _globals['_SAMPLINGPARAMS']._serialized_end=192
-  _globals['_USAGE']._serialized_start=194
-  _globals['_USAGE']._serialized_end=273
-  _globals['_MODELINFO']._serialized_start=275
-  _globals['_MODELINFO']._serialized_end=398
-  _globals['_CHATMESSAGE']._serialized_start=400
-  _globals['_CHATMESSAGE']._serialized_end=472
-  _globals['_EMBEDDING']._serialized_start=474
-  _globals['_EMBEDDING']._serialized_end=501
+  _globals['_USAGE']._serialized_start=195
+  _globals['_USAGE']._serialized_end=326
+  _globals['_MODELINFO']._serialized_start=329
+  _globals['_MODELINFO']._serialized_end=498
+  _globals['_MODELPRICING']._serialized_start=501
+  _globals['_MODELPRICING']._serialized_end=644
+  _globals['_CHATMESSAGE']._serialized_start=646
+  _globals['_CHATMESSAGE']._serialized_end=718
+  _globals['_EMBEDDING']._serialized_start=720
+  _globals['_EMBEDDING']._serialized_end=747
 # @@protoc_insertion_point(module_scope)

@@ -2,7 +2,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -44,28 +44,44 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "total_tokens")
+    __slots__ = ("prompt_tokens", "completion_tokens", "total_tokens", "cost_nanodollars")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COST_NANODOLLARS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ...) -> None: ...
+    cost_nanodollars: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., cost_nanodollars: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("id", "owned_by", "created", "tasks", "context_length")
+    __slots__ = ("id", "owned_by", "created", "tasks", "context_length", "pricing")
     ID_FIELD_NUMBER: _ClassVar[int]
     OWNED_BY_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
     TASKS_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    PRICING_FIELD_NUMBER: _ClassVar[int]
     id: str
     owned_by: str
     created: int
     tasks: _containers.RepeatedScalarFieldContainer[ModelTask]
     context_length: int
-    def __init__(self, id: _Optional[str] = ..., owned_by: _Optional[str] = ..., created: _Optional[int] = ..., tasks: _Optional[_Iterable[_Union[ModelTask, str]]] = ..., context_length: _Optional[int] = ...) -> None: ...
+    pricing: ModelPricing
+    def __init__(self, id: _Optional[str] = ..., owned_by: _Optional[str] = ..., created: _Optional[int] = ..., tasks: _Optional[_Iterable[_Union[ModelTask, str]]] = ..., context_length: _Optional[int] = ..., pricing: _Optional[_Union[ModelPricing, _Mapping]] = ...) -> None: ...
+
+class ModelPricing(_message.Message):
+    __slots__ = ("input_per_million_nanodollars", "output_per_million_nanodollars", "per_request_nanodollars", "version")
+    INPUT_PER_MILLION_NANODOLLARS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_PER_MILLION_NANODOLLARS_FIELD_NUMBER: _ClassVar[int]
+    PER_REQUEST_NANODOLLARS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    input_per_million_nanodollars: int
+    output_per_million_nanodollars: int
+    per_request_nanodollars: int
+    version: int
+    def __init__(self, input_per_million_nanodollars: _Optional[int] = ..., output_per_million_nanodollars: _Optional[int] = ..., per_request_nanodollars: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content", "name")

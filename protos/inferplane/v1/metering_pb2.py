@@ -25,27 +25,81 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cinferplane/v1/metering.proto\x12\rinferplane.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"#\n\x10VerifyKeyRequest\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\"1\n\x11VerifyKeyResponse\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"\x8d\x02\n\x0bUsageRecord\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x05\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x12\n\nlatency_ms\x18\x07 \x01(\x05\x12#\n\x16time_to_first_token_ms\x18\x08 \x01(\x05H\x00\x88\x01\x01\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x19\n\x17_time_to_first_token_ms\"@\n\x12RecordUsageRequest\x12*\n\x06record\x18\x01 \x01(\x0b\x32\x1a.inferplane.v1.UsageRecord\"&\n\x13RecordUsageResponse\x12\x0f\n\x07\x63reated\x18\x01 \x01(\x08\"A\n\x10ListUsageRequest\x12\x13\n\x06key_id\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\r\n\x05limit\x18\x02 \x01(\x05\x42\t\n\x07_key_id\"@\n\x11ListUsageResponse\x12+\n\x07records\x18\x01 \x03(\x0b\x32\x1a.inferplane.v1.UsageRecord2\x87\x02\n\x0fMeteringService\x12N\n\tVerifyKey\x12\x1f.inferplane.v1.VerifyKeyRequest\x1a .inferplane.v1.VerifyKeyResponse\x12T\n\x0bRecordUsage\x12!.inferplane.v1.RecordUsageRequest\x1a\".inferplane.v1.RecordUsageResponse\x12N\n\tListUsage\x12\x1f.inferplane.v1.ListUsageRequest\x1a .inferplane.v1.ListUsageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cinferplane/v1/metering.proto\x12\rinferplane.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"#\n\x10VerifyKeyRequest\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\"\x98\x02\n\x11VerifyKeyResponse\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\ttenant_id\x18\x03 \x01(\t\x12\x0e\n\x06models\x18\x04 \x03(\t\x12\x0e\n\x06scopes\x18\x05 \x03(\t\x12 \n\x13requests_per_minute\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12\x1e\n\x11tokens_per_minute\x18\x07 \x01(\x03H\x01\x88\x01\x01\x12\x12\n\nhas_budget\x18\x08 \x01(\x08\x12.\n\nexpires_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x16\n\x14_requests_per_minuteB\x14\n\x12_tokens_per_minute\"\xa6\x03\n\x0bUsageRecord\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x05\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x12\n\nlatency_ms\x18\x07 \x01(\x05\x12#\n\x16time_to_first_token_ms\x18\x08 \x01(\x05H\x00\x88\x01\x01\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\ttenant_id\x18\n \x01(\t\x12\x1d\n\x10\x63ost_nanodollars\x18\x0b \x01(\x03H\x01\x88\x01\x01\x12\x15\n\rprice_version\x18\x0c \x01(\x03\x12\x16\n\x0ereservation_id\x18\r \x01(\t\x12\x0e\n\x06\x63\x61\x63hed\x18\x0e \x01(\x08\x12\x11\n\tcancelled\x18\x0f \x01(\x08\x42\x19\n\x17_time_to_first_token_msB\x13\n\x11_cost_nanodollars\"@\n\x12RecordUsageRequest\x12*\n\x06record\x18\x01 \x01(\x0b\x32\x1a.inferplane.v1.UsageRecord\"@\n\x13RecordUsageResponse\x12\x0f\n\x07\x63reated\x18\x01 \x01(\x08\x12\x18\n\x10\x63ost_nanodollars\x18\x02 \x01(\x03\"F\n\x17RecordUsageBatchRequest\x12+\n\x07records\x18\x01 \x03(\x0b\x32\x1a.inferplane.v1.UsageRecord\"Z\n\x18RecordUsageBatchResponse\x12.\n\x08outcomes\x18\x01 \x03(\x0e\x32\x1c.inferplane.v1.RecordOutcome\x12\x0e\n\x06\x65rrors\x18\x02 \x03(\t\"\xbb\x01\n\x10ListUsageRequest\x12\x13\n\x06key_id\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\r\n\x05limit\x18\x02 \x01(\x05\x12\x16\n\ttenant_id\x18\x03 \x01(\tH\x01\x88\x01\x01\x12)\n\x05start\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x03\x65nd\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\t\n\x07_key_idB\x0c\n\n_tenant_id\"@\n\x11ListUsageResponse\x12+\n\x07records\x18\x01 \x03(\x0b\x32\x1a.inferplane.v1.UsageRecord\"\xd9\x01\n\x05Price\x12\r\n\x05model\x18\x01 \x01(\t\x12%\n\x1dinput_per_million_nanodollars\x18\x02 \x01(\x03\x12&\n\x1eoutput_per_million_nanodollars\x18\x03 \x01(\x03\x12\x1f\n\x17per_request_nanodollars\x18\x04 \x01(\x03\x12\x0f\n\x07version\x18\x05 \x01(\x03\x12\x30\n\x0c\x65\x66\x66\x65\x63tive_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06source\x18\x07 \x01(\t\"r\n\x0eReserveRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\"T\n\x0fReserveResponse\x12\x1c\n\x14reserved_nanodollars\x18\x01 \x01(\x03\x12#\n\x05price\x18\x02 \x01(\x0b\x32\x14.inferplane.v1.Price\"(\n\x0eReleaseRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\",\n\x11ListPricesRequest\x12\x17\n\x0finclude_history\x18\x01 \x01(\x08\":\n\x12ListPricesResponse\x12$\n\x06prices\x18\x01 \x03(\x0b\x32\x14.inferplane.v1.Price\"\xb2\x01\n\x16GetUsageSummaryRequest\x12\x13\n\x06key_id\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x16\n\ttenant_id\x18\x02 \x01(\tH\x01\x88\x01\x01\x12)\n\x05start\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x03\x65nd\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\t\n\x07_key_idB\x0c\n\n_tenant_id\"\xca\x01\n\x0fUsageSummaryRow\x12\x0b\n\x03\x64\x61y\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x11\n\ttenant_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x10\n\x08requests\x18\x05 \x01(\x03\x12\x15\n\rprompt_tokens\x18\x06 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\x03\x12\x18\n\x10\x63ost_nanodollars\x18\x08 \x01(\x03\x12\x1a\n\x12\x63\x61ncelled_requests\x18\t \x01(\x03\"\x9b\x01\n\x17GetUsageSummaryResponse\x12,\n\x04rows\x18\x01 \x03(\x0b\x32\x1e.inferplane.v1.UsageSummaryRow\x12)\n\x05start\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xdd\x02\n\nApiKeyInfo\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\ttenant_id\x18\x03 \x01(\t\x12\x0e\n\x06models\x18\x04 \x03(\t\x12\x0e\n\x06scopes\x18\x05 \x03(\t\x12 \n\x13requests_per_minute\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12\x1e\n\x11tokens_per_minute\x18\x07 \x01(\x03H\x01\x88\x01\x01\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x16\n\x14_requests_per_minuteB\x14\n\x12_tokens_per_minute\"\xfa\x01\n\x06\x42udget\x12)\n\x05scope\x18\x01 \x01(\x0e\x32\x1a.inferplane.v1.BudgetScope\x12\x12\n\nsubject_id\x18\x02 \x01(\t\x12\x19\n\x11limit_nanodollars\x18\x03 \x01(\x03\x12+\n\x06period\x18\x04 \x01(\x0e\x32\x1b.inferplane.v1.BudgetPeriod\x12\x30\n\x0cperiod_start\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x11spent_nanodollars\x18\x06 \x01(\x03\x12\x1c\n\x14reserved_nanodollars\x18\x07 \x01(\x03\"\x0f\n\rWhoAmIRequest\"\x9a\x02\n\x10\x43reateKeyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x0e\n\x06models\x18\x03 \x03(\t\x12\x0e\n\x06scopes\x18\x04 \x03(\t\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12 \n\x13requests_per_minute\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12\x1e\n\x11tokens_per_minute\x18\x07 \x01(\x03H\x01\x88\x01\x01\x12%\n\x06\x62udget\x18\x08 \x01(\x0b\x32\x15.inferplane.v1.BudgetB\x16\n\x14_requests_per_minuteB\x14\n\x12_tokens_per_minute\"L\n\x11\x43reateKeyResponse\x12&\n\x03key\x18\x01 \x01(\x0b\x32\x19.inferplane.v1.ApiKeyInfo\x12\x0f\n\x07\x61pi_key\x18\x02 \x01(\t\"7\n\x0fListKeysRequest\x12\x16\n\ttenant_id\x18\x01 \x01(\tH\x00\x88\x01\x01\x42\x0c\n\n_tenant_id\";\n\x10ListKeysResponse\x12\'\n\x04keys\x18\x01 \x03(\x0b\x32\x19.inferplane.v1.ApiKeyInfo\"\"\n\x10RevokeKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"\x90\x01\n\x0fSetPriceRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12%\n\x1dinput_per_million_nanodollars\x18\x02 \x01(\x03\x12&\n\x1eoutput_per_million_nanodollars\x18\x03 \x01(\x03\x12\x1f\n\x17per_request_nanodollars\x18\x04 \x01(\x03\"\x99\x01\n\x10SetBudgetRequest\x12)\n\x05scope\x18\x01 \x01(\x0e\x32\x1a.inferplane.v1.BudgetScope\x12\x12\n\nsubject_id\x18\x02 \x01(\t\x12\x19\n\x11limit_nanodollars\x18\x03 \x01(\x03\x12+\n\x06period\x18\x04 \x01(\x0e\x32\x1b.inferplane.v1.BudgetPeriod\"?\n\x12ListBudgetsRequest\x12)\n\x05scope\x18\x01 \x01(\x0e\x32\x1a.inferplane.v1.BudgetScope\"=\n\x13ListBudgetsResponse\x12&\n\x07\x62udgets\x18\x01 \x03(\x0b\x32\x15.inferplane.v1.Budget*Z\n\x0b\x42udgetScope\x12\x1c\n\x18\x42UDGET_SCOPE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x42UDGET_SCOPE_KEY\x10\x01\x12\x17\n\x13\x42UDGET_SCOPE_TENANT\x10\x02*a\n\x0c\x42udgetPeriod\x12\x1d\n\x19\x42UDGET_PERIOD_UNSPECIFIED\x10\x00\x12\x17\n\x13\x42UDGET_PERIOD_DAILY\x10\x01\x12\x19\n\x15\x42UDGET_PERIOD_MONTHLY\x10\x02*\x85\x01\n\rRecordOutcome\x12\x1e\n\x1aRECORD_OUTCOME_UNSPECIFIED\x10\x00\x12\x1a\n\x16RECORD_OUTCOME_CREATED\x10\x01\x12\x1c\n\x18RECORD_OUTCOME_DUPLICATE\x10\x02\x12\x1a\n\x16RECORD_OUTCOME_INVALID\x10\x03\x32\xbb\t\n\x0fMeteringService\x12N\n\tVerifyKey\x12\x1f.inferplane.v1.VerifyKeyRequest\x1a .inferplane.v1.VerifyKeyResponse\x12T\n\x0bRecordUsage\x12!.inferplane.v1.RecordUsageRequest\x1a\".inferplane.v1.RecordUsageResponse\x12\x63\n\x10RecordUsageBatch\x12&.inferplane.v1.RecordUsageBatchRequest\x1a\'.inferplane.v1.RecordUsageBatchResponse\x12N\n\tListUsage\x12\x1f.inferplane.v1.ListUsageRequest\x1a .inferplane.v1.ListUsageResponse\x12H\n\x07Reserve\x12\x1d.inferplane.v1.ReserveRequest\x1a\x1e.inferplane.v1.ReserveResponse\x12H\n\x07Release\x12\x1d.inferplane.v1.ReleaseRequest\x1a\x1e.inferplane.v1.ReleaseResponse\x12Q\n\nListPrices\x12 .inferplane.v1.ListPricesRequest\x1a!.inferplane.v1.ListPricesResponse\x12`\n\x0fGetUsageSummary\x12%.inferplane.v1.GetUsageSummaryRequest\x1a&.inferplane.v1.GetUsageSummaryResponse\x12\x41\n\x06WhoAmI\x12\x1c.inferplane.v1.WhoAmIRequest\x1a\x19.inferplane.v1.ApiKeyInfo\x12N\n\tCreateKey\x12\x1f.inferplane.v1.CreateKeyRequest\x1a .inferplane.v1.CreateKeyResponse\x12K\n\x08ListKeys\x12\x1e.inferplane.v1.ListKeysRequest\x1a\x1f.inferplane.v1.ListKeysResponse\x12G\n\tRevokeKey\x12\x1f.inferplane.v1.RevokeKeyRequest\x1a\x19.inferplane.v1.ApiKeyInfo\x12@\n\x08SetPrice\x12\x1e.inferplane.v1.SetPriceRequest\x1a\x14.inferplane.v1.Price\x12\x43\n\tSetBudget\x12\x1f.inferplane.v1.SetBudgetRequest\x1a\x15.inferplane.v1.Budget\x12T\n\x0bListBudgets\x12!.inferplane.v1.ListBudgetsRequest\x1a\".inferplane.v1.ListBudgetsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'inferplane.v1.metering_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_BUDGETSCOPE']._serialized_start=4098
+  _globals['_BUDGETSCOPE']._serialized_end=4188
+  _globals['_BUDGETPERIOD']._serialized_start=4190
+  _globals['_BUDGETPERIOD']._serialized_end=4287
+  _globals['_RECORDOUTCOME']._serialized_start=4290
+  _globals['_RECORDOUTCOME']._serialized_end=4423
   _globals['_VERIFYKEYREQUEST']._serialized_start=80
   _globals['_VERIFYKEYREQUEST']._serialized_end=115
-  _globals['_VERIFYKEYRESPONSE']._serialized_start=117
-  _globals['_VERIFYKEYRESPONSE']._serialized_end=166
-  _globals['_USAGERECORD']._serialized_start=169
-  _globals['_USAGERECORD']._serialized_end=438
-  _globals['_RECORDUSAGEREQUEST']._serialized_start=440
-  _globals['_RECORDUSAGEREQUEST']._serialized_end=504
-  _globals['_RECORDUSAGERESPONSE']._serialized_start=506
-  _globals['_RECORDUSAGERESPONSE']._serialized_end=544
-  _globals['_LISTUSAGEREQUEST']._serialized_start=546
-  _globals['_LISTUSAGEREQUEST']._serialized_end=611
-  _globals['_LISTUSAGERESPONSE']._serialized_start=613
-  _globals['_LISTUSAGERESPONSE']._serialized_end=677
-  _globals['_METERINGSERVICE']._serialized_start=680
-  _globals['_METERINGSERVICE']._serialized_end=943
+  _globals['_VERIFYKEYRESPONSE']._serialized_start=118
+  _globals['_VERIFYKEYRESPONSE']._serialized_end=398
+  _globals['_USAGERECORD']._serialized_start=401
+  _globals['_USAGERECORD']._serialized_end=823
+  _globals['_RECORDUSAGEREQUEST']._serialized_start=825
+  _globals['_RECORDUSAGEREQUEST']._serialized_end=889
+  _globals['_RECORDUSAGERESPONSE']._serialized_start=891
+  _globals['_RECORDUSAGERESPONSE']._serialized_end=955
+  _globals['_RECORDUSAGEBATCHREQUEST']._serialized_start=957
+  _globals['_RECORDUSAGEBATCHREQUEST']._serialized_end=1027
+  _globals['_RECORDUSAGEBATCHRESPONSE']._serialized_start=1029
+  _globals['_RECORDUSAGEBATCHRESPONSE']._serialized_end=1119
+  _globals['_LISTUSAGEREQUEST']._serialized_start=1122
+  _globals['_LISTUSAGEREQUEST']._serialized_end=1309
+  _globals['_LISTUSAGERESPONSE']._serialized_start=1311
+  _globals['_LISTUSAGERESPONSE']._serialized_end=1375
+  _globals['_PRICE']._serialized_start=1378
+  _globals['_PRICE']._serialized_end=1595
+  _globals['_RESERVEREQUEST']._serialized_start=1597
+  _globals['_RESERVEREQUEST']._serialized_end=1711
+  _globals['_RESERVERESPONSE']._serialized_start=1713
+  _globals['_RESERVERESPONSE']._serialized_end=1797
+  _globals['_RELEASEREQUEST']._serialized_start=1799
+  _globals['_RELEASEREQUEST']._serialized_end=1839
+  _globals['_RELEASERESPONSE']._serialized_start=1841
+  _globals['_RELEASERESPONSE']._serialized_end=1876
+  _globals['_LISTPRICESREQUEST']._serialized_start=1878
+  _globals['_LISTPRICESREQUEST']._serialized_end=1922
+  _globals['_LISTPRICESRESPONSE']._serialized_start=1924
+  _globals['_LISTPRICESRESPONSE']._serialized_end=1982
+  _globals['_GETUSAGESUMMARYREQUEST']._serialized_start=1985
+  _globals['_GETUSAGESUMMARYREQUEST']._serialized_end=2163
+  _globals['_USAGESUMMARYROW']._serialized_start=2166
+  _globals['_USAGESUMMARYROW']._serialized_end=2368
+  _globals['_GETUSAGESUMMARYRESPONSE']._serialized_start=2371
+  _globals['_GETUSAGESUMMARYRESPONSE']._serialized_end=2526
+  _globals['_APIKEYINFO']._serialized_start=2529
+  _globals['_APIKEYINFO']._serialized_end=2878
+  _globals['_BUDGET']._serialized_start=2881
+  _globals['_BUDGET']._serialized_end=3131
+  _globals['_WHOAMIREQUEST']._serialized_start=3133
+  _globals['_WHOAMIREQUEST']._serialized_end=3148
+  _globals['_CREATEKEYREQUEST']._serialized_start=3151
+  _globals['_CREATEKEYREQUEST']._serialized_end=3433
+  _globals['_CREATEKEYRESPONSE']._serialized_start=3435
+  _globals['_CREATEKEYRESPONSE']._serialized_end=3511
+  _globals['_LISTKEYSREQUEST']._serialized_start=3513
+  _globals['_LISTKEYSREQUEST']._serialized_end=3568
+  _globals['_LISTKEYSRESPONSE']._serialized_start=3570
+  _globals['_LISTKEYSRESPONSE']._serialized_end=3629
+  _globals['_REVOKEKEYREQUEST']._serialized_start=3631
+  _globals['_REVOKEKEYREQUEST']._serialized_end=3665
+  _globals['_SETPRICEREQUEST']._serialized_start=3668
+  _globals['_SETPRICEREQUEST']._serialized_end=3812
+  _globals['_SETBUDGETREQUEST']._serialized_start=3815
+  _globals['_SETBUDGETREQUEST']._serialized_end=3968
+  _globals['_LISTBUDGETSREQUEST']._serialized_start=3970
+  _globals['_LISTBUDGETSREQUEST']._serialized_end=4033
+  _globals['_LISTBUDGETSRESPONSE']._serialized_start=4035
+  _globals['_LISTBUDGETSRESPONSE']._serialized_end=4096
+  _globals['_METERINGSERVICE']._serialized_start=4426
+  _globals['_METERINGSERVICE']._serialized_end=5637
 # @@protoc_insertion_point(module_scope)

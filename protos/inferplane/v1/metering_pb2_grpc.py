@@ -26,7 +26,12 @@ if _version_not_supported:
 
 
 class MeteringServiceStub:
-    """API keys and the usage ledger.
+    """API keys, tenants, prices, budgets and the usage ledger.
+
+    The router's calls (VerifyKey, Reserve, Release, ListPrices, RecordUsage, RecordUsageBatch, ListUsage) are
+    mesh-internal and carry no credentials. The admin calls (CreateKey, ListKeys, RevokeKey, SetPrice, SetBudget,
+    ListBudgets) need "authorization: Bearer <key with the admin scope>" metadata; GetUsageSummary takes any valid
+    key and answers only that key's usage unless the key is an admin key.
     """
 
     def __init__(self, channel):
@@ -45,19 +50,84 @@ class MeteringServiceStub:
                 request_serializer=inferplane_dot_v1_dot_metering__pb2.RecordUsageRequest.SerializeToString,
                 response_deserializer=inferplane_dot_v1_dot_metering__pb2.RecordUsageResponse.FromString,
                 _registered_method=True)
+        self.RecordUsageBatch = channel.unary_unary(
+                '/inferplane.v1.MeteringService/RecordUsageBatch',
+                request_serializer=inferplane_dot_v1_dot_metering__pb2.RecordUsageBatchRequest.SerializeToString,
+                response_deserializer=inferplane_dot_v1_dot_metering__pb2.RecordUsageBatchResponse.FromString,
+                _registered_method=True)
         self.ListUsage = channel.unary_unary(
                 '/inferplane.v1.MeteringService/ListUsage',
                 request_serializer=inferplane_dot_v1_dot_metering__pb2.ListUsageRequest.SerializeToString,
                 response_deserializer=inferplane_dot_v1_dot_metering__pb2.ListUsageResponse.FromString,
                 _registered_method=True)
+        self.Reserve = channel.unary_unary(
+                '/inferplane.v1.MeteringService/Reserve',
+                request_serializer=inferplane_dot_v1_dot_metering__pb2.ReserveRequest.SerializeToString,
+                response_deserializer=inferplane_dot_v1_dot_metering__pb2.ReserveResponse.FromString,
+                _registered_method=True)
+        self.Release = channel.unary_unary(
+                '/inferplane.v1.MeteringService/Release',
+                request_serializer=inferplane_dot_v1_dot_metering__pb2.ReleaseRequest.SerializeToString,
+                response_deserializer=inferplane_dot_v1_dot_metering__pb2.ReleaseResponse.FromString,
+                _registered_method=True)
+        self.ListPrices = channel.unary_unary(
+                '/inferplane.v1.MeteringService/ListPrices',
+                request_serializer=inferplane_dot_v1_dot_metering__pb2.ListPricesRequest.SerializeToString,
+                response_deserializer=inferplane_dot_v1_dot_metering__pb2.ListPricesResponse.FromString,
+                _registered_method=True)
+        self.GetUsageSummary = channel.unary_unary(
+                '/inferplane.v1.MeteringService/GetUsageSummary',
+                request_serializer=inferplane_dot_v1_dot_metering__pb2.GetUsageSummaryRequest.SerializeToString,
+                response_deserializer=inferplane_dot_v1_dot_metering__pb2.GetUsageSummaryResponse.FromString,
+                _registered_method=True)
+        self.WhoAmI = channel.unary_unary(
+                '/inferplane.v1.MeteringService/WhoAmI',
+                request_serializer=inferplane_dot_v1_dot_metering__pb2.WhoAmIRequest.SerializeToString,
+                response_deserializer=inferplane_dot_v1_dot_metering__pb2.ApiKeyInfo.FromString,
+                _registered_method=True)
+        self.CreateKey = channel.unary_unary(
+                '/inferplane.v1.MeteringService/CreateKey',
+                request_serializer=inferplane_dot_v1_dot_metering__pb2.CreateKeyRequest.SerializeToString,
+                response_deserializer=inferplane_dot_v1_dot_metering__pb2.CreateKeyResponse.FromString,
+                _registered_method=True)
+        self.ListKeys = channel.unary_unary(
+                '/inferplane.v1.MeteringService/ListKeys',
+                request_serializer=inferplane_dot_v1_dot_metering__pb2.ListKeysRequest.SerializeToString,
+                response_deserializer=inferplane_dot_v1_dot_metering__pb2.ListKeysResponse.FromString,
+                _registered_method=True)
+        self.RevokeKey = channel.unary_unary(
+                '/inferplane.v1.MeteringService/RevokeKey',
+                request_serializer=inferplane_dot_v1_dot_metering__pb2.RevokeKeyRequest.SerializeToString,
+                response_deserializer=inferplane_dot_v1_dot_metering__pb2.ApiKeyInfo.FromString,
+                _registered_method=True)
+        self.SetPrice = channel.unary_unary(
+                '/inferplane.v1.MeteringService/SetPrice',
+                request_serializer=inferplane_dot_v1_dot_metering__pb2.SetPriceRequest.SerializeToString,
+                response_deserializer=inferplane_dot_v1_dot_metering__pb2.Price.FromString,
+                _registered_method=True)
+        self.SetBudget = channel.unary_unary(
+                '/inferplane.v1.MeteringService/SetBudget',
+                request_serializer=inferplane_dot_v1_dot_metering__pb2.SetBudgetRequest.SerializeToString,
+                response_deserializer=inferplane_dot_v1_dot_metering__pb2.Budget.FromString,
+                _registered_method=True)
+        self.ListBudgets = channel.unary_unary(
+                '/inferplane.v1.MeteringService/ListBudgets',
+                request_serializer=inferplane_dot_v1_dot_metering__pb2.ListBudgetsRequest.SerializeToString,
+                response_deserializer=inferplane_dot_v1_dot_metering__pb2.ListBudgetsResponse.FromString,
+                _registered_method=True)
 
 
 class MeteringServiceServicer:
-    """API keys and the usage ledger.
+    """API keys, tenants, prices, budgets and the usage ledger.
+
+    The router's calls (VerifyKey, Reserve, Release, ListPrices, RecordUsage, RecordUsageBatch, ListUsage) are
+    mesh-internal and carry no credentials. The admin calls (CreateKey, ListKeys, RevokeKey, SetPrice, SetBudget,
+    ListBudgets) need "authorization: Bearer <key with the admin scope>" metadata; GetUsageSummary takes any valid
+    key and answers only that key's usage unless the key is an admin key.
     """
 
     def VerifyKey(self, request, context):
-        """Check an API key; UNAUTHENTICATED when it is unknown, revoked or malformed.
+        """Check an API key; UNAUTHENTICATED when it is unknown, revoked, expired or malformed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -70,8 +140,93 @@ class MeteringServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecordUsageBatch(self, request, context):
+        """Record many requests' usage in one transaction; idempotent per request_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListUsage(self, request, context):
         """List usage records, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Reserve(self, request, context):
+        """Reserve a request's worst-case cost against its key's and tenant's budgets (RESOURCE_EXHAUSTED when
+        either would be overspent). The usage record with the same reservation_id settles it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Release(self, request, context):
+        """Give a reservation back without a usage record (the request never ran); idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPrices(self, request, context):
+        """The current price of every priced model (optionally the whole history).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUsageSummary(self, request, context):
+        """Usage summed by day (UTC), key and model over a time range.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WhoAmI(self, request, context):
+        """The caller's own key (from its authorization metadata): what it is and may do.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateKey(self, request, context):
+        """Admin: create a key; the plain key is in the response and nowhere else, ever.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListKeys(self, request, context):
+        """Admin: list keys (never the keys themselves).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeKey(self, request, context):
+        """Admin: revoke a key (idempotent).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetPrice(self, request, context):
+        """Admin: set a model's price; a new price version, history is never rewritten.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetBudget(self, request, context):
+        """Admin: set (or replace the limit and period of) a key's or a tenant's budget.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListBudgets(self, request, context):
+        """Admin: list budgets with their spend in the current period.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -90,10 +245,70 @@ def add_MeteringServiceServicer_to_server(servicer, server):
                     request_deserializer=inferplane_dot_v1_dot_metering__pb2.RecordUsageRequest.FromString,
                     response_serializer=inferplane_dot_v1_dot_metering__pb2.RecordUsageResponse.SerializeToString,
             ),
+            'RecordUsageBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordUsageBatch,
+                    request_deserializer=inferplane_dot_v1_dot_metering__pb2.RecordUsageBatchRequest.FromString,
+                    response_serializer=inferplane_dot_v1_dot_metering__pb2.RecordUsageBatchResponse.SerializeToString,
+            ),
             'ListUsage': grpc.unary_unary_rpc_method_handler(
                     servicer.ListUsage,
                     request_deserializer=inferplane_dot_v1_dot_metering__pb2.ListUsageRequest.FromString,
                     response_serializer=inferplane_dot_v1_dot_metering__pb2.ListUsageResponse.SerializeToString,
+            ),
+            'Reserve': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reserve,
+                    request_deserializer=inferplane_dot_v1_dot_metering__pb2.ReserveRequest.FromString,
+                    response_serializer=inferplane_dot_v1_dot_metering__pb2.ReserveResponse.SerializeToString,
+            ),
+            'Release': grpc.unary_unary_rpc_method_handler(
+                    servicer.Release,
+                    request_deserializer=inferplane_dot_v1_dot_metering__pb2.ReleaseRequest.FromString,
+                    response_serializer=inferplane_dot_v1_dot_metering__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'ListPrices': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPrices,
+                    request_deserializer=inferplane_dot_v1_dot_metering__pb2.ListPricesRequest.FromString,
+                    response_serializer=inferplane_dot_v1_dot_metering__pb2.ListPricesResponse.SerializeToString,
+            ),
+            'GetUsageSummary': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsageSummary,
+                    request_deserializer=inferplane_dot_v1_dot_metering__pb2.GetUsageSummaryRequest.FromString,
+                    response_serializer=inferplane_dot_v1_dot_metering__pb2.GetUsageSummaryResponse.SerializeToString,
+            ),
+            'WhoAmI': grpc.unary_unary_rpc_method_handler(
+                    servicer.WhoAmI,
+                    request_deserializer=inferplane_dot_v1_dot_metering__pb2.WhoAmIRequest.FromString,
+                    response_serializer=inferplane_dot_v1_dot_metering__pb2.ApiKeyInfo.SerializeToString,
+            ),
+            'CreateKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateKey,
+                    request_deserializer=inferplane_dot_v1_dot_metering__pb2.CreateKeyRequest.FromString,
+                    response_serializer=inferplane_dot_v1_dot_metering__pb2.CreateKeyResponse.SerializeToString,
+            ),
+            'ListKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListKeys,
+                    request_deserializer=inferplane_dot_v1_dot_metering__pb2.ListKeysRequest.FromString,
+                    response_serializer=inferplane_dot_v1_dot_metering__pb2.ListKeysResponse.SerializeToString,
+            ),
+            'RevokeKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeKey,
+                    request_deserializer=inferplane_dot_v1_dot_metering__pb2.RevokeKeyRequest.FromString,
+                    response_serializer=inferplane_dot_v1_dot_metering__pb2.ApiKeyInfo.SerializeToString,
+            ),
+            'SetPrice': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPrice,
+                    request_deserializer=inferplane_dot_v1_dot_metering__pb2.SetPriceRequest.FromString,
+                    response_serializer=inferplane_dot_v1_dot_metering__pb2.Price.SerializeToString,
+            ),
+            'SetBudget': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetBudget,
+                    request_deserializer=inferplane_dot_v1_dot_metering__pb2.SetBudgetRequest.FromString,
+                    response_serializer=inferplane_dot_v1_dot_metering__pb2.Budget.SerializeToString,
+            ),
+            'ListBudgets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBudgets,
+                    request_deserializer=inferplane_dot_v1_dot_metering__pb2.ListBudgetsRequest.FromString,
+                    response_serializer=inferplane_dot_v1_dot_metering__pb2.ListBudgetsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -104,7 +319,12 @@ def add_MeteringServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class MeteringService:
-    """API keys and the usage ledger.
+    """API keys, tenants, prices, budgets and the usage ledger.
+
+    The router's calls (VerifyKey, Reserve, Release, ListPrices, RecordUsage, RecordUsageBatch, ListUsage) are
+    mesh-internal and carry no credentials. The admin calls (CreateKey, ListKeys, RevokeKey, SetPrice, SetBudget,
+    ListBudgets) need "authorization: Bearer <key with the admin scope>" metadata; GetUsageSummary takes any valid
+    key and answers only that key's usage unless the key is an admin key.
     """
 
     @staticmethod
@@ -162,6 +382,33 @@ class MeteringService:
             _registered_method=True)
 
     @staticmethod
+    def RecordUsageBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inferplane.v1.MeteringService/RecordUsageBatch',
+            inferplane_dot_v1_dot_metering__pb2.RecordUsageBatchRequest.SerializeToString,
+            inferplane_dot_v1_dot_metering__pb2.RecordUsageBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def ListUsage(request,
             target,
             options=(),
@@ -178,6 +425,303 @@ class MeteringService:
             '/inferplane.v1.MeteringService/ListUsage',
             inferplane_dot_v1_dot_metering__pb2.ListUsageRequest.SerializeToString,
             inferplane_dot_v1_dot_metering__pb2.ListUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reserve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inferplane.v1.MeteringService/Reserve',
+            inferplane_dot_v1_dot_metering__pb2.ReserveRequest.SerializeToString,
+            inferplane_dot_v1_dot_metering__pb2.ReserveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Release(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inferplane.v1.MeteringService/Release',
+            inferplane_dot_v1_dot_metering__pb2.ReleaseRequest.SerializeToString,
+            inferplane_dot_v1_dot_metering__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPrices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inferplane.v1.MeteringService/ListPrices',
+            inferplane_dot_v1_dot_metering__pb2.ListPricesRequest.SerializeToString,
+            inferplane_dot_v1_dot_metering__pb2.ListPricesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsageSummary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inferplane.v1.MeteringService/GetUsageSummary',
+            inferplane_dot_v1_dot_metering__pb2.GetUsageSummaryRequest.SerializeToString,
+            inferplane_dot_v1_dot_metering__pb2.GetUsageSummaryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WhoAmI(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inferplane.v1.MeteringService/WhoAmI',
+            inferplane_dot_v1_dot_metering__pb2.WhoAmIRequest.SerializeToString,
+            inferplane_dot_v1_dot_metering__pb2.ApiKeyInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inferplane.v1.MeteringService/CreateKey',
+            inferplane_dot_v1_dot_metering__pb2.CreateKeyRequest.SerializeToString,
+            inferplane_dot_v1_dot_metering__pb2.CreateKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inferplane.v1.MeteringService/ListKeys',
+            inferplane_dot_v1_dot_metering__pb2.ListKeysRequest.SerializeToString,
+            inferplane_dot_v1_dot_metering__pb2.ListKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inferplane.v1.MeteringService/RevokeKey',
+            inferplane_dot_v1_dot_metering__pb2.RevokeKeyRequest.SerializeToString,
+            inferplane_dot_v1_dot_metering__pb2.ApiKeyInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPrice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inferplane.v1.MeteringService/SetPrice',
+            inferplane_dot_v1_dot_metering__pb2.SetPriceRequest.SerializeToString,
+            inferplane_dot_v1_dot_metering__pb2.Price.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetBudget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inferplane.v1.MeteringService/SetBudget',
+            inferplane_dot_v1_dot_metering__pb2.SetBudgetRequest.SerializeToString,
+            inferplane_dot_v1_dot_metering__pb2.Budget.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBudgets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inferplane.v1.MeteringService/ListBudgets',
+            inferplane_dot_v1_dot_metering__pb2.ListBudgetsRequest.SerializeToString,
+            inferplane_dot_v1_dot_metering__pb2.ListBudgetsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -105,12 +105,16 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    # x: [B, H, S, D]; cos, sin: [S, D]
+    # x: [B, H, S, D]; cos, sin: [S, D] (positions shared by the rows) or [B, 1, 1, D] (one per row)
     return (x * cos + rotate_half(x) * sin).to(x.dtype)
 
 
 class KVCache(nn.Module):
-    """A preallocated static cache for one batch of sequences: [B, H_kv, max_seq_len, D]."""
+    """A preallocated static cache, one row (slot) per sequence: [B, H_kv, max_seq_len, D].
+
+    ``generate()`` uses it with B = 1; the continuous-batching scheduler (``llama/batching.py``) with
+    B = max_sequences, where row b is slot b and holds its sequence's keys at positions [0, length).
+    """
 
     def __init__(
         self, batch_size: int, n_kv_heads: int, max_seq_len: int, head_dim: int, *, dtype: torch.dtype,
@@ -127,29 +131,59 @@ class KVCache(nn.Module):
     def max_seq_len(self) -> int:
         return self.k.shape[2]
 
-    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, end: int) -> tuple[Tensor, Tensor]:
-        # input_pos: [S]; k, v: [B, H_kv, S, D]; returns the filled prefix [B, H_kv, end, D]
-        self.k.index_copy_(2, input_pos, k)
-        self.v.index_copy_(2, input_pos, v)
-        return self.k[:, :, :end], self.v[:, :, :end]
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[0]
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, attn: AttnSpan) -> tuple[Tensor, Tensor]:
+        # k, v: [B, H_kv, S, D] for the cache rows attn.rows; returns the keys and values to attend to
+        if isinstance(attn.rows, Tensor):  # a batched prefill from position 0 into the slots attn.rows: [B]
+            self.k[attn.rows, :, : k.shape[2]] = k
+            self.v[attn.rows, :, : v.shape[2]] = v
+            return k, v  # a prefill from 0 attends to its own keys only: no need to read them back
+        k_rows, v_rows = self.k[attn.rows], self.v[attn.rows]  # views [B, H_kv, max_seq_len, D]
+        if attn.write_index is None:  # every row writes the same positions input_pos: [S]
+            k_rows.index_copy_(2, input_pos, k)
+            v_rows.index_copy_(2, input_pos, v)
+        else:  # one token per row, each at its own position (batched decode)
+            k_rows.scatter_(2, attn.write_index, k)
+            v_rows.scatter_(2, attn.write_index, v)
+        if attn.local:
+            return k, v
+        return k_rows[:, :, : attn.end], v_rows[:, :, : attn.end]
 
 
 @dataclass(frozen=True)
 class AttnSpan:
-    """Which keys a forward attends to, worked out once per forward rather than once per layer."""
+    """Which cache rows and keys a forward uses, worked out once per forward rather than once per layer."""
 
     end: int  # keys [0, end) of the cache (the sequence length without a cache)
-    mask: Tensor | None  # [S, T] bool, or None: causal for S > 1, everything for a one-token decode
+    # [S, T] or [B, 1, 1, T] bool (True = attend), or None: causal for S > 1, everything for S == 1
+    mask: Tensor | None
+    # The cache rows (slots) this forward reads and writes: a slice, or [B] slot ids for a batched prefill.
+    rows: slice | Tensor = field(default_factory=lambda: slice(None))
+    write_index: Tensor | None = None  # [B, H_kv, 1, D] per-row write positions of a batched decode
+    local: bool = False  # a prefill from position 0: attend to this forward's own keys, not the cache's
 
     @staticmethod
-    def of(seqlen: int, input_pos: Tensor | None) -> AttnSpan:
+    def of(seqlen: int, input_pos: Tensor | None, rows: slice = slice(None)) -> AttnSpan:
         if input_pos is None:  # full-sequence forward without a cache
-            return AttnSpan(seqlen, None)
+            return AttnSpan(seqlen, None, rows)
         end = int(input_pos[-1]) + 1  # the one host sync of a step
-        if seqlen in (1, end):  # a decode step, or a prefill from position 0: no explicit mask needed
-            return AttnSpan(end, None)
+        if seqlen == end:  # a prefill from position 0 (or a first token): causal over its own keys
+            return AttnSpan(end, None, rows, local=True)
+        if seqlen == 1:  # a decode step: everything in the cache up to end
+            return AttnSpan(end, None, rows)
         mask = torch.arange(end, device=input_pos.device) <= input_pos[:, None]  # [S, T]
-        return AttnSpan(end, mask)
+        return AttnSpan(end, mask, rows)
+
+    @staticmethod
+    def per_row(positions: Tensor, end: int, n_kv_heads: int, head_dim: int) -> AttnSpan:
+        """A one-token decode of rows [0, B), row b at ``positions[b]``; ``end`` > max(positions)."""
+        bsz = positions.shape[0]
+        mask = torch.arange(end, device=positions.device)[None, :] <= positions[:, None]  # [B, T]
+        index = positions.view(bsz, 1, 1, 1).expand(bsz, n_kv_heads, 1, head_dim)  # [B, H_kv, 1, D]
+        return AttnSpan(end, mask.view(bsz, 1, 1, end), slice(0, bsz), index)
 
 
 class RMSNorm(nn.Module):
@@ -159,6 +193,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one fused op, same arithmetic
         # Normalise in fp32 as HF does: bf16 variance loses too much precision.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -184,14 +220,19 @@ class LlamaAttention(nn.Module):
 
         if input_pos is not None:
             assert self.kv_cache is not None, "call setup_caches() before a forward with input_pos"
-            k, v = self.kv_cache.update(input_pos, k, v, attn.end)  # [B, Hkv, T, D], T = end
+            k, v = self.kv_cache.update(input_pos, k, v, attn)  # [B, Hkv, T, D], T = end
 
-        # Grouped-query attention: each kv head serves n_heads / n_kv_heads query heads.
         groups = self.n_heads // self.n_kv_heads
-        if groups > 1:
+        if seqlen == 1:
+            # Decode: the G query heads of each kv head become G query rows against that head's keys, so
+            # grouped-query attention reads the cache in place instead of copying it G times.
+            q = q.view(bsz, self.n_kv_heads, groups, self.head_dim)  # [B, Hkv, G, D]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn.mask)  # [B, Hkv, G, D]
+            return self.o_proj(y.reshape(bsz, 1, self.n_heads * self.head_dim))
+        if groups > 1:  # prefill: each kv head serves n_heads / n_kv_heads query heads
             k = k.repeat_interleave(groups, dim=1)  # [B, H, T, D]
             v = v.repeat_interleave(groups, dim=1)  # [B, H, T, D]
-        causal = attn.mask is None and seqlen > 1
+        causal = attn.mask is None
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn.mask, is_causal=causal)  # [B, H, S, D]
         y = y.transpose(1, 2).reshape(bsz, seqlen, self.n_heads * self.head_dim)  # [B, S, H*D]
         return self.o_proj(y)
@@ -257,7 +298,7 @@ class LlamaForCausalLM(nn.Module):
         return self.model.embed_tokens.weight.dtype
 
     def setup_caches(self, batch_size: int, max_seq_len: int) -> None:
-        """Allocate a fresh static KV cache in every layer (one per generation call)."""
+        """Allocate a fresh static KV cache [batch_size, H_kv, max_seq_len, D] in every layer."""
         assert max_seq_len <= self.config.max_position_embeddings, (
             f"cache of {max_seq_len} exceeds max_position_embeddings {self.config.max_position_embeddings}"
         )
@@ -274,18 +315,58 @@ class LlamaForCausalLM(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)  # [S, D]
         return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
 
-    def forward(self, idx: Tensor, input_pos: Tensor | None = None) -> Tensor:
+    def forward(
+        self, idx: Tensor, input_pos: Tensor | None = None, *, slot: int | None = None, last_only: bool = False,
+    ) -> Tensor:
         """idx: [B, S] token ids; input_pos: [S] absolute positions (uses the KV cache) or None.
 
-        Returns logits [B, S, V] in the model's dtype.
+        ``slot`` (with B = 1) writes and reads cache row ``slot`` instead of rows [0, B): a prefill into
+        one slot of the batching scheduler's cache. ``last_only`` computes logits for the last position only.
+        Returns logits [B, S, V] (S = 1 with ``last_only``) in the model's dtype.
         """
+        assert slot is None or idx.shape[0] == 1, "a forward into one slot takes one sequence"
+        rows = slice(None) if slot is None else slice(slot, slot + 1)
         positions = input_pos if input_pos is not None else torch.arange(idx.shape[1], device=idx.device)
-        attn = AttnSpan.of(idx.shape[1], input_pos)
+        attn = AttnSpan.of(idx.shape[1], input_pos, rows)
         cos, sin = self.rope(positions)  # [S, D]
         x = self.model.embed_tokens(idx)  # [B, S, C]
         for layer in self.model.layers:
             x = layer(x, cos, sin, input_pos, attn)
+        if last_only:
+            x = x[:, -1:]  # [B, 1, C]
         return self.lm_head(self.model.norm(x))  # [B, S, V]
+
+    def prefill_slots(self, idx: Tensor, slots: Tensor, last: Tensor) -> Tensor:
+        """Prefill several prompts into their cache slots in one forward.
+
+        idx: [B, S] prompts, right-padded (causal attention keeps a prompt's tokens blind to its padding,
+        and the padding's keys beyond a prompt are overwritten by its decode before they are ever read);
+        slots: [B] cache rows; last: [B] index of each prompt's last token. Returns its logits [B, V].
+        """
+        bsz, seqlen = idx.shape
+        input_pos = torch.arange(seqlen, device=idx.device)  # [S]
+        attn = AttnSpan(seqlen, None, slots, local=True)
+        cos, sin = self.rope(input_pos)  # [S, D]
+        x = self.model.embed_tokens(idx)  # [B, S, C]
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, input_pos, attn)
+        x = x[torch.arange(bsz, device=idx.device), last]  # [B, C]
+        return self.lm_head(self.model.norm(x))  # [B, V]
+
+    def decode_rows(self, idx: Tensor, positions: Tensor, end: int) -> Tensor:
+        """One decode step of cache rows [0, B): row b takes token ``idx[b]`` at position ``positions[b]``.
+
+        idx, positions: [B]; ``end`` > max(positions) bounds the keys read (one host-side int, so the step
+        needs no device sync of its own). Each row attends to its own [0, positions[b]]. Returns logits [B, V].
+        """
+        bsz = idx.shape[0]
+        attn = AttnSpan.per_row(positions, end, self.config.n_kv_heads, self.config.d_head)
+        cos, sin = self.rope(positions)  # [B, D]
+        cos, sin = cos.view(bsz, 1, 1, -1), sin.view(bsz, 1, 1, -1)  # [B, 1, 1, D]: one position per row
+        x = self.model.embed_tokens(idx.view(bsz, 1))  # [B, 1, C]
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, positions, attn)
+        return self.lm_head(self.model.norm(x)).view(bsz, -1)  # [B, V]
 
 
 def count_parameters(model: nn.Module) -> int:

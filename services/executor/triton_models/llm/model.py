@@ -1,61 +1,82 @@
-"""Triton Python-backend model: a decoupled, token-streaming Llama (``services.executor.llama``).
+"""Triton Python-backend model: a decoupled, token-streaming Llama with continuous batching.
 
 Contract (the executor depends on it):
 - inputs: ``input_ids`` INT64 [-1]; ``max_tokens`` INT32 [1]; optional ``temperature`` FP32 [1] (0 = greedy),
   ``top_p`` FP32 [1], ``top_k`` INT32 [1] (0 = off), ``seed`` INT64 [1] (absent = random),
   ``stop_token_ids`` INT64 [-1] (added to the checkpoint's eos ids).
-- one response per produced token: ``token_ids`` [1 id] and ``logprobs`` [1] (the model's log-probability).
-  A stop token ends the stream and is not sent, but counts in ``completion_tokens``.
+- responses with ``token_ids`` [n >= 1] and ``logprobs`` [n] (the model's log-probability of each token), in
+  order, as the tokens are produced: one token per response while the stream keeps up, the tokens that
+  queued up meanwhile in one response when it does not (coalescing under backpressure). A stop token ends
+  the stream and is not sent, but counts in ``completion_tokens``.
 - then exactly one response flagged ``TRITONSERVER_RESPONSE_COMPLETE_FINAL`` with ``token_ids`` and
   ``logprobs`` empty, ``finish_reason`` ("stop" | "length" | "cancelled"), ``prompt_tokens`` and
   ``completion_tokens``. "length" covers both max_tokens and the context end (prompt + completion =
   max_context).
 - a bad request gets a single final response carrying a ``TritonError`` (INVALID_ARG).
 
-Requests are served one after another (continuous batching is later work). The package
-``services.executor.llama`` must be importable by the stub's Python (the project installed in the
-environment whose ``python3`` leads tritonserver's PATH, or the repository on PYTHONPATH).
+``execute`` only validates and enqueues. Two threads do the rest:
+- the scheduler thread steps ``services.executor.llama.batching.BatchScheduler``: new requests are prefilled
+  and join between decode steps, up to ``max_sequences`` at once (the rest wait FIFO); each step advances
+  every sequence by one token in one forward and posts the step's events to the outbox. It makes no
+  ``pb_utils`` call.
+- the IPC thread makes every ``pb_utils`` call after ``initialize``: the responses (drained from the
+  outbox), ``request.is_cancelled()`` of each stream at most every ``CANCEL_POLL_S``, the gauges
+  ``inferplane_llm_{active_sequences,queued_requests,kv_slots_in_use,kv_slots_total}{model=...}`` and the
+  log. Each of those is a blocking round trip to Triton's process (a send: 0.2 ms idle, 1-2 ms under load)
+  that releases the GIL, so here it overlaps the next step's compute instead of stalling it. One thread,
+  because the stub's IPC deadlocked when a send and an ``is_cancelled`` ran on two threads at once.
+A cancelled sequence leaves the batch, and frees its slot, at the next step after the poll that saw it.
+
+The package ``services.executor.llama`` must be importable by the stub's Python (the project installed in
+the environment whose ``python3`` leads tritonserver's PATH, or the repository on PYTHONPATH).
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Hashable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from services.executor.llama import Generation, LlamaForCausalLM, SamplingParams, generate, load_model
+from services.executor.llama import LlamaForCausalLM, SamplingParams, load_model
+from services.executor.llama.batching import (
+    BatchScheduler,
+    Event,
+    FinishEvent,
+    RequestRefused,
+    SchedulerStats,
+    SequenceRequest,
+    TokenEvent,
+)
+
+IDLE_WAIT_S = 0.05  # both threads wake at least this often to notice finalize()
+CANCEL_POLL_S = 0.05  # each live stream is asked is_cancelled() at most this often
+STATS_EVERY_S = 10.0  # a busy scheduler logs its step statistics this often
 
 
 class RequestError(ValueError):
     """A request the model refuses; answered with INVALID_ARG."""
 
 
-@dataclass(frozen=True)
-class Request:
-    input_ids: list[int]
-    max_tokens: int
-    sampling: SamplingParams
-    stop_ids: frozenset[int]
-
-
-def _error_code(name: str) -> Any:
-    return getattr(pb_utils.TritonError, name, None)
-
-
 def _triton_error(message: str, code: str) -> Any:
-    c = _error_code(code)
+    c = getattr(pb_utils.TritonError, code, None)
     return pb_utils.TritonError(message) if c is None else pb_utils.TritonError(message, c)
 
 
 def _param(config: dict[str, Any], key: str, default: str = "") -> str:
     value = config.get("parameters", {}).get(key, {}).get("string_value", default)
     return default if value.startswith("${") else value  # an unrendered placeholder counts as unset
+
+
+def _int_param(config: dict[str, Any], key: str, default: int) -> int:
+    return int(_param(config, key, "") or default)
 
 
 def _checkpoint_eos_ids(checkpoint_dir: Path, model: LlamaForCausalLM) -> frozenset[int]:
@@ -79,7 +100,55 @@ def _scalar(request: Any, name: str) -> Any | None:
 
 def _array(request: Any, name: str) -> list[int] | None:
     tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return None if tensor is None else [int(x) for x in tensor.as_numpy().reshape(-1)]
+    return None if tensor is None else tensor.as_numpy().reshape(-1).astype(np.int64).tolist()
+
+
+@dataclass(slots=True)
+class _Stream:
+    """One decoupled request: its Triton request (for is_cancelled) and response sender."""
+
+    request: Any
+    sender: Any
+    started: float
+    triton_id: str
+    polled: float = 0.0  # when is_cancelled() was last asked
+
+
+@dataclass(slots=True)
+class _Outgoing:
+    """What waits to be sent to one stream: tokens in order, then maybe its end."""
+
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish: FinishEvent | None = None
+    error: tuple[str, str] | None = None  # (message, TritonError code): ends the stream instead of a finish
+
+
+class _Gauges:
+    """The scheduler's state as Triton custom metrics; set only when a value changes (each set is an IPC)."""
+
+    NAMES: ClassVar[dict[str, tuple[str, str]]] = {
+        "active": ("inferplane_llm_active_sequences", "Sequences in the running batch"),
+        "queued": ("inferplane_llm_queued_requests", "Requests waiting for a KV-cache slot"),
+        "slots_in_use": ("inferplane_llm_kv_slots_in_use", "KV-cache slots held by running sequences"),
+        "slots_total": ("inferplane_llm_kv_slots_total", "KV-cache slots (max_sequences)"),
+    }
+
+    def __init__(self, model_name: str) -> None:
+        self.families = [pb_utils.MetricFamily(name=n, description=d, kind=pb_utils.MetricFamily.GAUGE)
+                         for n, d in self.NAMES.values()]
+        self.metrics = {key: fam.Metric(labels={"model": model_name}) for key, fam in zip(self.NAMES, self.families,
+                                                                                            strict=True)}
+        self.last: SchedulerStats | None = None
+
+    def update(self, stats: SchedulerStats) -> None:
+        if stats == self.last:
+            return
+        for key, metric in self.metrics.items():
+            value = getattr(stats, key)
+            if self.last is None or getattr(self.last, key) != value:
+                metric.set(float(value))
+        self.last = stats
 
 
 class TritonPythonModel:
@@ -95,11 +164,12 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(f"{self.name}: parameter checkpoint_dir is not set")
         self.checkpoint_dir = Path(checkpoint)
 
-        threads = int(_param(config, "torch_threads", "0") or 0)
+        threads = _int_param(config, "torch_threads", 0)
         if threads > 0:
             torch.set_num_threads(threads)
         if args.get("model_instance_kind") == "GPU":
             device = torch.device(f"cuda:{int(args.get('model_instance_device_id', 0))}")
+            torch.cuda.set_device(device)
         else:
             device = torch.device("cpu")
         # bf16 on GPUs; fp32 on CPUs, where bf16 matmuls are slow without AMX/AVX-512.
@@ -114,66 +184,53 @@ class TritonPythonModel:
         self.model = load_model(self.checkpoint_dir, dtype=dtype, device=device, progress=progress)
         self.eos_ids = _checkpoint_eos_ids(self.checkpoint_dir, self.model)
         max_pos = self.model.config.max_position_embeddings
-        self.max_context = min(int(_param(config, "max_context", "0") or 0) or max_pos, max_pos)
+        self.max_context = min(_int_param(config, "max_context", 0) or max_pos, max_pos)
+        max_sequences = _int_param(config, "max_sequences", 32)
+        self.scheduler = BatchScheduler(self.model, max_sequences=max_sequences, max_context=self.max_context)
+        self.streams: dict[Hashable, _Stream] = {}  # live requests; the IPC thread removes a finished one
+        self._next_id = 0
+        self.gauges = _Gauges(self.name)
+        self.gauges.update(self.scheduler.stats)
+        # What the IPC thread is to send: per request id, filled by the scheduler thread and by execute.
+        self._outbox: dict[Hashable, _Outgoing] = {}
+        self._outbox_ready = threading.Condition()
+        self._logs: list[str] = []  # lines for the IPC thread to log (a list append is atomic)
+        self._stopping = threading.Event()
+        self._threads = [threading.Thread(target=target, name=f"{self.name}-{role}", daemon=True)
+                         for role, target in (("scheduler", self._schedule), ("ipc", self._ipc_loop))]
+        for thread in self._threads:
+            thread.start()
         self.log(
             f"ready in {time.monotonic() - started:.1f}s: {self.model.config.num_hidden_layers} layers, "
-            f"vocab {self.model.config.vocab_size}, max_context {self.max_context}, eos {sorted(self.eos_ids)}"
+            f"vocab {self.model.config.vocab_size}, max_context {self.max_context}, "
+            f"max_sequences {max_sequences}, eos {sorted(self.eos_ids)}"
         )
 
     def log(self, message: str) -> None:
+        """Log now: only from initialize, finalize and the IPC thread (see the module docstring)."""
         pb_utils.Logger.log_info(f"[{self.name}] {message}")
+
+    def log_later(self, message: str) -> None:
+        self._logs.append(message)
+
+    # ------------------------------------------------------------------ Triton's thread: validate, enqueue
 
     def execute(self, requests: list[Any]) -> None:
         for request in requests:
-            self._serve(request)
-        return None  # decoupled: every answer went through the response senders
+            rid, self._next_id = self._next_id, self._next_id + 1
+            self.streams[rid] = _Stream(request, request.get_response_sender(), time.monotonic(),
+                                        request.request_id())
+            try:
+                self.scheduler.add(self._parse(request, rid))
+            except (RequestError, RequestRefused) as e:
+                self._post_error(rid, str(e), "INVALID_ARG")
+        return None  # decoupled: the IPC thread answers through the response senders
 
-    def _serve(self, request: Any) -> None:
-        sender = request.get_response_sender()
-        try:
-            req = self._parse(request)
-        except RequestError as e:
-            self._send_final(sender, pb_utils.InferenceResponse(error=_triton_error(str(e), "INVALID_ARG")))
-            return
-        started = time.monotonic()
-        gen = generate(
-            self.model, req.input_ids, max_tokens=req.max_tokens, sampling=req.sampling, stop_ids=req.stop_ids,
-            max_context=self.max_context, is_cancelled=request.is_cancelled,
-        )
-        try:
-            for step in gen:
-                sender.send(pb_utils.InferenceResponse(output_tensors=[
-                    pb_utils.Tensor("token_ids", np.array([step.token_id], dtype=np.int64)),
-                    pb_utils.Tensor("logprobs", np.array([step.logprob], dtype=np.float32)),
-                ]))
-        except Exception as e:  # the stream must still end with a final response
-            if not request.is_cancelled():
-                self.log(f"generation failed: {e!r}")
-                self._send_final(sender, pb_utils.InferenceResponse(error=_triton_error(repr(e), "INTERNAL")))
-                return
-            gen.finish_reason = "cancelled"  # a send raced the client's cancel
-        self._send_final(sender, self._final_response(gen))
-        elapsed = time.monotonic() - started
-        self.log(
-            f"finish={gen.finish_reason} prompt_tokens={gen.prompt_tokens} "
-            f"completion_tokens={gen.completion_tokens} ({gen.completion_tokens / max(elapsed, 1e-9):.1f} tok/s)"
-        )
-
-    def _parse(self, request: Any) -> Request:
+    def _parse(self, request: Any, rid: int) -> SequenceRequest:
         input_ids = _array(request, "input_ids") or []
-        if not input_ids:
-            raise RequestError("input_ids must not be empty")
-        vocab = self.model.config.vocab_size
-        if min(input_ids) < 0 or max(input_ids) >= vocab:
-            raise RequestError(f"input_ids must be in [0, {vocab})")
-        if len(input_ids) >= self.max_context:
-            raise RequestError(
-                f"prompt of {len(input_ids)} tokens does not fit the context of {self.max_context} tokens "
-                "(at least one token must remain for the completion)"
-            )
         max_tokens = _scalar(request, "max_tokens")
-        if max_tokens is None or max_tokens < 1:
-            raise RequestError(f"max_tokens must be >= 1, got {max_tokens}")
+        if max_tokens is None:
+            raise RequestError("max_tokens is required")
         temperature = _scalar(request, "temperature")
         temperature = 0.0 if temperature is None else float(temperature)
         if not temperature >= 0:  # also refuses NaN
@@ -191,17 +248,122 @@ class TritonPythonModel:
         sampling = SamplingParams(
             temperature=temperature, top_k=top_k, top_p=top_p, seed=None if seed is None else int(seed)
         )
-        return Request(input_ids, int(max_tokens), sampling, stop_ids)
+        return SequenceRequest(rid, input_ids, int(max_tokens), sampling, stop_ids)
 
-    @staticmethod
-    def _final_response(gen: Generation) -> Any:
-        return pb_utils.InferenceResponse(output_tensors=[
+    # ------------------------------------------------------------------ the scheduler thread
+
+    def _schedule(self) -> None:
+        steps, busy_s, cpu_s, rows, last_stats = 0, 0.0, 0.0, 0, time.monotonic()
+        while not self._stopping.is_set():
+            if not self.scheduler.wait_for_work(IDLE_WAIT_S):
+                continue
+            t0, c0 = time.monotonic(), time.thread_time()
+            try:
+                events = self.scheduler.step()
+            except Exception as e:  # a broken step must not leave streams hanging
+                self.log_later(f"scheduler step failed: {e!r}; failing {len(self.streams)} requests")
+                self._fail_all(repr(e))
+                continue
+            self._post(events)
+            steps, rows = steps + 1, rows + self.scheduler.stats.active
+            busy_s, cpu_s = busy_s + time.monotonic() - t0, cpu_s + time.thread_time() - c0
+            if t0 - last_stats > STATS_EVERY_S:
+                # wall vs this thread's CPU per step: the gap is time spent waiting for a core or the GIL
+                self.log_later(f"scheduler: {steps} steps, {busy_s / steps * 1e3:.2f} ms/step "
+                               f"({cpu_s / steps * 1e3:.2f} ms CPU), {rows / steps:.1f} sequences/step, "
+                               f"now {self.scheduler.stats}")
+                steps, busy_s, cpu_s, rows, last_stats = 0, 0.0, 0.0, 0, t0
+
+    def _post(self, events: list[Event]) -> None:
+        """Hand a step's events to the IPC thread; a stream's tokens queue up while that thread is busy."""
+        if not events:
+            return
+        with self._outbox_ready:
+            box = self._outbox
+            for ev in events:
+                out = box.get(ev.id)
+                if out is None:
+                    out = box[ev.id] = _Outgoing()
+                if isinstance(ev, TokenEvent):
+                    out.ids.append(ev.token_id)
+                    out.logprobs.append(ev.logprob)
+                else:
+                    out.finish = ev
+            self._outbox_ready.notify()
+
+    def _post_error(self, rid: Hashable, message: str, code: str) -> None:
+        with self._outbox_ready:
+            out = self._outbox.setdefault(rid, _Outgoing())
+            out.error = (message, code)
+            self._outbox_ready.notify()
+
+    def _fail_all(self, message: str) -> None:
+        for rid in list(self.streams):
+            self._post_error(rid, message, "INTERNAL")
+        self.scheduler = BatchScheduler(self.model, max_sequences=self.scheduler.max_sequences,
+                                        max_context=self.max_context)
+
+    # ------------------------------------------------------------------ the IPC thread
+
+    def _ipc_loop(self) -> None:
+        while not self._stopping.is_set():
+            with self._outbox_ready:
+                if not self._outbox:
+                    self._outbox_ready.wait(CANCEL_POLL_S)
+                box, self._outbox = self._outbox, {}
+            self._send(box)
+            self._poll_cancellations()
+            self.gauges.update(self.scheduler.stats)
+            self._flush_logs()
+
+    def _send(self, box: dict[Hashable, _Outgoing]) -> None:
+        for rid, out in box.items():
+            stream = self.streams.get(rid)
+            if stream is None:
+                continue
+            if out.ids:
+                response = pb_utils.InferenceResponse(output_tensors=[
+                    pb_utils.Tensor("token_ids", np.array(out.ids, dtype=np.int64)),
+                    pb_utils.Tensor("logprobs", np.array(out.logprobs, dtype=np.float32)),
+                ])
+                try:
+                    stream.sender.send(response)
+                except Exception:  # the client went away between two polls
+                    self.scheduler.cancel(rid)
+            if out.error is not None:
+                del self.streams[rid]
+                message, code = out.error
+                self._send_final(stream.sender, pb_utils.InferenceResponse(error=_triton_error(message, code)))
+            elif out.finish is not None:
+                del self.streams[rid]
+                self._finish(stream, out.finish)
+
+    def _finish(self, stream: _Stream, ev: FinishEvent) -> None:
+        self._send_final(stream.sender, pb_utils.InferenceResponse(output_tensors=[
             pb_utils.Tensor("token_ids", np.zeros([0], dtype=np.int64)),
             pb_utils.Tensor("logprobs", np.zeros([0], dtype=np.float32)),
-            pb_utils.Tensor("finish_reason", np.array([str(gen.finish_reason).encode()], dtype=np.object_)),
-            pb_utils.Tensor("prompt_tokens", np.array([gen.prompt_tokens], dtype=np.int32)),
-            pb_utils.Tensor("completion_tokens", np.array([gen.completion_tokens], dtype=np.int32)),
-        ])
+            pb_utils.Tensor("finish_reason", np.array([ev.reason.encode()], dtype=np.object_)),
+            pb_utils.Tensor("prompt_tokens", np.array([ev.prompt_tokens], dtype=np.int32)),
+            pb_utils.Tensor("completion_tokens", np.array([ev.completion_tokens], dtype=np.int32)),
+        ]))
+        elapsed = time.monotonic() - stream.started
+        self.log(
+            f"request {stream.triton_id or ev.id}: finish={ev.reason} prompt_tokens={ev.prompt_tokens} "
+            f"completion_tokens={ev.completion_tokens} ({ev.completion_tokens / max(elapsed, 1e-9):.1f} tok/s)"
+        )
+
+    def _poll_cancellations(self) -> None:
+        now = time.monotonic()
+        for rid, stream in list(self.streams.items()):
+            if now - stream.polled < CANCEL_POLL_S:
+                continue
+            stream.polled = now
+            if stream.request.is_cancelled():
+                self.scheduler.cancel(rid)
+
+    def _flush_logs(self) -> None:
+        while self._logs:
+            self.log(self._logs.pop(0))
 
     def _send_final(self, sender: Any, response: Any) -> None:
         try:
@@ -211,4 +373,12 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         self.log("unloading")
+        self._stopping.set()
+        for thread in self._threads:
+            thread.join(timeout=30)
+        self.scheduler.cancel_all()
+        self._post(self.scheduler.step())
+        box, self._outbox = self._outbox, {}
+        self._send(box)  # every stream still open ends with finish_reason "cancelled"
+        self._flush_logs()
         del self.model
