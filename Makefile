@@ -25,7 +25,7 @@ test: install lint typecheck
 	$(BIN)/python -m pytest -q -ra --durations=15
 
 lint: install
-	$(BIN)/ruff check services gateway tests scripts
+	$(BIN)/ruff check services gateway tests scripts bench
 
 typecheck: install
 	$(BIN)/mypy
@@ -35,7 +35,7 @@ protos: install
 	$(BIN)/python scripts/gen_protos.py
 
 bench: install
-	$(BIN)/python -m bench.mesh_vs_triton
+	$(BIN)/python -m bench.mesh
 
 clean:
 	rm -rf .inferplane .pytest_cache .mypy_cache .ruff_cache
