@@ -126,7 +126,10 @@ async def test_sigkill_one_of_two_executors_under_32_streams(stack2: LocalStack)
         await asyncio.wait_for(started.wait(), 30)
         await asyncio.sleep(0.3)
         victim = stack2.procs["executor_2"]
-        os.killpg(victim.pid, signal.SIGKILL)  # its Triton dies with it (parent-death signal)
+        triton = triton_pid(stack2, "executor_2")
+        # The whole replica dies at once, as a pod or a machine does: executor, Triton and its model stubs.
+        os.killpg(victim.pid, signal.SIGKILL)
+        os.killpg(triton, signal.SIGKILL)
         late = [asyncio.create_task(stream_one(http, stack2, max_tokens=20)) for _ in range(8)]
         results = await asyncio.wait_for(asyncio.gather(*tasks, *late), REQUEST_TIMEOUT_S * 4)
     for r in results:
