@@ -1,7 +1,7 @@
 """Embeddings/s of the all-MiniLM-L6-v2 Triton model at batch 1 and 32 (dynamic batching), straight to Triton.
 
     python -m bench.triton_embedding [--concurrency 1,32] [--rounds 3] [--seconds 6] [--max-queue-delay-us 2000]
-                                     [--url HOST:PORT --model NAME] [--out FILE]
+                                     [--torch-threads 1] [--url HOST:PORT --model NAME] [--out FILE]
 
 Renders a repository with the embedding model (``render_embedding_model``) unless ``--url`` names a running
 Triton, then for each level keeps that many single-text requests in flight with ``tritonclient.grpc.aio``
@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=1.5)
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--max-queue-delay-us", type=int, default=2000)
+    parser.add_argument("--torch-threads", type=int, default=1, help="the model's torch threads (0 = torch's)")
     parser.add_argument("--url", help="a running Triton's gRPC host:port (default: start one here)")
     parser.add_argument("--metrics-url", help="its metrics endpoint (with --url)")
     parser.add_argument("--model", default=MODEL)
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         url, metrics_url = args.url, args.metrics_url
         if url is None:
             render_embedding_model(args.model, minilm_dir(), Path(tmp) / "repo", max_batch_size=args.max_batch_size,
-                                   max_queue_delay_us=args.max_queue_delay_us)
+                                   max_queue_delay_us=args.max_queue_delay_us, torch_threads=args.torch_threads)
             server = TritonProcess(Path(tmp) / "repo", backend_dir=prepare_backend_dir(Path(tmp) / "cache"),
                                    log_path=Path(tmp) / "triton.log")
             print("starting tritonserver ...", flush=True)
@@ -179,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['embeddings']:>11}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"rounds": args.rounds, "seconds": args.seconds, "max_batch_size": args.max_batch_size,
-            "max_queue_delay_us": args.max_queue_delay_us, "sentences": len(SENTENCES),
+            "max_queue_delay_us": args.max_queue_delay_us, "torch_threads": args.torch_threads,
+            "sentences": len(SENTENCES),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     args.out.write_text(json.dumps({"meta": meta, "levels": rows}, indent=2))
     print(f"\nwrote {args.out}")

@@ -110,7 +110,9 @@ def stack_settings(cfg: StackConfig, ports: dict[str, int]) -> dict[str, Any]:
                            "metrics_port": p("executor_metrics")},
                 "telemetry": telemetry, "catalog": str(cfg.catalog),
                 "triton": {"grpc_port": p("triton_grpc"), "http_port": p("triton_http"),
-                           "metrics_port": p("triton_metrics"), "work_dir": str(state / replica)}}
+                           "metrics_port": p("triton_metrics"), "work_dir": str(state / replica),
+                           # one torch thread per model on small machines: two fight the services for 2 cores
+                           "torch_threads": 1 if (os.cpu_count() or 1) <= 2 else 0}}
 
     addr = {name: f"{cfg.host}:{ports[name]}" for name in ("router", "tokenizer", "metering")}
     replicas = replica_names(cfg.executors)

@@ -242,7 +242,7 @@ async def test_cancel_stops_the_model_and_next_request_works(triton: TritonProce
     log_mark = len(triton.log_tail(10**9))
 
     got = await stream(triton, request_inputs(prompt, max_tokens), cancel_after=3)
-    assert len(got.tokens) == 3 and got.final == {}
+    assert 3 <= len(got.tokens) <= 3 + max(got.sizes) and got.final == {}  # a response may carry several
 
     deadline = time.monotonic() + 30
     while not (m := re.search(r"finish=cancelled .*completion_tokens=(\d+)", triton.log_tail(10**9)[log_mark:])):
