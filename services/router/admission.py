@@ -21,6 +21,7 @@ import uuid
 from dataclasses import dataclass
 
 import grpc
+from prometheus_client import Counter
 
 from inferplane.v1 import common_pb2, metering_pb2
 from services.common.catalog import Catalog, CatalogModel
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 
 # Trailing metadata naming an OpenAI error code the gateway should answer with (same key in gateway/errors.py).
 ERROR_CODE_METADATA_KEY = "x-inferplane-error-code"
+REFUSALS = Counter("inferplane_router_admission_refusals", "Requests refused at admission, by reason",
+                   ["reason"])
 INSUFFICIENT_QUOTA = "insufficient_quota"
 Metadata = tuple[tuple[str, str], ...]
 
@@ -139,6 +142,7 @@ class Admission:
             key.key_id, requests=1, tokens=prompt_tokens + max_tokens,
             limits=Limits(key.requests_per_minute, key.tokens_per_minute))
         if not decision.allowed:
+            REFUSALS.labels("rate_limit").inc()
             raise AdmissionRefused(_rate_message(decision, prompt_tokens + max_tokens), metadata=decision.headers())
         headers = decision.headers()
         if not key.has_budget:
@@ -150,6 +154,7 @@ class Admission:
                                                 timeout=self._timeout_s)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                REFUSALS.labels("budget").inc()
                 raise AdmissionRefused(exc.details() or "You exceeded your current quota.", metadata=(
                     (ERROR_CODE_METADATA_KEY, INSUFFICIENT_QUOTA), *headers)) from None
             log.warning("budget reservation failed (%s): refusing, budgets fail closed", exc.code().name)
