@@ -13,7 +13,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -186,6 +186,7 @@ class RouterClient:
 
 
 ParsedT = TypeVar("ParsedT", bound=BaseModel)
+WorkT = TypeVar("WorkT")
 
 
 def _router(request: Request) -> RouterClient:
@@ -270,21 +271,27 @@ async def _until_disconnect(request: Request) -> None:
         pass
 
 
-async def _complete_unless_gone(request: Request, call: Any, first: router_pb2.GenerateResponse,
-                                enc: ResponseEncoder) -> dict[str, Any]:
-    """``_complete``, but a caller that disconnects first cancels the router call (cancellation flows down)."""
-    work = asyncio.ensure_future(_complete(call, first, enc))
+async def _unless_gone(request: Request, work: Awaitable[WorkT], cancel: Callable[[], Awaitable[None]]) -> WorkT:
+    """Await ``work``; a caller that disconnects first gets it cancelled (``cancel`` stops the router call, so
+    cancellation flows down)."""
+    task = asyncio.ensure_future(work)
     gone = asyncio.ensure_future(_until_disconnect(request))
     try:
-        await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
-        if not work.done():
-            work.cancel()
-            await close_stream(call)
-    if work.cancelled():
+        if not task.done():
+            task.cancel()
+            await cancel()
+    if task.cancelled():
         raise _client_gone()
-    return work.result()
+    return task.result()
+
+
+async def _complete_unless_gone(request: Request, call: Any, first: router_pb2.GenerateResponse,
+                                enc: ResponseEncoder) -> dict[str, Any]:
+    """``_complete``, but a caller that disconnects first cancels the router call."""
+    return await _unless_gone(request, _complete(call, first, enc), lambda: close_stream(call))
 
 
 async def _events(call: Any, first: router_pb2.GenerateResponse, enc: ResponseEncoder) -> AsyncIterator[bytes]:
@@ -370,19 +377,12 @@ async def embeddings(request: Request) -> Response:
         raise GatewayError(400, "This model does not support the 'dimensions' parameter.", param="dimensions")
     router = _router(request)
     call = router.stub.Embed(body.to_embed_request(), metadata=metadata, timeout=router.timeout_s)
-    work = asyncio.ensure_future(call)
-    gone = asyncio.ensure_future(_until_disconnect(request))
+
+    async def cancel() -> None:
+        call.cancel()
+
     try:
-        await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not work.done():
-            call.cancel()  # the caller left: cancellation flows down
-            work.cancel()
-    if work.cancelled():
-        raise _client_gone()
-    try:
-        resp = work.result()
+        resp = await _unless_gone(request, call, cancel)
     except grpc.aio.AioRpcError as exc:
         raise from_rpc_error(exc) from None
     return JSONResponse(embeddings_body(resp, body))

@@ -13,6 +13,8 @@ from typing import Any
 import grpc
 from prometheus_client import Counter, Histogram, start_http_server
 
+from services.common.handlers import rewrap_handler
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 RPC_HANDLED = Counter("inferplane_grpc_server_handled", "gRPC calls handled, by method and status code",
@@ -80,12 +82,4 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
             return stream
 
-        shapes = {
-            (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler, wrap_unary),
-            (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler, wrap_stream),
-            (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler, wrap_unary),
-            (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler, wrap_stream),
-        }
-        attr, make, wrap = shapes[(handler.request_streaming, handler.response_streaming)]
-        return make(wrap(getattr(handler, attr)), request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer)
+        return rewrap_handler(handler, unary=wrap_unary, stream=wrap_stream)

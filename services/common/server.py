@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor, filters
 
 from services.common.errors import PARAM_METADATA_KEY, InferplaneError
+from services.common.handlers import rewrap_handler
 from services.common.metrics import MetricsInterceptor, start_metrics_server
 from services.common.settings import ServerSettings
 
@@ -97,18 +98,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
             return stream
 
-        shapes = {
-            (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler, wrap_unary),
-            (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler, wrap_stream),
-            (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler, wrap_unary),
-            (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler, wrap_stream),
-        }
-        attr, make, wrap = shapes[(handler.request_streaming, handler.response_streaming)]
-        return make(
-            wrap(getattr(handler, attr)),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return rewrap_handler(handler, unary=wrap_unary, stream=wrap_stream)
 
 
 def channel_options(max_message_bytes: int = 16 * 1024 * 1024) -> list[tuple[str, Any]]:
