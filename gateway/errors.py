@@ -30,6 +30,7 @@ FORWARDED_HEADER_PREFIXES = ("x-ratelimit-", "retry-after")
 # Trailing metadata naming the OpenAI error code to answer with (set by the router's admission).
 ERROR_CODE_METADATA_KEY = "x-inferplane-error-code"
 INSUFFICIENT_QUOTA = "insufficient_quota"
+OVERLOADED = "overloaded"  # the router's bounded queue for the model is full (services/router/capacity.py)
 INTERNAL_MESSAGE = "The server had an error while processing your request. Sorry about that!"
 
 
@@ -82,6 +83,8 @@ _INTERNAL = _Row(500, SERVER_ERROR, None, INTERNAL_MESSAGE)
 # 429 "insufficient_quota", not a rate limit (retrying soon does not help).
 ERROR_CODE_ROWS: dict[tuple[grpc.StatusCode, str], _Row] = {
     (grpc.StatusCode.RESOURCE_EXHAUSTED, INSUFFICIENT_QUOTA): _Row(429, INSUFFICIENT_QUOTA, INSUFFICIENT_QUOTA),
+    # capacity, not the caller's quota: 503 with retry-after, as OpenAI answers "overloaded"
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, OVERLOADED): _Row(503, SERVER_ERROR, OVERLOADED),
 }
 
 

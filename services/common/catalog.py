@@ -61,6 +61,14 @@ class CatalogModel(BaseModel):
     instance_kind: Literal["KIND_CPU", "KIND_GPU"] = "KIND_CPU"
     # Embedding models: most inputs one request may carry (OpenAI's limit is 2048).
     max_batch_inputs: int = Field(default=2048, gt=0)
+    # Admission (services/router/capacity.py): requests one replica runs at once (its KV-cache slots plus a
+    # little queue inside Triton), requests that may wait in the router beyond that, and for how long.
+    concurrency_per_replica: int = Field(default=64, gt=0)
+    max_queue: int = Field(default=256, ge=0)
+    queue_timeout_s: float = Field(default=30.0, gt=0)
+    # This model's deadline for one request (None: the router's request_timeout_s); the caller's own is kept
+    # when shorter.
+    request_timeout_s: float | None = Field(default=None, gt=0)
     # Seed price (metering's price table is the source of truth once seeded); None: not priced.
     prices: ModelPrices | None = None
 

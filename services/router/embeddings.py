@@ -42,7 +42,7 @@ async def embed(engine: GenerationEngine, model_id: str, inputs: list[str], *, k
     started = time.monotonic()
     created_at = Timestamp()
     created_at.GetCurrentTime()
-    end = min(deadline or float("inf"), started + engine.request_timeout_s)
+    end = min(deadline or float("inf"), started + (model.request_timeout_s or engine.request_timeout_s))
     span = trace.get_current_span()
     span.set_attributes({"gen_ai.operation.name": "embeddings", "gen_ai.request.model": model.id,
                          "inferplane.request_id": request_id, "inferplane.key_id": key.key_id})
@@ -59,8 +59,13 @@ async def embed(engine: GenerationEngine, model_id: str, inputs: list[str], *, k
     ticket = None
     if engine.admission is not None:  # rate limits and budget before the executor works
         ticket = await engine.admission.admit(key, model, prompt_tokens, 0, request_id=request_id)
+    gate = engine.capacity.gate(model.id)  # the model's bounded queue (Overloaded when full or too slow)
     try:
-        vectors = await _embed_with_retry(engine, model.triton_model, encoded, request_id=request_id, left=left)
+        await gate.acquire(left())
+        try:
+            vectors = await _embed_with_retry(engine, model.triton_model, encoded, request_id=request_id, left=left)
+        finally:
+            gate.release()
     except BaseException:
         if ticket is not None and engine.admission is not None:
             await engine.admission.release(ticket)  # nothing ran: no usage record will settle it

@@ -22,7 +22,8 @@ from services.common.catalog import Catalog, CatalogModel
 from services.common.errors import InvalidArgument, NotFound, Unavailable
 from services.common.server import close_stream
 from services.router import metrics
-from services.router.admission import Admission, Metadata, stamp
+from services.router.admission import Admission, Metadata, Ticket, stamp
+from services.router.capacity import Capacity
 from services.router.clients import (
     KeyInfo,
     LocalDecoder,
@@ -130,6 +131,12 @@ class GenerationEngine:
         self.admission = admission
         self.outbox = outbox
         self._background: set[asyncio.Task[None]] = set()
+        self.capacity = Capacity(
+            lambda mid: executors.serving_count(self.model(mid).triton_model),
+            per_replica=lambda mid: self.model(mid).concurrency_per_replica,
+            max_queue=lambda mid: self.model(mid).max_queue,
+            queue_timeout_s=lambda mid: self.model(mid).queue_timeout_s)
+        executors.on_change = self.capacity.wake_all
 
     def model(self, model_id: str) -> CatalogModel:
         model = self.catalog.get(model_id)
@@ -147,8 +154,8 @@ class GenerationEngine:
         started = time.monotonic()
         created_at = Timestamp()
         created_at.GetCurrentTime()
-        # the caller's deadline, capped by the router's own limit for one request
-        end = min(deadline or float("inf"), started + self.request_timeout_s)
+        # the caller's deadline, capped by the model's (else the router's) limit for one request
+        end = min(deadline or float("inf"), started + (model.request_timeout_s or self.request_timeout_s))
         operation = "chat" if inp.messages is not None else "text_completion"
         span = trace.get_current_span()
         span.set_attributes({"gen_ai.operation.name": operation, "gen_ai.request.model": model.id,
@@ -171,8 +178,20 @@ class GenerationEngine:
         if self.admission is not None:
             ticket = await self.admission.admit(key, model, len(encoded.token_ids), max_tokens,
                                                 request_id=request_id)
-        if on_admitted is not None:
-            await on_admitted(ticket.headers if ticket is not None else ())
+        # A slot of the model's bounded queue (Overloaded, answered 503, when it is full or too slow).
+        gate = self.capacity.gate(model.id)
+        try:
+            await gate.acquire(left())
+        except BaseException:
+            await self._release(ticket)
+            raise
+        try:
+            if on_admitted is not None:
+                await on_admitted(ticket.headers if ticket is not None else ())
+        except BaseException:
+            gate.release()
+            await self._release(ticket)
+            raise
         req = executor_pb2.ExecutorGenerateRequest(
             model=model.triton_model, prompt_token_ids=encoded.token_ids, max_tokens=max_tokens,
             stop_token_ids=encoded.stop_token_ids, request_id=request_id)
@@ -240,6 +259,7 @@ class GenerationEngine:
                 await close_stream(call, cancel=not got_final)
             if replica is not None:
                 replica.outstanding -= 1
+            gate.release()
             await _quietly(decoder.close())
             record = usage_record(request_id, key, model.id, prompt_tokens, completion_tokens,
                                    finish or common_pb2.FINISH_REASON_ERROR, started, first_token_at, created_at)
@@ -320,6 +340,11 @@ class GenerationEngine:
                     return
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+    async def _release(self, ticket: Ticket | None) -> None:
+        """Give back a reservation of a request that will leave no usage record (it never ran)."""
+        if ticket is not None and self.admission is not None:
+            await _quietly(self.admission.release(ticket))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)

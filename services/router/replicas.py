@@ -110,6 +110,8 @@ class ReplicaSet:
         self.budget = RetryBudget(retry_ratio, retry_burst)
         self._rng = random.Random(seed)
         self._tasks: list[asyncio.Task[None]] = []
+        # called when a replica's state changes (the router's capacity lets queued requests in)
+        self.on_change: Callable[[], None] | None = None
 
     # --- membership -------------------------------------------------------------------------------
 
@@ -216,6 +218,8 @@ class ReplicaSet:
         now = time.monotonic()
         REPLICAS.labels("available").set(sum(r.available(now) for r in self.replicas.values()))
         REPLICAS.labels("unavailable").set(sum(not r.available(now) for r in self.replicas.values()))
+        if self.on_change is not None:
+            self.on_change()
 
     async def wait_any_serving(self, timeout: float) -> bool:
         """At start: wait (bounded) until some replica reports SERVING, so readiness means something."""
@@ -227,6 +231,12 @@ class ReplicaSet:
         return True
 
     # --- choice ------------------------------------------------------------------------------------
+
+    def serving_count(self, model: str) -> int:
+        """Replicas that can take a request for ``model`` now (as ``pick`` chooses among them)."""
+        now = time.monotonic()
+        live = [r for r in self.replicas.values() if r.available(now)]
+        return sum(model in r.models for r in live) or sum(not r.models for r in live)
 
     def pick(self, model: str, *, exclude: set[str] | frozenset[str] = frozenset()) -> Replica:
         now = time.monotonic()
