@@ -52,6 +52,8 @@ class RouterSettings(BaseSettings):
     detokenize: Literal["local", "remote"] = "local"
     # Seconds a verified key stays cached (revocation takes effect within this time).
     key_cache_ttl_s: float = 30.0
+    # while metering is unreachable, a key verified within this many seconds keeps working (0: none does)
+    key_stale_ttl_s: float = 600.0
     # Rate limits shared by several routers through Redis (redis://host:6379/0); None: in this process.
     redis_url: str | None = None
     # When Redis cannot be reached: "local" (each router enforces the limits alone), "open" or "closed".
@@ -84,7 +86,8 @@ class Router:
                                        local_tokenizers=LocalTokenizers({m.id: m.tokenizer for m in catalog.models})
                                        if settings.detokenize == "local" else None,
                                        admission=admission, outbox=self.outbox)
-        servicer = RouterServicer(self.engine, KeyVerifier(metering, ttl=settings.key_cache_ttl_s))
+        servicer = RouterServicer(self.engine, KeyVerifier(metering, ttl=settings.key_cache_ttl_s,
+                                                                   stale_ttl=settings.key_stale_ttl_s))
         self.server = GrpcServer(
             settings.server, service_names=["inferplane.v1.RouterService"],
             register=lambda s: router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, s))
