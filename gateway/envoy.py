@@ -39,6 +39,9 @@ ADMIN_CLUSTER = "envoy_admin"
 EDGE_HEALTH_PATH = "/healthz/edge"
 # Retry only what cannot have reached the service: a response never started, so a retry never repeats output.
 RETRY_ON = "connect-failure,refused-stream,reset-before-request"
+# Idle upstream connections are closed by Envoy after this long: shorter than the gateway's keep-alive
+# (GatewaySettings.keep_alive_s, 75 s), so the gateway never closes a connection Envoy is about to reuse.
+UPSTREAM_IDLE_TIMEOUT_S = 60
 
 
 class EdgeSettings(BaseSettings):
@@ -142,7 +145,7 @@ def _upstream_cluster(name: str, addr: str, s: EdgeSettings, *, http2: bool) -> 
             {"endpoint": {"address": _socket(host, port)}}]}]},
         "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-            common_http_protocol_options={"idle_timeout": "300s"},
+            common_http_protocol_options={"idle_timeout": f"{UPSTREAM_IDLE_TIMEOUT_S}s"},
             explicit_http_config=protocol)},
         "circuit_breakers": {"thresholds": [{
             "priority": "DEFAULT",
@@ -270,7 +273,8 @@ ACCESS_LOG_FORMAT = {
     "request_id": "%REQ(X-REQUEST-ID)%",
     "trace_id": "%TRACE_ID%",
     "method": "%REQ(:METHOD)%",
-    "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+    # without the query: a key pasted into a URL (?api_key=...) must not reach the log
+    "path": "%REQ_WITHOUT_QUERY(X-ENVOY-ORIGINAL-PATH?:PATH)%",
     "protocol": "%PROTOCOL%",
     "status": "%RESPONSE_CODE%",
     "grpc_status": "%GRPC_STATUS_NUMBER%",
@@ -290,7 +294,9 @@ ACCESS_LOG_FORMAT = {
 def _access_log(path: str) -> list[dict[str, Any]]:
     return [{"name": "envoy.access_loggers.file", "typed_config": _any(
         "envoy.extensions.access_loggers.file.v3.FileAccessLog", path=path,
-        log_format={"json_format": ACCESS_LOG_FORMAT, "json_format_options": {"sort_properties": False}})}]
+        log_format={"json_format": ACCESS_LOG_FORMAT, "json_format_options": {"sort_properties": False},
+                    "formatters": [{"name": "envoy.formatter.req_without_query", "typed_config": _any(
+                        "envoy.extensions.formatter.req_without_query.v3.ReqWithoutQuery")}]})}]
 
 
 def _tracing(s: EdgeSettings) -> dict[str, Any]:

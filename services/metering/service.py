@@ -1,7 +1,9 @@
 """The metering gRPC servicer: protobuf in, plain store call (in a thread), protobuf out.
 
-The router's calls are mesh-internal and carry no credentials. Admin calls carry the caller's key in
-``authorization`` metadata and need the ``admin`` scope; GetUsageSummary answers a non-admin key about itself only.
+The router's calls (VerifyKey, Reserve, Release, ListPrices, RecordUsage, RecordUsageBatch) are mesh-internal
+and carry no credentials. Admin calls carry the caller's key in ``authorization`` metadata and need the ``admin``
+scope. The usage reads (GetUsageSummary, ListUsage) need a valid key too: an admin key may read and filter any
+key's or tenant's usage; any other key reads its own usage only, whatever key or tenant it asks for.
 """
 
 from __future__ import annotations
@@ -112,17 +114,6 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         return metering_pb2.RecordUsageBatchResponse(
             outcomes=outcomes, errors=[errors.get(i, "") for i in range(len(request.records))])
 
-    async def ListUsage(self, request: metering_pb2.ListUsageRequest,
-                        context: grpc.aio.ServicerContext) -> metering_pb2.ListUsageResponse:
-        key_id = request.key_id if request.HasField("key_id") else None
-        tenant_id = request.tenant_id if request.HasField("tenant_id") else None
-        limit = request.limit or DEFAULT_USAGE_LIMIT  # the store refuses negative and over-large limits
-        rows = await asyncio.to_thread(
-            lambda: self._store.list_usage(key_id, limit, tenant_id=tenant_id,
-                                           start=dt(request.start) if request.HasField("start") else None,
-                                           end=dt(request.end) if request.HasField("end") else None))
-        return metering_pb2.ListUsageResponse(records=[usage_to_pb(r) for r in rows])
-
     async def Reserve(self, request: metering_pb2.ReserveRequest,
                       context: grpc.aio.ServicerContext) -> metering_pb2.ReserveResponse:
         try:
@@ -151,6 +142,21 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         return metering_pb2.ListPricesResponse(prices=[price_to_pb(p) for p in prices])
 
     # -- callers with a key --
+
+    async def ListUsage(self, request: metering_pb2.ListUsageRequest,
+                        context: grpc.aio.ServicerContext) -> metering_pb2.ListUsageResponse:
+        caller = await self._caller(context)
+        if caller.is_admin:
+            key_id = request.key_id if request.HasField("key_id") else None
+            tenant_id = request.tenant_id if request.HasField("tenant_id") else None
+        else:  # a key reads its own records and nothing else, whatever it asks for
+            key_id, tenant_id = caller.key_id, caller.tenant_id
+        limit = request.limit or DEFAULT_USAGE_LIMIT  # the store refuses negative and over-large limits
+        rows = await asyncio.to_thread(
+            lambda: self._store.list_usage(key_id, limit, tenant_id=tenant_id,
+                                           start=dt(request.start) if request.HasField("start") else None,
+                                           end=dt(request.end) if request.HasField("end") else None))
+        return metering_pb2.ListUsageResponse(records=[usage_to_pb(r) for r in rows])
 
     async def GetUsageSummary(self, request: metering_pb2.GetUsageSummaryRequest,
                               context: grpc.aio.ServicerContext) -> metering_pb2.GetUsageSummaryResponse:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -117,17 +118,29 @@ def completion_budget(prompt_tokens: int, max_tokens: int | None, model: Catalog
     return max_tokens
 
 
+# What inferplane keys (and most providers' keys) look like: never repeated back in a message.
+KEY_LIKE = re.compile(r"sk-[A-Za-z0-9_-]{8,}")
+
+
 class GenerationEngine:
     def __init__(self, *, catalog: Catalog, tokenizer: TokenizerClient, executors: ReplicaSet,
                  metering: MeteringClient, request_timeout_s: float = 600.0,
                  local_tokenizers: LocalTokenizers | None = None, admission: Admission | None = None,
-                 outbox: UsageOutbox | None = None) -> None:
+                 outbox: UsageOutbox | None = None, encode_locally: bool = False,
+                 decode_locally: bool = True) -> None:
+        """With ``local_tokenizers``, ``decode_locally`` turns streamed ids into text in process (else the
+        tokenizer's DecodeStream) and ``encode_locally`` encodes prompts in process (else its Encode)."""
         self.catalog = catalog
         self.tokenizer = tokenizer
+        self.encoder: TokenizerClient | LocalTokenizers = tokenizer
+        if encode_locally:
+            if local_tokenizers is None:
+                raise ValueError("encode_locally needs local_tokenizers")
+            self.encoder = local_tokenizers
         self.executors = executors
         self._metering = metering
         self.request_timeout_s = request_timeout_s
-        self._local = local_tokenizers
+        self._local = local_tokenizers if decode_locally else None
         self.admission = admission
         self.outbox = outbox
         self._background: set[asyncio.Task[None]] = set()
@@ -141,7 +154,9 @@ class GenerationEngine:
     def model(self, model_id: str) -> CatalogModel:
         model = self.catalog.get(model_id)
         if model is None:
-            raise NotFound(f"The model `{model_id}` does not exist or you do not have access to it.",
+            # an API key pasted into "model" is not echoed (error messages end up in traces and logs)
+            shown = "(a value that looks like an API key)" if KEY_LIKE.search(model_id) else model_id
+            raise NotFound(f"The model `{shown}` does not exist or you do not have access to it.",
                            param="model")
         return model
 
@@ -169,9 +184,9 @@ class GenerationEngine:
             return max(0.001, end - time.monotonic())
 
         if inp.messages is not None:
-            encoded = await self.tokenizer.encode_chat(model.id, inp.messages, timeout=left())
+            encoded = await self.encoder.encode_chat(model.id, inp.messages, timeout=left())
         else:
-            encoded = await self.tokenizer.encode_text(model.id, inp.prompt or "", timeout=left())
+            encoded = await self.encoder.encode_text(model.id, inp.prompt or "", timeout=left())
         max_tokens = completion_budget(len(encoded.token_ids), inp.max_tokens, model)
         # Rate limits and budget, before an executor does any work (refusals raise RESOURCE_EXHAUSTED).
         ticket = None

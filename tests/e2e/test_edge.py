@@ -80,8 +80,8 @@ def _internal_calls(channel: grpc.Channel) -> dict[str, Any]:
             tokenizer_pb2.EncodeRequest(model=MODEL, text="hello"), timeout=10),
         "executor": lambda: executor_pb2_grpc.ExecutorServiceStub(channel).GetStatus(
             executor_pb2.GetStatusRequest(), timeout=10),
-        "metering": lambda: metering_pb2_grpc.MeteringServiceStub(channel).ListUsage(
-            metering_pb2.ListUsageRequest(limit=1), timeout=10),
+        "metering": lambda: metering_pb2_grpc.MeteringServiceStub(channel).ListPrices(  # a router call: no key
+            metering_pb2.ListPricesRequest(), timeout=10),
         "triton_grpc": lambda: triton(b"", timeout=10),
     }
 
@@ -109,8 +109,8 @@ def test_triton_http_and_other_internal_paths_are_404_at_the_edge(stack: LocalSt
 
 @pytest.fixture(scope="module")
 def quick_edge(stack: LocalStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EnvoyProcess]:
-    """A second Envoy in front of the same gateway and router, with a 1 s request timeout."""
-    settings = EdgeSettings(port=free_port(), admin_port=free_port(), request_timeout_s=1.0,
+    """A second Envoy in front of the same gateway and router, with a 0.5 s request timeout."""
+    settings = EdgeSettings(port=free_port(), admin_port=free_port(), request_timeout_s=0.5,
                             stream_idle_timeout_s=30.0, gateway_addr=f"127.0.0.1:{stack.ports['gateway']}",
                             router_addr=f"127.0.0.1:{stack.ports['router']}",
                             access_log_path=str(stack.state / "logs" / "quick-edge-access.log"))
@@ -118,7 +118,7 @@ def quick_edge(stack: LocalStack, tmp_path_factory: pytest.TempPathFactory) -> I
         yield envoy
 
 
-# Greedy decoding of this prompt runs to max_tokens (no end-of-text within 400 tokens): about 4 s here.
+# Greedy decoding of this prompt runs to max_tokens (no end-of-text within 400 tokens): about 2 s here.
 LONG = {"prompt": "Return the", "max_tokens": 400}
 
 

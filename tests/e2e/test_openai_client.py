@@ -138,7 +138,8 @@ def test_grpc_bad_key_is_unauthenticated(stack: LocalStack) -> None:
 def _usage(stack: LocalStack, request_id: str) -> list[metering_pb2.UsageRecord]:
     with grpc.insecure_channel(f"127.0.0.1:{stack.ports['metering']}") as channel:
         stub = metering_pb2_grpc.MeteringServiceStub(channel)
-        records = stub.ListUsage(metering_pb2.ListUsageRequest(limit=1000), timeout=10).records
+        records = stub.ListUsage(metering_pb2.ListUsageRequest(limit=1000), timeout=10,
+                                 metadata=(("authorization", f"Bearer {stack.create_admin_key()}"),)).records
     return [r for r in records if r.request_id == request_id]
 
 

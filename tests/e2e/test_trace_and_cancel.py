@@ -104,8 +104,9 @@ def test_client_disconnect_cancels_and_bills_generated_tokens(stack: LocalStack,
     def record() -> metering_pb2.UsageRecord | None:
         with grpc.insecure_channel(f"127.0.0.1:{stack.ports['metering']}") as channel:
             stub = metering_pb2_grpc.MeteringServiceStub(channel)
-            recs = [r for r in stub.ListUsage(metering_pb2.ListUsageRequest(limit=1000), timeout=10).records
-                    if r.request_id == rid]
+            admin = (("authorization", f"Bearer {stack.create_admin_key()}"),)
+            recs = [r for r in stub.ListUsage(metering_pb2.ListUsageRequest(limit=1000), metadata=admin,
+                                              timeout=10).records if r.request_id == rid]
         return recs[0] if recs else None
 
     rec = wait_for(record)

@@ -125,16 +125,18 @@ async def test_record_usage_is_idempotent(stub: metering_pb2_grpc.MeteringServic
     assert row.created_at == datetime(2025, 12, 1, 12, 0, tzinfo=UTC)
 
 
-async def test_list_usage(stub: metering_pb2_grpc.MeteringServiceStub) -> None:
+async def test_list_usage(stub: metering_pb2_grpc.MeteringServiceStub, store: MeteringStore) -> None:
+    admin = (("authorization", f"Bearer {store.create_key('ops', scopes=['admin'])[1]}"),)
     for i, key in enumerate(["keyAAAAAAAAA", "keyBBBBBBBBB", "keyAAAAAAAAA"]):
         rec = record(f"list-{i}", key_id=key)
         rec.created_at.FromDatetime(datetime(2025, 12, 1, 12, 0, i, tzinfo=UTC))
         await stub.RecordUsage(metering_pb2.RecordUsageRequest(record=rec), timeout=5)
-    everything = await stub.ListUsage(metering_pb2.ListUsageRequest(), timeout=5)
+    everything = await stub.ListUsage(metering_pb2.ListUsageRequest(), metadata=admin, timeout=5)
     assert [r.request_id for r in everything.records] == ["list-2", "list-1", "list-0"]
     assert not everything.records[0].HasField("time_to_first_token_ms")
     assert everything.records[0].created_at.ToDatetime(tzinfo=UTC) == datetime(2025, 12, 1, 12, 0, 2, tzinfo=UTC)
-    only_a = await stub.ListUsage(metering_pb2.ListUsageRequest(key_id="keyAAAAAAAAA", limit=1), timeout=5)
+    only_a = await stub.ListUsage(metering_pb2.ListUsageRequest(key_id="keyAAAAAAAAA", limit=1), metadata=admin,
+                                  timeout=5)
     assert [r.request_id for r in only_a.records] == ["list-2"]
 
 
@@ -148,10 +150,12 @@ async def test_list_usage(stub: metering_pb2_grpc.MeteringServiceStub) -> None:
     (metering_pb2.ListUsageRequest(limit=-1), "limit"),
     (metering_pb2.ListUsageRequest(limit=1001), "limit"),
 ])
-async def test_invalid_argument(stub: metering_pb2_grpc.MeteringServiceStub, request_: object, param: str) -> None:
+async def test_invalid_argument(stub: metering_pb2_grpc.MeteringServiceStub, store: MeteringStore, request_: object,
+                                param: str) -> None:
     call = stub.RecordUsage if isinstance(request_, metering_pb2.RecordUsageRequest) else stub.ListUsage
+    key = (("authorization", f"Bearer {store.create_key('caller')[1]}"),)  # ListUsage authenticates first
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await call(request_, timeout=5)
+        await call(request_, metadata=key, timeout=5)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (PARAM_METADATA_KEY, param) in tuple(err.value.trailing_metadata() or ())
 

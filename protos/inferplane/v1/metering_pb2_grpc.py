@@ -28,10 +28,10 @@ if _version_not_supported:
 class MeteringServiceStub:
     """API keys, tenants, prices, budgets and the usage ledger.
 
-    The router's calls (VerifyKey, Reserve, Release, ListPrices, RecordUsage, RecordUsageBatch, ListUsage) are
-    mesh-internal and carry no credentials. The admin calls (CreateKey, ListKeys, RevokeKey, SetPrice, SetBudget,
-    ListBudgets) need "authorization: Bearer <key with the admin scope>" metadata; GetUsageSummary takes any valid
-    key and answers only that key's usage unless the key is an admin key.
+    The router's calls (VerifyKey, Reserve, Release, ListPrices, RecordUsage, RecordUsageBatch) are mesh-internal
+    and carry no credentials. The admin calls (CreateKey, ListKeys, RevokeKey, SetPrice, SetBudget, ListBudgets)
+    need "authorization: Bearer <key with the admin scope>" metadata; GetUsageSummary and ListUsage take any valid
+    key and answer only that key's usage unless the key is an admin key.
     """
 
     def __init__(self, channel):
@@ -120,10 +120,10 @@ class MeteringServiceStub:
 class MeteringServiceServicer:
     """API keys, tenants, prices, budgets and the usage ledger.
 
-    The router's calls (VerifyKey, Reserve, Release, ListPrices, RecordUsage, RecordUsageBatch, ListUsage) are
-    mesh-internal and carry no credentials. The admin calls (CreateKey, ListKeys, RevokeKey, SetPrice, SetBudget,
-    ListBudgets) need "authorization: Bearer <key with the admin scope>" metadata; GetUsageSummary takes any valid
-    key and answers only that key's usage unless the key is an admin key.
+    The router's calls (VerifyKey, Reserve, Release, ListPrices, RecordUsage, RecordUsageBatch) are mesh-internal
+    and carry no credentials. The admin calls (CreateKey, ListKeys, RevokeKey, SetPrice, SetBudget, ListBudgets)
+    need "authorization: Bearer <key with the admin scope>" metadata; GetUsageSummary and ListUsage take any valid
+    key and answer only that key's usage unless the key is an admin key.
     """
 
     def VerifyKey(self, request, context):
@@ -321,10 +321,10 @@ def add_MeteringServiceServicer_to_server(servicer, server):
 class MeteringService:
     """API keys, tenants, prices, budgets and the usage ledger.
 
-    The router's calls (VerifyKey, Reserve, Release, ListPrices, RecordUsage, RecordUsageBatch, ListUsage) are
-    mesh-internal and carry no credentials. The admin calls (CreateKey, ListKeys, RevokeKey, SetPrice, SetBudget,
-    ListBudgets) need "authorization: Bearer <key with the admin scope>" metadata; GetUsageSummary takes any valid
-    key and answers only that key's usage unless the key is an admin key.
+    The router's calls (VerifyKey, Reserve, Release, ListPrices, RecordUsage, RecordUsageBatch) are mesh-internal
+    and carry no credentials. The admin calls (CreateKey, ListKeys, RevokeKey, SetPrice, SetBudget, ListBudgets)
+    need "authorization: Bearer <key with the admin scope>" metadata; GetUsageSummary and ListUsage take any valid
+    key and answer only that key's usage unless the key is an admin key.
     """
 
     @staticmethod
