@@ -8,7 +8,6 @@ first message has arrived (an error before it is a plain JSON error with its sta
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import time
@@ -52,6 +51,7 @@ from gateway.protocol import (
     ResponseEncoder,
     finish_reason,
     models_body,
+    sse_frame,
     usage_dict,
 )
 from inferplane.v1 import router_pb2, router_pb2_grpc
@@ -221,10 +221,6 @@ def _client_gone() -> GatewayError:
     return GatewayError(CLIENT_CLOSED_REQUEST, "The client closed the connection.", code="request_cancelled")
 
 
-def _frame(obj: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
-
-
 async def _messages(call: Any, first: router_pb2.GenerateResponse) -> AsyncGenerator[router_pb2.GenerateResponse]:
     """The router's messages (``first`` already read) until EOF; a failed call becomes a ``GatewayError``."""
     msg: object = first
@@ -298,7 +294,7 @@ async def _events(call: Any, first: router_pb2.GenerateResponse, enc: ResponseEn
     """SSE frames; an error after the first byte ends the stream with one ``data: {"error": ...}`` frame."""
     try:
         for chunk in enc.opening():
-            yield _frame(chunk)
+            yield sse_frame(chunk)
         finish: str | None = None
         usage: dict[str, int] | None = None
         async with aclosing(_messages(call, first)) as messages:
@@ -306,22 +302,22 @@ async def _events(call: Any, first: router_pb2.GenerateResponse, enc: ResponseEn
                 if finish is not None:
                     continue
                 if msg.text:
-                    yield _frame(enc.text_chunk(msg.text))
+                    yield enc.text_frame(msg.text)
                 finish = finish_reason(msg)
                 if finish is not None:
                     usage = usage_dict(msg)
-                    yield _frame(enc.finish_chunk(finish))
+                    yield sse_frame(enc.finish_chunk(finish))
         if finish is None:
             raise _no_finish()
         if enc.include_usage:
-            yield _frame(enc.usage_chunk(usage))
+            yield sse_frame(enc.usage_chunk(usage))
         yield DONE_FRAME
     except GatewayError as err:
         span = trace.get_current_span()
         span.set_attribute("inferplane.stream_error", err.code or err.type)
         if err.status >= 500:
             span.set_status(Status(StatusCode.ERROR, err.message))
-        yield _frame(err.body())
+        yield sse_frame(err.body())
 
 
 class RouterEventStream(StreamingResponse):

@@ -40,6 +40,10 @@ class GatewaySettings(BaseSettings):
     request_timeout_s: float = 600.0
     # Seconds in-flight requests (streams included) get to finish after SIGTERM.
     grace_seconds: float = 10.0
+    # Seconds an idle keep-alive connection stays open. Longer than the edge's upstream idle timeout
+    # (gateway/envoy.py UPSTREAM_IDLE_TIMEOUT_S), so the proxy always closes first: a server that closes a
+    # pooled connection just as the proxy sends a request on it is a reset the client sees as a 503.
+    keep_alive_s: float = 75.0
     telemetry: TelemetrySettings = TelemetrySettings()
 
 
@@ -55,7 +59,8 @@ class GatewayServer(uvicorn.Server):
                  **app_kwargs: Any) -> None:
         config = uvicorn.Config(create_app(settings, **app_kwargs), host=settings.host, port=settings.port,
                                 lifespan="on", log_config=None, access_log=False,
-                                timeout_graceful_shutdown=math.ceil(settings.grace_seconds))
+                                timeout_graceful_shutdown=math.ceil(settings.grace_seconds),
+                                timeout_keep_alive=math.ceil(settings.keep_alive_s))
         super().__init__(config)
         self.ready = ready or asyncio.Event()
         self.handle_signals = handle_signals

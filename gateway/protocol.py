@@ -7,6 +7,7 @@ A request model validates what OpenAI validates (ranges, ``n``, ``stop``) and co
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
@@ -62,6 +63,15 @@ def pricing_dict(m: common_pb2.ModelInfo) -> dict[str, Any] | None:
             "per_request": format_usd(p.per_request_nanodollars), "version": p.version}
 
 
+def sse_frame(obj: Any) -> bytes:
+    """One server-sent event carrying ``obj`` as compact JSON."""
+    return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+# Stands for the text in a text chunk's serialised template (private-use characters no model id carries).
+_TEXT_SENTINEL = "\ue000text\ue000"
+
+
 class ResponseEncoder:
     """Builds one request's response objects; id, created and model come from the router's first message."""
 
@@ -74,6 +84,19 @@ class ResponseEncoder:
         self.created = first.created
         self.model = first.model
         self.include_usage = include_usage
+        self._text_template: tuple[bytes, bytes] | None = None
+
+    def text_frame(self, text: str) -> bytes:
+        """``sse_frame(self.text_chunk(text))``, without serialising the same envelope for every chunk: the
+        chunk is serialised once around a sentinel and only the text is encoded per chunk."""
+        if self._text_template is None:
+            marker = sse_frame(_TEXT_SENTINEL)[len(b"data: "):-2]
+            parts = sse_frame(self.text_chunk(_TEXT_SENTINEL)).split(marker)
+            if len(parts) != 2:
+                return sse_frame(self.text_chunk(text))
+            self._text_template = (parts[0], parts[1])
+        head, tail = self._text_template
+        return head + json.dumps(text, ensure_ascii=False).encode() + tail
 
     def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}

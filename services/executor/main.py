@@ -26,7 +26,7 @@ from services.executor.otlp_receiver import OtlpFileReceiver
 from services.executor.repository import render_repository
 from services.executor.service import ExecutorServicer
 from services.executor.triton_client import TritonLLMClient
-from services.executor.triton_process import TritonProcess, prepare_backend_dir
+from services.executor.triton_process import TritonProcess, allocator_preload, prepare_backend_dir
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,9 @@ class TritonSettings(BaseModel):
     torch_threads: int = 0
     # Extra tritonserver arguments (e.g. --trace-config ...).
     extra_args: list[str] = []
+    # tritonserver's malloc: "auto" (jemalloc or tcmalloc when installed, through LD_PRELOAD), "system"
+    # (glibc's), or a library name/path. With glibc's arenas its RSS grows with every streamed request.
+    allocator: str = "auto"
 
 
 class ExecutorSettings(BaseSettings):
@@ -106,7 +109,9 @@ class Executor:
         proc = TritonProcess(
             self.repo, backend_dir=prepare_backend_dir(work / "backends"), grpc_port=t.grpc_port,
             http_port=t.http_port, metrics_port=t.metrics_port, exit_timeout_s=t.exit_timeout_s,
-            extra_args=[*self.triton_trace_args(), *t.extra_args], log_path=work / "tritonserver.log")
+            extra_args=[*self.triton_trace_args(), *t.extra_args], log_path=work / "tritonserver.log",
+            env={"LD_PRELOAD": preload} if (preload := allocator_preload(t.allocator)) else None)
+        log.info("tritonserver allocator: %s", preload or "system malloc")
         proc.start()
         return proc
 

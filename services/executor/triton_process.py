@@ -23,6 +23,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import ctypes.util
 import logging
 import os
 import shutil
@@ -118,6 +119,25 @@ def _wait_group_gone(pgid: int, timeout: float) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+# Allocators Triton's release notes recommend over glibc's malloc, whose arenas keep freed memory in a
+# long-running multithreaded server (RSS that only grows: "a false memory leak").
+PREFERRED_ALLOCATORS = ("jemalloc", "tcmalloc_minimal", "tcmalloc")
+
+
+def allocator_preload(choice: str) -> str | None:
+    """What to put in tritonserver's ``LD_PRELOAD`` for ``choice``: "auto" (the first installed of
+    ``PREFERRED_ALLOCATORS``, else none), "system" (none), or a library name or path (used as given)."""
+    if choice == "system":
+        return None
+    if choice != "auto":
+        return choice
+    for name in PREFERRED_ALLOCATORS:
+        found = ctypes.util.find_library(name)
+        if found:
+            return found
+    return None
 
 
 class TritonProcess:

@@ -20,6 +20,7 @@ from inferplane.v1 import (
 from services.common.errors import Unavailable
 from services.tokenizer.bundle import TokenizerBundle
 from services.tokenizer.detok import IncrementalDecoder
+from services.tokenizer.service import message_dicts
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,17 +133,35 @@ class LocalDecoder:
 
 
 class LocalTokenizers:
-    """Tokenizer bundles the router loads itself (lazily, once per model) for ``LocalDecoder``."""
+    """Tokenizer bundles the router loads itself (lazily, once per model): ``LocalDecoder`` for streamed text,
+    and the ``TokenizerClient`` calls (``encode_text``, ``encode_chat``, ``encode_batch``) in process, with the
+    tokenizer service's own code and files, so a request makes no round trip to the tokenizer at all."""
 
     def __init__(self, paths: dict[str, Path]) -> None:
         self._paths = paths
         self._bundles: dict[str, TokenizerBundle] = {}
 
-    def decoder(self, model: str) -> LocalDecoder:
+    def bundle(self, model: str) -> TokenizerBundle:
         bundle = self._bundles.get(model)
         if bundle is None:
             bundle = self._bundles[model] = TokenizerBundle.from_dir(self._paths[model], name=model)
-        return LocalDecoder(IncrementalDecoder(bundle, skip_special_tokens=True))
+        return bundle
+
+    def decoder(self, model: str) -> LocalDecoder:
+        return LocalDecoder(IncrementalDecoder(self.bundle(model), skip_special_tokens=True))
+
+    async def encode_text(self, model: str, text: str, *, timeout: float | None) -> Encoded:
+        bundle = self.bundle(model)
+        return Encoded(bundle.encode(text), list(bundle.stop_token_ids))
+
+    async def encode_chat(self, model: str, messages: list[common_pb2.ChatMessage], *,
+                          timeout: float | None) -> Encoded:
+        bundle = self.bundle(model)
+        return Encoded(bundle.encode_chat(message_dicts(messages))[0], list(bundle.stop_token_ids))
+
+    async def encode_batch(self, model: str, texts: list[str], *, add_special_tokens: bool,
+                           timeout: float | None) -> list[list[int]]:
+        return self.bundle(model).encode_batch(texts, add_special_tokens=add_special_tokens)
 
 
 async def embed_on(stub: executor_pb2_grpc.ExecutorServiceStub, model: str, inputs: list[list[int]], *,

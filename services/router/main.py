@@ -50,6 +50,9 @@ class RouterSettings(BaseSettings):
     # Where streamed token ids become text: "local" (in the router, the tokenizer service's own code and
     # files, no extra hop per message) or "remote" (the tokenizer service's DecodeStream).
     detokenize: Literal["local", "remote"] = "local"
+    # Where prompts become token ids: "local" (in the router, with the same code and files as the tokenizer
+    # service: no round trip before the executor is called) or "remote" (the tokenizer service's Encode).
+    tokenize: Literal["local", "remote"] = "local"
     # Seconds a verified key stays cached (revocation takes effect within this time).
     key_cache_ttl_s: float = 30.0
     # while metering is unreachable, a key verified within this many seconds keeps working (0: none does)
@@ -84,7 +87,9 @@ class Router:
                                        executors=self.replicas, metering=metering,
                                        request_timeout_s=settings.request_timeout_s,
                                        local_tokenizers=LocalTokenizers({m.id: m.tokenizer for m in catalog.models})
-                                       if settings.detokenize == "local" else None,
+                                       if "local" in (settings.detokenize, settings.tokenize) else None,
+                                       encode_locally=settings.tokenize == "local",
+                                       decode_locally=settings.detokenize == "local",
                                        admission=admission, outbox=self.outbox)
         servicer = RouterServicer(self.engine, KeyVerifier(metering, ttl=settings.key_cache_ttl_s,
                                                                    stale_ttl=settings.key_stale_ttl_s))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +57,11 @@ class TokenizerRegistry:
 
 def messages_from_pb(chat: tokenizer_pb2.ChatMessages) -> list[dict[str, Any]]:
     """ChatMessage protos as the plain dicts a chat template reads (``name`` only when set)."""
-    return [_message_from_pb(m) for m in chat.messages]
+    return message_dicts(chat.messages)
+
+
+def message_dicts(messages: Iterable[common_pb2.ChatMessage]) -> list[dict[str, Any]]:
+    return [_message_from_pb(m) for m in messages]
 
 
 def _message_from_pb(message: common_pb2.ChatMessage) -> dict[str, Any]:

@@ -13,7 +13,10 @@ from services.launcher import LocalStack, StackConfig
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     state = tmp_path_factory.mktemp("stack")
-    cfg = StackConfig(state_dir=state, ports=dict.fromkeys(StackConfig().ports, 0), ready_timeout_s=300)
+    # Prompts are encoded by the tokenizer service here (the router's default is in process, which the fault
+    # and ledger stacks and `inferplane up` run), so both paths run end to end and every service is traced.
+    cfg = StackConfig(state_dir=state, ports=dict.fromkeys(StackConfig().ports, 0), ready_timeout_s=300,
+                      router={"tokenize": "remote"})
     lines: list[str] = []
     local = LocalStack(cfg, log=lines.append)
     try:

@@ -1,0 +1,51 @@
+"""The router's in-process tokenization gives exactly what the tokenizer service's Encode gives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from inferplane.v1 import common_pb2, tokenizer_pb2
+from services.common.errors import InvalidArgument
+from services.router.clients import LocalTokenizers
+from services.tokenizer.bundle import TokenizerBundle
+from services.tokenizer.service import TokenizerRegistry, TokenizerServicer
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "models" / "tiny-llama"
+CHATS = [
+    [common_pb2.ChatMessage(role="user", content="Return the value of x")],
+    [common_pb2.ChatMessage(role="system", content="Be brief."),
+     common_pb2.ChatMessage(role="user", content="héllo — ünïcode ✓ 🎉", name="ann"),
+     common_pb2.ChatMessage(role="assistant", content="Hi."),
+     common_pb2.ChatMessage(role="user", content="")],
+]
+TEXTS = ["", "Return the", "def f(x):\n    return x  # 🎉", "a " * 300]
+
+
+@pytest.fixture(scope="module")
+def both() -> tuple[LocalTokenizers, TokenizerServicer]:
+    service = TokenizerServicer(TokenizerRegistry({"tiny-llama": TokenizerBundle.from_dir(TINY, name="tiny-llama")}))
+    return LocalTokenizers({"tiny-llama": TINY}), service
+
+
+async def test_text_and_chat_encode_the_same_in_process(both: tuple[LocalTokenizers, TokenizerServicer]) -> None:
+    local, service = both
+    for text in TEXTS:
+        remote = await service.Encode(tokenizer_pb2.EncodeRequest(model="tiny-llama", text=text), None)  # type: ignore[arg-type]
+        mine = await local.encode_text("tiny-llama", text, timeout=None)
+        assert (mine.token_ids, mine.stop_token_ids) == (list(remote.token_ids), list(remote.stop_token_ids))
+    for chat in CHATS:
+        req = tokenizer_pb2.EncodeRequest(model="tiny-llama", chat=tokenizer_pb2.ChatMessages(messages=chat))
+        remote = await service.Encode(req, None)  # type: ignore[arg-type]
+        mine = await local.encode_chat("tiny-llama", chat, timeout=None)
+        assert mine.token_ids == list(remote.token_ids) and len(mine.token_ids) > 3
+    batch = await local.encode_batch("tiny-llama", TEXTS[1:], add_special_tokens=False, timeout=None)
+    assert batch == [(await local.encode_text("tiny-llama", t, timeout=None)).token_ids for t in TEXTS[1:]]
+
+
+async def test_bad_chat_is_refused_in_process(both: tuple[LocalTokenizers, TokenizerServicer]) -> None:
+    local, _ = both
+    with pytest.raises(InvalidArgument):
+        await local.encode_chat("tiny-llama", [common_pb2.ChatMessage(role="wizard", content="x")], timeout=None)
