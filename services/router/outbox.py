@@ -45,13 +45,16 @@ CREATE TABLE IF NOT EXISTS outbox (
 
 class UsageOutbox:
     def __init__(self, path: Path, send_batch: SendBatch, *, batch_size: int = 500, min_backoff_s: float = 0.2,
-                 max_backoff_s: float = 10.0) -> None:
+                 max_backoff_s: float = 10.0, linger_s: float = 0.05) -> None:
+        """``linger_s``: after a record arrives, how long the sender waits for more before sending a batch (fewer,
+        larger RecordUsageBatch calls and outbox deletes; off the requests' path either way)."""
         assert batch_size >= 1, "batch_size must be positive"
         self.path = Path(path)
         self._send = send_batch
         self._batch_size = batch_size
         self._min_backoff = min_backoff_s
         self._max_backoff = max_backoff_s
+        self._linger = linger_s
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # One connection, used from worker threads one at a time (the lock), never concurrently.
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -163,6 +166,8 @@ class UsageOutbox:
         backoff = self._min_backoff
         while True:
             await self._wake.wait()
+            if self._linger > 0:
+                await asyncio.sleep(self._linger)
             self._wake.clear()
             while True:
                 rows = await asyncio.to_thread(self._oldest, self._batch_size)
