@@ -47,7 +47,8 @@ class TritonSettings(BaseModel):
     # Extra tritonserver arguments (e.g. --trace-config ...).
     extra_args: list[str] = []
     # tritonserver's malloc: "auto" (jemalloc or tcmalloc when installed, through LD_PRELOAD), "system"
-    # (glibc's), or a library name/path. With glibc's arenas its RSS grows with every streamed request.
+    # (glibc's), or a library name/path. Triton's release notes recommend one of the two: glibc's arenas can
+    # hold freed memory in a long-running multithreaded server.
     allocator: str = "auto"
 
 

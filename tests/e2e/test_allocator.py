@@ -1,5 +1,5 @@
-"""tritonserver runs on jemalloc (or tcmalloc) when one is installed: glibc's arenas grew its RSS by ~4 KB per
-streamed request in a 10-minute soak (bench/soak.py); with jemalloc it stays flat."""
+"""tritonserver runs on jemalloc (or tcmalloc) when one is installed, as Triton's release notes advise against
+glibc's arenas holding freed memory in a long-running server (the soak, bench/soak.py, checks RSS over time)."""
 
 from __future__ import annotations
 

@@ -121,6 +121,36 @@ async def test_coalesce_batches_what_arrived_while_the_reader_was_busy() -> None
     assert out[-1][1] is not None and out[-1][1].completion_tokens == 10
 
 
+async def test_coalesce_lets_a_finished_stream_end_by_itself() -> None:
+    """After the final chunk the source may still read its stream's end; cancelling it then would cancel a
+    finished Triton stream (tritonserver leaks ~7 KB for each). A consumer that leaves early still cancels."""
+    events: list[str] = []
+
+    async def chunks(n: int) -> AsyncIterator[TritonChunk]:
+        try:
+            for i in range(n):
+                await asyncio.sleep(0.001)
+                yield TritonChunk([i])
+            yield TritonChunk([], finish_reason="stop", prompt_tokens=1, completion_tokens=n)
+            await asyncio.sleep(0.05)  # reading the stream to its status
+            events.append("read to end")
+        except asyncio.CancelledError:
+            events.append("cancelled")
+            raise
+
+    async for _, final in coalesce(chunks(3)):
+        if final is not None:
+            break
+    await asyncio.sleep(0.2)
+    assert events == ["read to end"]
+
+    events.clear()
+    early = coalesce(chunks(10_000))
+    await early.__anext__()
+    await early.aclose()  # the caller left mid-stream
+    assert events == ["cancelled"]
+
+
 async def test_triton_killed_is_restarted_and_health_follows(executor: Executor) -> None:
     assert await health(executor) == health_pb2.HealthCheckResponse.SERVING
     proc = executor.process
