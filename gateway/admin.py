@@ -214,9 +214,13 @@ def admin_router(metering_addr: str, *, timeout_s: float = 10.0) -> APIRouter:
     @router.get("/v1/usage")
     async def own_usage(request: Request, start: str | None = None, end: str | None = None,
                         format: str = "json") -> Response:
-        """The caller's own usage by day and model."""
+        """The caller's own usage by day and model (an admin key's own too: everyone's is /admin/usage)."""
         req = metering_pb2.GetUsageSummaryRequest(start=parse_time(start, "start"), end=parse_time(end, "end"))
-        return usage_response(await call(request, "GetUsageSummary", req), _format(format))
+        fmt = _format(format)
+        me = await call(request, "WhoAmI", metering_pb2.WhoAmIRequest())
+        if "admin" in me.scopes:  # metering reads an admin's empty filter as "every key"
+            req.key_id = me.key_id
+        return usage_response(await call(request, "GetUsageSummary", req), fmt)
 
     @router.get("/admin/usage")
     async def all_usage(request: Request, start: str | None = None, end: str | None = None,

@@ -214,6 +214,9 @@ async def test_the_admin_key_sees_every_key_and_can_filter_over_rest(http: httpx
     assert await keys(key_id=world.b) == {world.b}
     assert await keys(tenant="t2") == {world.b, world.b2}
     assert await keys(tenant="t1") == {world.a}
+    # /v1/usage is the caller's own, an admin key's too
+    own = await http.get("/v1/usage", params={"format": fmt}, headers=world.auth(world.admin))
+    assert {r["key_id"] for r in _rows(own, fmt)} == {world.admin}
     budgets = (await http.get("/admin/budgets", headers=world.auth(world.admin))).json()["data"]
     assert {b["subject"] for b in budgets} == {world.a, world.b, world.b2, world.admin}
     assert all(b["spent"] != "0" for b in budgets)
