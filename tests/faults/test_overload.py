@@ -62,7 +62,6 @@ async def timed(http: httpx.AsyncClient, stack: LocalStack, max_tokens: int) -> 
     async with http.stream("POST", f"{stack.base_url}/completions", headers=headers(stack),
                            json={**body(max_tokens), "stream_options": {"include_usage": True}}) as r:
         out["status"], out["headers"] = r.status_code, dict(r.headers)
-        out["answered_s"] = time.monotonic() - started
         if r.status_code != 200:
             out["error"] = json.loads(await r.aread())["error"]
         else:
