@@ -24,7 +24,6 @@ import itertools
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -33,9 +32,10 @@ import httpx
 import tritonclient.grpc.aio as triton_aio
 import yaml
 
+from bench._stack import local_stack
 from services.common.catalog import load_catalog
 from services.executor.triton_client import GenerateParams, build_inputs
-from services.launcher import LocalStack, StackConfig, read_env
+from services.launcher import read_env
 from services.tokenizer.bundle import TokenizerBundle
 
 MODEL = "tiny-llama"
@@ -259,20 +259,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
-    stack = None
-    state = args.state_dir
-    if state is None:
-        state = Path(tempfile.mkdtemp(prefix="inferplane-bench-"))
-        stack = LocalStack(StackConfig(state_dir=state, ports=dict.fromkeys(StackConfig().ports, 0),
-                                       trace_exporter="none"), log=lambda m: print(m, file=sys.stderr, flush=True))
-        print("starting the local stack ...", file=sys.stderr, flush=True)
-        stack.start()
-        stack.write_env(stack.create_demo_key())
-    try:
+    with local_stack(args.state_dir) as state:
         result = asyncio.run(measure(state, args.quick))
-    finally:
-        if stack is not None:
-            stack.stop()
     print(table(result))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "mesh.json").write_text(json.dumps(result, indent=2))

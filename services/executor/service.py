@@ -16,6 +16,7 @@ from prometheus_client import Counter, Gauge
 
 from inferplane.v1 import common_pb2, executor_pb2, executor_pb2_grpc
 from services.common.errors import InvalidArgument
+from services.common.tasks import keep
 from services.executor.triton_client import GenerateParams, TritonChunk, TritonLLMClient
 
 log = logging.getLogger(__name__)
@@ -88,16 +89,12 @@ async def coalesce(chunks: AsyncIterator[TritonChunk]) -> AsyncIterator[tuple[li
         if ended:
             # The generation is over: let the pump finish reading the Triton stream to its end. Cancelling it
             # would cancel the finished stream, which tritonserver leaks memory for (~7 KB a stream).
-            _PUMPS.add(task)
-            task.add_done_callback(_PUMPS.discard)
+            keep(task)
         else:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-
-# pumps of finished generations still reading their stream's end (kept referenced until they are done)
-_PUMPS: set[asyncio.Task[None]] = set()
 
 ACTIVE = Gauge("inferplane_executor_active_requests", "Generate calls in progress on this executor")
 QUEUE_DEPTH = Gauge("inferplane_executor_queue_depth", "Requests sent to Triton that have not produced a token yet")

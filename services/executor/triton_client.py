@@ -22,6 +22,7 @@ from tritonclient.grpc import InferInput, service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from services.common.errors import InvalidArgument, NotFound, Unavailable
+from services.common.tasks import spawn
 
 log = logging.getLogger(__name__)
 
@@ -104,29 +105,17 @@ _INTS = {"INT64": "<i8", "INT32": "<i4"}
 def parse_response(resp: service_pb2.ModelInferResponse) -> TritonChunk:
     """One streamed LLM response (the model's contract above) without tritonclient's InferResult wrapping."""
     chunk = TritonChunk(token_ids=[])
-    final: dict[str, object] = {}
     for out, raw in zip(resp.outputs, resp.raw_output_contents, strict=False):
         if out.name == "token_ids":
             chunk.token_ids = np.frombuffer(raw, dtype=_INTS[out.datatype]).tolist()
         elif out.name == "finish_reason":  # BYTES: a 4-byte little-endian length, then the bytes
             size = int.from_bytes(raw[:4], "little")
-            final["finish_reason"] = raw[4:4 + size].decode()
-        elif out.name in ("prompt_tokens", "completion_tokens"):
-            final[out.name] = int(np.frombuffer(raw, dtype=_INTS[out.datatype])[0])
-    if "finish_reason" in final:
-        chunk.finish_reason = str(final["finish_reason"])
-        chunk.prompt_tokens = int(final.get("prompt_tokens", 0))  # type: ignore[call-overload]
-        chunk.completion_tokens = int(final.get("completion_tokens", 0))  # type: ignore[call-overload]
+            chunk.finish_reason = raw[4:4 + size].decode()
+        elif out.name == "prompt_tokens":
+            chunk.prompt_tokens = int(np.frombuffer(raw, dtype=_INTS[out.datatype])[0])
+        elif out.name == "completion_tokens":
+            chunk.completion_tokens = int(np.frombuffer(raw, dtype=_INTS[out.datatype])[0])
     return chunk
-
-
-_background: set[asyncio.Future[None]] = set()
-
-
-def _spawn(coro: Any) -> None:
-    task = asyncio.ensure_future(coro)
-    _background.add(task)
-    task.add_done_callback(_background.discard)
 
 
 async def _read_to_end(call: Any, timeout_s: float = 5.0) -> None:
@@ -233,4 +222,4 @@ class TritonLLMClient:
             elif not call.done():
                 # Let a finished stream end by itself: tritonserver leaks ~7 KB for every stream cancelled
                 # after its final response (measured: 4,000 such requests grew its RSS by 31 MB, 0 without).
-                _spawn(_read_to_end(call))
+                spawn(_read_to_end(call))

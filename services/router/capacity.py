@@ -20,8 +20,8 @@ from collections.abc import Callable
 from prometheus_client import Counter, Gauge
 
 from services.common.errors import ResourceExhausted
+from services.router.admission import ERROR_CODE_METADATA_KEY
 
-ERROR_CODE_METADATA_KEY = "x-inferplane-error-code"  # same key as admission's and gateway/errors.py
 OVERLOADED = "overloaded"
 
 RUNNING = Gauge("inferplane_router_model_running", "Requests holding a model slot (sent to an executor)",
