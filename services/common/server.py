@@ -8,6 +8,7 @@ the standard health service, server reflection, and a graceful drain (health NOT
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import signal
@@ -24,6 +25,7 @@ from services.common.errors import PARAM_METADATA_KEY, InferplaneError
 from services.common.handlers import rewrap_handler
 from services.common.metrics import MetricsInterceptor, start_metrics_server
 from services.common.settings import ServerSettings
+from services.common.tasks import spawn
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,21 @@ def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[s
     if isinstance(exc, TimeoutError):
         return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded", ()
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}", ()
+
+
+def _close_when_suspended(gen: Any) -> None:
+    """Close an async generator left at a ``yield`` (not finished, not running): its ``finally`` runs now."""
+    if gen.ag_frame is not None and not gen.ag_running:
+        spawn(_aclose_quietly(gen))
+
+
+async def _aclose_quietly(gen: Any) -> None:
+    try:
+        await gen.aclose()
+    except RuntimeError:  # it started running meanwhile: its own task is finishing it
+        pass
+    except Exception:
+        log.exception("closing a cancelled stream handler failed")
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -95,8 +112,16 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 try:
                     result = fn(request, context)
                     if inspect.isasyncgen(result):
-                        async for item in result:
-                            yield item
+                        # grpc.aio leaves a cancelled RPC's generators suspended at their yield, to be closed
+                        # whenever the garbage collector gets to them: the handler's cleanup (a usage record,
+                        # a cancellation downstream) would wait for that. Close it when the RPC ends instead.
+                        def on_done(_: grpc.aio.ServicerContext) -> None:
+                            _close_when_suspended(result)
+
+                        context.add_done_callback(on_done)  # type: ignore[arg-type]  # grpc-stubs wants a class
+                        async with contextlib.aclosing(result):
+                            async for item in result:
+                                yield item
                     else:
                         await result
                 except InferplaneError as exc:

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -162,7 +162,7 @@ class GenerationEngine:
 
     async def generate(self, inp: GenerationInput, *, key: KeyInfo, request_id: str,
                        deadline: float | None = None,
-                       on_admitted: Callable[[Metadata], Awaitable[None]] | None = None) -> AsyncIterator[Delta]:
+                       on_admitted: Callable[[Metadata], Awaitable[None]] | None = None) -> AsyncGenerator[Delta]:
         """``on_admitted`` receives the rate-limit headers of an admitted request, before any work."""
         model = self.model(inp.model)
         validate(inp, model)
@@ -269,17 +269,12 @@ class GenerationEngine:
             finish = common_pb2.FINISH_REASON_CANCELLED if client_gone else common_pb2.FINISH_REASON_ERROR
             raise
         finally:
-            if call is not None:
-                # cancels the executor (and Triton) when the caller left or a stop matched
-                await close_stream(call, cancel=not got_final)
-            if replica is not None:
-                replica.outstanding -= 1
-            gate.release()
-            await _quietly(decoder.close())
+            # Bookkeeping first, before anything that awaits: a second cancellation arriving while the executor
+            # stream is closed must not lose the usage record, the queue slot or the replica's count.
             record = usage_record(request_id, key, model.id, prompt_tokens, completion_tokens,
                                    finish or common_pb2.FINISH_REASON_ERROR, started, first_token_at, created_at)
             if ticket is not None and self.admission is not None:
-                cost = await self.admission.settle(ticket, prompt_tokens, completion_tokens)
+                cost = await self.admission.settle(ticket, prompt_tokens, completion_tokens)  # no I/O
                 stamp(record, ticket, cost)  # the record settles the reservation in metering
                 cost = cost if ticket.price is not None else None
             outcome = FINISH_NAMES.get(finish or common_pb2.FINISH_REASON_ERROR, "error")
@@ -291,12 +286,22 @@ class GenerationEngine:
                             ttft_s=None if first_token_at is None else first_token_at - started,
                             duration_s=time.monotonic() - started,
                             last_token_s=None if last_token_at is None else last_token_at - started)
-            if finish in (common_pb2.FINISH_REASON_STOP, common_pb2.FINISH_REASON_LENGTH):
-                await self.record(record)
-            else:
+            completed = finish in (common_pb2.FINISH_REASON_STOP, common_pb2.FINISH_REASON_LENGTH)
+            if not completed:
                 # The caller is gone or the stream broke: tokens already generated are still billed, from
                 # a task that the cancellation of this request cannot interrupt.
                 self._spawn(self.record(record))
+            try:
+                if call is not None:
+                    # cancels the executor (and Triton) when the caller left or a stop matched
+                    await close_stream(call, cancel=not got_final)
+                await _quietly(decoder.close())
+            finally:
+                if replica is not None:
+                    replica.outstanding -= 1
+                gate.release()
+            if completed:
+                await self.record(record)
         assert finish is not None
         # The last message also carries tokens that produced no text (an end-of-turn token the model counts
         # but does not stream), so the token counts of all messages add up to completion_tokens.

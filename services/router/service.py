@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable
@@ -67,18 +68,21 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         created = int(time.time())
-        async for delta in self._engine.generate(inp, key=key, request_id=request_id, deadline=deadline,
-                                                 on_admitted=admitted):
-            msg = router_pb2.GenerateResponse(request_id=request_id, text=delta.text, token_count=delta.token_count,
-                                              created=created, model=request.model,
-                                              finish_reason=delta.finish_reason)  # type: ignore[arg-type]
-            if delta.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
-                msg.usage.prompt_tokens = delta.prompt_tokens
-                msg.usage.completion_tokens = delta.completion_tokens
-                msg.usage.total_tokens = delta.prompt_tokens + delta.completion_tokens
-                if delta.cost_nanodollars is not None:
-                    msg.usage.cost_nanodollars = delta.cost_nanodollars
-            yield msg
+        # aclosing: when this handler is closed at a yield (the caller left), the engine's generator is closed
+        # with it, so its cleanup (cancel the executor, record usage) runs now, not when it is collected
+        deltas = self._engine.generate(inp, key=key, request_id=request_id, deadline=deadline, on_admitted=admitted)
+        async with contextlib.aclosing(deltas):
+            async for delta in deltas:
+                msg = router_pb2.GenerateResponse(request_id=request_id, text=delta.text, token_count=delta.token_count,
+                                                  created=created, model=request.model,
+                                                  finish_reason=delta.finish_reason)  # type: ignore[arg-type]
+                if delta.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+                    msg.usage.prompt_tokens = delta.prompt_tokens
+                    msg.usage.completion_tokens = delta.completion_tokens
+                    msg.usage.total_tokens = delta.prompt_tokens + delta.completion_tokens
+                    if delta.cost_nanodollars is not None:
+                        msg.usage.cost_nanodollars = delta.cost_nanodollars
+                yield msg
 
     async def Embed(self, request: router_pb2.EmbedRequest,
                     context: grpc.aio.ServicerContext) -> router_pb2.EmbedResponse:
