@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +28,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.envoy import edge_settings, envoy_command, write_envoy_yaml
+from services.common.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,12 +63,6 @@ def with_replica_ports(ports: dict[str, int], n: int) -> dict[str, int]:
 PORT_OF = {"envoy": "edge"}
 # Envoy's own log as JSON lines, like the services' logs (%j: the message, JSON-escaped).
 ENVOY_LOG_FORMAT = '{"time":"%Y-%m-%dT%T.%fZ","level":"%l","service":"envoy","logger":"%n","message":"%j"}'
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -28,7 +28,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -39,6 +38,8 @@ from collections.abc import Callable, Mapping, Sequence
 from importlib.util import find_spec
 from pathlib import Path
 from types import TracebackType
+
+from services.common.ports import free_port
 
 log = logging.getLogger(__name__)
 
@@ -95,13 +96,6 @@ def prepare_backend_dir(cache_dir: str | Path) -> Path:
 
 def _same_file(src: Path, copy: Path) -> bool:
     return copy.exists() and copy.stat().st_size == src.stat().st_size
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """An ephemeral port that was free a moment ago (tritonserver cannot report a port 0 binding)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def _die_with_parent() -> None:
