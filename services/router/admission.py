@@ -165,8 +165,9 @@ class Admission:
         return Ticket(key, model.id, reservation_id if held.reserved_nanodollars else "", held.reserved_nanodollars,
                       price, headers)
 
-    async def settle(self, ticket: Ticket, prompt_tokens: int, completion_tokens: int) -> int:
-        """The request's cost in nano-dollars at the price it was admitted with. The budget is settled by the
+    def settle(self, ticket: Ticket, prompt_tokens: int, completion_tokens: int) -> int:
+        """The request's cost in nano-dollars at the price it was admitted with (no I/O, never suspends: it runs
+        in the engine's cleanup before the usage record is on its way). The budget is settled by the
         usage record (``stamp`` it with this cost and the ticket): exactly once, in metering's ledger write."""
         if ticket.price is None:
             return 0

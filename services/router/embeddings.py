@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -77,10 +78,10 @@ async def embed(engine: GenerationEngine, model_id: str, inputs: list[str], *, k
                           created_at)
     cost = None
     if ticket is not None and engine.admission is not None:
-        cost = await engine.admission.settle(ticket, prompt_tokens, 0)
+        cost = engine.admission.settle(ticket, prompt_tokens, 0)
         stamp(record, ticket, cost)
         cost = cost if ticket.price is not None else None
-    await engine.record(record)
+    await asyncio.shield(engine.record_soon(record))  # stored even if the caller leaves now
     return EmbedResult(vectors, prompt_tokens, cost)
 
 

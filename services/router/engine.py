@@ -274,7 +274,7 @@ class GenerationEngine:
             record = usage_record(request_id, key, model.id, prompt_tokens, completion_tokens,
                                    finish or common_pb2.FINISH_REASON_ERROR, started, first_token_at, created_at)
             if ticket is not None and self.admission is not None:
-                cost = await self.admission.settle(ticket, prompt_tokens, completion_tokens)  # no I/O
+                cost = self.admission.settle(ticket, prompt_tokens, completion_tokens)
                 stamp(record, ticket, cost)  # the record settles the reservation in metering
                 cost = cost if ticket.price is not None else None
             outcome = FINISH_NAMES.get(finish or common_pb2.FINISH_REASON_ERROR, "error")
@@ -286,11 +286,9 @@ class GenerationEngine:
                             ttft_s=None if first_token_at is None else first_token_at - started,
                             duration_s=time.monotonic() - started,
                             last_token_s=None if last_token_at is None else last_token_at - started)
-            completed = finish in (common_pb2.FINISH_REASON_STOP, common_pb2.FINISH_REASON_LENGTH)
-            if not completed:
-                # The caller is gone or the stream broke: tokens already generated are still billed, from
-                # a task that the cancellation of this request cannot interrupt.
-                self._spawn(self.record(record))
+            # The record is written from a task of its own, started before anything here awaits: a cancellation
+            # of this request (the caller leaving, even after its generation finished) cannot interrupt it.
+            recording = self.record_soon(record)
             try:
                 if call is not None:
                     # cancels the executor (and Triton) when the caller left or a stop matched
@@ -300,8 +298,9 @@ class GenerationEngine:
                 if replica is not None:
                     replica.outstanding -= 1
                 gate.release()
-            if completed:
-                await self.record(record)
+            if finish in (common_pb2.FINISH_REASON_STOP, common_pb2.FINISH_REASON_LENGTH):
+                # a completed request's usage (and cost) reaches the caller only once its record is stored
+                await asyncio.shield(recording)
         assert finish is not None
         # The last message also carries tokens that produced no text (an end-of-turn token the model counts
         # but does not stream), so the token counts of all messages add up to completion_tokens.
@@ -361,15 +360,21 @@ class GenerationEngine:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
+    def record_soon(self, record: metering_pb2.UsageRecord) -> asyncio.Task[None]:
+        """Start storing ``record`` in a task of its own (held until done; ``drain`` waits for it), so that a
+        cancellation of the request that produced it cannot interrupt the write."""
+        return self._spawn(self.record(record))
+
     async def _release(self, ticket: Ticket | None) -> None:
         """Give back a reservation of a request that will leave no usage record (it never ran)."""
         if ticket is not None and self.admission is not None:
             await _quietly(self.admission.release(ticket))
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     async def drain(self) -> None:
         """Wait for background usage records (at shutdown)."""

@@ -136,7 +136,7 @@ async def test_64_concurrent_requests_against_a_small_budget_never_overspend(met
                 continue
             completion = rng.randint(0, 200)
             await asyncio.sleep(rng.random() * 0.02)  # "generating"
-            cost = await adm.settle(ticket, 100, completion)
+            cost = adm.settle(ticket, 100, completion)
             assert cost <= ticket.reserved_nanos
             await outbox.put(stamp(record(rid, key, 100, completion), ticket, cost))
             admitted.append(cost)
@@ -206,7 +206,7 @@ async def test_settle_prices_the_actual_tokens_and_the_ledger_agrees(metering: M
     key = await metering.key(budget_nanos=10**9)
     ticket = await adm.admit(key, MODEL, 7, 100, request_id="exact-1")
     assert ticket.reserved_nanos == 7 * 150 + 100 * 600
-    cost = await adm.settle(ticket, 7, 3)  # cancelled after 3 tokens: billed for 3
+    cost = adm.settle(ticket, 7, 3)  # cancelled after 3 tokens: billed for 3
     assert cost == 7 * 150 + 3 * 600
     reply = await metering.client.record_usage_batch([stamp(record("exact-1", key, 7, 3, "cancelled"), ticket, cost)])
     assert list(reply.outcomes) == [metering_pb2.RECORD_OUTCOME_CREATED]
