@@ -7,13 +7,13 @@ Names follow the OpenTelemetry GenAI semantic conventions where they exist (``ge
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 from prometheus_client import Counter, Histogram, start_http_server
 
-from services.common.handlers import rewrap_handler
+from services.common.handlers import rewrap_handler, write_stream
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -69,11 +69,12 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             return unary
 
         def wrap_stream(fn: Callable[..., Any]) -> Callable[..., Any]:
-            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            # The outermost interceptor: it writes the stream itself, so that a cancelled stream's generators are
+            # closed (and counted here) when the RPC ends, not when they are collected.
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> None:
                 started, failed = time.perf_counter(), None
                 try:
-                    async for item in fn(request, context):
-                        yield item
+                    await write_stream(fn(request, context), context)
                 except BaseException as exc:
                     failed = exc
                     raise

@@ -8,7 +8,6 @@ the standard health service, server reflection, and a graceful drain (health NOT
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 import signal
@@ -22,10 +21,9 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
 
 from services.common.errors import PARAM_METADATA_KEY, InferplaneError
-from services.common.handlers import rewrap_handler
+from services.common.handlers import aclose, rewrap_handler, tracked
 from services.common.metrics import MetricsInterceptor, start_metrics_server
 from services.common.settings import ServerSettings
-from services.common.tasks import spawn
 
 log = logging.getLogger(__name__)
 
@@ -56,21 +54,6 @@ def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[s
     if isinstance(exc, TimeoutError):
         return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded", ()
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}", ()
-
-
-def _close_when_suspended(gen: Any) -> None:
-    """Close an async generator left at a ``yield`` (not finished, not running): its ``finally`` runs now."""
-    if gen.ag_frame is not None and not gen.ag_running:
-        spawn(_aclose_quietly(gen))
-
-
-async def _aclose_quietly(gen: Any) -> None:
-    try:
-        await gen.aclose()
-    except RuntimeError:  # it started running meanwhile: its own task is finishing it
-        pass
-    except Exception:
-        log.exception("closing a cancelled stream handler failed")
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -112,16 +95,13 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 try:
                     result = fn(request, context)
                     if inspect.isasyncgen(result):
-                        # grpc.aio leaves a cancelled RPC's generators suspended at their yield, to be closed
-                        # whenever the garbage collector gets to them: the handler's cleanup (a usage record,
-                        # a cancellation downstream) would wait for that. Close it when the RPC ends instead.
-                        def on_done(_: grpc.aio.ServicerContext) -> None:
-                            _close_when_suspended(result)
-
-                        context.add_done_callback(on_done)  # type: ignore[arg-type]  # grpc-stubs wants a class
-                        async with contextlib.aclosing(result):
+                        # closed by the stream's writer (MetricsInterceptor, outermost) when the RPC ends
+                        tracked(result)
+                        try:
                             async for item in result:
                                 yield item
+                        finally:
+                            await aclose(result)
                     else:
                         await result
                 except InferplaneError as exc:
@@ -164,7 +144,8 @@ class GrpcServer:
         self._readiness = readiness
         self.health = HealthServicer()
         self.server = grpc.aio.server(
-            interceptors=[aio_server_interceptor(filter_=not_health), MetricsInterceptor(), ErrorInterceptor()],
+            # MetricsInterceptor first (outermost): it writes response streams (services/common/handlers.py)
+            interceptors=[MetricsInterceptor(), aio_server_interceptor(filter_=not_health), ErrorInterceptor()],
             options=channel_options(settings.max_message_bytes),
         )
         self.port = 0
