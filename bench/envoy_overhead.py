@@ -19,7 +19,6 @@ import http.client
 import json
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,9 +28,10 @@ import grpc
 import httpx
 import yaml
 
+from bench._stack import local_stack
 from gateway.envoy import EdgeSettings, EnvoyProcess, envoy_command
 from inferplane.v1 import router_pb2, router_pb2_grpc
-from services.launcher import LocalStack, StackConfig, free_port, read_env
+from services.launcher import free_port, read_env
 
 
 def timed(call: Callable[[], object]) -> float:
@@ -116,18 +116,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/envoy_overhead.json"))
     args = parser.parse_args()
 
-    stack = None
-    if args.state_dir is None:
-        state = Path(tempfile.mkdtemp(prefix="inferplane-bench-"))
-        stack = LocalStack(StackConfig(state_dir=state, ports=dict.fromkeys(StackConfig().ports, 0)),
-                           log=lambda m: print(m, file=sys.stderr, flush=True))
-        print("starting the local stack ...", file=sys.stderr, flush=True)
-        stack.start()
-        stack.write_env(stack.create_demo_key())
-    else:
-        state = args.state_dir
     samples: dict[str, list[float]] = {"rest_direct": [], "rest_envoy": [], "grpc_direct": [], "grpc_envoy": []}
-    try:
+    with local_stack(args.state_dir, trace_exporter="file") as state:
         env = read_env(state / "local.env")
         settings = yaml.safe_load((state / "stack.yaml").read_text())
         key = env["INFERPLANE_API_KEY"]
@@ -149,9 +139,6 @@ def main() -> None:
                 order = list(calls) if i % 2 == 0 else list(reversed(calls))
                 for name in order:
                     samples[name].append(timed(calls[name]))
-    finally:
-        if stack is not None:
-            stack.stop()
 
     samples.update(hop_alone(args.requests))
     summary = {name: quantiles_ms(s) for name, s in samples.items()}

@@ -15,7 +15,6 @@ import asyncio
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -26,10 +25,11 @@ import openai
 import tritonclient.grpc.aio as triton_aio
 import yaml
 
+from bench._stack import local_stack
 from inferplane.v1 import router_pb2, router_pb2_grpc
 from services.common.catalog import load_catalog
 from services.executor.triton_client import GenerateParams, build_inputs
-from services.launcher import LocalStack, StackConfig, read_env
+from services.launcher import read_env
 from services.tokenizer.bundle import TokenizerBundle
 
 PROMPT = "Return the"
@@ -102,18 +102,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/mesh_vs_triton.json"))
     args = parser.parse_args()
 
-    stack = None
-    if args.state_dir is None:
-        state = Path(tempfile.mkdtemp(prefix="inferplane-bench-"))
-        stack = LocalStack(StackConfig(state_dir=state, ports=dict.fromkeys(StackConfig().ports, 0)),
-                           log=lambda m: print(m, file=sys.stderr, flush=True))
-        print("starting the local stack ...", file=sys.stderr, flush=True)
-        stack.start()
-        key = stack.create_demo_key()
-        stack.write_env(key)
-    else:
-        state = args.state_dir
-    try:
+    with local_stack(args.state_dir, trace_exporter="file") as state:
         env = read_env(state / "local.env")
         settings = yaml.safe_load((state / "stack.yaml").read_text())
         triton_url = f"127.0.0.1:{settings['executor']['triton']['grpc_port']}"
@@ -137,9 +126,6 @@ def main() -> None:
             results["mesh_rest"].append(via_rest(client, args.tokens))
             print(f"  run {i + 1}/{args.runs} done", file=sys.stderr, flush=True)
         channel.close()
-    finally:
-        if stack is not None:
-            stack.stop()
 
     summary = {name: summarize(s) for name, s in results.items()}
     base = summary["triton_direct"]

@@ -26,9 +26,9 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from inferplane.v1 import metering_pb2, metering_pb2_grpc
+from services.common.money import PriceNanos
 from services.common.settings import ServerSettings
 from services.metering.main import MeteringSettings, build_server
-from services.metering.money import PriceNanos
 from services.metering.store import MeteringStore, UsageRow
 
 SECRET = b"bench-secret-0123456789abcdef0123"

@@ -12,28 +12,23 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 
-from services.launcher import LocalStack, StackConfig
+from bench._stack import local_stack
+from services.launcher import read_env
 
 BODY = {"model": "tiny-llama", "prompt": "Return the", "max_tokens": 1, "temperature": 0}
 
 
 def measure(exporter: str, n: int, concurrency: int) -> dict[str, float]:
-    state = Path(tempfile.mkdtemp(prefix=f"inferplane-trace-{exporter}-"))
-    stack = LocalStack(StackConfig(state_dir=state, ports=dict.fromkeys(StackConfig().ports, 0),
-                                   trace_exporter=exporter), log=lambda m: print(m, file=sys.stderr, flush=True))
-    stack.start()
-    try:
-        key = stack.create_demo_key()
-        headers = {"Authorization": f"Bearer {key}"}
-        with httpx.Client(base_url=stack.base_url, headers=headers, timeout=60) as http:
+    with local_stack(None, trace_exporter=exporter) as state:
+        env = read_env(state / "local.env")
+        headers = {"Authorization": f"Bearer {env['INFERPLANE_API_KEY']}"}
+        with httpx.Client(base_url=env["INFERPLANE_BASE_URL"], headers=headers, timeout=60) as http:
             for _ in range(5):  # warm-up
                 http.post("/completions", json=BODY).raise_for_status()
             lat = []
@@ -52,8 +47,6 @@ def measure(exporter: str, n: int, concurrency: int) -> dict[str, float]:
         spans = sum(1 for _ in (state / "traces.jsonl").open()) if (state / "traces.jsonl").exists() else 0
         return {"p50_ms": statistics.median(lat) * 1000, "p90_ms": statistics.quantiles(lat, n=10)[-1] * 1000,
                 "requests_per_s": rps, "spans_written": spans}
-    finally:
-        stack.stop()
 
 
 def main() -> None:

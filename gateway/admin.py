@@ -25,8 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.errors import GatewayError, from_rpc_error, from_validation_error, unauthenticated
 from inferplane.v1 import metering_pb2, metering_pb2_grpc
+from services.common.money import MoneyError, format_usd, usd_to_nanos
 from services.common.server import client_channel
-from services.metering.money import MoneyError, format_usd, usd_to_nanos
 
 MISSING_KEY = ("You didn't provide an API key. You need to provide your API key in an Authorization header "
                "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).")

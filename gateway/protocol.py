@@ -14,7 +14,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationIn
 
 from gateway.errors import CLIENT_CLOSED_REQUEST, SERVER_ERROR, GatewayError
 from inferplane.v1 import common_pb2, router_pb2
-from services.metering.money import format_usd
+from services.common.money import format_usd
 
 MAX_STOP_SEQUENCES = 4
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1

@@ -22,7 +22,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
-from services.metering.money import MoneyError, PriceNanos, format_usd, usd_to_nanos
+from services.common.money import MoneyError, PriceNanos, format_usd, usd_to_nanos
 
 Task = Literal["chat", "completion", "embedding"]
 

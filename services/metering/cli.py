@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from services.common.errors import InferplaneError, InvalidArgument
+from services.common.money import MoneyError, PriceNanos, format_usd, usd_to_nanos
 from services.common.settings import load_settings
 from services.metering.main import MeteringSettings, open_store
-from services.metering.money import MoneyError, PriceNanos, format_usd, usd_to_nanos
 from services.metering.store import DEFAULT_USAGE_LIMIT, MeteringStore
 
 Handler = Callable[[MeteringStore, argparse.Namespace], int]

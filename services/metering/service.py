@@ -16,6 +16,7 @@ from prometheus_client import Counter, Histogram
 
 from inferplane.v1 import metering_pb2, metering_pb2_grpc
 from services.common.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from services.common.money import MoneyError, PriceNanos
 from services.metering.convert import (
     budget_to_pb,
     dt,
@@ -29,7 +30,6 @@ from services.metering.convert import (
     usage_to_pb,
     verify_to_pb,
 )
-from services.metering.money import MoneyError, PriceNanos
 from services.metering.store import DEFAULT_USAGE_LIMIT, MAX_BATCH, KeyInfo, MeteringStore, UsageRow
 
 __all__ = ["MeteringServicer", "usage_from_pb", "usage_to_pb"]

@@ -35,9 +35,9 @@ from services.common.errors import (
     Unauthenticated,
     Unavailable,
 )
+from services.common.money import MoneyError, PriceNanos, format_usd
 from services.metering import budgets
 from services.metering.db import SQLITE_BUSY_TIMEOUT_S, make_engine, migrate
-from services.metering.money import MoneyError, PriceNanos, format_usd
 from services.metering.schema import (
     DEFAULT_TENANT,
     MAX_FINISH_REASON_LENGTH,

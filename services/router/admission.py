@@ -26,7 +26,7 @@ from prometheus_client import Counter
 from inferplane.v1 import common_pb2, metering_pb2
 from services.common.catalog import Catalog, CatalogModel
 from services.common.errors import PermissionDenied, ResourceExhausted, Unavailable
-from services.metering.money import PriceNanos
+from services.common.money import PriceNanos
 from services.router.clients import KeyInfo, MeteringClient
 from services.router.ratelimit import Decision, Limits, RateLimiter
 

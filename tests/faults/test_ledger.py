@@ -28,9 +28,9 @@ import httpx
 import pytest
 
 from inferplane.v1 import router_pb2, router_pb2_grpc
+from services.common.money import PriceNanos, usd_to_nanos
 from services.launcher import ROOT, LocalStack, StackConfig, free_port, grpc_serving
 from services.metering.main import MeteringSettings, open_store
-from services.metering.money import PriceNanos, usd_to_nanos
 from services.metering.store import MeteringStore, UsageRow
 from tests.faults.test_faults import scrape
 

@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import update
 
 from services.common.errors import InvalidArgument, Unauthenticated
-from services.metering.money import PriceNanos
+from services.common.money import PriceNanos
 from services.metering.schema import BudgetRow, ReservationRow
 from services.metering.store import BudgetExceeded, MeteringStore, UsageRow
 

@@ -11,7 +11,7 @@ import yaml
 from pydantic import ValidationError
 
 from services.common.catalog import CatalogModel, load_catalog
-from services.metering.money import (
+from services.common.money import (
     MAX_PER_REQUEST_NANOS,
     MIN_PER_REQUEST_NANOS,
     MoneyError,
