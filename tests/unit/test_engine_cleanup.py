@@ -42,6 +42,7 @@ class HeldStream:
             self.paused.set()
             await asyncio.Event().wait()  # until the caller cancels the call (a cancelled stream reads as ended)
         if self._messages:
+            await asyncio.sleep(0)  # a message arrives in a later step of the loop, as from a socket
             self._sent += 1
             return self._messages.pop(0)
         self.draining.set()
@@ -59,10 +60,15 @@ class FakeReplica:
     call: HeldStream
     address: str = "fake:1"
     outstanding: int = 0
+    opened: int = 0  # streams asked of this replica
     stub: Any = None
 
     def __post_init__(self) -> None:
-        self.stub = SimpleNamespace(Generate=lambda req, timeout=None: self.call)
+        def generate(req: executor_pb2.ExecutorGenerateRequest, timeout: float | None = None) -> HeldStream:
+            self.opened += 1
+            return self.call
+
+        self.stub = SimpleNamespace(Generate=generate)
 
     def succeeded(self) -> None:
         pass
@@ -175,3 +181,35 @@ async def test_a_caller_cancelled_mid_stream_is_billed_as_cancelled() -> None:
     [record] = metering.records
     assert (record.completion_tokens, record.finish_reason) == (2, "cancelled")
     assert call.cancelled and replica.outstanding == 0
+
+
+async def test_a_caller_cancelled_at_any_point_leaves_exactly_one_record_and_nothing_held() -> None:
+    """Cancel the caller after k event-loop steps, for every k until the request ends by itself: whenever the
+    executor was asked to generate, exactly one record (never two); the queue slot and the replica's count are
+    always given back."""
+    finished_at = None
+    for k in range(200):
+        call = stream_of(6)
+        engine, metering, replica = engine_for(call)
+
+        async def end_soon(call: HeldStream = call) -> None:
+            await call.draining.wait()
+            await asyncio.sleep(0)
+            call.end.set()
+
+        ender = asyncio.create_task(end_soon())
+        task = asyncio.create_task(consume(engine, []))
+        for _ in range(k):
+            await asyncio.sleep(0)
+        done_by_itself = task.done()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        ender.cancel()
+        await engine.drain()
+        assert len(metering.records) == (1 if replica.opened else 0), (k, metering.records)
+        assert replica.outstanding == 0 and engine.capacity.gate("m").running == 0, k
+        if done_by_itself:
+            finished_at = k
+            assert metering.records[0].finish_reason == "length"
+            break
+    assert finished_at is not None and finished_at > 5  # the cancellation points covered the whole request
