@@ -9,7 +9,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from services.launcher import LocalStack, StackConfig
+import yaml
+
+from services.common.catalog import PACKAGE_PREFIX
+from services.launcher import ROOT, LocalStack, StackConfig
+
+CATALOG = ROOT / "config" / "catalog.yaml"
 
 
 def progress(message: str) -> None:
@@ -38,3 +43,21 @@ def local_stack(state_dir: Path | None = None, **config: Any) -> Iterator[Path]:
         yield state
     finally:
         stack.stop()
+
+
+def catalog_with(changes: dict[str, dict[str, Any]], base: Path = CATALOG) -> Path:
+    """A copy of the catalog ``base`` with fields of some models changed (``{model id: {field: value}}``), written
+    to a temporary file; its relative paths are made absolute so that they still point where they did."""
+    data = yaml.safe_load(base.read_text())
+    for model in data["models"]:
+        for name in ("checkpoint", "tokenizer"):
+            value = model.get(name)
+            if value and not str(value).startswith(PACKAGE_PREFIX) and not Path(value).is_absolute():
+                model[name] = str((base.parent / value).resolve())
+        model.update(changes.get(model["id"], {}))
+    unknown = set(changes) - {m["id"] for m in data["models"]}
+    if unknown:
+        raise ValueError(f"not in the catalog: {sorted(unknown)}")
+    out = Path(tempfile.mkdtemp(prefix="inferplane-catalog-")) / "catalog.yaml"
+    out.write_text(yaml.safe_dump(data, sort_keys=False))
+    return out

@@ -32,7 +32,7 @@ import httpx
 import tritonclient.grpc.aio as triton_aio
 import yaml
 
-from bench._stack import local_stack
+from bench._stack import catalog_with, local_stack
 from services.common.catalog import load_catalog
 from services.executor.triton_client import GenerateParams, build_inputs
 from services.launcher import read_env
@@ -258,9 +258,18 @@ def main() -> None:
     parser.add_argument("--state-dir", type=Path)
     parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--stream-interval", type=int, default=None,
+                        help=f"start the stack with {MODEL}'s catalog stream_interval set to this")
     args = parser.parse_args()
-    with local_stack(args.state_dir) as state:
+    config = {}
+    if args.stream_interval is not None:
+        if args.state_dir is not None:
+            parser.error("--stream-interval starts a stack of its own: leave out --state-dir")
+        config["catalog"] = catalog_with({MODEL: {"stream_interval": args.stream_interval}})
+    with local_stack(args.state_dir, **config) as state:
         result = asyncio.run(measure(state, args.quick))
+    result["stream_interval"] = args.stream_interval or 1
+    print(f"{MODEL} stream_interval: {result['stream_interval']}")
     print(table(result))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "mesh.json").write_text(json.dumps(result, indent=2))

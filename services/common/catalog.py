@@ -66,6 +66,9 @@ class CatalogModel(BaseModel):
     concurrency_per_replica: int = Field(default=64, gt=0)
     max_queue: int = Field(default=256, ge=0)
     queue_timeout_s: float = Field(default=30.0, gt=0)
+    # Streaming: after the first token, messages of at least this many tokens on every hop (executor, router,
+    # gateway): fewer messages under load, longer gaps between them. 1: every token as it comes.
+    stream_interval: int = Field(default=1, ge=1, le=64)
     # This model's deadline for one request (None: the router's request_timeout_s); the caller's own is kept
     # when shorter.
     request_timeout_s: float | None = Field(default=None, gt=0)

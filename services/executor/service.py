@@ -1,7 +1,8 @@
 """The executor's gRPC API: thin edges over ``TritonLLMClient``.
 
 Tokens are forwarded as they arrive; when the reader (the router) falls behind, the tokens that are
-ready go out together in one message (coalescing under backpressure) instead of one message each.
+ready go out together in one message (coalescing under backpressure) instead of one message each. A request's
+``stream_interval`` (the model's, from the catalog) makes every message after the first hold that many.
 """
 
 from __future__ import annotations
@@ -55,8 +56,10 @@ def chunk_to_pb(token_ids: list[int], final: TritonChunk | None) -> executor_pb2
     return msg
 
 
-async def coalesce(chunks: AsyncIterator[TritonChunk]) -> AsyncIterator[tuple[list[int], TritonChunk | None]]:
-    """Yield (token ids, final or None); all ids that arrived while the consumer was busy come together."""
+async def coalesce(chunks: AsyncIterator[TritonChunk],
+                   interval: int = 1) -> AsyncIterator[tuple[list[int], TritonChunk | None]]:
+    """Yield (token ids, final or None); all ids that arrived while the consumer was busy come together. With
+    ``interval`` > 1, every message after the first holds at least that many ids (the final one: what is left)."""
     queue: asyncio.Queue[TritonChunk | BaseException] = asyncio.Queue()
 
     async def pump() -> None:
@@ -68,13 +71,12 @@ async def coalesce(chunks: AsyncIterator[TritonChunk]) -> AsyncIterator[tuple[li
 
     task = asyncio.create_task(pump())
     ended = False
+    want = 1  # ids a message waits for: the first token goes out at once, then ``interval`` at a time
     try:
         while True:
-            items = [await queue.get()]
-            while not queue.empty():
-                items.append(queue.get_nowait())
             ids: list[int] = []
-            for item in items:
+            while True:
+                item = await queue.get()
                 if isinstance(item, BaseException):
                     if ids:
                         yield ids, None
@@ -84,7 +86,10 @@ async def coalesce(chunks: AsyncIterator[TritonChunk]) -> AsyncIterator[tuple[li
                     ended = True
                     yield ids, item
                     return
+                if len(ids) >= want and queue.empty():
+                    break
             yield ids, None
+            want = max(1, interval)
     finally:
         if ended:
             # The generation is over: let the pump finish reading the Triton stream to its end. Cancelling it
@@ -117,7 +122,8 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         queued, finished = True, False
         try:
             async for ids, final in coalesce(self._client.generate(request.model, params,
-                                                                   request_id=request.request_id)):
+                                                                   request_id=request.request_id),
+                                             request.stream_interval):
                 if queued:
                     queued = False
                     QUEUE_DEPTH.dec()

@@ -209,7 +209,7 @@ class GenerationEngine:
             raise
         req = executor_pb2.ExecutorGenerateRequest(
             model=model.triton_model, prompt_token_ids=encoded.token_ids, max_tokens=max_tokens,
-            stop_token_ids=encoded.stop_token_ids, request_id=request_id)
+            stop_token_ids=encoded.stop_token_ids, request_id=request_id, stream_interval=model.stream_interval)
         for name in ("temperature", "top_p", "top_k", "seed"):
             value = getattr(inp, name)
             if value is not None:

@@ -67,6 +67,21 @@ async def test_generate_streams_tokens_then_usage(executor: Executor) -> None:
     assert again == ids
 
 
+async def test_a_stream_interval_groups_tokens_after_the_first(executor: Executor) -> None:
+    req = executor_pb2.ExecutorGenerateRequest(model="tiny-llama", prompt_token_ids=prompt_ids(), max_tokens=14,
+                                               stream_interval=4)
+    req.sampling.temperature = 1.0
+    req.sampling.seed = 11
+    req.stop_token_ids[:] = []  # all 14 tokens
+    msgs = [m async for m in stub(executor).Generate(req, timeout=60)]
+    sizes = [len(m.token_ids) for m in msgs]
+    # the first message goes out with whatever is ready (tokens that queued up meanwhile go together), then
+    # every message but the last waits for 4 or more
+    assert sizes[0] >= 1 and all(n >= 4 for n in sizes[1:-1]), sizes
+    assert sum(sizes) == msgs[-1].usage.completion_tokens == 14
+    assert len(msgs) <= 5  # 1 + ceil(13 / 4) at most
+
+
 async def test_bad_request_is_invalid_argument(executor: Executor) -> None:
     req = executor_pb2.ExecutorGenerateRequest(model="tiny-llama", prompt_token_ids=[], max_tokens=4)
     with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -119,6 +134,20 @@ async def test_coalesce_batches_what_arrived_while_the_reader_was_busy() -> None
     assert [t for ids, _ in out for t in ids] == list(range(10))
     assert len(out) < 11  # tokens that queued up went out together
     assert out[-1][1] is not None and out[-1][1].completion_tokens == 10
+
+
+async def test_coalesce_with_a_stream_interval_sends_the_first_token_alone_then_groups() -> None:
+    async def chunks() -> AsyncIterator[TritonChunk]:
+        for i in range(10):
+            await asyncio.sleep(0.001)  # one token per model step, a reader that keeps up
+            yield TritonChunk([i])
+        yield TritonChunk([], finish_reason="length", prompt_tokens=2, completion_tokens=10)
+
+    out = [(ids, final) async for ids, final in coalesce(chunks(), 4)]
+    assert [ids for ids, _ in out] == [[0], [1, 2, 3, 4], [5, 6, 7, 8], [9]]  # the last: what is left, at once
+    assert [final is not None for _, final in out] == [False, False, False, True]
+    # interval 1 (the default): every token in a message of its own when the reader keeps up
+    assert [ids for ids, _ in [x async for x in coalesce(chunks(), 1)]] == [[i] for i in range(10)]
 
 
 async def test_coalesce_lets_a_finished_stream_end_by_itself() -> None:

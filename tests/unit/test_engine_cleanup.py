@@ -61,11 +61,13 @@ class FakeReplica:
     address: str = "fake:1"
     outstanding: int = 0
     opened: int = 0  # streams asked of this replica
+    last: executor_pb2.ExecutorGenerateRequest | None = None
     stub: Any = None
 
     def __post_init__(self) -> None:
         def generate(req: executor_pb2.ExecutorGenerateRequest, timeout: float | None = None) -> HeldStream:
             self.opened += 1
+            self.last = req
             return self.call
 
         self.stub = SimpleNamespace(Generate=generate)
@@ -119,10 +121,10 @@ def stream_of(n: int, pause_at: int | None = None) -> HeldStream:
     return HeldStream([*msgs, last], pause_at)
 
 
-def engine_for(call: HeldStream) -> tuple[GenerationEngine, FakeMetering, FakeReplica]:
+def engine_for(call: HeldStream, model: CatalogModel = MODEL) -> tuple[GenerationEngine, FakeMetering, FakeReplica]:
     metering = FakeMetering()
     replica = FakeReplica(call)
-    engine = GenerationEngine(catalog=Catalog(models=[MODEL]), tokenizer=None,  # type: ignore[arg-type]
+    engine = GenerationEngine(catalog=Catalog(models=[model]), tokenizer=None,  # type: ignore[arg-type]
                               executors=FakeExecutors(replica), metering=metering,  # type: ignore[arg-type]
                               local_tokenizers=FakeTokenizers(), encode_locally=True)  # type: ignore[arg-type]
     return engine, metering, replica
@@ -158,7 +160,7 @@ async def test_a_caller_cancelled_after_the_final_message_is_still_billed() -> N
 
 async def test_a_completed_request_returns_its_usage_only_once_the_record_is_stored() -> None:
     call = stream_of(2)
-    engine, metering, _ = engine_for(call)
+    engine, metering, replica = engine_for(call, MODEL.model_copy(update={"stream_interval": 3}))
     got: list[Any] = []
     task = asyncio.create_task(consume(engine, got))
     await call.draining.wait()
@@ -166,6 +168,7 @@ async def test_a_completed_request_returns_its_usage_only_once_the_record_is_sto
     await task
     assert got[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
     assert [r.request_id for r in metering.records] == ["r1"]  # stored before the final delta was yielded
+    assert replica.last is not None and replica.last.stream_interval == 3  # the model's, passed to the executor
 
 
 async def test_a_caller_cancelled_mid_stream_is_billed_as_cancelled() -> None:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from inferplane.v1 import common_pb2 as inferplane_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cinferplane/v1/executor.proto\x12\rinferplane.v1\x1a\x1ainferplane/v1/common.proto\"\xb3\x01\n\x17\x45xecutorGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x03\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.inferplane.v1.SamplingParams\x12\x16\n\x0estop_token_ids\x18\x05 \x03(\x03\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"\x95\x01\n\x18\x45xecutorGenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x32\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1b.inferplane.v1.FinishReason\x12(\n\x05usage\x18\x03 \x01(\x0b\x32\x14.inferplane.v1.UsageH\x00\x88\x01\x01\x42\x08\n\x06_usage\"d\n\x14\x45xecutorEmbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12)\n\x06inputs\x18\x02 \x03(\x0b\x32\x19.inferplane.v1.EmbedInput\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\x1f\n\nEmbedInput\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\"E\n\x15\x45xecutorEmbedResponse\x12,\n\nembeddings\x18\x01 \x03(\x0b\x32\x18.inferplane.v1.Embedding\"\x12\n\x10GetStatusRequest\"Z\n\x11GetStatusResponse\x12\x14\n\x0cready_models\x18\x01 \x03(\t\x12\x17\n\x0f\x61\x63tive_requests\x18\x02 \x01(\x05\x12\x16\n\x0etriton_version\x18\x03 \x01(\t2\x94\x02\n\x0f\x45xecutorService\x12]\n\x08Generate\x12&.inferplane.v1.ExecutorGenerateRequest\x1a\'.inferplane.v1.ExecutorGenerateResponse0\x01\x12R\n\x05\x45mbed\x12#.inferplane.v1.ExecutorEmbedRequest\x1a$.inferplane.v1.ExecutorEmbedResponse\x12N\n\tGetStatus\x12\x1f.inferplane.v1.GetStatusRequest\x1a .inferplane.v1.GetStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cinferplane/v1/executor.proto\x12\rinferplane.v1\x1a\x1ainferplane/v1/common.proto\"\xcc\x01\n\x17\x45xecutorGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x03\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.inferplane.v1.SamplingParams\x12\x16\n\x0estop_token_ids\x18\x05 \x03(\x03\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x17\n\x0fstream_interval\x18\x07 \x01(\x05\"\x95\x01\n\x18\x45xecutorGenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x32\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1b.inferplane.v1.FinishReason\x12(\n\x05usage\x18\x03 \x01(\x0b\x32\x14.inferplane.v1.UsageH\x00\x88\x01\x01\x42\x08\n\x06_usage\"d\n\x14\x45xecutorEmbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12)\n\x06inputs\x18\x02 \x03(\x0b\x32\x19.inferplane.v1.EmbedInput\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\x1f\n\nEmbedInput\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\"E\n\x15\x45xecutorEmbedResponse\x12,\n\nembeddings\x18\x01 \x03(\x0b\x32\x18.inferplane.v1.Embedding\"\x12\n\x10GetStatusRequest\"Z\n\x11GetStatusResponse\x12\x14\n\x0cready_models\x18\x01 \x03(\t\x12\x17\n\x0f\x61\x63tive_requests\x18\x02 \x01(\x05\x12\x16\n\x0etriton_version\x18\x03 \x01(\t2\x94\x02\n\x0f\x45xecutorService\x12]\n\x08Generate\x12&.inferplane.v1.ExecutorGenerateRequest\x1a\'.inferplane.v1.ExecutorGenerateResponse0\x01\x12R\n\x05\x45mbed\x12#.inferplane.v1.ExecutorEmbedRequest\x1a$.inferplane.v1.ExecutorEmbedResponse\x12N\n\tGetStatus\x12\x1f.inferplane.v1.GetStatusRequest\x1a .inferplane.v1.GetStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,19 +33,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'inferplane.v1.executor_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EXECUTORGENERATEREQUEST']._serialized_start=76
-  _globals['_EXECUTORGENERATEREQUEST']._serialized_end=255
-  _globals['_EXECUTORGENERATERESPONSE']._serialized_start=258
-  _globals['_EXECUTORGENERATERESPONSE']._serialized_end=407
-  _globals['_EXECUTOREMBEDREQUEST']._serialized_start=409
-  _globals['_EXECUTOREMBEDREQUEST']._serialized_end=509
-  _globals['_EMBEDINPUT']._serialized_start=511
-  _globals['_EMBEDINPUT']._serialized_end=542
-  _globals['_EXECUTOREMBEDRESPONSE']._serialized_start=544
-  _globals['_EXECUTOREMBEDRESPONSE']._serialized_end=613
-  _globals['_GETSTATUSREQUEST']._serialized_start=615
-  _globals['_GETSTATUSREQUEST']._serialized_end=633
-  _globals['_GETSTATUSRESPONSE']._serialized_start=635
-  _globals['_GETSTATUSRESPONSE']._serialized_end=725
-  _globals['_EXECUTORSERVICE']._serialized_start=728
-  _globals['_EXECUTORSERVICE']._serialized_end=1004
+  _globals['_EXECUTORGENERATEREQUEST']._serialized_end=280
+  _globals['_EXECUTORGENERATERESPONSE']._serialized_start=283
+  _globals['_EXECUTORGENERATERESPONSE']._serialized_end=432
+  _globals['_EXECUTOREMBEDREQUEST']._serialized_start=434
+  _globals['_EXECUTOREMBEDREQUEST']._serialized_end=534
+  _globals['_EMBEDINPUT']._serialized_start=536
+  _globals['_EMBEDINPUT']._serialized_end=567
+  _globals['_EXECUTOREMBEDRESPONSE']._serialized_start=569
+  _globals['_EXECUTOREMBEDRESPONSE']._serialized_end=638
+  _globals['_GETSTATUSREQUEST']._serialized_start=640
+  _globals['_GETSTATUSREQUEST']._serialized_end=658
+  _globals['_GETSTATUSRESPONSE']._serialized_start=660
+  _globals['_GETSTATUSRESPONSE']._serialized_end=750
+  _globals['_EXECUTORSERVICE']._serialized_start=753
+  _globals['_EXECUTORSERVICE']._serialized_end=1029
 # @@protoc_insertion_point(module_scope)
