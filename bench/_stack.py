@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -37,12 +38,19 @@ def local_stack(state_dir: Path | None = None, **config: Any) -> Iterator[Path]:
     stack = LocalStack(StackConfig(state_dir=state, ports=dict.fromkeys(StackConfig().ports, 0), **config),
                        log=progress)
     progress("starting the local stack ...")
+    # a benchmark stopped with SIGTERM (kill, timeout) stops its stack too, instead of leaving it running
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         stack.start()
         stack.write_env(stack.create_demo_key())
         yield state
     finally:
         stack.stop()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def catalog_with(changes: dict[str, dict[str, Any]], base: Path = CATALOG) -> Path:
