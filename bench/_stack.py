@@ -12,10 +12,9 @@ from typing import Any
 
 import yaml
 
-from services.common.catalog import PACKAGE_PREFIX
-from services.launcher import ROOT, LocalStack, StackConfig
-
-CATALOG = ROOT / "config" / "catalog.yaml"
+from inferplane.assets import CATALOG
+from inferplane.cli.launcher import LocalStack, StackConfig
+from inferplane.common.catalog import PACKAGE_PREFIX
 
 
 def progress(message: str) -> None:

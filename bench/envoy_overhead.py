@@ -29,9 +29,9 @@ import httpx
 import yaml
 
 from bench._stack import local_stack
-from gateway.envoy import EdgeSettings, EnvoyProcess, envoy_command
+from inferplane.cli.launcher import free_port, read_env
+from inferplane.edge.envoy import EdgeSettings, EnvoyProcess, envoy_command
 from inferplane.v1 import router_pb2, router_pb2_grpc
-from services.launcher import free_port, read_env
 
 
 def timed(call: Callable[[], object]) -> float:

@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 from bench.triton_llm import MODEL, PROMPTS, ROOT, TINY_LLAMA, bench, print_table, render_llm_repository
-from services.executor.llama import generate, load_model
-from services.executor.llama.batching import BatchScheduler, SequenceRequest, TokenEvent
-from services.executor.triton_process import TritonProcess, prepare_backend_dir
-from services.tokenizer.bundle import TokenizerBundle
+from inferplane.executor.llama import generate, load_model
+from inferplane.executor.llama.batching import BatchScheduler, SequenceRequest, TokenEvent
+from inferplane.executor.triton_process import TritonProcess, prepare_backend_dir
+from inferplane.tokenizer.bundle import TokenizerBundle
 
 EOS = frozenset({1, 6})
 

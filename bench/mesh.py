@@ -33,10 +33,10 @@ import tritonclient.grpc.aio as triton_aio
 import yaml
 
 from bench._stack import catalog_with, local_stack
-from services.common.catalog import load_catalog
-from services.executor.triton_client import GenerateParams, build_inputs
-from services.launcher import read_env
-from services.tokenizer.bundle import TokenizerBundle
+from inferplane.cli.launcher import read_env
+from inferplane.common.catalog import load_catalog
+from inferplane.executor.triton_client import GenerateParams, build_inputs
+from inferplane.tokenizer.bundle import TokenizerBundle
 
 MODEL = "tiny-llama"
 PROMPT = "Return the"

@@ -26,11 +26,11 @@ import tritonclient.grpc.aio as triton_aio
 import yaml
 
 from bench._stack import local_stack
+from inferplane.cli.launcher import read_env
+from inferplane.common.catalog import load_catalog
+from inferplane.executor.triton_client import GenerateParams, build_inputs
+from inferplane.tokenizer.bundle import TokenizerBundle
 from inferplane.v1 import router_pb2, router_pb2_grpc
-from services.common.catalog import load_catalog
-from services.executor.triton_client import GenerateParams, build_inputs
-from services.launcher import read_env
-from services.tokenizer.bundle import TokenizerBundle
 
 PROMPT = "Return the"
 MODEL = "tiny-llama"

@@ -25,11 +25,11 @@ import grpc
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from inferplane.common.money import PriceNanos
+from inferplane.common.settings import ServerSettings
+from inferplane.metering.main import MeteringSettings, build_server
+from inferplane.metering.store import MeteringStore, UsageRow
 from inferplane.v1 import metering_pb2, metering_pb2_grpc
-from services.common.money import PriceNanos
-from services.common.settings import ServerSettings
-from services.metering.main import MeteringSettings, build_server
-from services.metering.store import MeteringStore, UsageRow
 
 SECRET = b"bench-secret-0123456789abcdef0123"
 DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"

@@ -28,7 +28,7 @@ import httpx
 
 from bench._stack import local_stack, progress
 from bench.mesh import MODEL, PROMPT, mesh_pids, proc_stats
-from services.launcher import read_env
+from inferplane.cli.launcher import read_env
 
 SAMPLE_EVERY_S = 5.0
 WARMUP_S = 120.0

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 
 from bench._stack import local_stack
-from services.launcher import read_env
+from inferplane.cli.launcher import read_env
 
 BODY = {"model": "tiny-llama", "prompt": "Return the", "max_tokens": 1, "temperature": 0}
 

@@ -29,8 +29,8 @@ import tritonclient.grpc.aio as triton_aio
 from tokenizers import Tokenizer
 from tritonclient.grpc import InferInput
 
-from services.executor.repository import minilm_dir, render_embedding_model
-from services.executor.triton_process import TritonProcess, prepare_backend_dir
+from inferplane.executor.repository import minilm_dir, render_embedding_model
+from inferplane.executor.triton_process import TritonProcess, prepare_backend_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "minilm"

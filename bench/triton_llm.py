@@ -37,14 +37,15 @@ from typing import Any
 import numpy as np
 import tritonclient.grpc.aio as triton_aio
 
-from services.common.catalog import CatalogModel
-from services.executor.repository import TEMPLATES, render_llm_config
-from services.executor.triton_client import GenerateParams, build_inputs
-from services.executor.triton_process import TritonProcess, prepare_backend_dir
-from services.tokenizer.bundle import TokenizerBundle
+from inferplane.assets import TINY_LLAMA as ASSET_TINY_LLAMA
+from inferplane.common.catalog import CatalogModel
+from inferplane.executor.repository import TEMPLATES, render_llm_config
+from inferplane.executor.triton_client import GenerateParams, build_inputs
+from inferplane.executor.triton_process import TritonProcess, prepare_backend_dir
+from inferplane.tokenizer.bundle import TokenizerBundle
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_LLAMA = ROOT / "models" / "tiny-llama"
+TINY_LLAMA = ASSET_TINY_LLAMA
 MODEL = "tiny-llama"
 # Mixed lengths; docstring openings end within ~30-100 tokens, number lists and rulers run to max_tokens.
 PROMPTS = [

@@ -38,9 +38,9 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "services"))
 
-from services.executor.llama import (  # noqa: E402 - needs the repository on sys.path
+from inferplane.executor.llama import (  # noqa: E402 - needs the repository on sys.path
     LlamaConfig,
     LlamaForCausalLM,
     SamplingParams,
@@ -363,7 +363,7 @@ Chat: render `tokenizer_config.json`'s `chat_template` and encode without adding
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=ROOT / "models" / "tiny-llama")
+    ap.add_argument("--out", type=Path, default=ROOT / "services" / "inferplane" / "assets" / "models" / "tiny-llama")
     ap.add_argument("--minutes", type=float, default=8.0, help="training-loop time budget")
     ap.add_argument("--steps", type=int, default=0, help="fixed step count (overrides --minutes)")
     ap.add_argument("--seed", type=int, default=1234)

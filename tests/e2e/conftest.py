@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from services.launcher import LocalStack, StackConfig
+from inferplane.cli.launcher import LocalStack, StackConfig
 
 
 @pytest.fixture(scope="session")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from services.executor.triton_process import allocator_preload
-from services.launcher import LocalStack
+from inferplane.cli.launcher import LocalStack
+from inferplane.executor.triton_process import allocator_preload
 from tests.faults.test_faults import triton_pid
 
 

@@ -16,7 +16,8 @@ import httpx
 import openai
 import pytest
 
-from gateway.envoy import EdgeSettings, EnvoyProcess
+from inferplane.cli.launcher import LocalStack, free_port
+from inferplane.edge.envoy import EdgeSettings, EnvoyProcess
 from inferplane.v1 import (
     common_pb2,
     executor_pb2,
@@ -28,7 +29,6 @@ from inferplane.v1 import (
     tokenizer_pb2,
     tokenizer_pb2_grpc,
 )
-from services.launcher import LocalStack, free_port
 from tests.openai_schema import validate
 
 pytestmark = pytest.mark.e2e

@@ -9,7 +9,7 @@ import numpy as np
 import openai
 import pytest
 
-from services.launcher import LocalStack
+from inferplane.cli.launcher import LocalStack
 from tests.openai_schema import validate
 
 pytestmark = pytest.mark.e2e

@@ -6,7 +6,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.launcher import LocalStack
+from inferplane.cli.launcher import LocalStack
 
 pytestmark = pytest.mark.e2e
 MODEL = "tiny-llama"

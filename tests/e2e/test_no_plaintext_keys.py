@@ -29,9 +29,9 @@ import grpc
 import httpx
 import pytest
 
+from inferplane.cli.launcher import LocalStack
+from inferplane.metering.store import KEY_ID_LENGTH, KEY_PREFIX
 from inferplane.v1 import router_pb2, router_pb2_grpc
-from services.launcher import LocalStack
-from services.metering.store import KEY_ID_LENGTH, KEY_PREFIX
 
 pytestmark = pytest.mark.e2e
 CHAT_MODEL = "tiny-llama"

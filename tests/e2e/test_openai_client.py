@@ -7,8 +7,8 @@ import httpx
 import openai
 import pytest
 
+from inferplane.cli.launcher import LocalStack, read_env
 from inferplane.v1 import common_pb2, metering_pb2, metering_pb2_grpc, router_pb2, router_pb2_grpc
-from services.launcher import LocalStack, read_env
 from tests.openai_schema import validate
 
 pytestmark = pytest.mark.e2e

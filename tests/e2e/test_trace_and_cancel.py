@@ -12,8 +12,8 @@ import grpc
 import httpx
 import pytest
 
+from inferplane.cli.launcher import LocalStack
 from inferplane.v1 import metering_pb2, metering_pb2_grpc
-from services.launcher import ROOT, LocalStack
 
 pytestmark = pytest.mark.e2e
 MODEL = "tiny-llama"
@@ -30,7 +30,7 @@ def wait_for(predicate, timeout: float = 15.0, step: float = 0.2):
 
 def fresh_key(stack: LocalStack) -> str:
     """A key the router has not cached yet, so its VerifyKey call to metering is part of the request."""
-    from services.metering.main import MeteringSettings, open_store
+    from inferplane.metering.main import MeteringSettings, open_store
 
     store = open_store(MeteringSettings(**stack.settings["metering"]))
     try:
@@ -78,8 +78,8 @@ def test_one_request_is_one_trace_through_every_service(stack: LocalStack) -> No
     assert api_key not in path.read_text()
 
     # `inferplane trace REQUEST_ID` prints the same tree as a waterfall
-    out = subprocess.run([sys.executable, "-m", "services.cli", "trace", resp.headers["x-request-id"], "--file",
-                          str(path)], capture_output=True, text=True, timeout=30, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-m", "inferplane.cli", "trace", resp.headers["x-request-id"], "--file",
+                          str(path)], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     assert trace_id in out.stdout
     for service in wanted:

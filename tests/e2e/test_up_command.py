@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.launcher import ROOT, read_env
+from inferplane.cli.launcher import read_env
 
 pytestmark = pytest.mark.e2e
 
@@ -45,9 +45,9 @@ def alive(pid: int) -> bool:
 
 
 def test_up_prints_a_working_key_and_stops_every_child_on_ctrl_c(tmp_path: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--state-dir", str(tmp_path),
+    proc = subprocess.Popen([sys.executable, "-m", "inferplane.cli", "up", "--state-dir", str(tmp_path),
                              "--free-ports", "--ready-timeout", "300"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out: list[str] = []
     try:
         assert proc.stdout is not None

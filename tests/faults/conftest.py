@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from services.launcher import LocalStack, StackConfig
+from inferplane.cli.launcher import LocalStack, StackConfig
 
 # The router's deadline for one request: short, so a hung executor answers 504 within the test.
 REQUEST_TIMEOUT_S = 15.0

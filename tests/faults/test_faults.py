@@ -18,7 +18,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.launcher import LocalStack
+from inferplane.cli.launcher import LocalStack
 from tests.faults.conftest import REQUEST_TIMEOUT_S
 
 pytestmark = pytest.mark.faults
@@ -95,7 +95,7 @@ def triton_pid(stack: LocalStack, executor: str) -> int:
 
 
 def serving(stack: LocalStack, name: str) -> bool:
-    from services.launcher import grpc_serving
+    from inferplane.cli.launcher import grpc_serving
 
     return grpc_serving(f"127.0.0.1:{stack.ports[name]}")
 

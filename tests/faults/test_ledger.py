@@ -27,11 +27,11 @@ import grpc
 import httpx
 import pytest
 
+from inferplane.cli.launcher import LocalStack, StackConfig, free_port, grpc_serving
+from inferplane.common.money import PriceNanos, usd_to_nanos
+from inferplane.metering.main import MeteringSettings, open_store
+from inferplane.metering.store import MeteringStore, UsageRow
 from inferplane.v1 import router_pb2, router_pb2_grpc
-from services.common.money import PriceNanos, usd_to_nanos
-from services.launcher import ROOT, LocalStack, StackConfig, free_port, grpc_serving
-from services.metering.main import MeteringSettings, open_store
-from services.metering.store import MeteringStore, UsageRow
 from tests.faults.test_faults import scrape
 
 pytestmark = pytest.mark.faults
@@ -68,9 +68,9 @@ def second_router(ledger_stack: LocalStack) -> Iterator[str]:
            "INFERPLANE_ROUTER_SERVER__METRICS_PORT": str(free_port()),
            "INFERPLANE_ROUTER_OUTBOX_PATH": str(ledger_stack.state / "router-2-outbox.db")}
     log = (ledger_stack.state / "logs" / "router_2.log").open("ab")
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "router", "--config",
-                             str(ledger_stack.settings_file)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-m", "inferplane.cli", "serve", "router", "--config",
+                             str(ledger_stack.settings_file)], cwd=ledger_stack.state, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
     log.close()
     addr = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 60

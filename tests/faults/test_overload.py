@@ -17,7 +17,8 @@ import httpx
 import pytest
 import yaml
 
-from services.launcher import ROOT, LocalStack, StackConfig
+from inferplane.assets import CATALOG
+from inferplane.cli.launcher import LocalStack, StackConfig
 from tests.faults.test_faults import body, headers, scrape
 
 pytestmark = pytest.mark.faults
@@ -27,7 +28,7 @@ RUNNING, QUEUE = 4, 4
 
 def small_catalog(path: Path) -> Path:
     """config/catalog.yaml with absolute paths and a small queue for tiny-llama."""
-    src = ROOT / "config" / "catalog.yaml"
+    src = CATALOG
     data = yaml.safe_load(src.read_text())
     for model in data["models"]:
         for field in ("checkpoint", "tokenizer"):

@@ -18,14 +18,13 @@ import pytest
 import pytest_asyncio
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from inferplane.v1 import metering_pb2
-from services.common.catalog import Catalog, CatalogModel, ModelPrices
-from services.common.errors import PermissionDenied, Unavailable
-from services.common.server import GrpcServer, channel_options
-from services.common.settings import ServerSettings
-from services.metering.main import MeteringSettings, build_server
-from services.metering.store import MeteringStore
-from services.router.admission import (
+from inferplane.common.catalog import Catalog, CatalogModel, ModelPrices
+from inferplane.common.errors import PermissionDenied, Unavailable
+from inferplane.common.server import GrpcServer, channel_options
+from inferplane.common.settings import ServerSettings
+from inferplane.metering.main import MeteringSettings, build_server
+from inferplane.metering.store import MeteringStore
+from inferplane.router.admission import (
     ERROR_CODE_METADATA_KEY,
     INSUFFICIENT_QUOTA,
     Admission,
@@ -33,9 +32,10 @@ from services.router.admission import (
     PriceBook,
     stamp,
 )
-from services.router.clients import KeyInfo, MeteringClient
-from services.router.outbox import UsageOutbox, batch_sender
-from services.router.ratelimit import LocalRateLimiter
+from inferplane.router.clients import KeyInfo, MeteringClient
+from inferplane.router.outbox import UsageOutbox, batch_sender
+from inferplane.router.ratelimit import LocalRateLimiter
+from inferplane.v1 import metering_pb2
 from tests.integration.test_postgres_store import fresh_postgres_database
 
 SECRET = b"admission-test-secret-0123456789"

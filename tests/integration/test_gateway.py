@@ -35,10 +35,10 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from gateway.main import GatewayServer, GatewaySettings
+from inferplane.common.errors import PARAM_METADATA_KEY
+from inferplane.common.settings import load_settings
+from inferplane.gateway.main import GatewayServer, GatewaySettings
 from inferplane.v1 import common_pb2, router_pb2, router_pb2_grpc
-from services.common.errors import PARAM_METADATA_KEY
-from services.common.settings import load_settings
 from tests.openai_schema import DERIVED_STREAM_COMPLETION, is_valid, validate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -655,7 +655,7 @@ async def test_process_drains_in_flight_stream_on_sigterm(stack: Stack, tmp_path
     config.write_text(yaml.safe_dump({"gateway": {"router_addr": f"127.0.0.1:{stack.router_port}",
                                                   "grace_seconds": 10}}))
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "--config", str(config), "--port", "0", cwd=ROOT,
+        sys.executable, "-m", "inferplane.gateway", "--config", str(config), "--port", "0", cwd=ROOT,
         env={**os.environ, "INFERPLANE_LOG_LEVEL": "INFO"}, stderr=asyncio.subprocess.PIPE)
     try:
         port = await asyncio.wait_for(_listening_port(proc), 30)

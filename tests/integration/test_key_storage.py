@@ -12,8 +12,8 @@ import uuid
 
 from sqlalchemy import MetaData, inspect, select
 
+from inferplane.metering.store import KEY_ID_LENGTH, KEY_PREFIX
 from inferplane.v1 import metering_pb2, metering_pb2_grpc
-from services.metering.store import KEY_ID_LENGTH, KEY_PREFIX
 from tests.integration.test_admission import (  # noqa: F401  (fixtures)
     MODEL,
     SECRET,

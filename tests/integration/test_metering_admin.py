@@ -13,8 +13,8 @@ import grpc
 import pytest
 import yaml
 
+from inferplane.metering.cli import register
 from inferplane.v1 import metering_pb2, metering_pb2_grpc
-from services.metering.cli import register
 from tests.integration.test_admission import Metering, database_url, metering, record  # noqa: F401  (fixtures)
 
 
@@ -147,8 +147,8 @@ def test_cli_keys_prices_budgets_usage(config: Path, capsys: pytest.CaptureFixtu
     budgets = capsys.readouterr().out
     assert "2.5" in budgets and "daily" in budgets and "acme" in budgets
 
-    from services.metering.main import MeteringSettings, open_store
-    from services.metering.store import UsageRow
+    from inferplane.metering.main import MeteringSettings, open_store
+    from inferplane.metering.store import UsageRow
 
     store = open_store(MeteringSettings(**yaml.safe_load(config.read_text())["metering"]))
     now = datetime.now(UTC)

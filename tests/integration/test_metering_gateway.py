@@ -11,9 +11,9 @@ import httpx
 import pytest_asyncio
 from fastapi import FastAPI
 
-from gateway.admin import admin_router
-from gateway.errors import from_status, install_handlers
-from gateway.protocol import models_body, usage_dict
+from inferplane.gateway.admin import admin_router
+from inferplane.gateway.errors import from_status, install_handlers
+from inferplane.gateway.protocol import models_body, usage_dict
 from inferplane.v1 import common_pb2, router_pb2
 from tests.integration.test_admission import Metering, database_url, metering, record  # noqa: F401  (fixtures)
 

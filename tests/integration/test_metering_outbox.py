@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from services.router.outbox import UsageOutbox, batch_sender
+from inferplane.router.outbox import UsageOutbox, batch_sender
 from tests.integration.test_admission import Metering, database_url, metering, record  # noqa: F401  (fixtures)
 
 

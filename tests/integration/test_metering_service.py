@@ -17,13 +17,13 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from inferplane.common.errors import PARAM_METADATA_KEY
+from inferplane.common.server import GrpcServer
+from inferplane.common.settings import ServerSettings, load_settings
+from inferplane.metering.cli import register
+from inferplane.metering.main import SERVICE_NAME, MeteringSettings, build_server, open_store
+from inferplane.metering.store import BAD_KEY_MESSAGE, MeteringStore
 from inferplane.v1 import metering_pb2, metering_pb2_grpc
-from services.common.errors import PARAM_METADATA_KEY
-from services.common.server import GrpcServer
-from services.common.settings import ServerSettings, load_settings
-from services.metering.cli import register
-from services.metering.main import SERVICE_NAME, MeteringSettings, build_server, open_store
-from services.metering.store import BAD_KEY_MESSAGE, MeteringStore
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -225,7 +225,7 @@ async def test_python_m_serves_then_drains_on_sigterm(config_file: Path, setting
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("INFERPLANE_METERING_")}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.metering", "--config", str(config_file), "--port", str(port),
+        sys.executable, "-m", "inferplane.metering", "--config", str(config_file), "--port", str(port),
         cwd=REPO, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )
     try:

@@ -59,7 +59,7 @@ def fresh_postgres_database() -> Iterator[str]:
 
 
 def test_postgres_sessions_run_in_utc(database_url: str) -> None:
-    from services.metering.db import make_engine
+    from inferplane.metering.db import make_engine
 
     engine = make_engine(database_url)
     with engine.connect() as conn:

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from services.common.errors import Unavailable
-from services.router.admission import Admission, AdmissionRefused, PriceBook
-from services.router.ratelimit import Limits, RedisRateLimiter
+from inferplane.common.errors import Unavailable
+from inferplane.router.admission import Admission, AdmissionRefused, PriceBook
+from inferplane.router.ratelimit import Limits, RedisRateLimiter
 from tests.conftest import require
 from tests.integration.test_admission import CATALOG, MODEL, Metering, metering  # noqa: F401  (the fixture)
 

@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
-from services.common.server import GrpcServer
-from services.common.settings import ServerSettings
+from inferplane.common.server import GrpcServer
+from inferplane.common.settings import ServerSettings
 
 
 async def test_a_cancelled_streams_handler_is_closed_at_once() -> None:

@@ -12,11 +12,11 @@ import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from inferplane.common.errors import PARAM_METADATA_KEY
+from inferplane.common.server import GrpcServer, client_channel
+from inferplane.common.settings import ServerSettings
+from inferplane.tokenizer.main import SERVICE_NAME, TokenizerSettings, build_server
 from inferplane.v1 import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
-from services.common.errors import PARAM_METADATA_KEY
-from services.common.server import GrpcServer, client_channel
-from services.common.settings import ServerSettings
-from services.tokenizer.main import SERVICE_NAME, TokenizerSettings, build_server
 
 MODEL = "tiny-chat"
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

@@ -22,8 +22,8 @@ from tokenizers import Tokenizer
 from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
 
-from services.executor.repository import minilm_dir, render_embedding_model
-from services.executor.triton_process import TritonProcess, prepare_backend_dir
+from inferplane.executor.repository import minilm_dir, render_embedding_model
+from inferplane.executor.triton_process import TritonProcess, prepare_backend_dir
 from tests.conftest import require
 
 pytestmark = pytest.mark.triton

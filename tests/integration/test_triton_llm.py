@@ -25,14 +25,15 @@ import tritonclient.grpc.aio as grpcclient
 from tokenizers import Tokenizer
 from tritonclient.grpc import InferInput
 
-from services.executor.llama import LlamaForCausalLM, generate, load_model
-from services.executor.triton_process import TritonProcess, prepare_backend_dir
+from inferplane.assets import TINY_LLAMA as ASSET_TINY_LLAMA
+from inferplane.executor.llama import LlamaForCausalLM, generate, load_model
+from inferplane.executor.triton_process import TritonProcess, prepare_backend_dir
 
 pytestmark = pytest.mark.triton
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY_LLAMA = ROOT / "models" / "tiny-llama"
-MODEL_DIR = ROOT / "services" / "executor" / "triton_models" / "llm"
+TINY_LLAMA = ASSET_TINY_LLAMA
+MODEL_DIR = ROOT / "services" / "inferplane" / "executor" / "triton_models" / "llm"
 SHORT_CONTEXT = 32
 PROMPT = "Create a new"  # greedy: ~25 tokens of docstring before </s>
 

@@ -25,8 +25,8 @@ import pytest_asyncio
 from fastapi import FastAPI
 from fastapi.routing import iter_route_contexts
 
-from gateway.app import create_app
-from gateway.main import GatewaySettings
+from inferplane.gateway.app import create_app
+from inferplane.gateway.main import GatewaySettings
 from inferplane.v1 import metering_pb2, metering_pb2_grpc
 from tests.integration.test_admission import Metering, database_url, metering, record  # noqa: F401  (fixtures)
 from tests.openai_schema import validate

@@ -7,9 +7,9 @@ import time
 import grpc
 import pytest
 
-from services.common.errors import Unauthenticated
-from services.router.auth import KeyVerifier
-from services.router.clients import KeyInfo
+from inferplane.common.errors import Unauthenticated
+from inferplane.router.auth import KeyVerifier
+from inferplane.router.clients import KeyInfo
 
 
 class Rpc(grpc.aio.AioRpcError):

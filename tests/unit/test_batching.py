@@ -8,14 +8,14 @@ identical; seeded sampling draws from each request's own generator, so its token
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterable
-from pathlib import Path
 
 import pytest
 import torch
 from tokenizers import Tokenizer
 
-from services.executor.llama import LlamaForCausalLM, SamplingParams, generate, load_model
-from services.executor.llama.batching import (
+from inferplane.assets import TINY_LLAMA as ASSET_TINY_LLAMA
+from inferplane.executor.llama import LlamaForCausalLM, SamplingParams, generate, load_model
+from inferplane.executor.llama.batching import (
     BatchScheduler,
     Event,
     FinishEvent,
@@ -24,7 +24,7 @@ from services.executor.llama.batching import (
     TokenEvent,
 )
 
-TINY_LLAMA = Path(__file__).resolve().parents[2] / "models" / "tiny-llama"
+TINY_LLAMA = ASSET_TINY_LLAMA
 EOS = frozenset({1, 6})
 TEXTS = [
     "Create a new",

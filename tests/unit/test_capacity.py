@@ -7,8 +7,8 @@ import asyncio
 import grpc
 import pytest
 
-from gateway.errors import from_status
-from services.router.capacity import Capacity, ModelGate, Overloaded
+from inferplane.gateway.errors import from_status
+from inferplane.router.capacity import Capacity, ModelGate, Overloaded
 
 
 def gate(capacity: int = 2, max_queue: int = 2, queue_timeout_s: float = 5.0) -> ModelGate:

@@ -15,7 +15,10 @@ import jsonschema
 import pytest
 import yaml
 
-from gateway.envoy import (
+from inferplane.assets import CATALOG
+from inferplane.common.catalog import load_catalog
+from inferplane.common.settings import load_settings
+from inferplane.edge.envoy import (
     EdgeSettings,
     edge_settings,
     envoy_binary,
@@ -23,13 +26,11 @@ from gateway.envoy import (
     render_envoy_yaml,
     validate_config,
 )
-from gateway.main import GatewaySettings
-from services.common.catalog import load_catalog
-from services.common.settings import load_settings
-from services.executor.main import ExecutorSettings
-from services.metering.main import MeteringSettings
-from services.router.main import RouterSettings
-from services.tokenizer.main import TokenizerSettings
+from inferplane.executor.main import ExecutorSettings
+from inferplane.gateway.main import GatewaySettings
+from inferplane.metering.main import MeteringSettings
+from inferplane.router.main import RouterSettings
+from inferplane.tokenizer.main import TokenizerSettings
 from tests.conftest import require
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,7 +78,7 @@ def test_stack_settings_load_for_every_service(stack: str) -> None:
 def test_generated_envoy_config_is_current(generated: str, source: str) -> None:
     expected = render_envoy_yaml(edge_settings(ROOT / source), source=source)
     assert (ROOT / generated).read_text() == expected, (
-        f"{generated} is stale: python -m gateway.envoy --config {source} --out {generated}")
+        f"{generated} is stale: python -m inferplane.edge.envoy --config {source} --out {generated}")
 
 
 @pytest.mark.parametrize("generated", GENERATED)
@@ -99,7 +100,7 @@ def test_the_gpu_catalog_is_one_file_in_two_places() -> None:
     compose, k8s = COMPOSE / "catalog.gpu.yaml", DEPLOY / "overlays" / "gpu" / "catalog.yaml"
     assert compose.read_text() == k8s.read_text(), f"{k8s} must equal {compose}"
     gpu = load_catalog(compose)
-    local = {m.id: m for m in load_catalog(ROOT / "config" / "catalog.yaml").models}
+    local = {m.id: m for m in load_catalog(CATALOG).models}
     for model in gpu.models:
         assert model.instance_kind == "KIND_GPU"
         assert model.id in local and model.triton_model == local[model.id].triton_model
@@ -345,7 +346,7 @@ def test_tls_and_tracing_are_there_only_when_configured() -> None:
 
 
 def test_cli_writes_and_checks(tmp_path: Path) -> None:
-    from gateway.envoy import main
+    from inferplane.edge.envoy import main
 
     stack = tmp_path / "stack.yaml"
     stack.write_text(yaml.safe_dump({"gateway": {"host": "127.0.0.1", "port": 18081, "router_addr": "10.0.0.9:7"},

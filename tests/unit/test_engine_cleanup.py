@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
+from inferplane.common.catalog import Catalog, CatalogModel
+from inferplane.router.clients import KeyInfo
+from inferplane.router.engine import GenerationEngine, GenerationInput
 from inferplane.v1 import common_pb2, executor_pb2, metering_pb2
-from services.common.catalog import Catalog, CatalogModel
-from services.router.clients import KeyInfo
-from services.router.engine import GenerationEngine, GenerationInput
 
 MODEL = CatalogModel(id="m", triton_model="m", tokenizer="/tmp", context_length=100)
 

@@ -12,7 +12,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
-from services.executor.llama import (
+from inferplane.assets import TINY_LLAMA as ASSET_TINY_LLAMA
+from inferplane.executor.llama import (
     LlamaConfig,
     LlamaForCausalLM,
     SamplingParams,
@@ -20,11 +21,11 @@ from services.executor.llama import (
     load_model,
     save_checkpoint,
 )
-from services.executor.llama.generate import decode_one_token, prefill
-from services.executor.llama.model import apply_rotary, rope_inv_freq
-from services.executor.llama.sampling import logits_to_probs, sample
+from inferplane.executor.llama.generate import decode_one_token, prefill
+from inferplane.executor.llama.model import apply_rotary, rope_inv_freq
+from inferplane.executor.llama.sampling import logits_to_probs, sample
 
-TINY_LLAMA = Path(__file__).resolve().parents[2] / "models" / "tiny-llama"
+TINY_LLAMA = ASSET_TINY_LLAMA
 # fp32 on CPU: cached decode and a full forward take different matmul shapes, so they agree to rounding.
 KV_ATOL = 1e-4
 

@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import os
 from importlib.util import find_spec
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from tokenizers import Tokenizer
 
-from services.executor.llama import LlamaForCausalLM, generate, load_model
-from services.executor.llama.batching import BatchScheduler, SequenceRequest, TokenEvent
+from inferplane.assets import TINY_LLAMA as ASSET_TINY_LLAMA
+from inferplane.executor.llama import LlamaForCausalLM, generate, load_model
+from inferplane.executor.llama.batching import BatchScheduler, SequenceRequest, TokenEvent
 from tests.conftest import require
 
-TINY_LLAMA = Path(__file__).resolve().parents[2] / "models" / "tiny-llama"
+TINY_LLAMA = ASSET_TINY_LLAMA
 LOGITS_ATOL = 1e-4
 EOS = [1, 6]
 TEXTS = [

@@ -6,14 +6,15 @@ from pathlib import Path
 
 import pytest
 
+from inferplane.assets import TINY_LLAMA as ASSET_TINY_LLAMA
+from inferplane.common.errors import InvalidArgument
+from inferplane.router.clients import LocalTokenizers
+from inferplane.tokenizer.bundle import TokenizerBundle
+from inferplane.tokenizer.service import TokenizerRegistry, TokenizerServicer
 from inferplane.v1 import common_pb2, tokenizer_pb2
-from services.common.errors import InvalidArgument
-from services.router.clients import LocalTokenizers
-from services.tokenizer.bundle import TokenizerBundle
-from services.tokenizer.service import TokenizerRegistry, TokenizerServicer
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ROOT / "models" / "tiny-llama"
+TINY = ASSET_TINY_LLAMA
 CHATS = [
     [common_pb2.ChatMessage(role="user", content="Return the value of x")],
     [common_pb2.ChatMessage(role="system", content="Be brief."),

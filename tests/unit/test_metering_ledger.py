@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import update
 
-from services.common.errors import InvalidArgument, Unauthenticated
-from services.common.money import PriceNanos
-from services.metering.schema import BudgetRow, ReservationRow
-from services.metering.store import BudgetExceeded, MeteringStore, UsageRow
+from inferplane.common.errors import InvalidArgument, Unauthenticated
+from inferplane.common.money import PriceNanos
+from inferplane.metering.schema import BudgetRow, ReservationRow
+from inferplane.metering.store import BudgetExceeded, MeteringStore, UsageRow
 
 SECRET = b"ledger-test-secret-0123456789abcdef"
 PRICE = PriceNanos(input_per_million=150_000_000, output_per_million=600_000_000)  # $0.15 / $0.60 per M tokens

@@ -15,9 +15,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect, text
 
-from services.metering.db import alembic_config, current_revision, make_engine, migrate
-from services.metering.schema import Base
-from services.metering.store import MeteringStore
+from inferplane.metering.db import alembic_config, current_revision, make_engine, migrate
+from inferplane.metering.schema import Base
+from inferplane.metering.store import MeteringStore
 
 SECRET = b"migration-test-secret-0123456789"
 

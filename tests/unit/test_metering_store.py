@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from services.common.errors import InvalidArgument, NotFound, Unauthenticated
-from services.metering.secret import load_secret
-from services.metering.store import BAD_KEY_MESSAGE, KEY_ID_LENGTH, MeteringStore, UsageRow
+from inferplane.common.errors import InvalidArgument, NotFound, Unauthenticated
+from inferplane.metering.secret import load_secret
+from inferplane.metering.store import BAD_KEY_MESSAGE, KEY_ID_LENGTH, MeteringStore, UsageRow
 
 SECRET = b"unit-test-secret-0123456789abcdef"
 T0 = datetime(2025, 12, 1, 12, 0, tzinfo=UTC)

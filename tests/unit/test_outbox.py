@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from inferplane.router.outbox import UsageOutbox
 from inferplane.v1 import metering_pb2
-from services.router.outbox import UsageOutbox
 
 
 def rec(request_id: str, completion: int = 1) -> metering_pb2.UsageRecord:

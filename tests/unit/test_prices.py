@@ -10,8 +10,9 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from services.common.catalog import CatalogModel, load_catalog
-from services.common.money import (
+from inferplane.assets import CATALOG
+from inferplane.common.catalog import CatalogModel, load_catalog
+from inferplane.common.money import (
     MAX_PER_REQUEST_NANOS,
     MIN_PER_REQUEST_NANOS,
     MoneyError,
@@ -113,9 +114,9 @@ def test_catalog_refuses_bad_prices(prices: dict[str, object]) -> None:
 
 
 def test_the_shipped_catalog_prices_both_models(tmp_path: Path) -> None:
-    catalog = load_catalog(ROOT / "config" / "catalog.yaml")
+    catalog = load_catalog(CATALOG)
     assert {m.id for m in catalog.models if m.prices is not None} == {"tiny-llama", "all-minilm-l6-v2"}
-    raw = yaml.safe_load((ROOT / "config" / "catalog.yaml").read_text())
+    raw = yaml.safe_load((CATALOG).read_text())
     for entry in raw["models"]:
         assert all(isinstance(v, str) for v in entry["prices"].values()), "quote prices: they are decimal strings"
 

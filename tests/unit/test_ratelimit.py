@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.router.ratelimit import Decision, Limits, LocalRateLimiter, format_reset
+from inferplane.router.ratelimit import Decision, Limits, LocalRateLimiter, format_reset
 
 
 class Clock:

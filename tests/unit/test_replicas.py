@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from services.router.replicas import Replica, RetryBudget, choose
+from inferplane.router.replicas import Replica, RetryBudget, choose
 
 
 def replica(name: str, outstanding: int = 0, reported: int = 0) -> Replica:

@@ -1,9 +1,9 @@
 import pytest
 
+from inferplane.common.catalog import CatalogModel
+from inferplane.common.errors import InvalidArgument
+from inferplane.router.engine import GenerationInput, completion_budget, validate
 from inferplane.v1 import common_pb2
-from services.common.catalog import CatalogModel
-from services.common.errors import InvalidArgument
-from services.router.engine import GenerationInput, completion_budget, validate
 
 MODEL = CatalogModel(id="m", triton_model="m", tokenizer="/tmp", context_length=100)
 CHAT = [common_pb2.ChatMessage(role="user", content="hi")]

@@ -2,7 +2,7 @@ from pathlib import Path
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.common.settings import ServerSettings, load_settings
+from inferplane.common.settings import ServerSettings, load_settings
 
 
 class Demo(BaseSettings):

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from services.router.stops import StopMatcher
+from inferplane.router.stops import StopMatcher
 
 
 def run(stops: list[str], deltas: list[str]) -> tuple[str, bool]:

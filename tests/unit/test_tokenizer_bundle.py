@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from services.common.errors import InvalidArgument
-from services.tokenizer.bundle import TokenizerBundle
+from inferplane.common.errors import InvalidArgument
+from inferplane.tokenizer.bundle import TokenizerBundle
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>"]
 CORPUS = ["You are a helpful assistant.", "Hello! How are you today?", "Grüße, 日本語, 🙂🚀."] * 4

@@ -7,7 +7,7 @@ import pytest
 from tritonclient.grpc import InferResult, service_pb2
 from tritonclient.utils import serialize_byte_tensor
 
-from services.executor.triton_client import GenerateParams, build_inputs, build_request, parse_response
+from inferplane.executor.triton_client import GenerateParams, build_inputs, build_request, parse_response
 
 PARAMS = [
     GenerateParams([1, 2, 3], 16),
@@ -94,7 +94,7 @@ def stream_of(*responses: service_pb2.ModelInferResponse) -> list[service_pb2.Mo
 
 async def test_a_finished_stream_is_read_to_its_end_never_cancelled() -> None:
     # tritonserver leaked ~7 KB for every stream cancelled after its final response
-    from services.executor.triton_client import TritonLLMClient
+    from inferplane.executor.triton_client import TritonLLMClient
 
     final = response(token_ids=np.zeros([0], dtype=np.int64), finish_reason=np.array([b"stop"], dtype=np.object_),
                      prompt_tokens=np.array([3], dtype=np.int32), completion_tokens=np.array([1], dtype=np.int32))

@@ -1,5 +1,0 @@
-"""``python -m gateway``."""
-
-from gateway.main import main
-
-main()

@@ -1,0 +1,5 @@
+"""``python -m inferplane.gateway``."""
+
+from inferplane.gateway.main import main
+
+main()

@@ -1,0 +1,187 @@
+"""OpenAI-shaped errors: the one place gRPC statuses and HTTP failures become ``{"error": {...}}`` bodies.
+
+Every failure the gateway reports is a ``GatewayError``; ``from_rpc_error`` maps a router status through
+``GRPC_ERRORS`` (a registry, one row per status), ``from_validation_error`` maps pydantic errors to 400
+with the offending field as ``param``, and ``install_handlers`` makes FastAPI's own 404/405/422 use the
+same shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from inferplane.common.errors import PARAM_METADATA_KEY
+
+INVALID_REQUEST = "invalid_request_error"
+SERVER_ERROR = "server_error"
+# nginx's "client closed request": the caller went away before the answer was ready.
+CLIENT_CLOSED_REQUEST = 499
+# Router metadata that is passed on to the HTTP caller as response headers (rate-limit state).
+FORWARDED_HEADER_PREFIXES = ("x-ratelimit-", "retry-after")
+# Trailing metadata naming the OpenAI error code to answer with (set by the router's admission).
+ERROR_CODE_METADATA_KEY = "x-inferplane-error-code"
+INSUFFICIENT_QUOTA = "insufficient_quota"
+OVERLOADED = "overloaded"  # the router's bounded queue for the model is full (services/router/capacity.py)
+INTERNAL_MESSAGE = "The server had an error while processing your request. Sorry about that!"
+
+
+@dataclass(eq=False)  # identity hash: exceptions are kept in sets by tracebacks and task groups
+class GatewayError(Exception):
+    """An error answer: HTTP status plus OpenAI's ``message``/``type``/``param``/``code``."""
+
+    status: int
+    message: str
+    type: str = INVALID_REQUEST
+    param: str | None = None
+    code: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__init__(self.message)
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+@dataclass(frozen=True)
+class _Row:
+    status: int
+    type: str
+    code: str | None = None
+    # None: pass the router's details on (they are written for callers); else this fixed message.
+    message: str | None = None
+
+
+GRPC_ERRORS: dict[grpc.StatusCode, _Row] = {
+    grpc.StatusCode.UNAUTHENTICATED: _Row(401, INVALID_REQUEST, "invalid_api_key"),
+    grpc.StatusCode.PERMISSION_DENIED: _Row(403, INVALID_REQUEST, "insufficient_permissions"),
+    grpc.StatusCode.NOT_FOUND: _Row(404, INVALID_REQUEST, "model_not_found"),
+    grpc.StatusCode.INVALID_ARGUMENT: _Row(400, INVALID_REQUEST),
+    grpc.StatusCode.OUT_OF_RANGE: _Row(400, INVALID_REQUEST),
+    grpc.StatusCode.FAILED_PRECONDITION: _Row(400, INVALID_REQUEST),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: _Row(429, "rate_limit_exceeded", "rate_limit_exceeded"),
+    grpc.StatusCode.UNAVAILABLE: _Row(503, SERVER_ERROR, "service_unavailable",
+                                      "The server is overloaded or not ready yet. Please retry."),
+    grpc.StatusCode.DEADLINE_EXCEEDED: _Row(504, SERVER_ERROR, "timeout", "The request timed out."),
+    grpc.StatusCode.CANCELLED: _Row(CLIENT_CLOSED_REQUEST, INVALID_REQUEST, "request_cancelled",
+                                    "The request was cancelled."),
+}
+_INTERNAL = _Row(500, SERVER_ERROR, None, INTERNAL_MESSAGE)
+# (status, x-inferplane-error-code) -> the answer instead of the status's row: an exhausted budget is OpenAI's
+# 429 "insufficient_quota", not a rate limit (retrying soon does not help).
+ERROR_CODE_ROWS: dict[tuple[grpc.StatusCode, str], _Row] = {
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, INSUFFICIENT_QUOTA): _Row(429, INSUFFICIENT_QUOTA, INSUFFICIENT_QUOTA),
+    # capacity, not the caller's quota: 503 with retry-after, as OpenAI answers "overloaded"
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, OVERLOADED): _Row(503, SERVER_ERROR, OVERLOADED),
+}
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+# gRPC metadata: (key, str | bytes) pairs (grpc.aio.Metadata, or the tuples grpc-stubs types loosely).
+MetadataPairs = Iterable[Any]
+
+
+def forwarded_headers(metadata: MetadataPairs | None) -> dict[str, str]:
+    """The router's rate-limit metadata (``x-ratelimit-*``, ``retry-after``) as HTTP headers."""
+    return {k.lower(): _text(v) for k, v in metadata or () if k.lower().startswith(FORWARDED_HEADER_PREFIXES)}
+
+
+def from_status(code: grpc.StatusCode, details: str | None, trailing: MetadataPairs | None = None) -> GatewayError:
+    pairs = list(trailing or ())
+    error_code = next((_text(v) for k, v in pairs if k.lower() == ERROR_CODE_METADATA_KEY), None)
+    row = ERROR_CODE_ROWS.get((code, error_code or ""), GRPC_ERRORS.get(code, _INTERNAL))
+    param = next((_text(v) for k, v in pairs if k.lower() == PARAM_METADATA_KEY), None)
+    return GatewayError(row.status, row.message or details or code.name.lower(), type=row.type,
+                        param=param, code=row.code, headers=forwarded_headers(pairs))
+
+
+def from_rpc_error(exc: grpc.RpcError) -> GatewayError:
+    """Map a failed router call (``grpc.aio.AioRpcError``) to its OpenAI error."""
+    err = from_status(exc.code(), exc.details(), exc.trailing_metadata())
+    initial = exc.initial_metadata() if isinstance(exc, grpc.aio.AioRpcError) else None
+    err.headers = {**forwarded_headers(initial), **err.headers}
+    return err
+
+
+def param_from_loc(loc: Iterable[int | str]) -> str | None:
+    """``("messages", 0, "content")`` → ``"messages[0].content"`` (OpenAI's spelling of a nested param)."""
+    out = ""
+    for part in loc:
+        if part == "body":  # FastAPI's prefix for body fields
+            continue
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or None
+
+
+def _validation(errors: list[Any]) -> GatewayError:
+    first: Mapping[str, Any] = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        return GatewayError(400, "We could not parse the JSON body of your request. (HINT: This likely means you "
+                                 "aren't using your HTTP library correctly. The OpenAI API expects a JSON payload.)")
+    param = param_from_loc(first.get("loc", ()))
+    msg = str(first.get("msg", "Invalid request"))
+    msg = msg.removeprefix("Value error, ")
+    if first.get("type") == "missing":
+        msg = f"Missing required parameter: '{param}'."
+    elif param:
+        msg = f"Invalid '{param}': {msg}"
+    return GatewayError(400, msg, param=param)
+
+
+def from_validation_error(exc: ValidationError | RequestValidationError) -> GatewayError:
+    return _validation(list(exc.errors()))
+
+
+def unauthenticated(message: str, *, code: str | None = "invalid_api_key") -> GatewayError:
+    return GatewayError(401, message, code=code)
+
+
+def body_too_large(limit: int) -> GatewayError:
+    return GatewayError(413, f"The request body is larger than the limit of {limit} bytes.", code="request_too_large")
+
+
+def _http_error(request: Request, exc: StarletteHTTPException) -> GatewayError:
+    where = f"({request.method} {request.url.path})"
+    headers = dict(exc.headers or {})
+    if exc.status_code == 404:
+        return GatewayError(404, f"Invalid URL {where}", headers=headers)
+    if exc.status_code == 405:
+        return GatewayError(405, f"Invalid method for URL {where}", headers=headers)
+    kind = SERVER_ERROR if exc.status_code >= 500 else INVALID_REQUEST
+    return GatewayError(exc.status_code, str(exc.detail), type=kind, headers=headers)
+
+
+def install_handlers(app: FastAPI) -> None:
+    """Make every error the app itself answers (routing, validation, ours) OpenAI-shaped."""
+
+    async def on_gateway_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, GatewayError)
+        return exc.response()
+
+    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        return _http_error(request, exc).response()
+
+    async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError | ValidationError)
+        return from_validation_error(exc).response()
+
+    app.add_exception_handler(GatewayError, on_gateway_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(ValidationError, on_validation_error)

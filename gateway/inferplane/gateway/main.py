@@ -1,0 +1,116 @@
+"""Gateway entry point: settings, uvicorn served programmatically, graceful drain on SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import math
+import signal
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from inferplane.common.logs import setup_logging
+from inferplane.common.settings import TelemetrySettings, load_settings
+from inferplane.common.telemetry import setup_tracing
+from inferplane.gateway.app import create_app
+
+log = logging.getLogger(__name__)
+
+
+class GatewaySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="INFERPLANE_GATEWAY_", env_nested_delimiter="__")
+
+    host: str = "127.0.0.1"
+    # 0 picks a free port (``GatewayServer.port`` tells which).
+    port: int = 8080
+    router_addr: str = "127.0.0.1:50051"
+    # Metering's gRPC address, for /v1/usage and the /admin routes.
+    metering_addr: str = "127.0.0.1:50054"
+    # Largest request body accepted, counted on the bytes actually read (413 beyond).
+    max_body_bytes: int = 1024 * 1024
+    # gRPC deadline of one router call.
+    request_timeout_s: float = 600.0
+    # Seconds in-flight requests (streams included) get to finish after SIGTERM.
+    grace_seconds: float = 10.0
+    # Seconds an idle keep-alive connection stays open. Longer than the edge's upstream idle timeout
+    # (gateway/envoy.py UPSTREAM_IDLE_TIMEOUT_S), so the proxy always closes first: a server that closes a
+    # pooled connection just as the proxy sends a request on it is a reset the client sees as a 503.
+    keep_alive_s: float = 75.0
+    telemetry: TelemetrySettings = TelemetrySettings()
+
+
+class GatewayServer(uvicorn.Server):
+    """``uvicorn.Server`` for the gateway app that reports readiness and its bound port.
+
+    ``serve()`` drains on SIGTERM/SIGINT (stop accepting, let in-flight requests and streams finish within
+    ``grace_seconds``, then the lifespan closes the router channel); set ``should_exit`` to stop it from
+    code (tests pass ``handle_signals=False`` to leave the process's handlers alone).
+    """
+
+    def __init__(self, settings: GatewaySettings, *, ready: asyncio.Event | None = None, handle_signals: bool = True,
+                 **app_kwargs: Any) -> None:
+        config = uvicorn.Config(create_app(settings, **app_kwargs), host=settings.host, port=settings.port,
+                                lifespan="on", log_config=None, access_log=False,
+                                timeout_graceful_shutdown=math.ceil(settings.grace_seconds),
+                                timeout_keep_alive=math.ceil(settings.keep_alive_s))
+        super().__init__(config)
+        self.ready = ready or asyncio.Event()
+        self.handle_signals = handle_signals
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """SIGTERM/SIGINT start the drain. Unlike uvicorn's own, nothing re-raises the signal afterwards,
+        so ``serve``'s caller still flushes traces and exits 0."""
+        if not self.handle_signals or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.handle_exit, sig, None)
+        try:
+            yield
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            log.info("gateway listening on %s:%d", self.config.host, self.port)
+            self.ready.set()
+
+    @property
+    def port(self) -> int:
+        """The bound port (after startup)."""
+        for server in self.servers:
+            for sock in server.sockets:
+                return int(sock.getsockname()[1])
+        return int(self.config.port)
+
+
+async def serve(settings: GatewaySettings, *, ready: asyncio.Event | None = None) -> None:
+    """Serve until SIGTERM/SIGINT (or ``should_exit``); ``ready`` is set once the port accepts connections."""
+    provider = setup_tracing("gateway", settings.telemetry)
+    try:
+        await GatewayServer(settings, ready=ready).serve()
+    finally:
+        provider.shutdown()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="inferplane-gateway", description="inferplane OpenAI-compatible gateway")
+    parser.add_argument("--config", type=Path, help="YAML settings file (section 'gateway')")
+    parser.add_argument("--port", type=int)
+    args = parser.parse_args(argv)
+    setup_logging("gateway")
+    overrides = {"port": args.port} if args.port is not None else {}
+    settings = load_settings(GatewaySettings, config_file=args.config, section="gateway", **overrides)
+    asyncio.run(serve(settings))

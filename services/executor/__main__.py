@@ -1,3 +1,0 @@
-from services.executor.main import main
-
-main()

@@ -1,0 +1,376 @@
+"""``inferplane up``: every service as a process on loopback, with embedded defaults.
+
+The launcher writes one settings file (``.inferplane/stack.yaml``, a section per service), starts
+metering, tokenizer, executor (which starts Triton), router, gateway and Envoy (the edge, its config
+generated from the same file into ``.inferplane/envoy.yaml``) as child processes, waits for each one's
+readiness (gRPC health / HTTP / Envoy's admin ``/ready``), creates a demo API key, writes
+``.inferplane/local.env`` and stays in the foreground. The base URL and gRPC address it prints are
+Envoy's. SIGINT/SIGTERM stop every child (and Triton under the executor), the edge first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from inferplane.assets import CATALOG
+from inferplane.common.ports import free_port
+from inferplane.edge.envoy import edge_settings, envoy_command, write_envoy_yaml
+
+# Default ports: clear of PostgreSQL 5432, Redis 6379, NATS 4222, RabbitMQ 5672, Mosquitto 1883, MariaDB 3306.
+# "edge" is Envoy's listener (the one public port: REST and gRPC); its admin listens on loopback only.
+DEFAULT_PORTS = {"edge": 8080, "envoy_admin": 9901, "gateway": 8081, "router": 50051, "tokenizer": 50052,
+                 "executor": 50053, "metering": 50054, "triton_http": 18000, "triton_grpc": 18001,
+                 "triton_metrics": 18002, "router_metrics": 9101, "tokenizer_metrics": 9102,
+                 "executor_metrics": 9103, "metering_metrics": 9104}
+START_ORDER = ["metering", "tokenizer", "executor", "router", "gateway", "envoy"]
+# Ports of each extra executor replica (executor_2, ...), by their offset from the first one's.
+REPLICA_PORTS = ("executor", "triton_http", "triton_grpc", "triton_metrics", "executor_metrics")
+
+
+def replica_names(n: int) -> list[str]:
+    """Component names of n executor replicas: executor, executor_2, executor_3, ..."""
+    return ["executor", *[f"executor_{i}" for i in range(2, n + 1)]]
+
+
+def replica_port_key(key: str, replica: str) -> str:
+    return key if replica == "executor" else f"{key}{replica.removeprefix('executor')}"
+
+
+def with_replica_ports(ports: dict[str, int], n: int) -> dict[str, int]:
+    """Add the ports of executors 2..n: each 10 above the previous one's (0 stays 0: a free port)."""
+    out = dict(ports)
+    for i, name in enumerate(replica_names(n)[1:], start=1):
+        for key in REPLICA_PORTS:
+            out.setdefault(replica_port_key(key, name), ports[key] + 10 * i if ports[key] else 0)
+    return out
+# The port a component is reported on, where it is not the one named after it.
+PORT_OF = {"envoy": "edge"}
+# Envoy's own log as JSON lines, like the services' logs (%j: the message, JSON-escaped).
+ENVOY_LOG_FORMAT = '{"time":"%Y-%m-%dT%T.%fZ","level":"%l","service":"envoy","logger":"%n","message":"%j"}'
+
+
+@dataclass
+class StackConfig:
+    """What ``up`` needs to know; everything else has embedded defaults."""
+
+    state_dir: Path = Path(".inferplane")
+    catalog: Path = CATALOG
+    # Port per component; 0 picks a free one (the tests do this).
+    ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
+    host: str = "127.0.0.1"
+    trace_exporter: str = "file"
+    ready_timeout_s: float = 600.0
+    # Overrides of the edge's settings (``inferplane.edge.envoy.EdgeSettings`` fields, e.g. request_timeout_s).
+    edge: dict[str, Any] = field(default_factory=dict)
+    # Executor replicas, each with its own Triton.
+    executors: int = 1
+    # Overrides of the router's settings (``RouterSettings`` fields, e.g. request_timeout_s).
+    router: dict[str, Any] = field(default_factory=dict)
+
+    def resolved_ports(self) -> dict[str, int]:
+        return {k: (v or free_port()) for k, v in with_replica_ports(self.ports, self.executors).items()}
+
+
+def stack_settings(cfg: StackConfig, ports: dict[str, int]) -> dict[str, Any]:
+    """The settings file every service reads (its own section)."""
+    state = cfg.state_dir.resolve()
+    telemetry = {"exporter": cfg.trace_exporter, "file_path": str(state / "traces.jsonl")}
+
+    def server(name: str) -> dict[str, Any]:
+        return {"host": cfg.host, "port": ports[name], "grace_seconds": 5.0,
+                "metrics_port": ports[f"{name}_metrics"]}
+
+    def executor(replica: str) -> dict[str, Any]:
+        def p(key: str) -> int:
+            return ports[replica_port_key(key, replica)]
+
+        return {"server": {"host": cfg.host, "port": p("executor"), "grace_seconds": 5.0,
+                           "metrics_port": p("executor_metrics")},
+                "telemetry": telemetry, "catalog": str(cfg.catalog),
+                "triton": {"grpc_port": p("triton_grpc"), "http_port": p("triton_http"),
+                           "metrics_port": p("triton_metrics"), "work_dir": str(state / replica),
+                           # one torch thread per model on small machines: two fight the services for 2 cores
+                           "torch_threads": 1 if (os.cpu_count() or 1) <= 2 else 0}}
+
+    addr = {name: f"{cfg.host}:{ports[name]}" for name in ("router", "tokenizer", "metering")}
+    replicas = replica_names(cfg.executors)
+    return {
+        "metering": {"server": server("metering"), "telemetry": telemetry,
+                     "database_url": f"sqlite:///{state / 'metering.db'}",
+                     "secret_file": str(state / "metering-secret"), "catalog": str(cfg.catalog)},
+        "tokenizer": {"server": server("tokenizer"), "telemetry": telemetry, "catalog": str(cfg.catalog)},
+        **{name: executor(name) for name in replicas},
+        "router": {"server": server("router"), "telemetry": telemetry, "catalog": str(cfg.catalog),
+                   "tokenizer_addr": addr["tokenizer"], "metering_addr": addr["metering"],
+                   "executor_addrs": [f"{cfg.host}:{ports[replica_port_key('executor', r)]}" for r in replicas],
+                   "outbox_path": str(state / "router-outbox.db"), **cfg.router},
+        "gateway": {"host": cfg.host, "port": ports["gateway"], "router_addr": addr["router"],
+                    "metering_addr": addr["metering"],
+                    "telemetry": telemetry},
+        "edge": {"host": cfg.host, "port": ports["edge"], "admin_port": ports["envoy_admin"],
+                 "gateway_addr": f"{cfg.host}:{ports['gateway']}", "router_addr": addr["router"],
+                 "access_log_path": str(state / "logs" / "edge-access.log"), **cfg.edge},
+    }
+
+
+def grpc_serving(target: str, timeout: float = 1.0) -> bool:
+    try:
+        with grpc.insecure_channel(target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            resp = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+            return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
+    except grpc.RpcError:
+        return False
+
+
+def http_ok(url: str, timeout: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+class LocalStack:
+    """The child processes of one local stack."""
+
+    def __init__(self, cfg: StackConfig, *, log: Callable[[str], None] = print) -> None:
+        self.cfg = cfg
+        self.log = log
+        self.ports = cfg.resolved_ports()
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.state = cfg.state_dir.resolve()
+        self.settings_file = self.state / "stack.yaml"
+        self.settings = stack_settings(cfg, self.ports)
+        self.interrupted = threading.Event()
+
+    @property
+    def base_url(self) -> str:
+        """Envoy's: REST callers go through the edge (``ports['gateway']`` is the gateway itself)."""
+        return f"http://{self.cfg.host}:{self.ports['edge']}/v1"
+
+    @property
+    def grpc_addr(self) -> str:
+        """Envoy's too: the edge routes the public RouterService (``ports['router']`` is the router itself)."""
+        return f"{self.cfg.host}:{self.ports['edge']}"
+
+    @property
+    def envoy_file(self) -> Path:
+        return self.state / "envoy.yaml"
+
+    def _ready(self, name: str) -> bool:
+        if name == "gateway":
+            return http_ok(f"http://{self.cfg.host}:{self.ports['gateway']}/healthz")
+        if name == "envoy":
+            return http_ok(f"http://127.0.0.1:{self.ports['envoy_admin']}/ready")
+        return grpc_serving(f"{self.cfg.host}:{self.ports[name]}")
+
+    def _command(self, name: str) -> list[str]:
+        if name == "envoy":
+            return [*envoy_command(self.envoy_file), "--log-format", ENVOY_LOG_FORMAT]
+        if name.startswith("executor_"):  # another replica: the executor service with its own section
+            return [sys.executable, "-m", "inferplane.cli", "serve", "executor", "--config", str(self.settings_file),
+                    "--section", name]
+        return [sys.executable, "-m", "inferplane.cli", "serve", name, "--config", str(self.settings_file)]
+
+    @property
+    def start_order(self) -> list[str]:
+        i = START_ORDER.index("executor")
+        return [*START_ORDER[:i], *replica_names(self.cfg.executors), *START_ORDER[i + 1:]]
+
+    def metrics_url(self, name: str) -> str:
+        """Where a component's Prometheus metrics are scraped: ``router``, ``executor_2``, ``triton``,
+        ``triton_2``, ... (the gateway serves them on its own port)."""
+        if name == "gateway":
+            return f"http://{self.cfg.host}:{self.ports['gateway']}/metrics"
+        if name.startswith("triton"):
+            key = "triton_metrics" + name.removeprefix("triton")
+        elif name.startswith("executor"):
+            key = replica_port_key("executor_metrics", name)
+        else:
+            key = f"{name}_metrics"
+        return f"http://{self.cfg.host}:{self.ports[key]}/metrics"
+
+    def spawn(self, name: str) -> None:
+        """Start (or restart) one component and wait until it is ready."""
+        old = self.procs.get(name)
+        if old is not None and old.poll() is None:
+            raise RuntimeError(f"{name} is still running")
+        logfile = (self.state / "logs" / f"{name}.log").open("ab")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # Own process group per service: a stop signal reaches the service and whatever it spawned.
+        self.procs[name] = subprocess.Popen(self._command(name), cwd=self.state, env=env, stdout=logfile,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+        logfile.close()
+        self._wait(name)
+
+    def start(self) -> None:
+        self.state.mkdir(parents=True, exist_ok=True)
+        (self.state / "logs").mkdir(exist_ok=True)
+        self.settings_file.write_text(yaml.safe_dump(self.settings, sort_keys=False))
+        write_envoy_yaml(edge_settings(self.settings_file), self.envoy_file, source=str(self.settings_file))
+        for name in self.start_order:
+            self.spawn(name)
+
+    def _wait(self, name: str) -> None:
+        started = time.monotonic()
+        last_note = 0.0
+        while not self._ready(name):
+            if self.interrupted.is_set():
+                raise RuntimeError("interrupted while starting")
+            proc = self.procs[name]
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}; see {self.state / 'logs' / (name + '.log')}")
+            waited = time.monotonic() - started
+            if waited > self.cfg.ready_timeout_s:
+                raise TimeoutError(f"{name} not ready after {waited:.0f}s; see {self.state / 'logs'}")
+            if waited - last_note >= 5:
+                last_note = waited
+                self.log(f"  … waiting for {name} ({waited:.0f}s){self._progress_hint(name)}")
+            time.sleep(0.2)
+        port = self.ports[PORT_OF.get(name, name)]
+        self.log(f"  ✓ {name} ready on {self.cfg.host}:{port} ({time.monotonic() - started:.1f}s)")
+
+    def _progress_hint(self, name: str) -> str:
+        """The last progress line the service logged (Triton loading models, …)."""
+        path = self.state / "logs" / f"{name}.log"
+        try:
+            lines = path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        for line in reversed(lines[-50:]):
+            if "progress" in line.lower() or "loading" in line.lower():
+                return ": " + line.strip()[:160]
+        return ""
+
+    def stop(self, timeout: float = 20.0) -> None:
+        for name in reversed(list(self.procs)):
+            proc = self.procs[name]
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + timeout
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for proc in self.procs.values():  # whatever did not drain in time, and anything it left behind
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            proc.wait()
+
+    def create_demo_key(self) -> str:
+        return self._local_key("INFERPLANE_API_KEY", "demo", ["inference"])
+
+    def create_admin_key(self) -> str:
+        """The stack's admin key (the ``admin`` scope: /admin/* and the usage of every key)."""
+        return self._local_key("INFERPLANE_ADMIN_KEY", "admin", ["admin"])
+
+    def _local_key(self, env_name: str, name: str, scopes: list[str]) -> str:
+        """The key kept in local.env under ``env_name`` while it still verifies with these scopes, else a new one."""
+        from inferplane.metering.main import MeteringSettings, open_store
+
+        store = open_store(MeteringSettings(**self.settings["metering"]))
+        try:
+            old = read_env(self.state / "local.env").get(env_name)
+            if old:
+                try:
+                    if sorted(store.verify_key(old).scopes) == sorted(scopes):
+                        return old
+                except Exception:
+                    pass
+            _, key = store.create_key(name, scopes=scopes)
+            return key
+        finally:
+            store.close()
+
+    def write_env(self, api_key: str, admin_key: str | None = None) -> Path:
+        env_file = self.state / "local.env"
+        values = {"INFERPLANE_BASE_URL": self.base_url, "INFERPLANE_GRPC_ADDR": self.grpc_addr,
+                  "INFERPLANE_API_KEY": api_key}
+        if admin_key is not None:
+            values["INFERPLANE_ADMIN_KEY"] = admin_key
+        env_file.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+        env_file.chmod(0o600)
+        return env_file
+
+
+def read_env(path: Path) -> dict[str, str]:
+    if not path.exists():
+        return {}
+    out = {}
+    for line in path.read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.startswith("#"):
+            out[key.strip()] = value.strip()
+    return out
+
+
+def add_up_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--state-dir", type=Path, default=Path(".inferplane"), help="where state, logs and traces go")
+    parser.add_argument("--catalog", type=Path, default=CATALOG)
+    parser.add_argument("--port", type=int, default=DEFAULT_PORTS["edge"],
+                        help="the edge's port (Envoy: REST and gRPC)")
+    parser.add_argument("--executors", type=int, default=1, help="executor replicas, each with its own Triton")
+    parser.add_argument("--free-ports", action="store_true",
+                        help="pick free ports for every component (several stacks side by side)")
+    parser.add_argument("--ready-timeout", type=float, default=600.0)
+
+
+def up(args: argparse.Namespace) -> int:
+    ports = dict.fromkeys(DEFAULT_PORTS, 0) if args.free_ports else dict(DEFAULT_PORTS, edge=args.port)
+    cfg = StackConfig(state_dir=args.state_dir, catalog=args.catalog.resolve(), ports=ports,
+                      ready_timeout_s=args.ready_timeout, executors=max(1, args.executors))
+    stack = LocalStack(cfg)
+    stop = stack.interrupted
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    started = time.monotonic()
+    print("inferplane: starting the local stack", flush=True)
+    try:
+        stack.start()
+        key = stack.create_demo_key()
+        admin_key = stack.create_admin_key()
+        env_file = stack.write_env(key, admin_key)
+        print(f"\ninferplane is ready in {time.monotonic() - started:.1f}s\n"
+              f"  base URL   {stack.base_url}\n  gRPC       {stack.grpc_addr}\n  API key    {key}\n"
+              f"  admin key  {admin_key}  (INFERPLANE_ADMIN_KEY: /admin/*, inferplane keys|prices|budgets)\n"
+              f"  env file   {env_file}\n  logs       {stack.state / 'logs'}\n\n"
+              f"Try it:\n  curl {stack.base_url}/chat/completions \\\n"
+              f"    -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\\n"
+              f"    -d '{{\"model\": \"tiny-llama\", \"messages\": [{{\"role\": \"user\", "
+              f"\"content\": \"What does os.path.join do?\"}}], \"max_tokens\": 32}}'\n\n"
+              "Ctrl-C stops everything.", flush=True)
+        while not stop.is_set():
+            for name, proc in stack.procs.items():
+                if proc.poll() is not None:
+                    print(f"inferplane: {name} exited with {proc.returncode}; stopping", flush=True)
+                    stop.set()
+            stop.wait(0.5)
+        return 0
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"inferplane: {exc}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        print("inferplane: stopping", flush=True)
+        stack.stop()

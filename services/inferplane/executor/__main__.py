@@ -1,0 +1,3 @@
+from inferplane.executor.main import main
+
+main()

@@ -1,0 +1,214 @@
+"""Executor service: render the model repository, start and supervise Triton, serve the executor API.
+
+Health is NOT_SERVING until Triton reports every model ready, and again whenever Triton is down; a
+Triton that exits is restarted with backoff (or, with an external Triton, waited for).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import time
+from pathlib import Path
+
+from pydantic import BaseModel
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from inferplane.common.catalog import load_catalog
+from inferplane.common.logs import setup_logging
+from inferplane.common.server import GrpcServer
+from inferplane.common.settings import ServerSettings, TelemetrySettings, load_settings
+from inferplane.common.telemetry import setup_tracing
+from inferplane.executor.otlp_receiver import OtlpFileReceiver
+from inferplane.executor.repository import render_repository
+from inferplane.executor.service import ExecutorServicer
+from inferplane.executor.triton_client import TritonLLMClient
+from inferplane.executor.triton_process import TritonProcess, allocator_preload, prepare_backend_dir
+from inferplane.v1 import executor_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class TritonSettings(BaseModel):
+    """The Triton server behind this executor: spawned here, or external (``url`` set)."""
+
+    # host:port of an external Triton's gRPC endpoint; when empty the executor starts its own.
+    url: str = ""
+    grpc_port: int = 18001
+    http_port: int = 18000
+    metrics_port: int = 18002
+    work_dir: Path = Path(".inferplane/executor")
+    exit_timeout_s: int = 5
+    ready_timeout_s: float = 600.0
+    # torch intra-op threads inside the model (0 = torch's default).
+    torch_threads: int = 0
+    # Extra tritonserver arguments (e.g. --trace-config ...).
+    extra_args: list[str] = []
+    # tritonserver's malloc: "auto" (jemalloc or tcmalloc when installed, through LD_PRELOAD), "system"
+    # (glibc's), or a library name/path. Triton's release notes recommend one of the two: glibc's arenas can
+    # hold freed memory in a long-running multithreaded server.
+    allocator: str = "auto"
+
+
+class ExecutorSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="INFERPLANE_EXECUTOR_", env_nested_delimiter="__")
+
+    server: ServerSettings = ServerSettings(port=50053)
+    telemetry: TelemetrySettings = TelemetrySettings()
+    catalog: Path = Path("config/catalog.yaml")
+    # Catalog model ids this executor serves; empty means every model with a checkpoint.
+    models: list[str] = []
+    triton: TritonSettings = TritonSettings()
+
+
+class Executor:
+    """The executor's server, its Triton process (when spawned) and the supervision loop."""
+
+    def __init__(self, settings: ExecutorSettings) -> None:
+        self.settings = settings
+        t = settings.triton
+        self.catalog = load_catalog(settings.catalog)
+        self.repo = t.work_dir.resolve() / "model_repository"
+        self.triton_models = render_repository(self.catalog, self.repo, model_ids=settings.models or None,
+                                               torch_threads=t.torch_threads)
+        url = t.url or f"127.0.0.1:{t.grpc_port}"
+        self.client = TritonLLMClient(url)
+        self.servicer = ExecutorServicer(self.client, self.triton_models)
+        self.server = GrpcServer(
+            settings.server, service_names=["inferplane.v1.ExecutorService"],
+            register=lambda s: executor_pb2_grpc.add_ExecutorServiceServicer_to_server(self.servicer, s),
+            readiness=self._not_yet)
+        self.process: TritonProcess | None = None
+        self.receiver: OtlpFileReceiver | None = None
+        if settings.telemetry.exporter == "file" and not t.url:
+            self.receiver = OtlpFileReceiver(settings.telemetry.file_path)
+        self._supervisor: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    @staticmethod
+    async def _not_yet() -> bool:
+        return False
+
+    def triton_trace_args(self) -> list[str]:
+        """Triton's own OpenTelemetry tracing, into the same trace as the caller (``traceparent``)."""
+        tel = self.settings.telemetry
+        if self.receiver is not None:
+            url = self.receiver.url
+        elif tel.exporter == "otlp":
+            url = tel.otlp_http_traces_url
+        else:
+            return []
+        return [arg for kv in ("mode=opentelemetry", "rate=1", "level=TIMESTAMPS", f"opentelemetry,url={url}",
+                               "opentelemetry,resource=service.name=triton", "opentelemetry,bsp_schedule_delay=200")
+                for arg in ("--trace-config", kv)]
+
+    def _spawn(self) -> TritonProcess:
+        t = self.settings.triton
+        work = t.work_dir.resolve()
+        proc = TritonProcess(
+            self.repo, backend_dir=prepare_backend_dir(work / "backends"), grpc_port=t.grpc_port,
+            http_port=t.http_port, metrics_port=t.metrics_port, exit_timeout_s=t.exit_timeout_s,
+            extra_args=[*self.triton_trace_args(), *t.extra_args], log_path=work / "tritonserver.log",
+            env={"LD_PRELOAD": preload} if (preload := allocator_preload(t.allocator)) else None)
+        log.info("tritonserver allocator: %s", preload or "system malloc")
+        proc.start()
+        return proc
+
+    async def wait_triton_ready(self, timeout: float) -> None:
+        started = time.monotonic()
+        next_note = 0.0
+        while not await self.client.is_ready(self.triton_models):
+            waited = time.monotonic() - started
+            if self.process is not None and not self.process.running:
+                raise RuntimeError(f"tritonserver exited while loading; see {self.process.log_path}")
+            if waited > timeout:
+                raise TimeoutError(f"Triton not ready after {waited:.0f}s")
+            if waited >= next_note:
+                log.info("progress: Triton loading models %s (%.0fs)", ",".join(self.triton_models), waited)
+                next_note = waited + 2.0
+            await asyncio.sleep(0.25)
+        self.servicer.triton_version = await self.client.server_version()
+        log.info("progress: Triton %s ready with %s in %.1fs", self.servicer.triton_version,
+                 ",".join(self.triton_models), time.monotonic() - started)
+
+    async def start(self) -> int:
+        port = await self.server.start()
+        if self.receiver is not None:
+            self.receiver.start()
+        if not self.settings.triton.url:
+            self.process = self._spawn()
+        await self.wait_triton_ready(self.settings.triton.ready_timeout_s)
+        await self.server.set_serving(True)
+        self._supervisor = asyncio.create_task(self._supervise())
+        return port
+
+    async def _supervise(self) -> None:
+        """Watch Triton; while it is down report NOT_SERVING, restart it (spawned mode) with backoff."""
+        backoff = 1.0
+        while not self._stopping:
+            await asyncio.sleep(1.0)
+            if self.process is not None and not self.process.running:
+                code = self.process.proc.poll() if self.process.proc is not None else None
+                log.error("tritonserver exited (code %s); restarting in %.0fs", code, backoff)
+                await self.server.set_serving(False)
+                await asyncio.to_thread(self.process.stop)  # reap what is left of its process group
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+                try:
+                    self.process = self._spawn()
+                    await self.wait_triton_ready(self.settings.triton.ready_timeout_s)
+                    await self.server.set_serving(True)
+                    backoff = 1.0
+                except (RuntimeError, TimeoutError) as exc:
+                    log.error("Triton restart failed: %s", exc)
+            elif self.process is None:
+                ready = await self.client.is_ready(self.triton_models)
+                await self.server.set_serving(ready)
+
+    async def stop(self, grace: float | None = None) -> None:
+        await self.stop_supervising()
+        await self.server.stop(grace)
+        await self.close()
+
+    async def stop_supervising(self) -> None:
+        self._stopping = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+            self._supervisor = None
+
+    async def close(self) -> None:
+        await self.stop_supervising()  # a Triton that exits because we stop it is not restarted
+        await self.client.close()
+        if self.process is not None:
+            await asyncio.to_thread(self.process.stop)
+        if self.receiver is not None:
+            self.receiver.stop()
+            self.receiver = None
+
+
+async def run(settings: ExecutorSettings) -> None:
+    provider = setup_tracing("executor", settings.telemetry)
+    executor = Executor(settings)
+    try:
+        await executor.start()
+        await executor.server.serve_until_signal(before_drain=executor.stop_supervising)
+    finally:
+        await executor.close()
+        provider.shutdown()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="inferplane-executor", description="inferplane model executor")
+    parser.add_argument("--config", type=Path, help="YAML settings file (section 'executor')")
+    parser.add_argument("--section", default="executor", help="the file's section (executor replicas: executor_2, ...)")
+    parser.add_argument("--port", type=int)
+    args = parser.parse_args(argv)
+    setup_logging("executor")
+    settings = load_settings(ExecutorSettings, config_file=args.config, section=args.section)
+    if args.port is not None:
+        settings = settings.model_copy(update={"server": settings.server.model_copy(update={"port": args.port})})
+    asyncio.run(run(settings))

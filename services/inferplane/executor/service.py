@@ -1,0 +1,152 @@
+"""The executor's gRPC API: thin edges over ``TritonLLMClient``.
+
+Tokens are forwarded as they arrive; when the reader (the router) falls behind, the tokens that are
+ready go out together in one message (coalescing under backpressure) instead of one message each. A request's
+``stream_interval`` (the model's, from the catalog) makes every message after the first hold that many.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+from prometheus_client import Counter, Gauge
+
+from inferplane.common.errors import InvalidArgument
+from inferplane.common.tasks import keep
+from inferplane.executor.triton_client import GenerateParams, TritonChunk, TritonLLMClient
+from inferplane.v1 import common_pb2, executor_pb2, executor_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+FINISH_REASONS = {
+    "stop": common_pb2.FINISH_REASON_STOP,
+    "length": common_pb2.FINISH_REASON_LENGTH,
+    "cancelled": common_pb2.FINISH_REASON_CANCELLED,
+}
+
+
+def params_from_pb(req: executor_pb2.ExecutorGenerateRequest) -> GenerateParams:
+    if not req.prompt_token_ids:
+        raise InvalidArgument("prompt_token_ids must not be empty", param="prompt")
+    if req.max_tokens < 1:
+        raise InvalidArgument("max_tokens must be at least 1", param="max_tokens")
+    s = req.sampling
+    return GenerateParams(
+        prompt_token_ids=list(req.prompt_token_ids),
+        max_tokens=req.max_tokens,
+        temperature=s.temperature if s.HasField("temperature") else None,
+        top_p=s.top_p if s.HasField("top_p") else None,
+        top_k=s.top_k if s.HasField("top_k") else None,
+        seed=s.seed if s.HasField("seed") else None,
+        stop_token_ids=list(req.stop_token_ids),
+    )
+
+
+def chunk_to_pb(token_ids: list[int], final: TritonChunk | None) -> executor_pb2.ExecutorGenerateResponse:
+    msg = executor_pb2.ExecutorGenerateResponse(token_ids=token_ids)
+    if final is not None:
+        msg.finish_reason = FINISH_REASONS.get(final.finish_reason or "", common_pb2.FINISH_REASON_ERROR)
+        msg.usage.prompt_tokens = final.prompt_tokens
+        msg.usage.completion_tokens = final.completion_tokens
+        msg.usage.total_tokens = final.prompt_tokens + final.completion_tokens
+    return msg
+
+
+async def coalesce(chunks: AsyncIterator[TritonChunk],
+                   interval: int = 1) -> AsyncIterator[tuple[list[int], TritonChunk | None]]:
+    """Yield (token ids, final or None); all ids that arrived while the consumer was busy come together. With
+    ``interval`` > 1, every message after the first holds at least that many ids (the final one: what is left)."""
+    queue: asyncio.Queue[TritonChunk | BaseException] = asyncio.Queue()
+
+    async def pump() -> None:
+        try:
+            async for chunk in chunks:
+                queue.put_nowait(chunk)
+        except BaseException as exc:  # handed to the consumer, re-raised there
+            queue.put_nowait(exc)
+
+    task = asyncio.create_task(pump())
+    ended = False
+    want = 1  # ids a message waits for: the first token goes out at once, then ``interval`` at a time
+    try:
+        while True:
+            ids: list[int] = []
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    if ids:
+                        yield ids, None
+                    raise item
+                ids.extend(item.token_ids)
+                if item.finish_reason is not None:
+                    ended = True
+                    yield ids, item
+                    return
+                if len(ids) >= want and queue.empty():
+                    break
+            yield ids, None
+            want = max(1, interval)
+    finally:
+        if ended:
+            # The generation is over: let the pump finish reading the Triton stream to its end. Cancelling it
+            # would cancel the finished stream, which tritonserver leaks memory for (~7 KB a stream).
+            keep(task)
+        else:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+ACTIVE = Gauge("inferplane_executor_active_requests", "Generate calls in progress on this executor")
+QUEUE_DEPTH = Gauge("inferplane_executor_queue_depth", "Requests sent to Triton that have not produced a token yet")
+TRITON_CANCELS = Counter("inferplane_executor_cancellations", "Generations cancelled towards Triton")
+
+
+class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
+    def __init__(self, client: TritonLLMClient, models: list[str]) -> None:
+        self._client = client
+        self._models = models
+        self.active = 0
+        self.triton_version = ""
+
+    async def Generate(self, request: executor_pb2.ExecutorGenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[executor_pb2.ExecutorGenerateResponse]:
+        params = params_from_pb(request)
+        self.active += 1
+        ACTIVE.inc()
+        QUEUE_DEPTH.inc()
+        queued, finished = True, False
+        try:
+            async for ids, final in coalesce(self._client.generate(request.model, params,
+                                                                   request_id=request.request_id),
+                                             request.stream_interval):
+                if queued:
+                    queued = False
+                    QUEUE_DEPTH.dec()
+                finished = final is not None
+                yield chunk_to_pb(ids, final)
+        finally:
+            self.active -= 1
+            ACTIVE.dec()
+            if queued:
+                QUEUE_DEPTH.dec()
+            if not finished:
+                TRITON_CANCELS.inc()
+
+    async def Embed(self, request: executor_pb2.ExecutorEmbedRequest,
+                    context: grpc.aio.ServicerContext) -> executor_pb2.ExecutorEmbedResponse:
+        inputs = [list(i.token_ids) for i in request.inputs]
+        if not inputs or any(not ids for ids in inputs):
+            raise InvalidArgument("every embedding input needs at least one token id", param="input")
+        vectors = await self._client.embed(request.model, inputs, request_id=request.request_id)
+        return executor_pb2.ExecutorEmbedResponse(embeddings=[common_pb2.Embedding(values=v) for v in vectors])
+
+    async def GetStatus(self, request: executor_pb2.GetStatusRequest,
+                        context: grpc.aio.ServicerContext) -> executor_pb2.GetStatusResponse:
+        ready = [m for m in self._models if await self._client.is_ready([m])]
+        return executor_pb2.GetStatusResponse(ready_models=ready, active_requests=self.active,
+                                              triton_version=self.triton_version)

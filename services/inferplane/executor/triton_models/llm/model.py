@@ -1,0 +1,397 @@
+"""Triton Python-backend model: a decoupled, token-streaming Llama with continuous batching.
+
+Contract (the executor depends on it):
+- inputs: ``input_ids`` INT64 [-1]; ``max_tokens`` INT32 [1]; optional ``temperature`` FP32 [1] (0 = greedy),
+  ``top_p`` FP32 [1], ``top_k`` INT32 [1] (0 = off), ``seed`` INT64 [1] (absent = random),
+  ``stop_token_ids`` INT64 [-1] (added to the checkpoint's eos ids).
+- responses with ``token_ids`` [n >= 1] and ``logprobs`` [n] (the model's log-probability of each token), in
+  order, as the tokens are produced: one token per response while the stream keeps up, the tokens that
+  queued up meanwhile in one response when it does not (coalescing under backpressure). A stop token ends
+  the stream and is not sent, but counts in ``completion_tokens``.
+- then exactly one response flagged ``TRITONSERVER_RESPONSE_COMPLETE_FINAL`` with ``token_ids`` and
+  ``logprobs`` empty, ``finish_reason`` ("stop" | "length" | "cancelled"), ``prompt_tokens`` and
+  ``completion_tokens``. "length" covers both max_tokens and the context end (prompt + completion =
+  max_context).
+- a bad request gets a single final response carrying a ``TritonError`` (INVALID_ARG).
+
+``execute`` only validates and enqueues. Two threads do the rest:
+- the scheduler thread steps ``inferplane.executor.llama.batching.BatchScheduler``: new requests are prefilled
+  and join between decode steps, up to ``max_sequences`` at once (the rest wait FIFO); each step advances
+  every sequence by one token in one forward and posts the step's events to the outbox. It makes no
+  ``pb_utils`` call.
+- the IPC thread makes every ``pb_utils`` call after ``initialize``: the responses (drained from the
+  outbox), ``request.is_cancelled()`` of each stream at most every ``CANCEL_POLL_S``, the gauges
+  ``inferplane_llm_{active_sequences,queued_requests,kv_slots_in_use,kv_slots_total}{model=...}`` and the
+  log. Each of those is a blocking round trip to Triton's process (a send: 0.2 ms idle, 1-2 ms under load)
+  that releases the GIL, so here it overlaps the next step's compute instead of stalling it. One thread,
+  because the stub's IPC deadlocked when a send and an ``is_cancelled`` ran on two threads at once.
+A cancelled sequence leaves the batch, and frees its slot, at the next step after the poll that saw it.
+
+The package ``inferplane.executor.llama`` must be importable by the stub's Python (the project installed in
+the environment whose ``python3`` leads tritonserver's PATH, or the repository on PYTHONPATH).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from inferplane.executor.llama import LlamaForCausalLM, SamplingParams, load_model
+from inferplane.executor.llama.batching import (
+    BatchScheduler,
+    Event,
+    FinishEvent,
+    RequestRefused,
+    SchedulerStats,
+    SequenceRequest,
+    TokenEvent,
+)
+
+IDLE_WAIT_S = 0.05  # both threads wake at least this often to notice finalize()
+CANCEL_POLL_S = 0.05  # each live stream is asked is_cancelled() at most this often
+IPC_DUTY = 0.5  # the IPC thread's target busy fraction, above which tokens coalesce (parameter ipc_duty)
+MAX_PAUSE_S = 0.1  # the longest the IPC thread holds tokens back
+STATS_EVERY_S = 10.0  # a busy scheduler logs its step statistics this often
+
+
+class RequestError(ValueError):
+    """A request the model refuses; answered with INVALID_ARG."""
+
+
+def _triton_error(message: str, code: str) -> Any:
+    c = getattr(pb_utils.TritonError, code, None)
+    return pb_utils.TritonError(message) if c is None else pb_utils.TritonError(message, c)
+
+
+def _param(config: dict[str, Any], key: str, default: str = "") -> str:
+    value = config.get("parameters", {}).get(key, {}).get("string_value", default)
+    return default if value.startswith("${") else value  # an unrendered placeholder counts as unset
+
+
+def _int_param(config: dict[str, Any], key: str, default: int) -> int:
+    return int(_param(config, key, "") or default)
+
+
+def _checkpoint_eos_ids(checkpoint_dir: Path, model: LlamaForCausalLM) -> frozenset[int]:
+    ids = set(model.config.eos_token_ids)
+    gen_cfg = checkpoint_dir / "generation_config.json"
+    if gen_cfg.exists():
+        eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
+        ids |= set([eos] if isinstance(eos, int) else eos or [])
+    return frozenset(ids)
+
+
+def _scalar(request: Any, name: str) -> Any | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return None
+    arr = tensor.as_numpy().reshape(-1)
+    if arr.size != 1:
+        raise RequestError(f"{name} must hold exactly one value, got {arr.size}")
+    return arr[0].item()
+
+
+def _array(request: Any, name: str) -> list[int] | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy().reshape(-1).astype(np.int64).tolist()
+
+
+@dataclass(slots=True)
+class _Stream:
+    """One decoupled request: its Triton request (for is_cancelled) and response sender."""
+
+    request: Any
+    sender: Any
+    started: float
+    triton_id: str
+    polled: float = 0.0  # when is_cancelled() was last asked
+
+
+@dataclass(slots=True)
+class _Outgoing:
+    """What waits to be sent to one stream: tokens in order, then maybe its end."""
+
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish: FinishEvent | None = None
+    error: tuple[str, str] | None = None  # (message, TritonError code): ends the stream instead of a finish
+
+
+class _Gauges:
+    """The scheduler's state as Triton custom metrics; set only when a value changes (each set is an IPC)."""
+
+    NAMES: ClassVar[dict[str, tuple[str, str]]] = {
+        "active": ("inferplane_llm_active_sequences", "Sequences in the running batch"),
+        "queued": ("inferplane_llm_queued_requests", "Requests waiting for a KV-cache slot"),
+        "slots_in_use": ("inferplane_llm_kv_slots_in_use", "KV-cache slots held by running sequences"),
+        "slots_total": ("inferplane_llm_kv_slots_total", "KV-cache slots (max_sequences)"),
+    }
+
+    def __init__(self, model_name: str) -> None:
+        self.families = [pb_utils.MetricFamily(name=n, description=d, kind=pb_utils.MetricFamily.GAUGE)
+                         for n, d in self.NAMES.values()]
+        self.metrics = {key: fam.Metric(labels={"model": model_name}) for key, fam in zip(self.NAMES, self.families,
+                                                                                            strict=True)}
+        self.last: SchedulerStats | None = None
+
+    def update(self, stats: SchedulerStats) -> None:
+        if stats == self.last:
+            return
+        for key, metric in self.metrics.items():
+            value = getattr(stats, key)
+            if self.last is None or getattr(self.last, key) != value:
+                metric.set(float(value))
+        self.last = stats
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, Any]) -> None:
+        config = json.loads(args["model_config"])
+        self.name = args.get("model_name", "llm")
+        if not pb_utils.using_decoupled_model_transaction_policy(config):
+            raise pb_utils.TritonModelException(
+                f"{self.name}: this model streams tokens and needs model_transaction_policy {{ decoupled: true }}"
+            )
+        checkpoint = _param(config, "checkpoint_dir")
+        if not checkpoint:
+            raise pb_utils.TritonModelException(f"{self.name}: parameter checkpoint_dir is not set")
+        self.checkpoint_dir = Path(checkpoint)
+
+        threads = _int_param(config, "torch_threads", 0)
+        if threads > 0:
+            torch.set_num_threads(threads)
+        if args.get("model_instance_kind") == "GPU":
+            device = torch.device(f"cuda:{int(args.get('model_instance_device_id', 0))}")
+            torch.cuda.set_device(device)
+        else:
+            device = torch.device("cpu")
+        # bf16 on GPUs; fp32 on CPUs, where bf16 matmuls are slow without AMX/AVX-512.
+        dtype = _param(config, "dtype") or ("bfloat16" if device.type == "cuda" else "float32")
+
+        self.log(f"loading {self.checkpoint_dir} on {device} as {dtype} ({torch.get_num_threads()} threads)")
+        started = time.monotonic()
+
+        def progress(i: int, n: int, shard: str, elapsed: float) -> None:
+            self.log(f"loaded shard {i}/{n} {shard} ({elapsed:.1f}s)")
+
+        self.model = load_model(self.checkpoint_dir, dtype=dtype, device=device, progress=progress)
+        self.eos_ids = _checkpoint_eos_ids(self.checkpoint_dir, self.model)
+        max_pos = self.model.config.max_position_embeddings
+        self.max_context = min(_int_param(config, "max_context", 0) or max_pos, max_pos)
+        max_sequences = _int_param(config, "max_sequences", 32)
+        self.scheduler = BatchScheduler(self.model, max_sequences=max_sequences, max_context=self.max_context)
+        self.ipc_duty = float(_param(config, "ipc_duty", "") or IPC_DUTY)
+        assert 0 < self.ipc_duty <= 1, f"ipc_duty must be in (0, 1], got {self.ipc_duty}"
+        self.streams: dict[Hashable, _Stream] = {}  # live requests; the IPC thread removes a finished one
+        self._next_id = 0
+        self.gauges = _Gauges(self.name)
+        self.gauges.update(self.scheduler.stats)
+        # What the IPC thread is to send: per request id, filled by the scheduler thread and by execute.
+        self._outbox: dict[Hashable, _Outgoing] = {}
+        self._outbox_ready = threading.Condition()
+        self._logs: list[str] = []  # lines for the IPC thread to log (a list append is atomic)
+        self._stopping = threading.Event()
+        self._threads = [threading.Thread(target=target, name=f"{self.name}-{role}", daemon=True)
+                         for role, target in (("scheduler", self._schedule), ("ipc", self._ipc_loop))]
+        for thread in self._threads:
+            thread.start()
+        self.log(
+            f"ready in {time.monotonic() - started:.1f}s: {self.model.config.num_hidden_layers} layers, "
+            f"vocab {self.model.config.vocab_size}, max_context {self.max_context}, "
+            f"max_sequences {max_sequences}, eos {sorted(self.eos_ids)}"
+        )
+
+    def log(self, message: str) -> None:
+        """Log now: only from initialize, finalize and the IPC thread (see the module docstring)."""
+        pb_utils.Logger.log_info(f"[{self.name}] {message}")
+
+    def log_later(self, message: str) -> None:
+        self._logs.append(message)
+
+    # ------------------------------------------------------------------ Triton's thread: validate, enqueue
+
+    def execute(self, requests: list[Any]) -> None:
+        for request in requests:
+            rid, self._next_id = self._next_id, self._next_id + 1
+            self.streams[rid] = _Stream(request, request.get_response_sender(), time.monotonic(),
+                                        request.request_id())
+            try:
+                self.scheduler.add(self._parse(request, rid))
+            except (RequestError, RequestRefused) as e:
+                self._post_error(rid, str(e), "INVALID_ARG")
+        return None  # decoupled: the IPC thread answers through the response senders
+
+    def _parse(self, request: Any, rid: int) -> SequenceRequest:
+        input_ids = _array(request, "input_ids") or []
+        max_tokens = _scalar(request, "max_tokens")
+        if max_tokens is None:
+            raise RequestError("max_tokens is required")
+        temperature = _scalar(request, "temperature")
+        temperature = 0.0 if temperature is None else float(temperature)
+        if not temperature >= 0:  # also refuses NaN
+            raise RequestError(f"temperature must be >= 0, got {temperature}")
+        top_p = _scalar(request, "top_p")
+        top_p = 1.0 if top_p is None else float(top_p)
+        if not 0 < top_p <= 1:
+            raise RequestError(f"top_p must be in (0, 1], got {top_p}")
+        top_k = _scalar(request, "top_k")
+        top_k = 0 if top_k is None else int(top_k)
+        if top_k < 0:
+            raise RequestError(f"top_k must be >= 0, got {top_k}")
+        seed = _scalar(request, "seed")
+        stop_ids = self.eos_ids | frozenset(_array(request, "stop_token_ids") or [])
+        sampling = SamplingParams(
+            temperature=temperature, top_k=top_k, top_p=top_p, seed=None if seed is None else int(seed)
+        )
+        return SequenceRequest(rid, input_ids, int(max_tokens), sampling, stop_ids)
+
+    # ------------------------------------------------------------------ the scheduler thread
+
+    def _schedule(self) -> None:
+        steps, busy_s, cpu_s, rows, last_stats = 0, 0.0, 0.0, 0, time.monotonic()
+        while not self._stopping.is_set():
+            if not self.scheduler.wait_for_work(IDLE_WAIT_S):
+                continue
+            t0, c0 = time.monotonic(), time.thread_time()
+            try:
+                events = self.scheduler.step()
+            except Exception as e:  # a broken step must not leave streams hanging
+                self.log_later(f"scheduler step failed: {e!r}; failing {len(self.streams)} requests")
+                self._fail_all(repr(e))
+                continue
+            self._post(events)
+            steps, rows = steps + 1, rows + self.scheduler.stats.active
+            busy_s, cpu_s = busy_s + time.monotonic() - t0, cpu_s + time.thread_time() - c0
+            if t0 - last_stats > STATS_EVERY_S:
+                # wall vs this thread's CPU per step: the gap is time spent waiting for a core or the GIL
+                self.log_later(f"scheduler: {steps} steps, {busy_s / steps * 1e3:.2f} ms/step "
+                               f"({cpu_s / steps * 1e3:.2f} ms CPU), {rows / steps:.1f} sequences/step, "
+                               f"now {self.scheduler.stats}")
+                steps, busy_s, cpu_s, rows, last_stats = 0, 0.0, 0.0, 0, t0
+
+    def _post(self, events: list[Event]) -> None:
+        """Hand a step's events to the IPC thread; a stream's tokens queue up while that thread is busy."""
+        if not events:
+            return
+        with self._outbox_ready:
+            box = self._outbox
+            for ev in events:
+                out = box.get(ev.id)
+                if out is None:
+                    out = box[ev.id] = _Outgoing()
+                if isinstance(ev, TokenEvent):
+                    out.ids.append(ev.token_id)
+                    out.logprobs.append(ev.logprob)
+                else:
+                    out.finish = ev
+            self._outbox_ready.notify()
+
+    def _post_error(self, rid: Hashable, message: str, code: str) -> None:
+        with self._outbox_ready:
+            out = self._outbox.setdefault(rid, _Outgoing())
+            out.error = (message, code)
+            self._outbox_ready.notify()
+
+    def _fail_all(self, message: str) -> None:
+        for rid in list(self.streams):
+            self._post_error(rid, message, "INTERNAL")
+        self.scheduler = BatchScheduler(self.model, max_sequences=self.scheduler.max_sequences,
+                                        max_context=self.max_context)
+
+    # ------------------------------------------------------------------ the IPC thread
+
+    def _ipc_loop(self) -> None:
+        pause = 0.0
+        while not self._stopping.is_set():
+            if pause > 0 and self._stopping.wait(pause):
+                break
+            with self._outbox_ready:
+                if not self._outbox:
+                    self._outbox_ready.wait(CANCEL_POLL_S)
+                box, self._outbox = self._outbox, {}
+            started = time.monotonic()
+            self._send(box)
+            # Coalescing under backpressure: delivering a response costs CPU here, in Triton's server and in
+            # its client, on the cores the model computes on. After a round of sends that took r seconds,
+            # pause r * (1 / IPC_DUTY - 1): tokens produced meanwhile go out together. One stream's round
+            # (~0.3 ms) is far shorter than a step, so it still gets one token per response.
+            pause = min((time.monotonic() - started) * (1 / self.ipc_duty - 1), MAX_PAUSE_S)
+            self._poll_cancellations()
+            self.gauges.update(self.scheduler.stats)
+            self._flush_logs()
+
+    def _send(self, box: dict[Hashable, _Outgoing]) -> None:
+        for rid, out in box.items():
+            stream = self.streams.get(rid)
+            if stream is None:
+                continue
+            if out.ids:
+                response = pb_utils.InferenceResponse(output_tensors=[
+                    pb_utils.Tensor("token_ids", np.array(out.ids, dtype=np.int64)),
+                    pb_utils.Tensor("logprobs", np.array(out.logprobs, dtype=np.float32)),
+                ])
+                try:
+                    stream.sender.send(response)
+                except Exception:  # the client went away between two polls
+                    self.scheduler.cancel(rid)
+            if out.error is not None:
+                del self.streams[rid]
+                message, code = out.error
+                self._send_final(stream.sender, pb_utils.InferenceResponse(error=_triton_error(message, code)))
+            elif out.finish is not None:
+                del self.streams[rid]
+                self._finish(stream, out.finish)
+
+    def _finish(self, stream: _Stream, ev: FinishEvent) -> None:
+        self._send_final(stream.sender, pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor("token_ids", np.zeros([0], dtype=np.int64)),
+            pb_utils.Tensor("logprobs", np.zeros([0], dtype=np.float32)),
+            pb_utils.Tensor("finish_reason", np.array([ev.reason.encode()], dtype=np.object_)),
+            pb_utils.Tensor("prompt_tokens", np.array([ev.prompt_tokens], dtype=np.int32)),
+            pb_utils.Tensor("completion_tokens", np.array([ev.completion_tokens], dtype=np.int32)),
+        ]))
+        elapsed = time.monotonic() - stream.started
+        self.log(
+            f"request {stream.triton_id or ev.id}: finish={ev.reason} prompt_tokens={ev.prompt_tokens} "
+            f"completion_tokens={ev.completion_tokens} ({ev.completion_tokens / max(elapsed, 1e-9):.1f} tok/s)"
+        )
+
+    def _poll_cancellations(self) -> None:
+        now = time.monotonic()
+        for rid, stream in list(self.streams.items()):
+            if now - stream.polled < CANCEL_POLL_S:
+                continue
+            stream.polled = now
+            if stream.request.is_cancelled():
+                self.scheduler.cancel(rid)
+
+    def _flush_logs(self) -> None:
+        while self._logs:
+            self.log(self._logs.pop(0))
+
+    def _send_final(self, sender: Any, response: Any) -> None:
+        try:
+            sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        except Exception as e:  # e.g. the client has gone; nothing is left to tell it
+            self.log(f"could not send the final response: {e!r}")
+
+    def finalize(self) -> None:
+        self.log("unloading")
+        self._stopping.set()
+        for thread in self._threads:
+            thread.join(timeout=30)
+        self.scheduler.cancel_all()
+        self._post(self.scheduler.step())
+        box, self._outbox = self._outbox, {}
+        self._send(box)  # every stream still open ends with finish_reason "cancelled"
+        self._flush_logs()
+        del self.model

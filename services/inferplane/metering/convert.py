@@ -1,0 +1,111 @@
+"""Protobuf ↔ the store's plain dataclasses, at the metering service's edge."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from inferplane.common.errors import InvalidArgument
+from inferplane.metering.store import BudgetInfo, KeyInfo, PriceInfo, SummaryRow, UsageRow
+from inferplane.v1 import metering_pb2
+
+SCOPE_NAMES = {metering_pb2.BUDGET_SCOPE_KEY: "key", metering_pb2.BUDGET_SCOPE_TENANT: "tenant"}
+SCOPE_ENUMS = {v: k for k, v in SCOPE_NAMES.items()}
+PERIOD_NAMES = {metering_pb2.BUDGET_PERIOD_DAILY: "daily", metering_pb2.BUDGET_PERIOD_MONTHLY: "monthly"}
+PERIOD_ENUMS = {v: k for k, v in PERIOD_NAMES.items()}
+
+
+def ts(value: datetime) -> Timestamp:
+    out = Timestamp()
+    out.FromDatetime(value)
+    return out
+
+
+def dt(value: Timestamp) -> datetime:
+    return value.ToDatetime(tzinfo=UTC)
+
+
+def usage_from_pb(pb: metering_pb2.UsageRecord) -> UsageRow:
+    """A ``UsageRow`` from the wire; ``InvalidArgument`` on bad values (checked by ``UsageRow``)."""
+    created_at = dt(pb.created_at) if pb.HasField("created_at") else datetime.now(UTC)
+    return UsageRow(
+        request_id=pb.request_id, key_id=pb.key_id, model=pb.model, prompt_tokens=pb.prompt_tokens,
+        completion_tokens=pb.completion_tokens, finish_reason=pb.finish_reason, latency_ms=pb.latency_ms,
+        created_at=created_at,
+        time_to_first_token_ms=pb.time_to_first_token_ms if pb.HasField("time_to_first_token_ms") else None,
+        tenant_id=pb.tenant_id, cost_nanos=pb.cost_nanodollars if pb.HasField("cost_nanodollars") else None,
+        price_version=pb.price_version, reservation_id=pb.reservation_id, cached=pb.cached,
+    )
+
+
+def usage_to_pb(row: UsageRow) -> metering_pb2.UsageRecord:
+    pb = metering_pb2.UsageRecord(
+        request_id=row.request_id, key_id=row.key_id, model=row.model, prompt_tokens=row.prompt_tokens,
+        completion_tokens=row.completion_tokens, finish_reason=row.finish_reason, latency_ms=row.latency_ms,
+        time_to_first_token_ms=row.time_to_first_token_ms, tenant_id=row.tenant_id,
+        cost_nanodollars=row.cost_nanos, price_version=row.price_version, cached=row.cached,
+        cancelled=row.cancelled,
+    )
+    pb.created_at.FromDatetime(row.created_at)
+    return pb
+
+
+def key_to_pb(info: KeyInfo) -> metering_pb2.ApiKeyInfo:
+    pb = metering_pb2.ApiKeyInfo(key_id=info.key_id, name=info.name, tenant_id=info.tenant_id, models=info.models,
+                                 scopes=info.scopes, requests_per_minute=info.requests_per_minute,
+                                 tokens_per_minute=info.tokens_per_minute, created_at=ts(info.created_at))
+    if info.expires_at is not None:
+        pb.expires_at.CopyFrom(ts(info.expires_at))
+    if info.revoked_at is not None:
+        pb.revoked_at.CopyFrom(ts(info.revoked_at))
+    return pb
+
+
+def verify_to_pb(info: KeyInfo, *, has_budget: bool) -> metering_pb2.VerifyKeyResponse:
+    pb = metering_pb2.VerifyKeyResponse(key_id=info.key_id, name=info.name, tenant_id=info.tenant_id,
+                                        models=info.models, scopes=info.scopes,
+                                        requests_per_minute=info.requests_per_minute,
+                                        tokens_per_minute=info.tokens_per_minute, has_budget=has_budget)
+    if info.expires_at is not None:
+        pb.expires_at.CopyFrom(ts(info.expires_at))
+    return pb
+
+
+def price_to_pb(info: PriceInfo) -> metering_pb2.Price:
+    p = info.price
+    return metering_pb2.Price(model=info.model, input_per_million_nanodollars=p.input_per_million,
+                              output_per_million_nanodollars=p.output_per_million,
+                              per_request_nanodollars=p.per_request, version=p.version,
+                              effective_at=ts(info.effective_at), source=info.source)
+
+
+def budget_to_pb(info: BudgetInfo) -> metering_pb2.Budget:
+    return metering_pb2.Budget(scope=SCOPE_ENUMS[info.scope], subject_id=info.subject_id,
+                               limit_nanodollars=info.limit_nanos,
+                               period=PERIOD_ENUMS[info.period],
+                               period_start=ts(info.period_start), spent_nanodollars=info.spent_nanos,
+                               reserved_nanodollars=info.reserved_nanos)
+
+
+def summary_to_pb(row: SummaryRow) -> metering_pb2.UsageSummaryRow:
+    return metering_pb2.UsageSummaryRow(day=row.day, key_id=row.key_id, tenant_id=row.tenant_id, model=row.model,
+                                        requests=row.requests, prompt_tokens=row.prompt_tokens,
+                                        completion_tokens=row.completion_tokens, cost_nanodollars=row.cost_nanos,
+                                        cancelled_requests=row.cancelled_requests)
+
+
+def scope_name(value: int) -> str:
+    try:
+        return SCOPE_NAMES[value]  # type: ignore[index]
+    except KeyError:
+        raise InvalidArgument("scope must be BUDGET_SCOPE_KEY or BUDGET_SCOPE_TENANT", param="scope") from None
+
+
+def period_name(value: int) -> str:
+    if value == metering_pb2.BUDGET_PERIOD_UNSPECIFIED:
+        return "monthly"
+    try:
+        return PERIOD_NAMES[value]  # type: ignore[index]
+    except KeyError:
+        raise InvalidArgument("unknown budget period", param="period") from None

@@ -1,0 +1,124 @@
+"""The metering service's entry point: settings, server assembly, run loop."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from pathlib import Path
+
+import grpc
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from inferplane.common.catalog import load_catalog
+from inferplane.common.server import GrpcServer
+from inferplane.common.settings import ServerSettings, TelemetrySettings, load_settings
+from inferplane.common.telemetry import setup_tracing
+from inferplane.metering.secret import load_secret
+from inferplane.metering.service import MeteringServicer
+from inferplane.metering.store import MeteringStore
+from inferplane.v1 import metering_pb2, metering_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = metering_pb2.DESCRIPTOR.services_by_name["MeteringService"].full_name  # inferplane.v1.MeteringService
+
+
+class MeteringSettings(BaseSettings):
+    """Everything the metering service (and the metering CLI) needs."""
+
+    model_config = SettingsConfigDict(env_prefix="INFERPLANE_METERING_", env_nested_delimiter="__")
+
+    server: ServerSettings = ServerSettings(port=50054)
+    telemetry: TelemetrySettings = TelemetrySettings()
+    # SQLAlchemy URL: SQLite file locally, PostgreSQL in production.
+    database_url: str = "sqlite:///.inferplane/metering.db"
+    # HMAC secret for key digests; when unset, read from (or created at) ``secret_file``.
+    secret: SecretStr | None = None
+    secret_file: Path = Path(".inferplane/metering-secret")
+    # The model catalog whose ``prices`` seed the price table at start (skipped when the file is absent).
+    catalog: Path | None = Path("config/catalog.yaml")
+    # Seconds a budget reservation is held before it is given back (a crashed router's requests); longer than
+    # the longest request plus the time a usage record may wait in a router's outbox.
+    reservation_ttl_s: float = 900.0
+    # Seconds between sweeps of expired reservations.
+    sweep_interval_s: float = 30.0
+
+
+def open_store(settings: MeteringSettings) -> MeteringStore:
+    """The store for ``settings``, its schema migrated to the newest revision (``alembic upgrade head``)."""
+    store = MeteringStore(settings.database_url,
+                          load_secret(secret=settings.secret, secret_file=settings.secret_file),
+                          reservation_ttl_s=settings.reservation_ttl_s)
+    store.migrate()
+    return store
+
+
+def seed_prices(store: MeteringStore, catalog_path: Path | None) -> None:
+    """Seed the price table from the catalog's ``prices`` (see ``MeteringStore.seed_prices``)."""
+    if catalog_path is None or not Path(catalog_path).exists():
+        log.info("no catalog at %s: prices are not seeded", catalog_path)
+        return
+    catalog = load_catalog(catalog_path)
+    seeds = {m.id: m.prices.nanos() for m in catalog.models if m.prices is not None}
+    for info in store.seed_prices(seeds):
+        log.info("price of %s from the catalog: version %d", info.model, info.price.version)
+
+
+def build_server(settings: MeteringSettings, *, store: MeteringStore | None = None) -> GrpcServer:
+    """The metering gRPC server (not started); opens the store from ``settings`` unless one is given, and
+    seeds prices from the catalog."""
+    store = store if store is not None else open_store(settings)
+    seed_prices(store, settings.catalog)
+    servicer = MeteringServicer(store)
+
+    def register(server: grpc.aio.Server) -> None:
+        metering_pb2_grpc.add_MeteringServiceServicer_to_server(servicer, server)
+
+    async def ready() -> bool:
+        return await asyncio.to_thread(store.ping)
+
+    return GrpcServer(settings.server, service_names=[SERVICE_NAME], register=register, readiness=ready)
+
+
+async def run(settings: MeteringSettings) -> None:
+    """Serve until SIGTERM/SIGINT, then drain."""
+    provider = setup_tracing("metering", settings.telemetry)
+    store = open_store(settings)
+    try:
+        server = build_server(settings, store=store)
+        await server.start()
+        sweeper = asyncio.create_task(sweep_forever(store, settings.sweep_interval_s))
+        try:
+            await server.serve_until_signal()
+        finally:
+            sweeper.cancel()
+    finally:
+        store.close()
+        provider.shutdown()
+
+
+async def sweep_forever(store: MeteringStore, interval_s: float) -> None:
+    """Give back expired reservations every ``interval_s`` (admission also sweeps before it reserves)."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            swept = await asyncio.to_thread(store.sweep_reservations)
+            if swept:
+                log.warning("gave back %d expired budget reservations", swept)
+        except Exception as exc:  # the database may be down for a while: try again next time
+            log.warning("reservation sweep failed: %s", type(exc).__name__)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="inferplane-metering", description="inferplane metering service")
+    parser.add_argument("--config", type=Path, default=None, help="YAML file; its 'metering' section is read")
+    parser.add_argument("--port", type=int, default=None, help="listen port (overrides the settings)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = load_settings(MeteringSettings, config_file=args.config, section="metering")
+    if args.port is not None:
+        settings.server = settings.server.model_copy(update={"port": args.port})
+    asyncio.run(run(settings))
+    return 0

@@ -1,0 +1,1 @@
+"""Alembic migrations of the metering database (run by ``inferplane.metering.db.migrate`` at start)."""

@@ -1,0 +1,3 @@
+from inferplane.router.main import main
+
+main()

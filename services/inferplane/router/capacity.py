@@ -1,0 +1,147 @@
+"""Bounded per-model queues: how many requests of one model the router runs at once, and how many may wait.
+
+Each model has a ``ModelGate``. A request takes a slot before it is sent to an executor and gives it back
+when its stream ends. The number of slots is the model's ``concurrency_per_replica`` (its KV-cache slots on one
+Triton instance) times the replicas that can serve it now, so capacity follows the replica set as replicas are
+ejected, drained or added. Beyond the slots, up to ``max_queue`` requests wait in FIFO order for at most
+``queue_timeout_s`` (or their own deadline). A request that finds the queue full, or waits too long, is
+refused at once with ``Overloaded``: gRPC RESOURCE_EXHAUSTED carrying ``retry-after`` and the error code
+``overloaded``, which the gateway answers as HTTP 503. Nothing queues without bound; memory per waiting
+request is one future.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import deque
+from collections.abc import Callable
+
+from prometheus_client import Counter, Gauge
+
+from inferplane.common.errors import ResourceExhausted
+from inferplane.router.admission import ERROR_CODE_METADATA_KEY
+
+OVERLOADED = "overloaded"
+
+RUNNING = Gauge("inferplane_router_model_running", "Requests holding a model slot (sent to an executor)",
+                ["model"])
+QUEUED = Gauge("inferplane_router_model_queued", "Requests waiting for a model slot", ["model"])
+SHED = Counter("inferplane_router_model_shed", "Requests refused because the model's queue was full or too slow",
+               ["model", "reason"])
+
+
+class Overloaded(ResourceExhausted):
+    """The model is at capacity: RESOURCE_EXHAUSTED with ``retry-after`` (the gateway answers 503)."""
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.metadata = ((ERROR_CODE_METADATA_KEY, OVERLOADED), ("retry-after", str(max(1, math.ceil(retry_after_s)))))
+
+
+class ModelGate:
+    """Slots plus a bounded FIFO of waiters for one model. ``capacity`` is read at every decision."""
+
+    def __init__(self, model: str, capacity: Callable[[], int], *, max_queue: int, queue_timeout_s: float,
+                 retry_after_s: float = 1.0) -> None:
+        self.model = model
+        self._capacity = capacity
+        self.max_queue = max_queue
+        self.queue_timeout_s = queue_timeout_s
+        self.retry_after_s = retry_after_s
+        self.running = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._running_gauge = RUNNING.labels(model)
+        self._queued_gauge = QUEUED.labels(model)
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiters)
+
+    def _room(self) -> bool:
+        return self.running < max(1, self._capacity())
+
+    async def acquire(self, timeout: float) -> None:
+        """Take a slot, waiting at most ``min(timeout, queue_timeout_s)`` in the queue; else ``Overloaded``."""
+        if not self._waiters and self._room():
+            self._take()
+            return
+        if len(self._waiters) >= self.max_queue:
+            SHED.labels(self.model, "queue_full").inc()
+            raise Overloaded(f"The model `{self.model}` is overloaded ({self.running} requests running, "
+                             f"{len(self._waiters)} waiting). Please retry after a short wait.",
+                             retry_after_s=self.retry_after_s)
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        self._queued_gauge.set(len(self._waiters))
+        wait_s = min(timeout, self.queue_timeout_s)
+        try:
+            # not asyncio.wait_for: on 3.11 it swallows a cancellation that races with the result
+            async with asyncio.timeout(wait_s):
+                await waiter
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled():
+                # the slot was handed over just as the wait ended: give it back to the next waiter
+                self.release()
+            else:
+                waiter.cancel()
+                self._discard(waiter)
+            if isinstance(exc, TimeoutError):
+                SHED.labels(self.model, "queue_timeout").inc()
+                raise Overloaded(f"The model `{self.model}` is overloaded: no capacity within {wait_s:.3g}s. "
+                                 "Please retry after a short wait.", retry_after_s=self.retry_after_s) from None
+            raise
+
+    def release(self) -> None:
+        self.running -= 1
+        self._wake()
+
+    def wake(self) -> None:
+        """Let waiters in after capacity grew (a replica came back)."""
+        self._wake()
+
+    def _take(self) -> None:
+        self.running += 1
+        self._running_gauge.set(self.running)
+
+    def _wake(self) -> None:
+        while self._waiters and self._room():
+            waiter = self._waiters.popleft()
+            if waiter.done():
+                continue
+            self._take()  # the slot passes straight to the waiter: no one can jump the queue
+            waiter.set_result(None)
+        self._running_gauge.set(self.running)
+        self._queued_gauge.set(len(self._waiters))
+
+    def _discard(self, waiter: asyncio.Future[None]) -> None:
+        try:
+            self._waiters.remove(waiter)
+        except ValueError:
+            pass
+        self._queued_gauge.set(len(self._waiters))
+
+
+class Capacity:
+    """The gates of all models, sized from the replica set (``serving(model)``: replicas that can take it)."""
+
+    def __init__(self, serving: Callable[[str], int], *, per_replica: Callable[[str], int],
+                 max_queue: Callable[[str], int], queue_timeout_s: Callable[[str], float]) -> None:
+        self._serving = serving
+        self._per_replica = per_replica
+        self._max_queue = max_queue
+        self._queue_timeout_s = queue_timeout_s
+        self._gates: dict[str, ModelGate] = {}
+
+    def gate(self, model: str) -> ModelGate:
+        gate = self._gates.get(model)
+        if gate is None:
+            gate = self._gates[model] = ModelGate(
+                model, lambda: self._per_replica(model) * self._serving(model), max_queue=self._max_queue(model),
+                queue_timeout_s=self._queue_timeout_s(model))
+        return gate
+
+    def wake_all(self) -> None:
+        for gate in self._gates.values():
+            gate.wake()

@@ -1,0 +1,263 @@
+"""Executor replicas: discovery (static or DNS), health (gRPC health Watch), load, choice, ejection.
+
+The router keeps one ``Replica`` per executor endpoint. A replica takes requests while its health
+stream says SERVING (an executor that drains flips to NOT_SERVING and gets nothing new at once) and it
+is not ejected; a replica that fails a call is ejected with exponential backoff and returns when its
+health says SERVING again after the backoff. Choice is power-of-two-choices on the least outstanding
+requests (this router's own in-flight calls plus the executor's reported queue), among replicas that
+serve the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import Counter, Gauge
+
+from inferplane.common.errors import Unavailable
+from inferplane.v1 import executor_pb2, executor_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+REPLICAS = Gauge("inferplane_router_executor_replicas", "Executor replicas known, by state", ["state"])
+EJECTIONS = Counter("inferplane_router_executor_ejections", "Replicas ejected after a failed call")
+RETRIES = Counter("inferplane_router_retries", "Requests retried on another replica before their first token")
+DNS_PREFIX = "dns:///"
+
+
+@dataclass(eq=False)
+class Replica:
+    address: str
+    channel: grpc.aio.Channel
+    stub: executor_pb2_grpc.ExecutorServiceStub
+    serving: bool = False
+    outstanding: int = 0
+    reported_active: int = 0
+    models: set[str] = field(default_factory=set)
+    ejected_until: float = 0.0
+    failures: int = 0
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def available(self, now: float) -> bool:
+        return self.serving and now >= self.ejected_until
+
+    def load(self) -> int:
+        return self.outstanding + self.reported_active
+
+    def eject(self, now: float, base_s: float, max_s: float) -> float:
+        self.failures += 1
+        backoff = min(max_s, base_s * 2 ** (self.failures - 1))
+        self.ejected_until = now + backoff
+        EJECTIONS.inc()
+        return backoff
+
+    def succeeded(self) -> None:
+        self.failures = 0
+
+
+class RetryBudget:
+    """Retries may add at most ``ratio`` of the requests, plus a burst: attempts ≤ (1 + ratio) × requests + burst.
+
+    The burst lets every request that was waiting on a replica that just died move to a live one (one replica
+    of two holding 32 queued requests); the ratio stops a retry storm when failures persist.
+    """
+
+    def __init__(self, ratio: float = 0.2, burst: float = 50.0) -> None:
+        self.ratio = ratio
+        self.burst = burst
+        self.tokens = burst
+
+    def on_request(self) -> None:
+        self.tokens = min(self.burst, self.tokens + self.ratio)
+
+    def try_spend(self) -> bool:
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+def choose(candidates: list[Replica], rng: random.Random) -> Replica:
+    """Power of two choices: the less loaded of two random replicas (ties: the first drawn)."""
+    if len(candidates) == 1:
+        return candidates[0]
+    a, b = rng.sample(candidates, 2)
+    return a if a.load() <= b.load() else b
+
+
+class ReplicaSet:
+    def __init__(self, targets: list[str], *, channel_factory: Callable[[str], grpc.aio.Channel],
+                 status_interval_s: float = 1.0, dns_interval_s: float = 5.0, eject_base_s: float = 1.0,
+                 eject_max_s: float = 30.0, retry_ratio: float = 0.2, retry_burst: float = 50.0,
+                 seed: int | None = None) -> None:
+        if not targets:
+            raise ValueError("at least one executor address is required")
+        self._targets = targets
+        self._channel_factory = channel_factory
+        self._status_interval = status_interval_s
+        self._dns_interval = dns_interval_s
+        self._eject_base, self._eject_max = eject_base_s, eject_max_s
+        self.replicas: dict[str, Replica] = {}
+        self.budget = RetryBudget(retry_ratio, retry_burst)
+        self._rng = random.Random(seed)
+        self._tasks: list[asyncio.Task[None]] = []
+        # called when a replica's state changes (the router's capacity lets queued requests in)
+        self.on_change: Callable[[], None] | None = None
+
+    # --- membership -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        static = [t for t in self._targets if not t.startswith(DNS_PREFIX)]
+        for address in static:
+            self._add(address)
+        dns = [t for t in self._targets if t.startswith(DNS_PREFIX)]
+        if dns:
+            await self._resolve(dns)
+            self._tasks.append(asyncio.create_task(self._watch_dns(dns)))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for address in list(self.replicas):
+            await self._remove(address)
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def _add(self, address: str) -> None:
+        channel = self._channel_factory(address)
+        replica = Replica(address, channel, executor_pb2_grpc.ExecutorServiceStub(channel))
+        replica.tasks = [asyncio.create_task(self._watch_health(replica)),
+                         asyncio.create_task(self._poll_status(replica))]
+        self.replicas[address] = replica
+        log.info("executor replica added: %s", address)
+        self._gauges()
+
+    async def _remove(self, address: str) -> None:
+        replica = self.replicas.pop(address)
+        for task in replica.tasks:
+            task.cancel()
+        for task in replica.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await replica.channel.close(None)
+        log.info("executor replica removed: %s", address)
+        self._gauges()
+
+    async def _resolve(self, targets: list[str]) -> None:
+        """``dns:///host:port`` (a Kubernetes headless Service): one replica per A/AAAA record."""
+        loop = asyncio.get_running_loop()
+        found: set[str] = set()
+        for target in targets:
+            host, _, port = target[len(DNS_PREFIX):].rpartition(":")
+            try:
+                infos = await loop.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+            except OSError as exc:
+                log.warning("cannot resolve %s: %s", target, exc)
+                found |= {a for a in self.replicas if a.endswith(f":{port}")}  # keep what we had
+                continue
+            for family, _, _, _, sockaddr in infos:
+                ip = str(sockaddr[0])
+                found.add(f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}")
+        static = {t for t in self._targets if not t.startswith(DNS_PREFIX)}
+        for address in found - set(self.replicas):
+            self._add(address)
+        for address in set(self.replicas) - found - static:
+            await self._remove(address)
+
+    async def _watch_dns(self, targets: list[str]) -> None:
+        while True:
+            await asyncio.sleep(self._dns_interval)
+            await self._resolve(targets)
+
+    # --- health and load --------------------------------------------------------------------------
+
+    async def _watch_health(self, replica: Replica) -> None:
+        """Follow the executor's health stream; NOT_SERVING (draining, Triton down) stops new work at once."""
+        stub = health_pb2_grpc.HealthStub(replica.channel)
+        backoff = 0.2
+        while True:
+            try:
+                async for resp in stub.Watch(health_pb2.HealthCheckRequest(service="")):
+                    serving = resp.status == health_pb2.HealthCheckResponse.SERVING
+                    if serving != replica.serving:
+                        log.info("executor %s is %s", replica.address, "SERVING" if serving else "NOT SERVING")
+                    replica.serving = serving
+                    backoff = 0.2
+                    self._gauges()
+            except grpc.aio.AioRpcError:
+                pass
+            if replica.serving:
+                log.warning("executor %s: health stream lost", replica.address)
+            replica.serving = False
+            self._gauges()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    async def _poll_status(self, replica: Replica) -> None:
+        while True:
+            if replica.serving:
+                try:
+                    status = await replica.stub.GetStatus(executor_pb2.GetStatusRequest(), timeout=2.0)
+                    replica.reported_active = status.active_requests
+                    replica.models = set(status.ready_models)
+                except grpc.aio.AioRpcError:
+                    pass
+            await asyncio.sleep(self._status_interval)
+
+    def _gauges(self) -> None:
+        now = time.monotonic()
+        REPLICAS.labels("available").set(sum(r.available(now) for r in self.replicas.values()))
+        REPLICAS.labels("unavailable").set(sum(not r.available(now) for r in self.replicas.values()))
+        if self.on_change is not None:
+            self.on_change()
+
+    async def wait_any_serving(self, timeout: float) -> bool:
+        """At start: wait (bounded) until some replica reports SERVING, so readiness means something."""
+        deadline = time.monotonic() + timeout
+        while not any(r.serving for r in self.replicas.values()):
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    # --- choice ------------------------------------------------------------------------------------
+
+    def serving_count(self, model: str) -> int:
+        """Replicas that can take a request for ``model`` now (as ``pick`` chooses among them)."""
+        now = time.monotonic()
+        live = [r for r in self.replicas.values() if r.available(now)]
+        return sum(model in r.models for r in live) or sum(not r.models for r in live)
+
+    def pick(self, model: str, *, exclude: set[str] | frozenset[str] = frozenset()) -> Replica:
+        now = time.monotonic()
+        live = [r for r in self.replicas.values() if r.available(now) and r.address not in exclude]
+        # Prefer replicas known to serve the model; one whose status is not known yet may serve it too.
+        serving = [r for r in live if model in r.models] or [r for r in live if not r.models]
+        if not serving:
+            raise Unavailable(f"no executor is available for model {model!r}; retry later")
+        return choose(serving, self._rng)
+
+    def failed(self, replica: Replica, exc: grpc.aio.AioRpcError) -> None:
+        """A call to ``replica`` failed in a way that says the replica (not the request) is at fault."""
+        backoff = replica.eject(time.monotonic(), self._eject_base, self._eject_max)
+        log.warning("executor %s ejected for %.0fs after %s", replica.address, backoff, exc.code().name)
+        self._gauges()
+
+
+REPLICA_FAULTS = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
+                            grpc.StatusCode.ABORTED})
+
+
+def replica_fault(exc: BaseException) -> bool:
+    """Whether a failed call says the replica is unhealthy (so retrying elsewhere may succeed)."""
+    return isinstance(exc, grpc.aio.AioRpcError) and exc.code() in REPLICA_FAULTS

@@ -1,0 +1,114 @@
+"""The public RouterService: authenticate, convert at the edge, delegate to ``GenerationEngine``."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable
+
+import grpc
+
+from inferplane.common.errors import InvalidArgument
+from inferplane.router.auth import KeyVerifier, bearer_token
+from inferplane.router.embeddings import embed
+from inferplane.router.engine import GenerationEngine, GenerationInput
+from inferplane.v1 import common_pb2, router_pb2, router_pb2_grpc
+
+TASKS = {"chat": common_pb2.MODEL_TASK_CHAT, "completion": common_pb2.MODEL_TASK_COMPLETION,
+         "embedding": common_pb2.MODEL_TASK_EMBEDDING}
+REQUEST_ID_KEY = "x-request-id"
+
+
+def request_id_from(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
+    for key, value in metadata or ():
+        if key.lower() == REQUEST_ID_KEY:
+            rid = value.decode() if isinstance(value, bytes) else value
+            if not rid or len(rid) > 128 or not rid.isprintable():
+                raise InvalidArgument("x-request-id must be 1-128 printable characters", param="x-request-id")
+            return rid
+    return uuid.uuid4().hex
+
+
+def input_from_pb(req: router_pb2.GenerateRequest) -> GenerationInput:
+    which = req.WhichOneof("input")
+    if which is None:
+        raise InvalidArgument("either 'prompt' or 'messages' is required", param="messages")
+    s = req.sampling
+    return GenerationInput(
+        model=req.model,
+        prompt=req.prompt if which == "prompt" else None,
+        messages=list(req.chat.messages) if which == "chat" else None,
+        max_tokens=req.max_tokens if req.HasField("max_tokens") else None,
+        temperature=s.temperature if s.HasField("temperature") else None,
+        top_p=s.top_p if s.HasField("top_p") else None,
+        top_k=s.top_k if s.HasField("top_k") else None,
+        seed=s.seed if s.HasField("seed") else None,
+        stop=list(req.stop),
+    )
+
+
+class RouterServicer(router_pb2_grpc.RouterServiceServicer):
+    def __init__(self, engine: GenerationEngine, keys: KeyVerifier) -> None:
+        self._engine = engine
+        self._keys = keys
+
+    async def Generate(self, request: router_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[router_pb2.GenerateResponse]:
+        metadata = context.invocation_metadata()
+        request_id = request_id_from(metadata)
+        context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+        key = await self._keys.verify(bearer_token(metadata))
+        inp = input_from_pb(request)
+
+        async def admitted(headers: tuple[tuple[str, str], ...]) -> None:
+            # initial metadata once admitted: the gateway turns x-ratelimit-* into headers of the response
+            await context.send_initial_metadata(((REQUEST_ID_KEY, request_id), *headers))
+
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        created = int(time.time())
+        # aclosing: when this handler is closed at a yield (the caller left), the engine's generator is closed
+        # with it, so its cleanup (cancel the executor, record usage) runs now, not when it is collected
+        deltas = self._engine.generate(inp, key=key, request_id=request_id, deadline=deadline, on_admitted=admitted)
+        async with contextlib.aclosing(deltas):
+            async for delta in deltas:
+                msg = router_pb2.GenerateResponse(request_id=request_id, text=delta.text, token_count=delta.token_count,
+                                                  created=created, model=request.model,
+                                                  finish_reason=delta.finish_reason)  # type: ignore[arg-type]
+                if delta.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+                    msg.usage.prompt_tokens = delta.prompt_tokens
+                    msg.usage.completion_tokens = delta.completion_tokens
+                    msg.usage.total_tokens = delta.prompt_tokens + delta.completion_tokens
+                    if delta.cost_nanodollars is not None:
+                        msg.usage.cost_nanodollars = delta.cost_nanodollars
+                yield msg
+
+    async def Embed(self, request: router_pb2.EmbedRequest,
+                    context: grpc.aio.ServicerContext) -> router_pb2.EmbedResponse:
+        metadata = context.invocation_metadata()
+        request_id = request_id_from(metadata)
+        context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+        key = await self._keys.verify(bearer_token(metadata))
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        result = await embed(self._engine, request.model, list(request.inputs), key=key, request_id=request_id,
+                             deadline=deadline)
+        return router_pb2.EmbedResponse(
+            request_id=request_id, model=request.model,
+            embeddings=[common_pb2.Embedding(values=v) for v in result.vectors],
+            usage=common_pb2.Usage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens,
+                                   cost_nanodollars=result.cost_nanodollars))
+
+    async def ListModels(self, request: router_pb2.ListModelsRequest,
+                         context: grpc.aio.ServicerContext) -> router_pb2.ListModelsResponse:
+        await self._keys.verify(bearer_token(context.invocation_metadata()))
+        prices = self._engine.admission.prices if self._engine.admission is not None else None
+        if prices is not None:
+            await prices.ensure_fresh()
+        return router_pb2.ListModelsResponse(models=[
+            common_pb2.ModelInfo(id=m.id, owned_by=m.owned_by, created=m.created,
+                                 tasks=[TASKS[t] for t in m.tasks], context_length=m.context_length,
+                                 pricing=prices.pricing_pb(m.id) if prices is not None else None)
+            for m in self._engine.catalog.models
+        ])

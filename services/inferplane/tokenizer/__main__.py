@@ -1,0 +1,5 @@
+"""``python -m inferplane.tokenizer``."""
+
+from inferplane.tokenizer.main import main
+
+main()

@@ -1,3 +1,0 @@
-from services.router.main import main
-
-main()

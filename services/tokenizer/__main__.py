@@ -1,5 +1,0 @@
-"""``python -m services.tokenizer``."""
-
-from services.tokenizer.main import main
-
-main()
