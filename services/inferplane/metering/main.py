@@ -12,6 +12,7 @@ from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from inferplane.common.catalog import load_catalog
+from inferplane.common.logs import setup_logging
 from inferplane.common.server import GrpcServer
 from inferplane.common.settings import ServerSettings, TelemetrySettings, load_settings
 from inferplane.common.telemetry import setup_tracing
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=None, help="YAML file; its 'metering' section is read")
     parser.add_argument("--port", type=int, default=None, help="listen port (overrides the settings)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging("metering")
     settings = load_settings(MeteringSettings, config_file=args.config, section="metering")
     if args.port is not None:
         settings.server = settings.server.model_copy(update={"port": args.port})
