@@ -22,7 +22,8 @@ from typing import Any
 from inferplane.common.errors import InferplaneError, InvalidArgument
 from inferplane.common.money import MoneyError, PriceNanos, format_usd, usd_to_nanos
 from inferplane.common.settings import load_settings
-from inferplane.metering.main import MeteringSettings, open_store
+from inferplane.metering.main import open_store
+from inferplane.metering.settings import MeteringSettings
 from inferplane.metering.store import DEFAULT_USAGE_LIMIT, MeteringStore
 
 Handler = Callable[[MeteringStore, argparse.Namespace], int]

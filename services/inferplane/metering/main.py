@@ -8,43 +8,21 @@ import logging
 from pathlib import Path
 
 import grpc
-from pydantic import SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from inferplane.common.catalog import load_catalog
 from inferplane.common.logs import setup_logging
 from inferplane.common.server import GrpcServer
-from inferplane.common.settings import ServerSettings, TelemetrySettings, load_settings
+from inferplane.common.settings import load_settings
 from inferplane.common.telemetry import setup_tracing
 from inferplane.metering.secret import load_secret
 from inferplane.metering.service import MeteringServicer
+from inferplane.metering.settings import MeteringSettings
 from inferplane.metering.store import MeteringStore
 from inferplane.v1 import metering_pb2, metering_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = metering_pb2.DESCRIPTOR.services_by_name["MeteringService"].full_name  # inferplane.v1.MeteringService
-
-
-class MeteringSettings(BaseSettings):
-    """Everything the metering service (and the metering CLI) needs."""
-
-    model_config = SettingsConfigDict(env_prefix="INFERPLANE_METERING_", env_nested_delimiter="__")
-
-    server: ServerSettings = ServerSettings(port=50054)
-    telemetry: TelemetrySettings = TelemetrySettings()
-    # SQLAlchemy URL: SQLite file locally, PostgreSQL in production.
-    database_url: str = "sqlite:///.inferplane/metering.db"
-    # HMAC secret for key digests; when unset, read from (or created at) ``secret_file``.
-    secret: SecretStr | None = None
-    secret_file: Path = Path(".inferplane/metering-secret")
-    # The model catalog whose ``prices`` seed the price table at start (skipped when the file is absent).
-    catalog: Path | None = Path("config/catalog.yaml")
-    # Seconds a budget reservation is held before it is given back (a crashed router's requests); longer than
-    # the longest request plus the time a usage record may wait in a router's outbox.
-    reservation_ttl_s: float = 900.0
-    # Seconds between sweeps of expired reservations.
-    sweep_interval_s: float = 30.0
 
 
 def open_store(settings: MeteringSettings) -> MeteringStore:
