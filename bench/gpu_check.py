@@ -29,7 +29,7 @@ from bench.triton_llm import MODEL, PROMPTS, ROOT, TINY_LLAMA, bench, print_tabl
 from inferplane.executor.llama import generate, load_model
 from inferplane.executor.llama.batching import BatchScheduler, SequenceRequest, TokenEvent
 from inferplane.executor.triton_process import TritonProcess, prepare_backend_dir
-from inferplane.tokenizer.bundle import TokenizerBundle
+from inferplane.tokenization.bundle import TokenizerBundle
 
 EOS = frozenset({1, 6})
 

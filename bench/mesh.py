@@ -36,7 +36,7 @@ from bench._stack import catalog_with, local_stack
 from inferplane.cli.launcher import read_env
 from inferplane.common.catalog import load_catalog
 from inferplane.executor.triton_client import GenerateParams, build_inputs
-from inferplane.tokenizer.bundle import TokenizerBundle
+from inferplane.tokenization.bundle import TokenizerBundle
 
 MODEL = "tiny-llama"
 PROMPT = "Return the"

@@ -29,7 +29,7 @@ from bench._stack import local_stack
 from inferplane.cli.launcher import read_env
 from inferplane.common.catalog import load_catalog
 from inferplane.executor.triton_client import GenerateParams, build_inputs
-from inferplane.tokenizer.bundle import TokenizerBundle
+from inferplane.tokenization.bundle import TokenizerBundle
 from inferplane.v1 import router_pb2, router_pb2_grpc
 
 PROMPT = "Return the"

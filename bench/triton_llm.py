@@ -42,7 +42,7 @@ from inferplane.common.catalog import CatalogModel
 from inferplane.executor.repository import TEMPLATES, render_llm_config
 from inferplane.executor.triton_client import GenerateParams, build_inputs
 from inferplane.executor.triton_process import TritonProcess, prepare_backend_dir
-from inferplane.tokenizer.bundle import TokenizerBundle
+from inferplane.tokenization.bundle import TokenizerBundle
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_LLAMA = ASSET_TINY_LLAMA

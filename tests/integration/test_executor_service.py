@@ -19,7 +19,7 @@ from inferplane.common.settings import ServerSettings
 from inferplane.executor.main import Executor, ExecutorSettings, TritonSettings
 from inferplane.executor.service import coalesce
 from inferplane.executor.triton_client import TritonChunk
-from inferplane.tokenizer.bundle import TokenizerBundle
+from inferplane.tokenization.bundle import TokenizerBundle
 from inferplane.v1 import common_pb2, executor_pb2, executor_pb2_grpc
 
 pytestmark = pytest.mark.triton

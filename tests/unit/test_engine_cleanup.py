@@ -93,7 +93,7 @@ class FakeTokenizers:
     async def encode_chat(self, model: str, messages: list[Any], timeout: float) -> Any:
         return SimpleNamespace(token_ids=[1, 2, 3], stop_token_ids=[0])
 
-    def decoder(self, model: str) -> Any:
+    def decoder(self, model: str, *, timeout: float | None = None) -> Any:
         class Decoder:
             async def push(self, ids: list[int], final: bool = False) -> str:
                 return "x" * len(ids)
@@ -124,9 +124,8 @@ def stream_of(n: int, pause_at: int | None = None) -> HeldStream:
 def engine_for(call: HeldStream, model: CatalogModel = MODEL) -> tuple[GenerationEngine, FakeMetering, FakeReplica]:
     metering = FakeMetering()
     replica = FakeReplica(call)
-    engine = GenerationEngine(catalog=Catalog(models=[model]), tokenizer=None,  # type: ignore[arg-type]
-                              executors=FakeExecutors(replica), metering=metering,  # type: ignore[arg-type]
-                              local_tokenizers=FakeTokenizers(), encode_locally=True)  # type: ignore[arg-type]
+    engine = GenerationEngine(catalog=Catalog(models=[model]), tokenizer=FakeTokenizers(),  # type: ignore[arg-type]
+                              executors=FakeExecutors(replica), metering=metering)  # type: ignore[arg-type]
     return engine, metering, replica
 
 

@@ -51,7 +51,7 @@ async def embed(engine: GenerationEngine, model_id: str, inputs: list[str], *, k
     def left() -> float:
         return max(0.001, end - time.monotonic())
 
-    encoded = await engine.encoder.encode_batch(model.id, inputs, add_special_tokens=True, timeout=left())
+    encoded = await engine.tokenizer.encode_batch(model.id, inputs, add_special_tokens=True, timeout=left())
     for i, ids in enumerate(encoded):  # checked before any work is queued on the executor
         if len(ids) > model.context_length:
             raise InvalidArgument(f"'input[{i}]' has {len(ids)} tokens; this model's maximum is "

@@ -24,17 +24,11 @@ from inferplane.common.server import close_stream
 from inferplane.router import metrics
 from inferplane.router.admission import Admission, Metadata, Ticket, stamp
 from inferplane.router.capacity import Capacity
-from inferplane.router.clients import (
-    KeyInfo,
-    LocalDecoder,
-    LocalTokenizers,
-    MeteringClient,
-    StreamingDecoder,
-    TokenizerClient,
-)
+from inferplane.router.clients import KeyInfo, MeteringClient
 from inferplane.router.outbox import UsageOutbox
 from inferplane.router.replicas import RETRIES, Replica, ReplicaSet, replica_fault
 from inferplane.router.stops import StopMatcher
+from inferplane.tokenization import Tokenizer
 from inferplane.v1 import common_pb2, executor_pb2, metering_pb2
 
 log = logging.getLogger(__name__)
@@ -123,24 +117,16 @@ KEY_LIKE = re.compile(r"sk-[A-Za-z0-9_-]{8,}")
 
 
 class GenerationEngine:
-    def __init__(self, *, catalog: Catalog, tokenizer: TokenizerClient, executors: ReplicaSet,
-                 metering: MeteringClient, request_timeout_s: float = 600.0,
-                 local_tokenizers: LocalTokenizers | None = None, admission: Admission | None = None,
-                 outbox: UsageOutbox | None = None, encode_locally: bool = False,
-                 decode_locally: bool = True) -> None:
-        """With ``local_tokenizers``, ``decode_locally`` turns streamed ids into text in process (else the
-        tokenizer's DecodeStream) and ``encode_locally`` encodes prompts in process (else its Encode)."""
+    def __init__(self, *, catalog: Catalog, tokenizer: Tokenizer, executors: ReplicaSet,
+                 metering: MeteringClient, request_timeout_s: float = 600.0, admission: Admission | None = None,
+                 outbox: UsageOutbox | None = None) -> None:
+        """``tokenizer`` encodes prompts and turns streamed ids into text (in process or through the tokenizer
+        service: the router's settings pick)."""
         self.catalog = catalog
         self.tokenizer = tokenizer
-        self.encoder: TokenizerClient | LocalTokenizers = tokenizer
-        if encode_locally:
-            if local_tokenizers is None:
-                raise ValueError("encode_locally needs local_tokenizers")
-            self.encoder = local_tokenizers
         self.executors = executors
         self._metering = metering
         self.request_timeout_s = request_timeout_s
-        self._local = local_tokenizers if decode_locally else None
         self.admission = admission
         self.outbox = outbox
         self._background: set[asyncio.Task[None]] = set()
@@ -184,9 +170,9 @@ class GenerationEngine:
             return max(0.001, end - time.monotonic())
 
         if inp.messages is not None:
-            encoded = await self.encoder.encode_chat(model.id, inp.messages, timeout=left())
+            encoded = await self.tokenizer.encode_chat(model.id, inp.messages, timeout=left())
         else:
-            encoded = await self.encoder.encode_text(model.id, inp.prompt or "", timeout=left())
+            encoded = await self.tokenizer.encode_text(model.id, inp.prompt or "", timeout=left())
         max_tokens = completion_budget(len(encoded.token_ids), inp.max_tokens, model)
         # Rate limits and budget, before an executor does any work (refusals raise RESOURCE_EXHAUSTED).
         ticket = None
@@ -220,9 +206,7 @@ class GenerationEngine:
         first_token_at: float | None = None
         last_token_at: float | None = None
         stops = StopMatcher(inp.stop)
-        decoder: LocalDecoder | StreamingDecoder = (
-            self._local.decoder(model.id) if self._local is not None else self.tokenizer.decoder(model.id,
-                                                                                                  timeout=left()))
+        decoder = self.tokenizer.decoder(model.id, timeout=left())
         got_final = False
         streamed = 0  # token ids received from the executor
         pending = 0  # tokens whose text has not been sent yet (an incomplete character, a held stop prefix)

@@ -8,21 +8,23 @@ import logging
 from pathlib import Path
 from typing import Literal
 
+import grpc
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from inferplane.common.catalog import load_catalog
+from inferplane.common.catalog import Catalog, load_catalog
 from inferplane.common.logs import setup_logging
 from inferplane.common.server import GrpcServer, client_channel
 from inferplane.common.settings import ServerSettings, TelemetrySettings, load_settings
 from inferplane.common.telemetry import setup_tracing
 from inferplane.router.admission import Admission, PriceBook
 from inferplane.router.auth import KeyVerifier
-from inferplane.router.clients import LocalTokenizers, MeteringClient, TokenizerClient
+from inferplane.router.clients import MeteringClient
 from inferplane.router.engine import GenerationEngine
 from inferplane.router.outbox import UsageOutbox, batch_sender
 from inferplane.router.ratelimit import LocalRateLimiter, RateLimiter, RedisRateLimiter
 from inferplane.router.replicas import ReplicaSet
 from inferplane.router.service import RouterServicer
+from inferplane.tokenization import GrpcTokenizer, LocalTokenizer, SplitTokenizer, Tokenizer, TokenizerRegistry
 from inferplane.v1 import router_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -47,10 +49,10 @@ class RouterSettings(BaseSettings):
     retry_budget_burst: float = 50.0
     # Upper bound of one request when the caller sets no deadline.
     request_timeout_s: float = 600.0
-    # Where streamed token ids become text: "local" (in the router, the tokenizer service's own code and
-    # files, no extra hop per message) or "remote" (the tokenizer service's DecodeStream).
+    # Where streamed token ids become text: "local" (in the router, with inferplane.tokenization's code and
+    # the catalog's files, as the tokenizer service: no extra hop per message) or "remote" (its DecodeStream).
     detokenize: Literal["local", "remote"] = "local"
-    # Where prompts become token ids: "local" (in the router, with the same code and files as the tokenizer
+    # Where prompts become token ids: "local" (in the router, the same library and files as the tokenizer
     # service: no round trip before the executor is called) or "remote" (the tokenizer service's Encode).
     tokenize: Literal["local", "remote"] = "local"
     # Seconds a verified key stays cached (revocation takes effect within this time).
@@ -67,29 +69,41 @@ class RouterSettings(BaseSettings):
     price_ttl_s: float = 10.0
 
 
+def build_tokenizer(settings: RouterSettings, catalog: Catalog) -> tuple[Tokenizer, grpc.aio.Channel | None]:
+    """The router's one ``Tokenizer``: ``tokenize`` says where prompts are encoded, ``detokenize`` where streamed
+    ids become text. The channel to the tokenizer service is opened only when one of them is "remote"."""
+    wanted = {settings.tokenize, settings.detokenize}
+    channel = client_channel(settings.tokenizer_addr) if "remote" in wanted else None
+    made: dict[str, Tokenizer] = {}
+    if channel is not None:
+        made["remote"] = GrpcTokenizer(channel)
+    if "local" in wanted:
+        made["local"] = LocalTokenizer(TokenizerRegistry.from_catalog(catalog))  # each model loads on first use
+    encoder, decoder = made[settings.tokenize], made[settings.detokenize]
+    return (encoder if encoder is decoder else SplitTokenizer(encoder=encoder, decoder=decoder)), channel
+
+
 class Router:
     """The router's server and its outbound channels, started and stopped together."""
 
     def __init__(self, settings: RouterSettings) -> None:
         self.settings = settings
         catalog = load_catalog(settings.catalog)
-        self._channels = [client_channel(settings.tokenizer_addr), client_channel(settings.metering_addr)]
+        self.tokenizer, tokenizer_channel = build_tokenizer(settings, catalog)
+        metering_channel = client_channel(settings.metering_addr)
+        self._channels = [metering_channel, *([tokenizer_channel] if tokenizer_channel is not None else [])]
         self.replicas = ReplicaSet(settings.executor_addrs, channel_factory=client_channel,
                                    eject_base_s=settings.eject_base_s, eject_max_s=settings.eject_max_s,
                                    retry_ratio=settings.retry_budget_ratio,
                                    retry_burst=settings.retry_budget_burst)
-        metering = MeteringClient(self._channels[1])
+        metering = MeteringClient(metering_channel)
         self.limiter: RateLimiter = (RedisRateLimiter(settings.redis_url, on_error=settings.ratelimit_on_redis_error)
                                      if settings.redis_url else LocalRateLimiter())
         admission = Admission(metering, self.limiter, PriceBook(metering, catalog, ttl_s=settings.price_ttl_s))
         self.outbox = UsageOutbox(settings.outbox_path, batch_sender(metering))
-        self.engine = GenerationEngine(catalog=catalog, tokenizer=TokenizerClient(self._channels[0]),
+        self.engine = GenerationEngine(catalog=catalog, tokenizer=self.tokenizer,
                                        executors=self.replicas, metering=metering,
                                        request_timeout_s=settings.request_timeout_s,
-                                       local_tokenizers=LocalTokenizers({m.id: m.tokenizer for m in catalog.models})
-                                       if "local" in (settings.detokenize, settings.tokenize) else None,
-                                       encode_locally=settings.tokenize == "local",
-                                       decode_locally=settings.detokenize == "local",
                                        admission=admission, outbox=self.outbox)
         servicer = RouterServicer(self.engine, KeyVerifier(metering, ttl=settings.key_cache_ttl_s,
                                                                    stale_ttl=settings.key_stale_ttl_s))

@@ -13,7 +13,8 @@ from inferplane.common.logs import setup_logging
 from inferplane.common.server import GrpcServer
 from inferplane.common.settings import ServerSettings, TelemetrySettings, load_settings
 from inferplane.common.telemetry import setup_tracing
-from inferplane.tokenizer.service import TokenizerRegistry, TokenizerServicer
+from inferplane.tokenization.local import TokenizerRegistry
+from inferplane.tokenizer.service import TokenizerServicer
 from inferplane.v1 import tokenizer_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ class TokenizerSettings(BaseSettings):
 
 def build_server(settings: TokenizerSettings, registry: TokenizerRegistry | None = None) -> GrpcServer:
     """The gRPC server with every catalog tokenizer loaded (eagerly: a bad folder fails here)."""
-    registry = registry if registry is not None else TokenizerRegistry.from_catalog_file(settings.catalog)
+    registry = (registry if registry is not None else TokenizerRegistry.from_catalog_file(settings.catalog)).load_all()
     servicer = TokenizerServicer(registry)
     return GrpcServer(
         settings.server, service_names=[SERVICE_NAME],

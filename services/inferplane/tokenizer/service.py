@@ -1,74 +1,20 @@
-"""The TokenizerService gRPC edge: protobuf in, a ``TokenizerBundle`` / ``IncrementalDecoder`` call, protobuf out."""
+"""The TokenizerService gRPC edge: protobuf in, a call on the local tokenization library, protobuf out.
+
+The work is ``inferplane.tokenization``'s (a ``TokenizerRegistry`` of bundles, ``IncrementalDecoder``): the
+router runs the same code in process unless its settings send it here.
+"""
 
 from __future__ import annotations
 
-import logging
-import time
-from collections.abc import AsyncIterator, Iterable
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
-from inferplane.common.catalog import Catalog, load_catalog
-from inferplane.common.errors import InvalidArgument, NotFound
-from inferplane.tokenizer.bundle import TokenizerBundle
-from inferplane.tokenizer.detok import IncrementalDecoder
-from inferplane.v1 import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
-
-log = logging.getLogger(__name__)
-
-
-class TokenizerRegistry:
-    """Model id → loaded tokenizer. Built eagerly, so a bad tokenizer folder fails at start, not on a request."""
-
-    def __init__(self, bundles: dict[str, TokenizerBundle]) -> None:
-        self._bundles = dict(bundles)
-
-    @classmethod
-    def from_catalog(cls, catalog: Catalog) -> TokenizerRegistry:
-        bundles: dict[str, TokenizerBundle] = {}
-        for model in catalog.models:
-            start = time.perf_counter()
-            bundle = TokenizerBundle.from_dir(model.tokenizer, name=model.id)
-            bundles[model.id] = bundle
-            log.info("loaded tokenizer %s from %s: vocab %d, chat template %s, stop ids %s (%.0f ms)",
-                     model.id, model.tokenizer, bundle.vocab_size, "yes" if bundle.chat_template else "no",
-                     bundle.stop_token_ids, (time.perf_counter() - start) * 1000)
-        return cls(bundles)
-
-    @classmethod
-    def from_catalog_file(cls, path: Path) -> TokenizerRegistry:
-        return cls.from_catalog(load_catalog(path))
-
-    @property
-    def model_ids(self) -> list[str]:
-        return list(self._bundles)
-
-    def get(self, model_id: str) -> TokenizerBundle:
-        if not model_id:
-            raise InvalidArgument("model is required", param="model")
-        bundle = self._bundles.get(model_id)
-        if bundle is None:
-            raise NotFound(f"model {model_id!r} has no tokenizer here (known: {', '.join(self._bundles)})",
-                           param="model")
-        return bundle
-
-
-def messages_from_pb(chat: tokenizer_pb2.ChatMessages) -> list[dict[str, Any]]:
-    """ChatMessage protos as the plain dicts a chat template reads (``name`` only when set)."""
-    return message_dicts(chat.messages)
-
-
-def message_dicts(messages: Iterable[common_pb2.ChatMessage]) -> list[dict[str, Any]]:
-    return [_message_from_pb(m) for m in messages]
-
-
-def _message_from_pb(message: common_pb2.ChatMessage) -> dict[str, Any]:
-    out: dict[str, Any] = {"role": message.role, "content": message.content}
-    if message.HasField("name"):
-        out["name"] = message.name
-    return out
+from inferplane.common.errors import InvalidArgument
+from inferplane.tokenization.detok import IncrementalDecoder
+from inferplane.tokenization.local import TokenizerRegistry, message_dicts
+from inferplane.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 
 
 class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
@@ -80,7 +26,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         bundle = self.registry.get(request.model)
         which = request.WhichOneof("input")
         if which == "chat":
-            ids, rendered = bundle.encode_chat(messages_from_pb(request.chat))
+            ids, rendered = bundle.encode_chat(message_dicts(request.chat.messages))
         elif which == "text":
             ids, rendered = bundle.encode(request.text, add_special_tokens=request.add_special_tokens), request.text
         else:

@@ -8,7 +8,7 @@ import random
 import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from inferplane.tokenizer.detok import REPLACEMENT_CHAR, IncrementalDecoder
+from inferplane.tokenization.detok import REPLACEMENT_CHAR, IncrementalDecoder
 
 CORPUS = [
     "Hello world, this is a tiny corpus for a tiny tokenizer.",

@@ -11,7 +11,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from inferplane.common.errors import InvalidArgument
-from inferplane.tokenizer.bundle import TokenizerBundle
+from inferplane.tokenization.bundle import TokenizerBundle
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>"]
 CORPUS = ["You are a helpful assistant.", "Hello! How are you today?", "Grüße, 日本語, 🙂🚀."] * 4
