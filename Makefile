@@ -20,12 +20,13 @@ install: $(STAMP)
 up: install
 	$(BIN)/inferplane up
 
-## Lint, type-check, then the whole test suite (unit, integration on real Triton, end-to-end).
+## Lint (ruff, import contracts), type-check, then the whole test suite (unit, integration on real Triton, end-to-end).
 test: install lint typecheck
 	$(BIN)/python -m pytest -q -ra --durations=15
 
 lint: install
 	$(BIN)/ruff check services gateway tests scripts bench
+	$(BIN)/lint-imports --no-cache
 
 typecheck: install
 	$(BIN)/mypy
