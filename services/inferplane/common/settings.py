@@ -8,6 +8,7 @@ import time.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -73,3 +74,21 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+def service_arguments(parser: argparse.ArgumentParser, section: str) -> argparse.ArgumentParser:
+    """The arguments every service takes: its settings file and section, and a port override."""
+    parser.add_argument("--config", type=Path, default=None, help=f"YAML settings file (section {section!r})")
+    parser.add_argument("--section", default=section, help="the file's section to read")
+    parser.add_argument("--port", type=int, default=None,
+                        help="listen port (wins over the file and INFERPLANE_<SERVICE>_... variables)")
+    return parser
+
+
+def settings_from_args(cls: type[S], args: argparse.Namespace) -> S:
+    """``cls`` from ``service_arguments``: the one way a port is overridden (``--port``, else the environment,
+    else the file), whether the service keeps it in ``server.port`` (gRPC services) or ``port`` (the gateway)."""
+    overrides: dict[str, Any] = {}
+    if args.port is not None:
+        overrides = {"server": {"port": args.port}} if "server" in cls.model_fields else {"port": args.port}
+    return load_settings(cls, config_file=args.config, section=args.section, **overrides)

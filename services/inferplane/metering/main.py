@@ -12,7 +12,7 @@ import grpc
 from inferplane.common.catalog import load_catalog
 from inferplane.common.logs import setup_logging
 from inferplane.common.server import GrpcServer
-from inferplane.common.settings import load_settings
+from inferplane.common.settings import service_arguments, settings_from_args
 from inferplane.common.telemetry import setup_tracing
 from inferplane.metering.secret import load_secret
 from inferplane.metering.service import MeteringServicer
@@ -92,12 +92,7 @@ async def sweep_forever(store: MeteringStore, interval_s: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="inferplane-metering", description="inferplane metering service")
-    parser.add_argument("--config", type=Path, default=None, help="YAML file; its 'metering' section is read")
-    parser.add_argument("--port", type=int, default=None, help="listen port (overrides the settings)")
-    args = parser.parse_args(argv)
+    args = service_arguments(parser, "metering").parse_args(argv)
     setup_logging("metering")
-    settings = load_settings(MeteringSettings, config_file=args.config, section="metering")
-    if args.port is not None:
-        settings.server = settings.server.model_copy(update={"port": args.port})
-    asyncio.run(run(settings))
+    asyncio.run(run(settings_from_args(MeteringSettings, args)))
     return 0

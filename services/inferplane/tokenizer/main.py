@@ -5,30 +5,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-from pathlib import Path
-
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from inferplane.common.logs import setup_logging
 from inferplane.common.server import GrpcServer
-from inferplane.common.settings import ServerSettings, TelemetrySettings, load_settings
+from inferplane.common.settings import service_arguments, settings_from_args
 from inferplane.common.telemetry import setup_tracing
 from inferplane.tokenization.local import TokenizerRegistry
 from inferplane.tokenizer.service import TokenizerServicer
+from inferplane.tokenizer.settings import TokenizerSettings
 from inferplane.v1 import tokenizer_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "inferplane.v1.TokenizerService"
-
-
-class TokenizerSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="INFERPLANE_TOKENIZER_", env_nested_delimiter="__")
-
-    server: ServerSettings = ServerSettings(port=50052)
-    telemetry: TelemetrySettings = TelemetrySettings()
-    # The model catalog; each model's ``tokenizer`` folder is loaded at start.
-    catalog: Path = Path("config/catalog.yaml")
 
 
 def build_server(settings: TokenizerSettings, registry: TokenizerRegistry | None = None) -> GrpcServer:
@@ -52,11 +41,6 @@ async def run(settings: TokenizerSettings) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="inferplane-tokenizer", description="inferplane tokenizer service")
-    parser.add_argument("--config", type=Path, help="YAML settings file (section 'tokenizer')")
-    parser.add_argument("--port", type=int, help="listen port (overrides file and environment)")
-    args = parser.parse_args(argv)
+    args = service_arguments(parser, "tokenizer").parse_args(argv)
     setup_logging("tokenizer")
-    settings = load_settings(TokenizerSettings, config_file=args.config, section="tokenizer")
-    if args.port is not None:
-        settings = settings.model_copy(update={"server": settings.server.model_copy(update={"port": args.port})})
-    asyncio.run(run(settings))
+    asyncio.run(run(settings_from_args(TokenizerSettings, args)))

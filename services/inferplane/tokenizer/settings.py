@@ -1,0 +1,19 @@
+"""The tokenizer service's settings (file section ``tokenizer``, environment ``INFERPLANE_TOKENIZER_*``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from inferplane.assets import CATALOG
+from inferplane.common.settings import ServerSettings, TelemetrySettings
+
+
+class TokenizerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="INFERPLANE_TOKENIZER_", env_nested_delimiter="__")
+
+    server: ServerSettings = ServerSettings(port=50052)
+    telemetry: TelemetrySettings = TelemetrySettings()
+    # The model catalog; each model's ``tokenizer`` folder is loaded at start.
+    catalog: Path = CATALOG
