@@ -31,7 +31,14 @@ from inferplane.metering.convert import (
     usage_to_pb,
     verify_to_pb,
 )
-from inferplane.metering.store import DEFAULT_USAGE_LIMIT, MAX_BATCH, KeyInfo, MeteringStore, UsageRow
+from inferplane.metering.store import (
+    DEFAULT_USAGE_LIMIT,
+    MAX_BATCH,
+    BudgetExceeded,
+    KeyInfo,
+    MeteringStore,
+    UsageRow,
+)
 from inferplane.v1 import metering_pb2, metering_pb2_grpc
 
 __all__ = ["MeteringServicer", "usage_from_pb", "usage_to_pb"]
@@ -110,6 +117,10 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         try:
             held = await asyncio.to_thread(self._store.reserve, request.reservation_id, request.key_id,
                                            request.model, request.prompt_tokens, request.max_tokens)
+        except BudgetExceeded as exc:
+            RESERVATIONS.labels("refused").inc()
+            exc.reason = wire.REASON_INSUFFICIENT_QUOTA  # a budget, not a rate limit (RESOURCE_EXHAUSTED's default)
+            raise
         except Exception:
             RESERVATIONS.labels("refused").inc()
             raise
