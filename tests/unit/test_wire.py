@@ -122,3 +122,19 @@ def test_domain_errors_carry_a_reason_by_default_and_by_raise() -> None:
     assert quota.reason == wire.REASON_INSUFFICIENT_QUOTA
     quota.reason = wire.REASON_OVERLOADED
     assert quota.reason == wire.REASON_OVERLOADED
+
+
+def test_every_reason_has_its_constant_in_wire() -> None:
+    for name, value in common_pb2.ErrorReason.items():
+        assert getattr(wire, "REASON_" + name.removeprefix("ERROR_REASON_")) == value, name
+
+
+def test_the_router_applies_the_gateway_s_request_id_rule() -> None:
+    from inferplane.router.service import request_id_from
+
+    assert request_id_from(((wire.REQUEST_ID, "req-1"),)) == "req-1"
+    assert wire.valid_request_id(request_id_from(()))
+    for bad in ("a b", "x" * 129, "é", ""):  # spaces and non-ASCII used to pass the router's own check
+        with pytest.raises(InvalidArgument) as err:
+            request_id_from(((wire.REQUEST_ID, bad),))
+        assert (err.value.param, err.value.message) == (wire.REQUEST_ID, wire.BAD_REQUEST_ID)
