@@ -7,6 +7,8 @@ import asyncio
 import grpc
 import pytest
 
+from inferplane.common import wire
+from inferplane.common.server import failure_of
 from inferplane.gateway.errors import from_status
 from inferplane.router.capacity import Capacity, ModelGate, Overloaded
 
@@ -31,7 +33,10 @@ async def test_full_queue_is_refused_at_once_with_retry_after() -> None:
     assert refused.done()
     with pytest.raises(Overloaded) as info:
         await refused
-    assert dict(info.value.metadata) == {"x-inferplane-error-code": "overloaded", "retry-after": "1"}
+    assert info.value.reason == wire.REASON_OVERLOADED
+    trailers = dict(failure_of(info.value).trailers())  # what the router's interceptor sends
+    assert trailers["x-inferplane-error-code"] == "overloaded" and trailers["retry-after"] == "1"
+    assert wire.error_info(trailers.items()).reason == "ERROR_REASON_OVERLOADED"  # type: ignore[union-attr]
     for w in waiters:
         w.cancel()
     await asyncio.gather(*waiters, return_exceptions=True)
@@ -126,9 +131,14 @@ async def test_capacity_sizes_each_models_gate_from_its_replicas() -> None:
 
 
 def test_the_gateway_answers_overloaded_as_503_with_retry_after() -> None:
-    err = from_status(grpc.StatusCode.RESOURCE_EXHAUSTED, "The model `m` is overloaded",
-                      Overloaded("x", retry_after_s=2.5).metadata)
-    assert err.status == 503
-    assert err.body()["error"]["code"] == "overloaded"
-    assert err.body()["error"]["type"] == "server_error"
-    assert err.headers["retry-after"] == "3"
+    trailers = failure_of(Overloaded("The model `m` is overloaded", retry_after_s=2.5)).trailers()
+    typed = [(k, v) for k, v in trailers if k != "x-inferplane-error-code"]  # the typed detail alone decides
+    legacy = [(k, v) for k, v in trailers if k != "grpc-status-details-bin"]  # as does the older trailer alone
+    for metadata in (trailers, typed, legacy):
+        err = from_status(grpc.StatusCode.RESOURCE_EXHAUSTED, "The model `m` is overloaded", metadata)
+        assert err.status == 503
+        assert err.body()["error"]["code"] == "overloaded"
+        assert err.body()["error"]["type"] == "server_error"
+        assert err.headers["retry-after"] == "3"
+    plain = from_status(grpc.StatusCode.RESOURCE_EXHAUSTED, "Rate limit reached.", [("retry-after", "3")])
+    assert (plain.status, plain.body()["error"]["code"]) == (429, "rate_limit_exceeded")

@@ -15,25 +15,27 @@ import io
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 import grpc
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from google.protobuf.timestamp_pb2 import Timestamp
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from inferplane.common.money import MoneyError, format_usd, usd_to_nanos
 from inferplane.common.server import client_channel
-from inferplane.gateway.errors import GatewayError, from_rpc_error, from_validation_error, unauthenticated
+from inferplane.common.wire import (
+    BUDGET_PERIOD_NAMES,
+    BUDGET_PERIODS,
+    BUDGET_SCOPE_NAMES,
+    BUDGET_SCOPES,
+    DEFAULT_BUDGET_PERIOD,
+)
+from inferplane.gateway.auth import key_metadata
+from inferplane.gateway.errors import GatewayError, from_rpc_error, from_validation_error
 from inferplane.v1 import metering_pb2, metering_pb2_grpc
 
-MISSING_KEY = ("You didn't provide an API key. You need to provide your API key in an Authorization header "
-               "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).")
-PERIODS = {"daily": metering_pb2.BUDGET_PERIOD_DAILY, "monthly": metering_pb2.BUDGET_PERIOD_MONTHLY}
-PERIOD_NAMES = {v: k for k, v in PERIODS.items()}
-SCOPES = {"key": metering_pb2.BUDGET_SCOPE_KEY, "tenant": metering_pb2.BUDGET_SCOPE_TENANT}
-SCOPE_NAMES = {v: k for k, v in SCOPES.items()}
 USAGE_COLUMNS = ["date", "key_id", "tenant_id", "model", "requests", "prompt_tokens", "completion_tokens",
                  "cancelled_requests", "cost"]
 
@@ -44,10 +46,17 @@ class BudgetBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     limit: str = Field(description="USD per period, e.g. \"10.00\"")
-    period: Literal["daily", "monthly"] = "monthly"
+    period: str = DEFAULT_BUDGET_PERIOD
+
+    @field_validator("period")
+    @classmethod
+    def _known_period(cls, value: str) -> str:
+        if value not in BUDGET_PERIODS:
+            raise ValueError(f"expected one of {', '.join(repr(p) for p in BUDGET_PERIODS)}")
+        return value
 
     def to_pb(self) -> metering_pb2.Budget:
-        return metering_pb2.Budget(limit_nanodollars=_nanos(self.limit, "limit"), period=PERIODS[self.period])
+        return metering_pb2.Budget(limit_nanodollars=_nanos(self.limit, "limit"), period=BUDGET_PERIODS[self.period])
 
 
 class CreateKeyBody(BaseModel):
@@ -132,8 +141,8 @@ def price_dict(p: metering_pb2.Price) -> dict[str, Any]:
 
 
 def budget_dict(b: metering_pb2.Budget) -> dict[str, Any]:
-    return {"scope": SCOPE_NAMES.get(b.scope), "subject": b.subject_id, "currency": "USD",
-            "limit": format_usd(b.limit_nanodollars), "period": PERIOD_NAMES.get(b.period),
+    return {"scope": BUDGET_SCOPE_NAMES.get(b.scope), "subject": b.subject_id, "currency": "USD",
+            "limit": format_usd(b.limit_nanodollars), "period": BUDGET_PERIOD_NAMES.get(b.period),
             "period_start": _iso(b.period_start), "spent": format_usd(b.spent_nanodollars),
             "reserved": format_usd(b.reserved_nanodollars)}
 
@@ -159,14 +168,6 @@ def usage_response(resp: metering_pb2.GetUsageSummaryResponse, fmt: str) -> Resp
 
 
 # --- routes ------------------------------------------------------------------------------------------
-
-def _metadata(request: Request) -> tuple[tuple[str, str], ...]:
-    value = (request.headers.get("authorization") or "").strip()
-    scheme, _, key = value.partition(" ")
-    if not value or scheme.lower() != "bearer" or not key.strip():
-        raise unauthenticated(MISSING_KEY, code=None if not value else "invalid_api_key")
-    return (("authorization", f"Bearer {key.strip()}"),)
-
 
 async def _parse(request: Request, model: type[BaseModel]) -> Any:
     try:
@@ -197,14 +198,11 @@ def admin_router(metering_addr: str, *, timeout_s: float = 10.0) -> APIRouter:
     router = APIRouter(lifespan=lifespan)
 
     async def call(request: Request, method: str, message: Any) -> Any:
-        metadata = _metadata(request)
+        metadata = key_metadata(request.headers)
         try:
             return await getattr(state["stub"], method)(message, metadata=metadata, timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
-            err = from_rpc_error(exc)
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                err.code = None  # not a model: a key or a budget
-            raise err from None
+            raise from_rpc_error(exc) from None
 
     async def require_admin(request: Request) -> None:
         me = await call(request, "WhoAmI", metering_pb2.WhoAmIRequest())
@@ -268,11 +266,12 @@ def admin_router(metering_addr: str, *, timeout_s: float = 10.0) -> APIRouter:
 
     @router.put("/admin/budgets/{scope}/{subject}")
     async def set_budget(request: Request, scope: str, subject: str) -> Response:
-        if scope not in SCOPES:
+        if scope not in BUDGET_SCOPES:
             raise GatewayError(404, f"Invalid URL ({request.method} {request.url.path})")
         body: BudgetBody = await _parse(request, BudgetBody)
-        req = metering_pb2.SetBudgetRequest(scope=SCOPES[scope], subject_id=subject,
-                                            limit_nanodollars=_nanos(body.limit, "limit"), period=PERIODS[body.period])
+        req = metering_pb2.SetBudgetRequest(scope=BUDGET_SCOPES[scope], subject_id=subject,
+                                            limit_nanodollars=_nanos(body.limit, "limit"),
+                                            period=BUDGET_PERIODS[body.period])
         return JSONResponse(budget_dict(await call(request, "SetBudget", req)))
 
     return router

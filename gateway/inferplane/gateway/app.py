@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
@@ -30,9 +28,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from inferplane.common import wire
 from inferplane.common.metrics import LATENCY_BUCKETS
 from inferplane.common.server import client_channel, close_stream
 from inferplane.gateway.admin import admin_router
+from inferplane.gateway.auth import key_metadata
 from inferplane.gateway.embeddings import EmbeddingRequest, embeddings_body
 from inferplane.gateway.errors import (
     CLIENT_CLOSED_REQUEST,
@@ -44,7 +44,6 @@ from inferplane.gateway.errors import (
     from_rpc_error,
     from_validation_error,
     install_handlers,
-    unauthenticated,
 )
 from inferplane.gateway.protocol import (
     ChatCompletionRequest,
@@ -64,13 +63,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TRACER_NAME = "inferplane.gateway"
-REQUEST_ID_HEADER = "x-request-id"
 ROUTER_SERVICE = "inferplane.v1.RouterService"
-# What gRPC metadata can carry, and what the router accepts (1-128 printable characters).
-_REQUEST_ID = re.compile(r"[!-~]{1,128}")
-MISSING_KEY = ("You didn't provide an API key. You need to provide your API key in an Authorization header "
-               "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).")
-MALFORMED_KEY = "The Authorization header must be 'Bearer YOUR_KEY'."
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 DONE_FRAME = b"data: [DONE]\n\n"
 
@@ -111,8 +104,8 @@ class EdgeMiddleware:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        given = headers.get(REQUEST_ID_HEADER)
-        request_id = given if given is not None and _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        given = headers.get(wire.REQUEST_ID)
+        request_id = given if given is not None and wire.valid_request_id(given) else wire.new_request_id()
         scope.setdefault("state", {})["request_id"] = request_id
         method = scope["method"]
         status = 500
@@ -122,7 +115,7 @@ class EdgeMiddleware:
             nonlocal status, started
             if message["type"] == "http.response.start":
                 started, status = True, message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                message["headers"] = [*message.get("headers", []), (wire.REQUEST_ID.encode(), request_id.encode())]
             await send(message)
 
         received = 0
@@ -165,9 +158,8 @@ class EdgeMiddleware:
                     span.set_status(Status(StatusCode.ERROR))
 
     def _refuse_early(self, headers: Headers, given_id: str | None) -> GatewayError | None:
-        if given_id is not None and not _REQUEST_ID.fullmatch(given_id):
-            return GatewayError(400, "x-request-id must be 1-128 printable ASCII characters without spaces.",
-                                param="x-request-id")
+        if given_id is not None and not wire.valid_request_id(given_id):
+            return GatewayError(400, wire.BAD_REQUEST_ID, param=wire.REQUEST_ID)
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
             return body_too_large(self.limit)
@@ -196,14 +188,7 @@ def _router(request: Request) -> RouterClient:
 
 def _metadata(request: Request) -> tuple[tuple[str, str], ...]:
     """The caller's API key (401 before any router call when absent or ill-formed) and the request id."""
-    value = request.headers.get("authorization")
-    if value is None or not value.strip():
-        raise unauthenticated(MISSING_KEY, code=None)
-    scheme, _, key = value.strip().partition(" ")
-    key = key.strip()
-    if scheme.lower() != "bearer" or not key or " " in key:
-        raise unauthenticated(MALFORMED_KEY)
-    return ("authorization", f"Bearer {key}"), (REQUEST_ID_HEADER, request.state.request_id)
+    return (*key_metadata(request.headers), (wire.REQUEST_ID, request.state.request_id))
 
 
 async def _parse(request: Request, model: type[ParsedT]) -> ParsedT:

@@ -1,9 +1,10 @@
 """OpenAI-shaped errors: the one place gRPC statuses and HTTP failures become ``{"error": {...}}`` bodies.
 
-Every failure the gateway reports is a ``GatewayError``; ``from_rpc_error`` maps a router status through
-``GRPC_ERRORS`` (a registry, one row per status), ``from_validation_error`` maps pydantic errors to 400
-with the offending field as ``param``, and ``install_handlers`` makes FastAPI's own 404/405/422 use the
-same shape.
+Every failure the gateway reports is a ``GatewayError``. ``from_rpc_error`` maps a failed router or metering
+call by its typed reason first (the ``google.rpc.ErrorInfo`` in ``grpc-status-details-bin``, see
+``inferplane.common.wire``) and its status code second, through ``REASON_ERRORS`` (a registry, one row per
+reason); ``from_validation_error`` maps pydantic errors to 400 with the offending field as ``param``, and
+``install_handlers`` makes FastAPI's own 404/405/422 use the same shape.
 """
 
 from __future__ import annotations
@@ -16,21 +17,18 @@ import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from google.rpc import error_details_pb2
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from inferplane.common.errors import PARAM_METADATA_KEY
+from inferplane.common import wire
 
 INVALID_REQUEST = "invalid_request_error"
 SERVER_ERROR = "server_error"
 # nginx's "client closed request": the caller went away before the answer was ready.
 CLIENT_CLOSED_REQUEST = 499
 # Router metadata that is passed on to the HTTP caller as response headers (rate-limit state).
-FORWARDED_HEADER_PREFIXES = ("x-ratelimit-", "retry-after")
-# Trailing metadata naming the OpenAI error code to answer with (set by the router's admission).
-ERROR_CODE_METADATA_KEY = "x-inferplane-error-code"
-INSUFFICIENT_QUOTA = "insufficient_quota"
-OVERLOADED = "overloaded"  # the router's bounded queue for the model is full (services/router/capacity.py)
+FORWARDED_HEADER_PREFIXES = ("x-ratelimit-", wire.RETRY_AFTER)
 INTERNAL_MESSAGE = "The server had an error while processing your request. Sorry about that!"
 
 
@@ -60,58 +58,72 @@ class _Row:
     status: int
     type: str
     code: str | None = None
-    # None: pass the router's details on (they are written for callers); else this fixed message.
+    # None: pass the service's details on (they are written for callers); else this fixed message.
     message: str | None = None
 
 
-GRPC_ERRORS: dict[grpc.StatusCode, _Row] = {
-    grpc.StatusCode.UNAUTHENTICATED: _Row(401, INVALID_REQUEST, "invalid_api_key"),
-    grpc.StatusCode.PERMISSION_DENIED: _Row(403, INVALID_REQUEST, "insufficient_permissions"),
-    grpc.StatusCode.NOT_FOUND: _Row(404, INVALID_REQUEST, "model_not_found"),
-    grpc.StatusCode.INVALID_ARGUMENT: _Row(400, INVALID_REQUEST),
-    grpc.StatusCode.OUT_OF_RANGE: _Row(400, INVALID_REQUEST),
-    grpc.StatusCode.FAILED_PRECONDITION: _Row(400, INVALID_REQUEST),
-    grpc.StatusCode.RESOURCE_EXHAUSTED: _Row(429, "rate_limit_exceeded", "rate_limit_exceeded"),
-    grpc.StatusCode.UNAVAILABLE: _Row(503, SERVER_ERROR, "service_unavailable",
-                                      "The server is overloaded or not ready yet. Please retry."),
-    grpc.StatusCode.DEADLINE_EXCEEDED: _Row(504, SERVER_ERROR, "timeout", "The request timed out."),
-    grpc.StatusCode.CANCELLED: _Row(CLIENT_CLOSED_REQUEST, INVALID_REQUEST, "request_cancelled",
-                                    "The request was cancelled."),
-}
 _INTERNAL = _Row(500, SERVER_ERROR, None, INTERNAL_MESSAGE)
-# (status, x-inferplane-error-code) -> the answer instead of the status's row: an exhausted budget is OpenAI's
-# 429 "insufficient_quota", not a rate limit (retrying soon does not help).
-ERROR_CODE_ROWS: dict[tuple[grpc.StatusCode, str], _Row] = {
-    (grpc.StatusCode.RESOURCE_EXHAUSTED, INSUFFICIENT_QUOTA): _Row(429, INSUFFICIENT_QUOTA, INSUFFICIENT_QUOTA),
+# OpenAI's answer to each reason (``ErrorReason`` in common.proto).
+REASON_ERRORS: dict[wire.Reason, _Row] = {
+    wire.REASON_MODEL_NOT_FOUND: _Row(404, INVALID_REQUEST, "model_not_found"),
+    wire.REASON_NOT_FOUND: _Row(404, INVALID_REQUEST),  # an API key, a budget: not a model
+    wire.REASON_INVALID_API_KEY: _Row(401, INVALID_REQUEST, "invalid_api_key"),
+    wire.REASON_PERMISSION_DENIED: _Row(403, INVALID_REQUEST, "insufficient_permissions"),
+    wire.REASON_INVALID_REQUEST: _Row(400, INVALID_REQUEST),
+    wire.REASON_CONTEXT_LENGTH_EXCEEDED: _Row(400, INVALID_REQUEST, "context_length_exceeded"),
+    wire.REASON_RATE_LIMITED: _Row(429, "rate_limit_exceeded", "rate_limit_exceeded"),
+    # an exhausted budget is OpenAI's 429 "insufficient_quota", not a rate limit (retrying soon does not help)
+    wire.REASON_INSUFFICIENT_QUOTA: _Row(429, wire.INSUFFICIENT_QUOTA, wire.INSUFFICIENT_QUOTA),
     # capacity, not the caller's quota: 503 with retry-after, as OpenAI answers "overloaded"
-    (grpc.StatusCode.RESOURCE_EXHAUSTED, OVERLOADED): _Row(503, SERVER_ERROR, OVERLOADED),
+    wire.REASON_OVERLOADED: _Row(503, SERVER_ERROR, wire.OVERLOADED),
+    wire.REASON_UNAVAILABLE: _Row(503, SERVER_ERROR, "service_unavailable",
+                                  "The server is overloaded or not ready yet. Please retry."),
+    wire.REASON_TIMEOUT: _Row(504, SERVER_ERROR, "timeout", "The request timed out."),
+    wire.REASON_CANCELLED: _Row(CLIENT_CLOSED_REQUEST, INVALID_REQUEST, "request_cancelled",
+                                "The request was cancelled."),
+    wire.REASON_INTERNAL: _INTERNAL,
 }
+# A status that comes without a reason we know (a service from before typed reasons, a newer reason): the status
+# decides, as it did before reasons existed, when the router's NOT_FOUND always meant the model.
+STATUS_REASONS: dict[grpc.StatusCode, wire.Reason] = {**wire.REASON_FOR_STATUS,
+                                                      grpc.StatusCode.NOT_FOUND: wire.REASON_MODEL_NOT_FOUND}
 
 
-def _text(value: str | bytes) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-
-
-# gRPC metadata: (key, str | bytes) pairs (grpc.aio.Metadata, or the tuples grpc-stubs types loosely).
-MetadataPairs = Iterable[Any]
-
-
-def forwarded_headers(metadata: MetadataPairs | None) -> dict[str, str]:
+def forwarded_headers(metadata: wire.Metadata | None) -> dict[str, str]:
     """The router's rate-limit metadata (``x-ratelimit-*``, ``retry-after``) as HTTP headers."""
-    return {k.lower(): _text(v) for k, v in metadata or () if k.lower().startswith(FORWARDED_HEADER_PREFIXES)}
+    return {k.lower(): wire.text(v) for k, v in metadata or ()
+            if k.lower().startswith(FORWARDED_HEADER_PREFIXES)}
 
 
-def from_status(code: grpc.StatusCode, details: str | None, trailing: MetadataPairs | None = None) -> GatewayError:
+def reason_of(code: grpc.StatusCode, trailing: wire.Metadata | None,
+              info: error_details_pb2.ErrorInfo | None = None) -> wire.Reason:
+    """The reason of a failed call: its typed ErrorInfo detail (``info``, else read from ``trailing``), else the
+    older ``x-inferplane-error-code`` trailer, else its status."""
+    info = info if info is not None else wire.error_info(trailing)
+    if info is not None and (reason := wire.reason_from_name(info.reason)) in REASON_ERRORS:
+        return reason
+    legacy = wire.metadata_value(trailing, wire.ERROR_CODE)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and legacy is not None:
+        reason = wire.REASON_OF_ERROR_CODE.get(wire.text(legacy), wire.REASON_UNSPECIFIED)
+        if reason in REASON_ERRORS:
+            return reason
+    return STATUS_REASONS.get(code, wire.REASON_INTERNAL)
+
+
+def from_status(code: grpc.StatusCode, details: str | None, trailing: wire.Metadata | None = None) -> GatewayError:
     pairs = list(trailing or ())
-    error_code = next((_text(v) for k, v in pairs if k.lower() == ERROR_CODE_METADATA_KEY), None)
-    row = ERROR_CODE_ROWS.get((code, error_code or ""), GRPC_ERRORS.get(code, _INTERNAL))
-    param = next((_text(v) for k, v in pairs if k.lower() == PARAM_METADATA_KEY), None)
+    info = wire.error_info(pairs)
+    row = REASON_ERRORS[reason_of(code, pairs, info)]
+    param = info.metadata.get(wire.PARAM_INFO_KEY) if info is not None else None
+    if param is None:
+        value = wire.metadata_value(pairs, wire.PARAM)
+        param = wire.text(value) if value is not None else None
     return GatewayError(row.status, row.message or details or code.name.lower(), type=row.type,
                         param=param, code=row.code, headers=forwarded_headers(pairs))
 
 
 def from_rpc_error(exc: grpc.RpcError) -> GatewayError:
-    """Map a failed router call (``grpc.aio.AioRpcError``) to its OpenAI error."""
+    """Map a failed router or metering call (``grpc.aio.AioRpcError``) to its OpenAI error."""
     err = from_status(exc.code(), exc.details(), exc.trailing_metadata())
     initial = exc.initial_metadata() if isinstance(exc, grpc.aio.AioRpcError) else None
     err.headers = {**forwarded_headers(initial), **err.headers}

@@ -13,6 +13,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 
 from inferplane.common.money import format_usd
+from inferplane.common.wire import FINISH_FROM_PB
 from inferplane.gateway.errors import CLIENT_CLOSED_REQUEST, SERVER_ERROR, GatewayError
 from inferplane.v1 import common_pb2, router_pb2
 
@@ -21,8 +22,8 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # Roles the router's chat template knows; OpenAI's "developer" is its newer name for "system".
 ROLE_ALIASES = {"developer": "system"}
 
-FINISH_REASONS: dict[int, str] = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length"}
-# Finish reasons that are failures, not results: they become an error answer (or an error frame).
+# Finish reasons that are failures, not results: they become an error answer (or an error frame). The others
+# (stop, length) are OpenAI's finish_reason under the same names (``wire.FINISH_FROM_PB``).
 FAILED_FINISHES: dict[int, GatewayError] = {
     common_pb2.FINISH_REASON_CANCELLED: GatewayError(CLIENT_CLOSED_REQUEST, "The request was cancelled.",
                                                      code="request_cancelled"),
@@ -37,7 +38,7 @@ def finish_reason(msg: router_pb2.GenerateResponse) -> str | None:
     failed = FAILED_FINISHES.get(msg.finish_reason)
     if failed is not None:
         raise GatewayError(failed.status, failed.message, type=failed.type, code=failed.code)
-    return FINISH_REASONS.get(msg.finish_reason)
+    return FINISH_FROM_PB.get(msg.finish_reason)
 
 
 def usage_dict(msg: router_pb2.GenerateResponse) -> dict[str, Any] | None:

@@ -1,6 +1,7 @@
 """The one way every inferplane gRPC service is served and every client channel is opened.
 
-``GrpcServer`` gives a service: OpenTelemetry server interception, error mapping (``ErrorInterceptor``),
+``GrpcServer`` gives a service: OpenTelemetry server interception, error mapping (``ErrorInterceptor``: a
+precise status plus a ``google.rpc.ErrorInfo`` detail with the error's reason),
 the standard health service, server reflection, and a graceful drain (health NOT_SERVING, then
 ``server.stop(grace)``) on SIGTERM/SIGINT.
 """
@@ -12,6 +13,7 @@ import inspect
 import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -20,7 +22,8 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
 
-from inferplane.common.errors import PARAM_METADATA_KEY, InferplaneError
+from inferplane.common import wire
+from inferplane.common.errors import InferplaneError, Unauthenticated
 from inferplane.common.handlers import aclose, rewrap_handler, tracked
 from inferplane.common.metrics import MetricsInterceptor, start_metrics_server
 from inferplane.common.settings import ServerSettings
@@ -42,18 +45,55 @@ def not_health(details: Any) -> bool:
     return not method.startswith(HEALTH_METHOD_PREFIX)
 
 
-def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """What an RPC ends with: status, message, the ErrorInfo reason and param, and further trailers."""
+
+    code: grpc.StatusCode
+    message: str
+    reason: wire.Reason
+    param: str | None = None
+    metadata: tuple[tuple[str, str], ...] = ()
+
+    def trailers(self) -> tuple[tuple[str, str | bytes], ...]:
+        """The trailing metadata: ``grpc-status-details-bin`` (a ``google.rpc.Status`` with one ErrorInfo), the
+        param and the older error-code trailer for readers of plain trailers, then ``metadata``
+        (``retry-after``, ``x-ratelimit-*``)."""
+        status = wire.error_status(self.code, self.message, self.reason, param=self.param)
+        out: list[tuple[str, str | bytes]] = [(wire.STATUS_DETAILS, status.SerializeToString())]
+        if self.param:
+            out.append((wire.PARAM, self.param))
+        legacy = wire.ERROR_CODE_OF_REASON.get(self.reason)
+        if legacy is not None and all(k != wire.ERROR_CODE for k, _ in self.metadata):
+            out.append((wire.ERROR_CODE, legacy))
+        return (*out, *self.metadata)
+
+
+def failure_of(exc: BaseException) -> Failure:
+    """The status an exception ends its RPC with."""
     if isinstance(exc, InferplaneError):
-        md = ((PARAM_METADATA_KEY, exc.param),) if exc.param else ()
-        # e.g. admission's refusals: retry-after, x-ratelimit-*, x-inferplane-error-code
-        md += tuple(getattr(exc, "metadata", ()))
-        return exc.code, exc.message, md
+        return Failure(exc.code, exc.message, exc.reason, exc.param, tuple(exc.metadata))
     if isinstance(exc, grpc.aio.AioRpcError):
-        # A downstream service's precise status passes through (its message was written for callers).
-        return exc.code(), exc.details() or exc.code().name, ()
+        # A downstream service's precise status passes through (its message was written for callers), with its
+        # reason and param when it sent them.
+        code = exc.code()
+        info = wire.error_info(exc.trailing_metadata())
+        reason = wire.reason_from_name(info.reason) if info is not None else wire.REASON_UNSPECIFIED
+        param = info.metadata.get(wire.PARAM_INFO_KEY) if info is not None else None
+        return Failure(code, exc.details() or code.name, reason or wire.reason_for_status(code), param)
     if isinstance(exc, TimeoutError):
-        return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded", ()
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}", ()
+        return Failure(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded", wire.REASON_TIMEOUT)
+    return Failure(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}", wire.REASON_INTERNAL)
+
+
+def caller_key(metadata: wire.Metadata | None) -> str:
+    """The bearer key of a call's ``authorization`` metadata; ``Unauthenticated`` when it has none (OpenAI's
+    missing-key text) or an ill-formed one."""
+    value = wire.metadata_value(metadata, wire.AUTHORIZATION)
+    key = wire.parse_bearer(value)
+    if key is None:
+        raise Unauthenticated(wire.key_refusal(value))
+    return key
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -70,12 +110,12 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
 
         async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
-            code, message, md = _status_for(exc)
-            if code == grpc.StatusCode.INTERNAL:
+            failure = failure_of(exc)
+            if failure.code == grpc.StatusCode.INTERNAL:
                 log.exception("unhandled error in %s", method, exc_info=exc)
-            if md:
-                context.set_trailing_metadata(md)
-            await context.abort(code, message)
+            # after what the handler set (the router's x-request-id): abort's own trailers would replace it
+            context.set_trailing_metadata((*(context.trailing_metadata() or ()), *failure.trailers()))
+            await context.abort(failure.code, failure.message)
 
         def wrap_unary(fn: Callable[..., Any]) -> Callable[..., Any]:
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:

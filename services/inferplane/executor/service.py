@@ -17,16 +17,12 @@ from prometheus_client import Counter, Gauge
 
 from inferplane.common.errors import InvalidArgument
 from inferplane.common.tasks import keep
+from inferplane.common.wire import FINISH_TO_PB
 from inferplane.executor.triton_client import GenerateParams, TritonChunk, TritonLLMClient
 from inferplane.v1 import common_pb2, executor_pb2, executor_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-FINISH_REASONS = {
-    "stop": common_pb2.FINISH_REASON_STOP,
-    "length": common_pb2.FINISH_REASON_LENGTH,
-    "cancelled": common_pb2.FINISH_REASON_CANCELLED,
-}
 
 
 def params_from_pb(req: executor_pb2.ExecutorGenerateRequest) -> GenerateParams:
@@ -49,7 +45,7 @@ def params_from_pb(req: executor_pb2.ExecutorGenerateRequest) -> GenerateParams:
 def chunk_to_pb(token_ids: list[int], final: TritonChunk | None) -> executor_pb2.ExecutorGenerateResponse:
     msg = executor_pb2.ExecutorGenerateResponse(token_ids=token_ids)
     if final is not None:
-        msg.finish_reason = FINISH_REASONS.get(final.finish_reason or "", common_pb2.FINISH_REASON_ERROR)
+        msg.finish_reason = FINISH_TO_PB.get(final.finish_reason or "", common_pb2.FINISH_REASON_ERROR)
         msg.usage.prompt_tokens = final.prompt_tokens
         msg.usage.completion_tokens = final.completion_tokens
         msg.usage.total_tokens = final.prompt_tokens + final.completion_tokens

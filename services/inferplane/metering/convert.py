@@ -6,14 +6,10 @@ from datetime import UTC, datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from inferplane.common import wire
 from inferplane.common.errors import InvalidArgument
 from inferplane.metering.store import BudgetInfo, KeyInfo, PriceInfo, SummaryRow, UsageRow
 from inferplane.v1 import metering_pb2
-
-SCOPE_NAMES = {metering_pb2.BUDGET_SCOPE_KEY: "key", metering_pb2.BUDGET_SCOPE_TENANT: "tenant"}
-SCOPE_ENUMS = {v: k for k, v in SCOPE_NAMES.items()}
-PERIOD_NAMES = {metering_pb2.BUDGET_PERIOD_DAILY: "daily", metering_pb2.BUDGET_PERIOD_MONTHLY: "monthly"}
-PERIOD_ENUMS = {v: k for k, v in PERIOD_NAMES.items()}
 
 
 def ts(value: datetime) -> Timestamp:
@@ -81,9 +77,9 @@ def price_to_pb(info: PriceInfo) -> metering_pb2.Price:
 
 
 def budget_to_pb(info: BudgetInfo) -> metering_pb2.Budget:
-    return metering_pb2.Budget(scope=SCOPE_ENUMS[info.scope], subject_id=info.subject_id,
+    return metering_pb2.Budget(scope=wire.BUDGET_SCOPES[info.scope], subject_id=info.subject_id,
                                limit_nanodollars=info.limit_nanos,
-                               period=PERIOD_ENUMS[info.period],
+                               period=wire.BUDGET_PERIODS[info.period],
                                period_start=ts(info.period_start), spent_nanodollars=info.spent_nanos,
                                reserved_nanodollars=info.reserved_nanos)
 
@@ -97,15 +93,15 @@ def summary_to_pb(row: SummaryRow) -> metering_pb2.UsageSummaryRow:
 
 def scope_name(value: int) -> str:
     try:
-        return SCOPE_NAMES[value]  # type: ignore[index]
+        return wire.BUDGET_SCOPE_NAMES[value]  # type: ignore[index]
     except KeyError:
         raise InvalidArgument("scope must be BUDGET_SCOPE_KEY or BUDGET_SCOPE_TENANT", param="scope") from None
 
 
 def period_name(value: int) -> str:
     if value == metering_pb2.BUDGET_PERIOD_UNSPECIFIED:
-        return "monthly"
+        return wire.DEFAULT_BUDGET_PERIOD
     try:
-        return PERIOD_NAMES[value]  # type: ignore[index]
+        return wire.BUDGET_PERIOD_NAMES[value]  # type: ignore[index]
     except KeyError:
         raise InvalidArgument("unknown budget period", param="period") from None

@@ -14,8 +14,10 @@ from datetime import UTC, datetime, timedelta
 import grpc
 from prometheus_client import Counter, Histogram
 
-from inferplane.common.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from inferplane.common import wire
+from inferplane.common.errors import InvalidArgument, PermissionDenied
 from inferplane.common.money import MoneyError, PriceNanos
+from inferplane.common.server import caller_key
 from inferplane.metering.convert import (
     budget_to_pb,
     dt,
@@ -29,7 +31,14 @@ from inferplane.metering.convert import (
     usage_to_pb,
     verify_to_pb,
 )
-from inferplane.metering.store import DEFAULT_USAGE_LIMIT, MAX_BATCH, KeyInfo, MeteringStore, UsageRow
+from inferplane.metering.store import (
+    DEFAULT_USAGE_LIMIT,
+    MAX_BATCH,
+    BudgetExceeded,
+    KeyInfo,
+    MeteringStore,
+    UsageRow,
+)
 from inferplane.v1 import metering_pb2, metering_pb2_grpc
 
 __all__ = ["MeteringServicer", "usage_from_pb", "usage_to_pb"]
@@ -42,17 +51,6 @@ INGEST_LAG = Histogram("inferplane_metering_ingest_lag_seconds",
 RESERVATIONS = Counter("inferplane_metering_reservations", "Budget reservations, by result (held/refused/none)",
                        ["result"])
 DEFAULT_SUMMARY_DAYS = 30
-MISSING_KEY = "You didn't provide an API key (authorization: Bearer YOUR_KEY)."
-
-
-def _bearer(context: grpc.aio.ServicerContext) -> str:
-    for key, value in context.invocation_metadata() or ():
-        if key.lower() == "authorization":
-            text = value.decode() if isinstance(value, bytes) else value
-            scheme, _, token = text.strip().partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
-    raise Unauthenticated(MISSING_KEY)
 
 
 class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
@@ -62,7 +60,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         self._store = store
 
     async def _caller(self, context: grpc.aio.ServicerContext) -> KeyInfo:
-        return await asyncio.to_thread(self._store.verify_key, _bearer(context))
+        return await asyncio.to_thread(self._store.verify_key, caller_key(context.invocation_metadata()))
 
     async def _admin(self, context: grpc.aio.ServicerContext) -> KeyInfo:
         caller = await self._caller(context)
@@ -119,6 +117,10 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         try:
             held = await asyncio.to_thread(self._store.reserve, request.reservation_id, request.key_id,
                                            request.model, request.prompt_tokens, request.max_tokens)
+        except BudgetExceeded as exc:
+            RESERVATIONS.labels("refused").inc()
+            exc.reason = wire.REASON_INSUFFICIENT_QUOTA  # a budget, not a rate limit (RESOURCE_EXHAUSTED's default)
+            raise
         except Exception:
             RESERVATIONS.labels("refused").inc()
             raise
@@ -190,8 +192,8 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
                 requests_per_minute=request.requests_per_minute if request.HasField("requests_per_minute") else None,
                 tokens_per_minute=request.tokens_per_minute if request.HasField("tokens_per_minute") else None))
         if request.HasField("budget"):
-            await asyncio.to_thread(self._store.set_budget, "key", info.key_id, request.budget.limit_nanodollars,
-                                    period_name(request.budget.period))
+            await asyncio.to_thread(self._store.set_budget, wire.SCOPE_KEY, info.key_id,
+                                    request.budget.limit_nanodollars, period_name(request.budget.period))
         return metering_pb2.CreateKeyResponse(key=key_to_pb(info), api_key=plain)
 
     async def ListKeys(self, request: metering_pb2.ListKeysRequest,

@@ -5,30 +5,17 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
 
 import grpc
 from prometheus_client import Counter
 
 from inferplane.common.errors import Unauthenticated
+from inferplane.common.wire import INCORRECT_KEY
 from inferplane.router.clients import KeyInfo, MeteringClient
 
 # metering faults (not verdicts on the key) during which a recently verified key keeps working
 STALE_IF = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 STALE_HITS = Counter("inferplane_router_key_stale_hits", "Keys accepted from the cache while metering was down")
-MISSING_KEY = ("You didn't provide an API key. Provide it in the Authorization header "
-               "(Authorization: Bearer YOUR_KEY).")
-
-
-def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
-    for key, value in metadata or ():
-        if key.lower() == "authorization":
-            text = value.decode() if isinstance(value, bytes) else value
-            scheme, _, token = text.strip().partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
-            break
-    raise Unauthenticated(MISSING_KEY)
 
 
 class KeyVerifier:
@@ -60,7 +47,7 @@ class KeyVerifier:
         hit = self._cache.get(digest)
         if hit is not None and hit[2].expires_at is not None and hit[2].expires_at <= time.time():
             self._cache.pop(digest, None)  # expired while cached: it stops working now, not at the TTL
-            raise Unauthenticated("Incorrect API key provided.")
+            raise Unauthenticated(INCORRECT_KEY)
         if hit is not None and hit[0] > now:
             return hit[2]
         try:
@@ -68,7 +55,7 @@ class KeyVerifier:
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
                 self._cache.pop(digest, None)
-                raise Unauthenticated("Incorrect API key provided.") from None
+                raise Unauthenticated(INCORRECT_KEY) from None
             if hit is not None and hit[1] > now and exc.code() in STALE_IF:
                 STALE_HITS.inc()
                 return hit[2]

@@ -5,9 +5,9 @@ when its stream ends. The number of slots is the model's ``concurrency_per_repli
 Triton instance) times the replicas that can serve it now, so capacity follows the replica set as replicas are
 ejected, drained or added. Beyond the slots, up to ``max_queue`` requests wait in FIFO order for at most
 ``queue_timeout_s`` (or their own deadline). A request that finds the queue full, or waits too long, is
-refused at once with ``Overloaded``: gRPC RESOURCE_EXHAUSTED carrying ``retry-after`` and the error code
-``overloaded``, which the gateway answers as HTTP 503. Nothing queues without bound; memory per waiting
-request is one future.
+refused at once with ``Overloaded``: gRPC RESOURCE_EXHAUSTED with the reason ``ERROR_REASON_OVERLOADED`` (and,
+for trailer readers, the error code ``overloaded``) and ``retry-after``, which the gateway answers as HTTP 503.
+Nothing queues without bound; memory per waiting request is one future.
 """
 
 from __future__ import annotations
@@ -19,10 +19,8 @@ from collections.abc import Callable
 
 from prometheus_client import Counter, Gauge
 
+from inferplane.common import wire
 from inferplane.common.errors import ResourceExhausted
-from inferplane.router.admission import ERROR_CODE_METADATA_KEY
-
-OVERLOADED = "overloaded"
 
 RUNNING = Gauge("inferplane_router_model_running", "Requests holding a model slot (sent to an executor)",
                 ["model"])
@@ -32,12 +30,13 @@ SHED = Counter("inferplane_router_model_shed", "Requests refused because the mod
 
 
 class Overloaded(ResourceExhausted):
-    """The model is at capacity: RESOURCE_EXHAUSTED with ``retry-after`` (the gateway answers 503)."""
+    """The model is at capacity: RESOURCE_EXHAUSTED, reason OVERLOADED, with ``retry-after`` (the gateway answers
+    503)."""
 
     def __init__(self, message: str, *, retry_after_s: float) -> None:
-        super().__init__(message)
+        super().__init__(message, reason=wire.REASON_OVERLOADED,
+                         metadata=((wire.RETRY_AFTER, str(max(1, math.ceil(retry_after_s)))),))
         self.retry_after_s = retry_after_s
-        self.metadata = ((ERROR_CODE_METADATA_KEY, OVERLOADED), ("retry-after", str(max(1, math.ceil(retry_after_s)))))
 
 
 class ModelGate:

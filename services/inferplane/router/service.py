@@ -4,30 +4,31 @@ from __future__ import annotations
 
 import contextlib
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 
 import grpc
 
+from inferplane.common import wire
 from inferplane.common.errors import InvalidArgument
-from inferplane.router.auth import KeyVerifier, bearer_token
+from inferplane.common.server import caller_key
+from inferplane.router.auth import KeyVerifier
 from inferplane.router.embeddings import embed
 from inferplane.router.engine import GenerationEngine, GenerationInput
 from inferplane.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 TASKS = {"chat": common_pb2.MODEL_TASK_CHAT, "completion": common_pb2.MODEL_TASK_COMPLETION,
          "embedding": common_pb2.MODEL_TASK_EMBEDDING}
-REQUEST_ID_KEY = "x-request-id"
 
 
-def request_id_from(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
-    for key, value in metadata or ():
-        if key.lower() == REQUEST_ID_KEY:
-            rid = value.decode() if isinstance(value, bytes) else value
-            if not rid or len(rid) > 128 or not rid.isprintable():
-                raise InvalidArgument("x-request-id must be 1-128 printable characters", param="x-request-id")
-            return rid
-    return uuid.uuid4().hex
+def request_id_from(metadata: wire.Metadata | None) -> str:
+    """The caller's ``x-request-id`` (``InvalidArgument`` when it breaks the rule), or a new one."""
+    value = wire.metadata_value(metadata, wire.REQUEST_ID)
+    if value is None:
+        return wire.new_request_id()
+    rid = wire.text(value)
+    if not wire.valid_request_id(rid):
+        raise InvalidArgument(wire.BAD_REQUEST_ID, param=wire.REQUEST_ID)
+    return rid
 
 
 def input_from_pb(req: router_pb2.GenerateRequest) -> GenerationInput:
@@ -57,13 +58,13 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                        context: grpc.aio.ServicerContext) -> AsyncIterator[router_pb2.GenerateResponse]:
         metadata = context.invocation_metadata()
         request_id = request_id_from(metadata)
-        context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
-        key = await self._keys.verify(bearer_token(metadata))
+        context.set_trailing_metadata(((wire.REQUEST_ID, request_id),))
+        key = await self._keys.verify(caller_key(metadata))
         inp = input_from_pb(request)
 
         async def admitted(headers: tuple[tuple[str, str], ...]) -> None:
             # initial metadata once admitted: the gateway turns x-ratelimit-* into headers of the response
-            await context.send_initial_metadata(((REQUEST_ID_KEY, request_id), *headers))
+            await context.send_initial_metadata(((wire.REQUEST_ID, request_id), *headers))
 
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
@@ -88,8 +89,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                     context: grpc.aio.ServicerContext) -> router_pb2.EmbedResponse:
         metadata = context.invocation_metadata()
         request_id = request_id_from(metadata)
-        context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
-        key = await self._keys.verify(bearer_token(metadata))
+        context.set_trailing_metadata(((wire.REQUEST_ID, request_id),))
+        key = await self._keys.verify(caller_key(metadata))
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         result = await embed(self._engine, request.model, list(request.inputs), key=key, request_id=request_id,
@@ -102,7 +103,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
 
     async def ListModels(self, request: router_pb2.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> router_pb2.ListModelsResponse:
-        await self._keys.verify(bearer_token(context.invocation_metadata()))
+        await self._keys.verify(caller_key(context.invocation_metadata()))
         prices = self._engine.admission.prices if self._engine.admission is not None else None
         if prices is not None:
             await prices.ensure_fresh()
