@@ -19,10 +19,11 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
 
+from inferplane.common import wire
 from inferplane.metering.schema import BudgetRow, ReservationRow
 
-PERIODS = ("daily", "monthly")
-SCOPES = ("key", "tenant")
+PERIODS = tuple(wire.BUDGET_PERIODS)  # ("daily", "monthly"): the names are wire contracts
+SCOPES = tuple(wire.BUDGET_SCOPES)  # ("key", "tenant")
 SWEEP_BATCH = 500
 
 

@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from inferplane.common import wire
 from inferplane.common.errors import InferplaneError, InvalidArgument
 from inferplane.common.money import MoneyError, PriceNanos, format_usd, usd_to_nanos
 from inferplane.common.settings import load_settings
@@ -48,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     create.add_argument("--expires", default=None, help="expiry: 30d, 12h, 2w, or an ISO date/time (UTC)")
     create.add_argument("--admin", action="store_true", help="an admin key (the admin API), not an inference key")
     create.add_argument("--budget", default=None, help="spend limit in USD per period, e.g. 10.00")
-    create.add_argument("--budget-period", choices=["daily", "monthly"], default="monthly")
+    create.add_argument("--budget-period", choices=list(wire.BUDGET_PERIODS), default=wire.DEFAULT_BUDGET_PERIOD)
     create.add_argument("--rpm", type=int, default=None, help="requests per minute (default: unlimited)")
     create.add_argument("--tpm", type=int, default=None, help="tokens per minute (default: unlimited)")
     create.set_defaults(func=_command(_keys_create))
@@ -80,7 +81,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     who.add_argument("--key-id", default=None)
     who.add_argument("--tenant", default=None)
     bset.add_argument("--limit", required=True, help="USD per period, e.g. 25.00")
-    bset.add_argument("--period", choices=["daily", "monthly"], default="monthly")
+    bset.add_argument("--period", choices=list(wire.BUDGET_PERIODS), default=wire.DEFAULT_BUDGET_PERIOD)
     bset.set_defaults(func=_command(_budgets_set))
     blist = budgets_sub.add_parser("list", parents=[common], help="budgets with their spend this period")
     blist.set_defaults(func=_command(_budgets_list))

@@ -117,9 +117,8 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         try:
             held = await asyncio.to_thread(self._store.reserve, request.reservation_id, request.key_id,
                                            request.model, request.prompt_tokens, request.max_tokens)
-        except BudgetExceeded as exc:
+        except BudgetExceeded:
             RESERVATIONS.labels("refused").inc()
-            exc.reason = wire.REASON_INSUFFICIENT_QUOTA  # a budget, not a rate limit (RESOURCE_EXHAUSTED's default)
             raise
         except Exception:
             RESERVATIONS.labels("refused").inc()

@@ -28,6 +28,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from inferplane.common import wire
 from inferplane.common.errors import (
     InvalidArgument,
     NotFound,
@@ -203,7 +204,8 @@ class BudgetExceeded(ResourceExhausted):
         self.refusal = refusal
         who = "this API key" if refusal.scope == "key" else f"tenant {refusal.subject_id!r}"
         super().__init__(f"You exceeded the budget of {who}: ${format_usd(refusal.limit_nanos)} per period, "
-                         f"${format_usd(refusal.available_nanos)} left until {refusal.resets_at.isoformat()}.")
+                         f"${format_usd(refusal.available_nanos)} left until {refusal.resets_at.isoformat()}.",
+                         reason=wire.REASON_INSUFFICIENT_QUOTA)
 
 
 def _require_text(name: str, value: str, max_length: int) -> None:
