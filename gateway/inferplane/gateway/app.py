@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from fastapi import FastAPI, Request
@@ -55,10 +55,8 @@ from inferplane.gateway.protocol import (
     sse_frame,
     usage_dict,
 )
+from inferplane.gateway.settings import GatewaySettings
 from inferplane.v1 import router_pb2, router_pb2_grpc
-
-if TYPE_CHECKING:
-    from inferplane.gateway.main import GatewaySettings
 
 log = logging.getLogger(__name__)
 

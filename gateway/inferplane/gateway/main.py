@@ -11,40 +11,17 @@ import signal
 import socket
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import uvicorn
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from inferplane.common.logs import setup_logging
-from inferplane.common.settings import TelemetrySettings, load_settings
+from inferplane.common.settings import service_arguments, settings_from_args
 from inferplane.common.telemetry import setup_tracing
 from inferplane.gateway.app import create_app
+from inferplane.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
-
-
-class GatewaySettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="INFERPLANE_GATEWAY_", env_nested_delimiter="__")
-
-    host: str = "127.0.0.1"
-    # 0 picks a free port (``GatewayServer.port`` tells which).
-    port: int = 8080
-    router_addr: str = "127.0.0.1:50051"
-    # Metering's gRPC address, for /v1/usage and the /admin routes.
-    metering_addr: str = "127.0.0.1:50054"
-    # Largest request body accepted, counted on the bytes actually read (413 beyond).
-    max_body_bytes: int = 1024 * 1024
-    # gRPC deadline of one router call.
-    request_timeout_s: float = 600.0
-    # Seconds in-flight requests (streams included) get to finish after SIGTERM.
-    grace_seconds: float = 10.0
-    # Seconds an idle keep-alive connection stays open. Longer than the edge's upstream idle timeout
-    # (gateway/envoy.py UPSTREAM_IDLE_TIMEOUT_S), so the proxy always closes first: a server that closes a
-    # pooled connection just as the proxy sends a request on it is a reset the client sees as a 503.
-    keep_alive_s: float = 75.0
-    telemetry: TelemetrySettings = TelemetrySettings()
 
 
 class GatewayServer(uvicorn.Server):
@@ -107,10 +84,6 @@ async def serve(settings: GatewaySettings, *, ready: asyncio.Event | None = None
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="inferplane-gateway", description="inferplane OpenAI-compatible gateway")
-    parser.add_argument("--config", type=Path, help="YAML settings file (section 'gateway')")
-    parser.add_argument("--port", type=int)
-    args = parser.parse_args(argv)
+    args = service_arguments(parser, "gateway").parse_args(argv)
     setup_logging("gateway")
-    overrides = {"port": args.port} if args.port is not None else {}
-    settings = load_settings(GatewaySettings, config_file=args.config, section="gateway", **overrides)
-    asyncio.run(serve(settings))
+    asyncio.run(serve(settings_from_args(GatewaySettings, args)))
