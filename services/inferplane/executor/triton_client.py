@@ -23,7 +23,7 @@ from tritonclient.utils import InferenceServerException
 
 from inferplane.common.errors import InferplaneError, InvalidArgument, NotFound, Unavailable
 from inferplane.common.tasks import spawn
-from inferplane.modeling.contract import LLM, NUMPY_DTYPES, STREAM_ERRORS_AS_STATUS, Embedding, TensorSpec
+from inferplane.modeling.contract import LLM, NUMPY_DTYPES, STREAM_ERRORS_AS_STATUS, Embedding
 
 log = logging.getLogger(__name__)
 
@@ -57,30 +57,39 @@ def _input(name: str, array: np.ndarray, dtype: str) -> InferInput:
     return tensor
 
 
-def request_tensors(params: GenerateParams) -> list[tuple[TensorSpec, np.ndarray]]:
-    """The LLM's input tensors for ``params`` (optional ones only when set), as little-endian arrays."""
-    values: list[tuple[TensorSpec, Any]] = [(LLM.INPUT_IDS, params.prompt_token_ids),
-                                            (LLM.MAX_TOKENS, [params.max_tokens])]
-    for spec, value in ((LLM.TEMPERATURE, params.temperature), (LLM.TOP_P, params.top_p),
-                        (LLM.TOP_K, params.top_k), (LLM.SEED, params.seed)):
+# (name, KServe datatype, numpy dtype) of each LLM input, resolved once: built for every generation
+_INPUTS = {spec.name: (spec.name, spec.datatype, np.dtype(spec.numpy_dtype)) for spec in LLM.INPUTS}
+_OPTIONAL_SCALARS = tuple((_INPUTS[spec.name], spec.name) for spec in (LLM.TEMPERATURE, LLM.TOP_P, LLM.TOP_K, LLM.SEED))
+assert {name for _, name in _OPTIONAL_SCALARS} <= set(GenerateParams.__dataclass_fields__), "fields named as inputs"
+_INPUT_IDS, _MAX_TOKENS = _INPUTS[LLM.INPUT_IDS.name], _INPUTS[LLM.MAX_TOKENS.name]
+_STOP_TOKEN_IDS = _INPUTS[LLM.STOP_TOKEN_IDS.name]
+
+
+def request_tensors(params: GenerateParams) -> list[tuple[str, str, np.ndarray]]:
+    """The LLM's input tensors for ``params`` (optional ones only when set): (name, datatype, little-endian array)."""
+    tensors = [(_INPUT_IDS[0], _INPUT_IDS[1], np.asarray(params.prompt_token_ids, dtype=_INPUT_IDS[2])),
+               (_MAX_TOKENS[0], _MAX_TOKENS[1], np.asarray([params.max_tokens], dtype=_MAX_TOKENS[2]))]
+    for (name, datatype, dtype), field_name in _OPTIONAL_SCALARS:
+        value = getattr(params, field_name)
         if value is not None:
-            values.append((spec, [value]))
+            tensors.append((name, datatype, np.asarray([value], dtype=dtype)))
     if params.stop_token_ids:
-        values.append((LLM.STOP_TOKEN_IDS, params.stop_token_ids))
-    return [(spec, np.asarray(value, dtype=spec.numpy_dtype)) for spec, value in values]
+        name, datatype, dtype = _STOP_TOKEN_IDS
+        tensors.append((name, datatype, np.asarray(params.stop_token_ids, dtype=dtype)))
+    return tensors
 
 
 def build_inputs(params: GenerateParams) -> list[InferInput]:
     """``request_tensors`` as tritonclient's ``InferInput`` (for benchmarks and tests that use tritonclient)."""
-    return [_input(spec.name, array, spec.datatype) for spec, array in request_tensors(params)]
+    return [_input(name, array, datatype) for name, datatype, array in request_tensors(params)]
 
 
 def build_request(model: str, params: GenerateParams, request_id: str = "") -> service_pb2.ModelInferRequest:
     """The same tensors as ``build_inputs``, straight into Triton's protobuf (raw little-endian contents)."""
     req = service_pb2.ModelInferRequest(model_name=model, id=request_id)
-    for spec, array in request_tensors(params):
+    for name, datatype, array in request_tensors(params):
         tensor = req.inputs.add()
-        tensor.name, tensor.datatype = spec.name, spec.datatype
+        tensor.name, tensor.datatype = name, datatype
         tensor.shape.extend(array.shape)
         req.raw_input_contents.append(array.tobytes())
     return req
