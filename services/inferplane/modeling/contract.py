@@ -50,7 +50,6 @@ DTYPE: Final = "dtype"  # float32 | float16 | bfloat16; optional (LLM: bfloat16 
 # stream it does so only when the stream was opened with the header STREAM_ERRORS_AS_STATUS.
 
 INVALID_ARG: Final = "INVALID_ARG"  # the request is wrong; the model serves on
-UNAVAILABLE: Final = "UNAVAILABLE"  # the model cannot serve it now; another replica may
 INTERNAL: Final = "INTERNAL"  # the model failed on it (a broken step); it has reset itself and serves on
 STREAM_ERRORS_AS_STATUS: Final = ("triton_grpc_error", "true")  # gRPC metadata of a ModelStreamInfer call
 
