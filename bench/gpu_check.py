@@ -6,7 +6,7 @@ Where ``torch.cuda.is_available()`` is false it says so and exits 0 (the CPU mac
 Otherwise it checks, in order, and stops at the first failure with a non-zero exit:
 1. the model code itself on ``cuda:0``: load tiny-llama in bfloat16, greedy ``generate()`` and the batching
    scheduler agree on a few prompts (same device, same dtype);
-2. a model repository rendered with ``KIND_GPU`` instances (``render_llm_config``), served by the wheel's
+2. a model repository rendered with ``KIND_GPU`` instances (``render_llm_model``), served by the wheel's
    tritonserver: the model reports its device in Triton's log (``loading ... on cuda:0``);
 3. ``bench.triton_llm``'s closed-loop measurement at 1 and 32 streams (greedy, fixed prompts).
 It prints a table and writes JSON (and Triton's log beside it). Sized to finish in about two minutes.
@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 from bench.triton_llm import MODEL, PROMPTS, ROOT, TINY_LLAMA, bench, print_table, render_llm_repository
-from inferplane.executor.llama import generate, load_model
-from inferplane.executor.llama.batching import BatchScheduler, SequenceRequest, TokenEvent
 from inferplane.executor.triton_process import TritonProcess, prepare_backend_dir
+from inferplane.modeling.llama import generate, load_model
+from inferplane.modeling.llama.batching import BatchScheduler, SequenceRequest, TokenEvent
 from inferplane.tokenization.bundle import TokenizerBundle
 
 EOS = frozenset({1, 6})

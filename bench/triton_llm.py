@@ -38,8 +38,7 @@ import numpy as np
 import tritonclient.grpc.aio as triton_aio
 
 from inferplane.assets import TINY_LLAMA as ASSET_TINY_LLAMA
-from inferplane.common.catalog import CatalogModel
-from inferplane.executor.repository import TEMPLATES, render_llm_config
+from inferplane.executor.repository import render_llm_model
 from inferplane.executor.triton_client import GenerateParams, build_inputs
 from inferplane.executor.triton_process import TritonProcess, prepare_backend_dir
 from inferplane.tokenization.bundle import TokenizerBundle
@@ -63,13 +62,8 @@ PROMPTS = [
 def render_llm_repository(out: Path, *, kind: str = "KIND_CPU", torch_threads: int = 1,
                           max_sequences: int = 32, name: str = MODEL) -> Path:
     """A model repository holding tiny-llama as Triton model ``name``; returns ``out``."""
-    model = CatalogModel(id=name, triton_model=name, checkpoint=TINY_LLAMA, tokenizer=TINY_LLAMA,
-                         context_length=512, instance_kind=kind)  # type: ignore[arg-type]
-    folder = out / name
-    (folder / "1").mkdir(parents=True, exist_ok=True)
-    (folder / "config.pbtxt").write_text(
-        render_llm_config(model, torch_threads=torch_threads, max_sequences=max_sequences))
-    shutil.copyfile(TEMPLATES / "llm" / "model.py", folder / "1" / "model.py")
+    render_llm_model(name, TINY_LLAMA, out, instance_kind=kind, torch_threads=torch_threads, max_context=512,
+                     max_sequences=max_sequences)
     return out
 
 

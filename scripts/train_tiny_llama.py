@@ -40,7 +40,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "services"))
 
-from inferplane.executor.llama import (  # noqa: E402 - needs the repository on sys.path
+from inferplane.modeling.llama import (  # noqa: E402 - needs the repository on sys.path
     LlamaConfig,
     LlamaForCausalLM,
     SamplingParams,

@@ -90,6 +90,16 @@ async def test_bad_request_is_invalid_argument(executor: Executor) -> None:
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+async def test_a_request_the_model_refuses_is_invalid_argument(executor: Executor) -> None:
+    # valid for the executor, refused by the Triton model (TritonError INVALID_ARG): the status code carries it
+    req = executor_pb2.ExecutorGenerateRequest(model="tiny-llama", prompt_token_ids=[1, 2], max_tokens=4)
+    req.sampling.top_p = 1.5
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        _ = [m async for m in stub(executor).Generate(req, timeout=30)]
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "top_p must be in" in (err.value.details() or "")
+
+
 async def test_unknown_model_is_not_found(executor: Executor) -> None:
     req = executor_pb2.ExecutorGenerateRequest(model="nope", prompt_token_ids=[1, 2], max_tokens=4)
     with pytest.raises(grpc.aio.AioRpcError) as err:

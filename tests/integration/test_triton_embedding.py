@@ -170,11 +170,12 @@ async def test_bad_requests_are_invalid_argument(
 
 def test_render_embedding_model_writes_the_repository_layout(tmp_path: Path) -> None:
     folder = render_embedding_model("emb", minilm_dir(), tmp_path, instance_kind="KIND_GPU", max_batch_size=8,
-                                    max_queue_delay_us=500)
+                                    max_queue_delay_us=500, torch_threads=3)
     config = (folder / "config.pbtxt").read_text()
     assert folder == tmp_path / "emb" and (folder / "1" / "model.py").exists()
+    assert (folder / "1" / "inferplane" / "modeling" / "bert.py").exists(), "the model code beside model.py"
     for expected in ('name: "emb"', "max_batch_size: 8", "max_queue_delay_microseconds: 500", "kind: KIND_GPU",
-                     str(minilm_dir())):
+                     str(minilm_dir()), '{ key: "torch_threads" value: { string_value: "3" } }'):
         assert expected in config
     body = [line for line in config.splitlines() if not line.startswith("#")]
     assert not [line for line in body if "${" in line], "every placeholder is rendered"

@@ -1,8 +1,9 @@
 """The decoupled ``llm`` Triton model on a real tritonserver, driven through ``tritonclient.grpc.aio``.
 
-The server serves two copies rendered from ``config.pbtxt.j2`` with models/tiny-llama: ``llm`` (the
+The server serves two copies rendered by ``render_llm_model`` with models/tiny-llama: ``llm`` (the
 checkpoint's full context, 32 sequences batched together) and ``llm_ctx`` (max_context 32, to reach the
-context end quickly, and max_sequences 1, so that concurrent requests queue).
+context end quickly, and max_sequences 1, so that concurrent requests queue). Each version folder carries its
+own copy of ``inferplane.modeling``, which the model loads.
 """
 
 from __future__ import annotations
@@ -10,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shutil
-import string
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -26,26 +25,21 @@ from tokenizers import Tokenizer
 from tritonclient.grpc import InferInput
 
 from inferplane.assets import TINY_LLAMA as ASSET_TINY_LLAMA
-from inferplane.executor.llama import LlamaForCausalLM, generate, load_model
+from inferplane.common.errors import InvalidArgument, NotFound
+from inferplane.executor.repository import render_llm_model
+from inferplane.executor.triton_client import GenerateParams, TritonLLMClient
 from inferplane.executor.triton_process import TritonProcess, prepare_backend_dir
+from inferplane.modeling.llama import LlamaForCausalLM, generate, load_model
 
 pytestmark = pytest.mark.triton
 
-ROOT = Path(__file__).resolve().parents[2]
 TINY_LLAMA = ASSET_TINY_LLAMA
-MODEL_DIR = ROOT / "services" / "inferplane" / "executor" / "triton_models" / "llm"
 SHORT_CONTEXT = 32
 PROMPT = "Create a new"  # greedy: ~25 tokens of docstring before </s>
 
 
 def render_model(repo: Path, name: str, *, max_context: int, max_sequences: int = 32) -> None:
-    config = string.Template((MODEL_DIR / "config.pbtxt.j2").read_text()).substitute(
-        model_name=name, checkpoint_dir=str(TINY_LLAMA), instance_kind="KIND_CPU", torch_threads=1,
-        max_context=max_context, max_sequences=max_sequences,
-    )
-    (repo / name / "1").mkdir(parents=True)
-    (repo / name / "config.pbtxt").write_text(config)
-    shutil.copy(MODEL_DIR / "model.py", repo / name / "1" / "model.py")
+    render_llm_model(name, TINY_LLAMA, repo, torch_threads=1, max_context=max_context, max_sequences=max_sequences)
 
 
 @pytest.fixture(scope="module")
@@ -226,6 +220,24 @@ async def test_bad_requests_get_one_error(triton: TritonProcess, inputs: Any, mo
     got = await stream(triton, inputs(), model=model)
     assert len(got.errors) == 1 and message in got.errors[0], got.errors
     assert got.tokens == [] and got.final == {}
+
+
+async def test_refusals_end_the_executors_stream_with_their_status_code(triton: TritonProcess) -> None:
+    # the executor's client opens its streams with contract.STREAM_ERRORS_AS_STATUS: INVALID_ARG arrives as
+    # the gRPC status INVALID_ARGUMENT, an unknown model as NOT_FOUND (through ModelMetadata)
+    client = TritonLLMClient(triton.grpc_url)
+    try:
+        for model, params, message in [("llm", GenerateParams([5, 6], 3, top_p=1.5), "top_p must be in"),
+                                       ("llm_ctx", GenerateParams(list(range(10, 10 + SHORT_CONTEXT)), 1),
+                                        "does not fit the context")]:
+            with pytest.raises(InvalidArgument, match=re.escape(message)):
+                _ = [c async for c in client.generate(model, params)]
+        with pytest.raises(NotFound):
+            _ = [c async for c in client.generate("nope", GenerateParams([5, 6], 3))]
+        chunks = [c async for c in client.generate("llm", GenerateParams([5, 6], 3))]  # still serving
+        assert chunks[-1].finish_reason is not None
+    finally:
+        await client.close()
 
 
 async def test_cancel_stops_the_model_and_next_request_works(triton: TritonProcess, reference: Any) -> None:

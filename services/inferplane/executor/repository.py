@@ -1,36 +1,132 @@
-"""Render Triton's model repository from the catalog: ``<triton_model>/config.pbtxt`` + ``1/model.py``.
+"""Render Triton's model repository from the catalog: ``<name>/config.pbtxt``, ``1/model.py`` and the model code.
 
-The model code lives in ``services/executor/triton_models/<kind>/`` (a template of config.pbtxt and the
+The Triton models live in ``inferplane/executor/triton_models/<kind>/`` (a ``config.pbtxt.j2`` template and the
 ``TritonPythonModel``): ``llm/`` for each catalog model with a Llama-format checkpoint, ``embedding/`` for a
 sentence-transformers embedder (``render_embedding_model``; all-MiniLM-L6-v2 from ``minilm_dir()``).
+
+Each model's version folder is self-contained, as in Triton's Python-backend examples::
+
+    <repo>/<name>/config.pbtxt
+    <repo>/<name>/1/model.py
+    <repo>/<name>/1/inferplane/modeling/{__init__,contract}.py + llama/ (LLM) or bert.py (embedding)
+
+Triton's stub puts the version folder on the model's ``sys.path``, so model.py imports ``inferplane.modeling``
+from there: the model process needs torch, numpy and safetensors, not the mesh's code. There is no
+``1/inferplane/__init__.py``: ``inferplane`` stays a namespace package and merges with an installed one.
+The tensors in config.pbtxt are written from ``inferplane.modeling.contract``, the same module the models and
+the executor's client read them from.
 """
 
 from __future__ import annotations
 
 import shutil
 import string
+from collections.abc import Iterable, Mapping
 from importlib.util import find_spec
 from pathlib import Path
 
+import inferplane.modeling
 from inferplane.common.catalog import Catalog, CatalogModel
+from inferplane.modeling import contract
+from inferplane.modeling.contract import LLM, Embedding, TensorSpec
 
 TEMPLATES = Path(__file__).resolve().parent / "triton_models"
-
+MODELING = Path(next(iter(inferplane.modeling.__path__)))  # the package copied beside each model.py
 
 DEFAULT_MAX_SEQUENCES = 32  # sequences one LLM instance decodes together (its KV-cache slots)
+# What each kind of model imports from inferplane.modeling (files and folders of the package)
+MODELING_PARTS = {"llm": ("__init__.py", "contract.py", "llama"),
+                  "embedding": ("__init__.py", "contract.py", "bert.py")}
 
 
-def render_llm_config(model: CatalogModel, *, torch_threads: int, max_sequences: int = DEFAULT_MAX_SEQUENCES) -> str:
-    assert model.checkpoint is not None, f"{model.id}: an LLM needs a checkpoint directory"
+def tensor_entries(specs: Iterable[TensorSpec]) -> str:
+    """config.pbtxt's ``input [...]`` / ``output [...]`` entries for ``specs``."""
+    lines = []
+    for spec in specs:
+        dims = ", ".join(str(d) for d in spec.dims)
+        extra = (" allow_ragged_batch: true" if spec.ragged else "") + (" optional: true" if spec.optional else "")
+        lines.append(f'  {{ name: "{spec.name}" data_type: {spec.config_type} dims: [ {dims} ]{extra} }}')
+    return ",\n".join(lines)
+
+
+def parameter_entries(parameters: Mapping[str, str | int]) -> str:
+    """config.pbtxt's ``parameters [...]`` entries (every value a string, as Triton's Python backend reads them)."""
+    for key, value in parameters.items():
+        assert '"' not in str(value) and "\\" not in str(value), f"{key}={value}: a quote cannot go into config.pbtxt"
+    return ",\n".join(f'  {{ key: "{key}" value: {{ string_value: "{value}" }} }}' for key, value in parameters.items())
+
+
+def copy_model_code(kind: str, version_dir: Path) -> None:
+    """``triton_models/<kind>/model.py`` and the parts of ``inferplane.modeling`` it imports into ``version_dir``."""
+    version_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(TEMPLATES / kind / "model.py", version_dir / "model.py")
+    package = version_dir / "inferplane" / "modeling"
+    package.mkdir(parents=True, exist_ok=True)
+    for part in MODELING_PARTS[kind]:
+        source = MODELING / part
+        if source.is_dir():
+            shutil.copytree(source, package / part, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
+        else:
+            shutil.copyfile(source, package / part)
+
+
+def render_llm_model(
+    model_name: str, checkpoint_dir: Path, out: Path, *, instance_kind: str = "KIND_CPU", torch_threads: int = 0,
+    max_context: int = 0, max_sequences: int = DEFAULT_MAX_SEQUENCES, extra: Mapping[str, str] | None = None,
+) -> Path:
+    """Write ``<out>/<model_name>/`` for a Llama-format checkpoint; return that folder.
+
+    ``max_context`` 0 = the checkpoint's max_position_embeddings; ``extra``: optional parameters of
+    ``contract.LLM.PARAMETERS`` (``dtype``, ``ipc_duty``).
+    """
+    assert not set(extra or {}) - set(LLM.PARAMETERS), f"unknown parameters {sorted(set(extra or {}))}"
+    parameters: dict[str, str | int] = {
+                  contract.CHECKPOINT_DIR: str(Path(checkpoint_dir).resolve()), contract.TORCH_THREADS: torch_threads,
+                  LLM.MAX_CONTEXT: max_context, LLM.MAX_SEQUENCES: max_sequences, **(extra or {})}
     template = string.Template((TEMPLATES / "llm" / "config.pbtxt.j2").read_text())
-    return template.substitute(
-        model_name=model.triton_model,
-        checkpoint_dir=str(model.checkpoint),
-        instance_kind=model.instance_kind,
-        torch_threads=torch_threads,
-        max_context=model.context_length,
-        max_sequences=max_sequences,
-    )
+    folder = out / model_name
+    copy_model_code("llm", folder / "1")
+    (folder / "config.pbtxt").write_text(template.substitute(
+        model_name=model_name, instance_kind=instance_kind, inputs=tensor_entries(LLM.INPUTS),
+        outputs=tensor_entries(LLM.OUTPUTS), parameters=parameter_entries(parameters),
+    ))
+    return folder
+
+
+def render_embedding_model(
+    model_name: str, checkpoint_dir: Path, out: Path, *, instance_kind: str = "KIND_CPU", max_batch_size: int = 64,
+    max_queue_delay_us: int = 2000, torch_threads: int = 0, extra: Mapping[str, str] | None = None,
+) -> Path:
+    """Write ``<out>/<model_name>/`` for a sentence embedder; return that folder.
+
+    ``checkpoint_dir`` holds config.json, model.safetensors, 1_Pooling/config.json and modules.json.
+    ``torch_threads`` 0 keeps torch's default (all cores): on a small CPU machine that also runs Triton's
+    frontend and other models, 1 is much faster (two threads on two busy cores ran a batch-1 forward 13x slower).
+    ``extra``: optional parameters of ``contract.Embedding.PARAMETERS`` (``dtype``).
+    """
+    assert not set(extra or {}) - set(Embedding.PARAMETERS), f"unknown parameters {sorted(set(extra or {}))}"
+    parameters: dict[str, str | int] = {
+                  contract.CHECKPOINT_DIR: str(Path(checkpoint_dir).resolve()), contract.TORCH_THREADS: torch_threads,
+                  **(extra or {})}
+    template = string.Template((TEMPLATES / "embedding" / "config.pbtxt.j2").read_text())
+    folder = out / model_name
+    copy_model_code("embedding", folder / "1")
+    (folder / "config.pbtxt").write_text(template.substitute(
+        model_name=model_name, instance_kind=instance_kind, max_batch_size=max_batch_size,
+        max_queue_delay_us=max_queue_delay_us, inputs=tensor_entries(Embedding.INPUTS),
+        outputs=tensor_entries(Embedding.OUTPUTS), parameters=parameter_entries(parameters),
+    ))
+    return folder
+
+
+def render_model(model: CatalogModel, out: Path, *, torch_threads: int = 0) -> Path:
+    """One catalog model (with a checkpoint) into ``out``: an embedder or an LLM, by its task."""
+    assert model.checkpoint is not None, f"{model.id}: a Triton model needs a checkpoint directory"
+    if model.is_embedding:
+        return render_embedding_model(model.triton_model, model.checkpoint, out, instance_kind=model.instance_kind,
+                                      torch_threads=torch_threads)
+    return render_llm_model(model.triton_model, model.checkpoint, out, instance_kind=model.instance_kind,
+                            torch_threads=torch_threads, max_context=model.context_length)
 
 
 def render_repository(catalog: Catalog, out: Path, *, model_ids: list[str] | None = None,
@@ -38,7 +134,7 @@ def render_repository(catalog: Catalog, out: Path, *, model_ids: list[str] | Non
     """Write the repository into ``out`` (replacing what was there); return the Triton model names.
 
     Every catalog model with a checkpoint becomes one Triton model: an embedding model from the
-    embedding template, any other (chat/completion) from the LLM template.
+    embedding template, any other (chat/completion) from the LLM template. ``torch_threads`` reaches both.
     """
     chosen = [m for m in catalog.models if m.checkpoint is not None and (not model_ids or m.id in model_ids)]
     if model_ids:
@@ -48,41 +144,8 @@ def render_repository(catalog: Catalog, out: Path, *, model_ids: list[str] | Non
     if out.exists():
         shutil.rmtree(out)
     for model in chosen:
-        assert model.checkpoint is not None
-        if model.is_embedding:
-            render_embedding_model(model.triton_model, model.checkpoint, out, instance_kind=model.instance_kind)
-            continue
-        folder = out / model.triton_model
-        (folder / "1").mkdir(parents=True)
-        (folder / "config.pbtxt").write_text(render_llm_config(model, torch_threads=torch_threads))
-        shutil.copyfile(TEMPLATES / "llm" / "model.py", folder / "1" / "model.py")
+        render_model(model, out, torch_threads=torch_threads)
     return [m.triton_model for m in chosen]
-
-
-def render_embedding_model(
-    model_name: str, checkpoint_dir: Path, out: Path, *, instance_kind: str = "KIND_CPU", max_batch_size: int = 64,
-    max_queue_delay_us: int = 2000, torch_threads: int = 0,
-) -> Path:
-    """Write ``<out>/<model_name>/config.pbtxt`` and ``1/model.py`` for a sentence embedder; return the folder.
-
-    ``checkpoint_dir`` holds config.json, model.safetensors, 1_Pooling/config.json and modules.json.
-    ``torch_threads`` 0 keeps torch's default (all cores): on a small CPU machine that also runs Triton's
-    frontend and other models, 1 is much faster (two threads on two busy cores ran a batch-1 forward 13x slower).
-    """
-    assert '"' not in str(checkpoint_dir), f"{checkpoint_dir}: a double quote cannot go into config.pbtxt"
-    template = string.Template((TEMPLATES / "embedding" / "config.pbtxt.j2").read_text())
-    folder = out / model_name
-    (folder / "1").mkdir(parents=True, exist_ok=True)
-    (folder / "config.pbtxt").write_text(template.substitute(
-        model_name=model_name,
-        checkpoint_dir=str(Path(checkpoint_dir).resolve()),
-        instance_kind=instance_kind,
-        max_batch_size=max_batch_size,
-        max_queue_delay_us=max_queue_delay_us,
-        torch_threads=torch_threads,
-    ))
-    shutil.copyfile(TEMPLATES / "embedding" / "model.py", folder / "1" / "model.py")
-    return folder
 
 
 def minilm_dir() -> Path:

@@ -1,9 +1,9 @@
-"""Executor API → Triton's KServe v2 gRPC streaming API (decoupled LLM model).
+"""Executor API → Triton's KServe v2 gRPC API: the decoupled LLM model (streaming) and the embedding model.
 
-The contract with the model (services/executor/triton_models/llm): inputs ``input_ids``, ``max_tokens``,
-``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop_token_ids``; one response per token with
-``token_ids`` (+ ``logprobs``); a final response with ``finish_reason``, ``prompt_tokens`` and
-``completion_tokens``.
+The tensors are ``inferplane.modeling.contract``'s (``LLM``, ``Embedding``), the same module the Triton models
+read them from. Errors are mapped on status codes, never on message text: a generation stream is opened with
+``contract.STREAM_ERRORS_AS_STATUS``, so that Triton ends it with the gRPC status of the model's
+``TritonError`` code (INVALID_ARG -> INVALID_ARGUMENT ...) instead of an error message on an OK stream.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from opentelemetry import propagate
 from tritonclient.grpc import InferInput, service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from inferplane.common.errors import InvalidArgument, NotFound, Unavailable
+from inferplane.common.errors import InferplaneError, InvalidArgument, NotFound, Unavailable
 from inferplane.common.tasks import spawn
+from inferplane.modeling.contract import LLM, NUMPY_DTYPES, STREAM_ERRORS_AS_STATUS, Embedding
 
 log = logging.getLogger(__name__)
 
@@ -56,64 +57,62 @@ def _input(name: str, array: np.ndarray, dtype: str) -> InferInput:
     return tensor
 
 
-def build_inputs(params: GenerateParams) -> list[InferInput]:
-    inputs = [
-        _input("input_ids", np.asarray(params.prompt_token_ids, dtype=np.int64), "INT64"),
-        _input("max_tokens", np.asarray([params.max_tokens], dtype=np.int32), "INT32"),
-    ]
-    if params.temperature is not None:
-        inputs.append(_input("temperature", np.asarray([params.temperature], dtype=np.float32), "FP32"))
-    if params.top_p is not None:
-        inputs.append(_input("top_p", np.asarray([params.top_p], dtype=np.float32), "FP32"))
-    if params.top_k is not None:
-        inputs.append(_input("top_k", np.asarray([params.top_k], dtype=np.int32), "INT32"))
-    if params.seed is not None:
-        inputs.append(_input("seed", np.asarray([params.seed], dtype=np.int64), "INT64"))
+# (name, KServe datatype, numpy dtype) of each LLM input, resolved once: built for every generation
+_INPUTS = {spec.name: (spec.name, spec.datatype, np.dtype(spec.numpy_dtype)) for spec in LLM.INPUTS}
+_OPTIONAL_SCALARS = tuple((_INPUTS[spec.name], spec.name) for spec in (LLM.TEMPERATURE, LLM.TOP_P, LLM.TOP_K, LLM.SEED))
+assert {name for _, name in _OPTIONAL_SCALARS} <= set(GenerateParams.__dataclass_fields__), "fields named as inputs"
+_INPUT_IDS, _MAX_TOKENS = _INPUTS[LLM.INPUT_IDS.name], _INPUTS[LLM.MAX_TOKENS.name]
+_STOP_TOKEN_IDS = _INPUTS[LLM.STOP_TOKEN_IDS.name]
+
+
+def request_tensors(params: GenerateParams) -> list[tuple[str, str, np.ndarray]]:
+    """The LLM's input tensors for ``params`` (optional ones only when set): (name, datatype, little-endian array)."""
+    tensors = [(_INPUT_IDS[0], _INPUT_IDS[1], np.asarray(params.prompt_token_ids, dtype=_INPUT_IDS[2])),
+               (_MAX_TOKENS[0], _MAX_TOKENS[1], np.asarray([params.max_tokens], dtype=_MAX_TOKENS[2]))]
+    for (name, datatype, dtype), field_name in _OPTIONAL_SCALARS:
+        value = getattr(params, field_name)
+        if value is not None:
+            tensors.append((name, datatype, np.asarray([value], dtype=dtype)))
     if params.stop_token_ids:
-        inputs.append(_input("stop_token_ids", np.asarray(params.stop_token_ids, dtype=np.int64), "INT64"))
-    return inputs
+        name, datatype, dtype = _STOP_TOKEN_IDS
+        tensors.append((name, datatype, np.asarray(params.stop_token_ids, dtype=dtype)))
+    return tensors
+
+
+def build_inputs(params: GenerateParams) -> list[InferInput]:
+    """``request_tensors`` as tritonclient's ``InferInput`` (for benchmarks and tests that use tritonclient)."""
+    return [_input(name, array, datatype) for name, datatype, array in request_tensors(params)]
 
 
 def build_request(model: str, params: GenerateParams, request_id: str = "") -> service_pb2.ModelInferRequest:
     """The same tensors as ``build_inputs``, straight into Triton's protobuf (raw little-endian contents)."""
     req = service_pb2.ModelInferRequest(model_name=model, id=request_id)
-
-    def add(name: str, datatype: str, values: np.ndarray) -> None:
+    for name, datatype, array in request_tensors(params):
         tensor = req.inputs.add()
         tensor.name, tensor.datatype = name, datatype
-        tensor.shape.extend(values.shape)
-        req.raw_input_contents.append(values.tobytes())
-
-    add("input_ids", "INT64", np.asarray(params.prompt_token_ids, dtype="<i8"))
-    add("max_tokens", "INT32", np.asarray([params.max_tokens], dtype="<i4"))
-    if params.temperature is not None:
-        add("temperature", "FP32", np.asarray([params.temperature], dtype="<f4"))
-    if params.top_p is not None:
-        add("top_p", "FP32", np.asarray([params.top_p], dtype="<f4"))
-    if params.top_k is not None:
-        add("top_k", "INT32", np.asarray([params.top_k], dtype="<i4"))
-    if params.seed is not None:
-        add("seed", "INT64", np.asarray([params.seed], dtype="<i8"))
-    if params.stop_token_ids:
-        add("stop_token_ids", "INT64", np.asarray(params.stop_token_ids, dtype="<i8"))
+        tensor.shape.extend(array.shape)
+        req.raw_input_contents.append(array.tobytes())
     return req
 
 
-_INTS = {"INT64": "<i8", "INT32": "<i4"}
+# The output names, bound once: parse_response runs for every streamed response.
+_TOKEN_IDS, _FINISH_REASON = LLM.TOKEN_IDS.name, LLM.FINISH_REASON.name
+_PROMPT_TOKENS, _COMPLETION_TOKENS = LLM.PROMPT_TOKENS.name, LLM.COMPLETION_TOKENS.name
+_INTS = {datatype: NUMPY_DTYPES[datatype] for datatype in ("INT64", "INT32")}
 
 
 def parse_response(resp: service_pb2.ModelInferResponse) -> TritonChunk:
-    """One streamed LLM response (the model's contract above) without tritonclient's InferResult wrapping."""
+    """One streamed LLM response (the contract's ``LLM.OUTPUTS``) without tritonclient's InferResult wrapping."""
     chunk = TritonChunk(token_ids=[])
     for out, raw in zip(resp.outputs, resp.raw_output_contents, strict=False):
-        if out.name == "token_ids":
+        if out.name == _TOKEN_IDS:
             chunk.token_ids = np.frombuffer(raw, dtype=_INTS[out.datatype]).tolist()
-        elif out.name == "finish_reason":  # BYTES: a 4-byte little-endian length, then the bytes
+        elif out.name == _FINISH_REASON:  # BYTES: a 4-byte little-endian length, then the bytes
             size = int.from_bytes(raw[:4], "little")
             chunk.finish_reason = raw[4:4 + size].decode()
-        elif out.name == "prompt_tokens":
+        elif out.name == _PROMPT_TOKENS:
             chunk.prompt_tokens = int(np.frombuffer(raw, dtype=_INTS[out.datatype])[0])
-        elif out.name == "completion_tokens":
+        elif out.name == _COMPLETION_TOKENS:
             chunk.completion_tokens = int(np.frombuffer(raw, dtype=_INTS[out.datatype])[0])
     return chunk
 
@@ -128,15 +127,26 @@ async def _read_to_end(call: Any, timeout_s: float = 5.0) -> None:
         call.cancel()
 
 
-def _triton_error(exc: InferenceServerException | Exception, model: str) -> Exception:
-    text = str(exc.message() if isinstance(exc, InferenceServerException) else exc)
-    status = exc.status() if isinstance(exc, InferenceServerException) else None
-    lowered = text.lower()
-    if "unknown model" in lowered or ("model" in lowered and "not found" in lowered):
+def triton_error(code: grpc.StatusCode | None, details: str, model: str) -> InferplaneError:
+    """The domain error for Triton's gRPC status: the code decides, the text is only passed on.
+
+    INVALID_ARGUMENT: the model (or Triton) refused the request (the models' INVALID_ARG). NOT_FOUND: no such
+    model on this Triton. Anything else (UNAVAILABLE, INTERNAL from a failed model step, a broken connection, no
+    status at all): this executor could not serve it, UNAVAILABLE, which the router may retry elsewhere.
+    """
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidArgument(details)
+    if code == grpc.StatusCode.NOT_FOUND:
         return NotFound(f"model {model!r} is not loaded on this executor")
-    if status in ("StatusCode.INVALID_ARGUMENT", "INVALID_ARG") or "invalid" in lowered:
-        return InvalidArgument(text)
-    return Unavailable(f"triton: {text}")
+    return Unavailable(f"triton: {code.name if code is not None else 'error'}: {details}")
+
+
+def _status_code(exc: InferenceServerException) -> grpc.StatusCode | None:
+    """tritonclient keeps the gRPC status as ``str(StatusCode.X)``; None when the error did not come from gRPC."""
+    return grpc.StatusCode.__members__.get(str(exc.status() or "").removeprefix("StatusCode."))
+
+
+_IDS, _MASK = Embedding.INPUT_IDS, Embedding.ATTENTION_MASK
 
 
 class TritonLLMClient:
@@ -177,24 +187,38 @@ class TritonLLMClient:
         propagate.inject(carrier)
 
         async def one(ids: list[int]) -> list[float]:
-            array = np.asarray([ids], dtype=np.int64)  # [1, S]
-            tensors = [_input("input_ids", array, "INT64"),
-                       _input("attention_mask", np.ones_like(array), "INT64")]
+            array = np.asarray([ids], dtype=_IDS.numpy_dtype)  # [1, S]
+            tensors = [_input(_IDS.name, array, _IDS.datatype),
+                       _input(_MASK.name, np.ones_like(array), _MASK.datatype)]
             try:
                 result = await self._client.infer(model, tensors, request_id=request_id, headers=carrier or None)
             except InferenceServerException as exc:
-                raise _triton_error(exc, model) from exc
-            out = result.as_numpy("embedding")
+                raise triton_error(_status_code(exc), str(exc.message()), model) from exc
+            out = result.as_numpy(Embedding.EMBEDDING.name)
             if out is None:
-                raise Unavailable(f"{model!r} returned no 'embedding' output")
+                raise Unavailable(f"{model!r} returned no {Embedding.EMBEDDING.name!r} output")
             return [float(x) for x in out.reshape(-1)]
 
         return list(await asyncio.gather(*(one(ids) for ids in inputs)))
 
+    async def _error_without_status(self, model: str, message: str) -> InferplaneError:
+        """A stream's error that came as a message on an OK stream: its status from the model's metadata.
+
+        Triton sends the errors of a request it could not start (an unknown model, above all) that way even with
+        STREAM_ERRORS_AS_STATUS. ModelMetadata answers NOT_FOUND for an unknown model; any other failure to
+        start is this executor's (UNAVAILABLE).
+        """
+        try:
+            await self._stub.ModelMetadata(service_pb2.ModelMetadataRequest(name=model), timeout=5)
+        except grpc.aio.AioRpcError as exc:
+            return triton_error(exc.code(), message, model)
+        return triton_error(None, message, model)
+
     async def generate(self, model: str, params: GenerateParams, *, request_id: str = "") -> AsyncIterator[TritonChunk]:
         carrier: dict[str, str] = {}
         propagate.inject(carrier)  # traceparent: Triton's own spans join the caller's trace
-        call = self._stub.ModelStreamInfer(metadata=tuple(carrier.items()) or None)
+        # STREAM_ERRORS_AS_STATUS: a refused request ends the stream with its status code (see the docstring)
+        call = self._stub.ModelStreamInfer(metadata=(*carrier.items(), STREAM_ERRORS_AS_STATUS))
         finished = False
         try:
             await call.write(build_request(model, params, request_id))
@@ -204,7 +228,7 @@ class TritonLLMClient:
                 if msg is grpc.aio.EOF:  # type: ignore[attr-defined]
                     break
                 if msg.error_message:
-                    raise _triton_error(Exception(msg.error_message), model)
+                    raise await self._error_without_status(model, msg.error_message)
                 chunk = parse_response(msg.infer_response)
                 finished = chunk.finish_reason is not None
                 yield chunk
@@ -213,9 +237,7 @@ class TritonLLMClient:
                     return
             raise Unavailable(f"triton ended the stream of {model!r} without a final response")
         except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                raise NotFound(f"model {model!r} is not loaded on this executor") from exc
-            raise Unavailable(f"triton: {exc.code().name}: {exc.details()}") from exc
+            raise triton_error(exc.code(), exc.details() or "", model) from exc
         finally:
             if not finished:
                 call.cancel()  # the caller left (or the stream broke): cancel the Triton request

@@ -12,10 +12,12 @@ Contract (the executor depends on it):
   ``logprobs`` empty, ``finish_reason`` ("stop" | "length" | "cancelled"), ``prompt_tokens`` and
   ``completion_tokens``. "length" covers both max_tokens and the context end (prompt + completion =
   max_context).
-- a bad request gets a single final response carrying a ``TritonError`` (INVALID_ARG).
+- a bad request gets a single final response carrying a ``TritonError`` (INVALID_ARG); a request a broken step
+  took down, one with INTERNAL.
+The names, types and shapes are ``inferplane.modeling.contract.LLM``'s.
 
 ``execute`` only validates and enqueues. Two threads do the rest:
-- the scheduler thread steps ``inferplane.executor.llama.batching.BatchScheduler``: new requests are prefilled
+- the scheduler thread steps ``inferplane.modeling.llama.batching.BatchScheduler``: new requests are prefilled
   and join between decode steps, up to ``max_sequences`` at once (the rest wait FIFO); each step advances
   every sequence by one token in one forward and posts the step's events to the outbox. It makes no
   ``pb_utils`` call.
@@ -27,8 +29,8 @@ Contract (the executor depends on it):
   because the stub's IPC deadlocked when a send and an ``is_cancelled`` ran on two threads at once.
 A cancelled sequence leaves the batch, and frees its slot, at the next step after the poll that saw it.
 
-The package ``inferplane.executor.llama`` must be importable by the stub's Python (the project installed in
-the environment whose ``python3`` leads tritonserver's PATH, or the repository on PYTHONPATH).
+Imports: ``inferplane.modeling`` (the repository renderer copies it into this version folder, which Triton's
+stub puts on ``sys.path``), torch, numpy and ``triton_python_backend_utils`` only: nothing of the mesh.
 """
 
 from __future__ import annotations
@@ -45,8 +47,9 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from inferplane.executor.llama import LlamaForCausalLM, SamplingParams, load_model
-from inferplane.executor.llama.batching import (
+from inferplane.modeling.contract import CHECKPOINT_DIR, DTYPE, INTERNAL, INVALID_ARG, LLM, TORCH_THREADS
+from inferplane.modeling.llama import LlamaForCausalLM, SamplingParams, load_model
+from inferplane.modeling.llama.batching import (
     BatchScheduler,
     Event,
     FinishEvent,
@@ -67,9 +70,16 @@ class RequestError(ValueError):
     """A request the model refuses; answered with INVALID_ARG."""
 
 
+# the contract's names and numpy types, resolved once (the IPC thread builds a response per token)
+TOKEN_IDS, LOGPROBS = LLM.TOKEN_IDS.name, LLM.LOGPROBS.name
+TOKEN_DTYPE, LOGPROB_DTYPE = np.dtype(LLM.TOKEN_IDS.numpy_dtype), np.dtype(LLM.LOGPROBS.numpy_dtype)
+COUNT_DTYPE = np.dtype(LLM.PROMPT_TOKENS.numpy_dtype)
+assert np.dtype(LLM.COMPLETION_TOKENS.numpy_dtype) == COUNT_DTYPE
+
+
 def _triton_error(message: str, code: str) -> Any:
-    c = getattr(pb_utils.TritonError, code, None)
-    return pb_utils.TritonError(message) if c is None else pb_utils.TritonError(message, c)
+    """A ``TritonError`` with the contract's code (``INVALID_ARG`` ...): the caller's gRPC status says it."""
+    return pb_utils.TritonError(message, getattr(pb_utils.TritonError, code))
 
 
 def _param(config: dict[str, Any], key: str, default: str = "") -> str:
@@ -161,12 +171,12 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(
                 f"{self.name}: this model streams tokens and needs model_transaction_policy {{ decoupled: true }}"
             )
-        checkpoint = _param(config, "checkpoint_dir")
+        checkpoint = _param(config, CHECKPOINT_DIR)
         if not checkpoint:
-            raise pb_utils.TritonModelException(f"{self.name}: parameter checkpoint_dir is not set")
+            raise pb_utils.TritonModelException(f"{self.name}: parameter {CHECKPOINT_DIR} is not set")
         self.checkpoint_dir = Path(checkpoint)
 
-        threads = _int_param(config, "torch_threads", 0)
+        threads = _int_param(config, TORCH_THREADS, 0)
         if threads > 0:
             torch.set_num_threads(threads)
         if args.get("model_instance_kind") == "GPU":
@@ -175,9 +185,10 @@ class TritonPythonModel:
         else:
             device = torch.device("cpu")
         # bf16 on GPUs; fp32 on CPUs, where bf16 matmuls are slow without AMX/AVX-512.
-        dtype = _param(config, "dtype") or ("bfloat16" if device.type == "cuda" else "float32")
+        dtype = _param(config, DTYPE) or ("bfloat16" if device.type == "cuda" else "float32")
 
-        self.log(f"loading {self.checkpoint_dir} on {device} as {dtype} ({torch.get_num_threads()} threads)")
+        self.log(f"loading {self.checkpoint_dir} on {device} as {dtype} ({torch.get_num_threads()} threads), "
+                 f"model code {Path(load_model.__code__.co_filename).parents[1]}")
         started = time.monotonic()
 
         def progress(i: int, n: int, shard: str, elapsed: float) -> None:
@@ -186,10 +197,10 @@ class TritonPythonModel:
         self.model = load_model(self.checkpoint_dir, dtype=dtype, device=device, progress=progress)
         self.eos_ids = _checkpoint_eos_ids(self.checkpoint_dir, self.model)
         max_pos = self.model.config.max_position_embeddings
-        self.max_context = min(_int_param(config, "max_context", 0) or max_pos, max_pos)
-        max_sequences = _int_param(config, "max_sequences", 32)
+        self.max_context = min(_int_param(config, LLM.MAX_CONTEXT, 0) or max_pos, max_pos)
+        max_sequences = _int_param(config, LLM.MAX_SEQUENCES, 0) or 32
         self.scheduler = BatchScheduler(self.model, max_sequences=max_sequences, max_context=self.max_context)
-        self.ipc_duty = float(_param(config, "ipc_duty", "") or IPC_DUTY)
+        self.ipc_duty = float(_param(config, LLM.IPC_DUTY, "") or IPC_DUTY)
         assert 0 < self.ipc_duty <= 1, f"ipc_duty must be in (0, 1], got {self.ipc_duty}"
         self.streams: dict[Hashable, _Stream] = {}  # live requests; the IPC thread removes a finished one
         self._next_id = 0
@@ -227,28 +238,28 @@ class TritonPythonModel:
             try:
                 self.scheduler.add(self._parse(request, rid))
             except (RequestError, RequestRefused) as e:
-                self._post_error(rid, str(e), "INVALID_ARG")
+                self._post_error(rid, str(e), INVALID_ARG)
         return None  # decoupled: the IPC thread answers through the response senders
 
     def _parse(self, request: Any, rid: int) -> SequenceRequest:
-        input_ids = _array(request, "input_ids") or []
-        max_tokens = _scalar(request, "max_tokens")
+        input_ids = _array(request, LLM.INPUT_IDS.name) or []
+        max_tokens = _scalar(request, LLM.MAX_TOKENS.name)
         if max_tokens is None:
             raise RequestError("max_tokens is required")
-        temperature = _scalar(request, "temperature")
+        temperature = _scalar(request, LLM.TEMPERATURE.name)
         temperature = 0.0 if temperature is None else float(temperature)
         if not temperature >= 0:  # also refuses NaN
             raise RequestError(f"temperature must be >= 0, got {temperature}")
-        top_p = _scalar(request, "top_p")
+        top_p = _scalar(request, LLM.TOP_P.name)
         top_p = 1.0 if top_p is None else float(top_p)
         if not 0 < top_p <= 1:
             raise RequestError(f"top_p must be in (0, 1], got {top_p}")
-        top_k = _scalar(request, "top_k")
+        top_k = _scalar(request, LLM.TOP_K.name)
         top_k = 0 if top_k is None else int(top_k)
         if top_k < 0:
             raise RequestError(f"top_k must be >= 0, got {top_k}")
-        seed = _scalar(request, "seed")
-        stop_ids = self.eos_ids | frozenset(_array(request, "stop_token_ids") or [])
+        seed = _scalar(request, LLM.SEED.name)
+        stop_ids = self.eos_ids | frozenset(_array(request, LLM.STOP_TOKEN_IDS.name) or [])
         sampling = SamplingParams(
             temperature=temperature, top_k=top_k, top_p=top_p, seed=None if seed is None else int(seed)
         )
@@ -303,7 +314,7 @@ class TritonPythonModel:
 
     def _fail_all(self, message: str) -> None:
         for rid in list(self.streams):
-            self._post_error(rid, message, "INTERNAL")
+            self._post_error(rid, message, INTERNAL)
         self.scheduler = BatchScheduler(self.model, max_sequences=self.scheduler.max_sequences,
                                         max_context=self.max_context)
 
@@ -336,8 +347,8 @@ class TritonPythonModel:
                 continue
             if out.ids:
                 response = pb_utils.InferenceResponse(output_tensors=[
-                    pb_utils.Tensor("token_ids", np.array(out.ids, dtype=np.int64)),
-                    pb_utils.Tensor("logprobs", np.array(out.logprobs, dtype=np.float32)),
+                    pb_utils.Tensor(TOKEN_IDS, np.array(out.ids, dtype=TOKEN_DTYPE)),
+                    pb_utils.Tensor(LOGPROBS, np.array(out.logprobs, dtype=LOGPROB_DTYPE)),
                 ])
                 try:
                     stream.sender.send(response)
@@ -353,11 +364,11 @@ class TritonPythonModel:
 
     def _finish(self, stream: _Stream, ev: FinishEvent) -> None:
         self._send_final(stream.sender, pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor("token_ids", np.zeros([0], dtype=np.int64)),
-            pb_utils.Tensor("logprobs", np.zeros([0], dtype=np.float32)),
-            pb_utils.Tensor("finish_reason", np.array([ev.reason.encode()], dtype=np.object_)),
-            pb_utils.Tensor("prompt_tokens", np.array([ev.prompt_tokens], dtype=np.int32)),
-            pb_utils.Tensor("completion_tokens", np.array([ev.completion_tokens], dtype=np.int32)),
+            pb_utils.Tensor(TOKEN_IDS, np.zeros([0], dtype=TOKEN_DTYPE)),
+            pb_utils.Tensor(LOGPROBS, np.zeros([0], dtype=LOGPROB_DTYPE)),
+            pb_utils.Tensor(LLM.FINISH_REASON.name, np.array([ev.reason.encode()], dtype=np.object_)),
+            pb_utils.Tensor(LLM.PROMPT_TOKENS.name, np.array([ev.prompt_tokens], dtype=COUNT_DTYPE)),
+            pb_utils.Tensor(LLM.COMPLETION_TOKENS.name, np.array([ev.completion_tokens], dtype=COUNT_DTYPE)),
         ]))
         elapsed = time.monotonic() - stream.started
         self.log(

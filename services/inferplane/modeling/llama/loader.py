@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from inferplane.executor.llama.model import LlamaConfig, LlamaForCausalLM
+from inferplane.modeling.llama.model import LlamaConfig, LlamaForCausalLM
 
 log = logging.getLogger(__name__)
 

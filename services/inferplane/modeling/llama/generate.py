@@ -15,8 +15,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from inferplane.executor.llama.model import LlamaForCausalLM
-from inferplane.executor.llama.sampling import SamplingParams, make_generator, sample
+from inferplane.modeling.llama.model import LlamaForCausalLM
+from inferplane.modeling.llama.sampling import SamplingParams, make_generator, sample
 
 FinishReason = Literal["stop", "length", "cancelled"]
 

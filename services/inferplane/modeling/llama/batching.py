@@ -17,7 +17,7 @@ per layer, see ``KVCache``). Each step:
 ``step()`` returns the events of that step in order: ``TokenEvent`` per produced token and one
 ``FinishEvent`` per sequence that left. A stop token is not sent, but counts in ``completion_tokens``
 (as in ``generate()``). ``add`` and ``cancel`` may be called from any thread; ``step`` from one thread.
-This module knows nothing of Triton: ``triton_models/llm/model.py`` is a thin adapter around it.
+This module knows nothing of Triton: ``inferplane/executor/triton_models/llm/model.py`` is a thin adapter around it.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from inferplane.executor.llama.generate import FinishReason
-from inferplane.executor.llama.model import LlamaForCausalLM
-from inferplane.executor.llama.sampling import SamplingParams, logits_to_probs, make_generator
+from inferplane.modeling.llama.generate import FinishReason
+from inferplane.modeling.llama.model import LlamaForCausalLM
+from inferplane.modeling.llama.sampling import SamplingParams, logits_to_probs, make_generator
 
 
 class RequestRefused(ValueError):

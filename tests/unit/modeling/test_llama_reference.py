@@ -17,8 +17,8 @@ import torch
 from tokenizers import Tokenizer
 
 from inferplane.assets import TINY_LLAMA as ASSET_TINY_LLAMA
-from inferplane.executor.llama import LlamaForCausalLM, generate, load_model
-from inferplane.executor.llama.batching import BatchScheduler, SequenceRequest, TokenEvent
+from inferplane.modeling.llama import LlamaForCausalLM, generate, load_model
+from inferplane.modeling.llama.batching import BatchScheduler, SequenceRequest, TokenEvent
 from tests.conftest import require
 
 TINY_LLAMA = ASSET_TINY_LLAMA

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 from inferplane.assets import TINY_LLAMA as ASSET_TINY_LLAMA
-from inferplane.executor.llama import (
+from inferplane.modeling.llama import (
     LlamaConfig,
     LlamaForCausalLM,
     SamplingParams,
@@ -21,9 +21,9 @@ from inferplane.executor.llama import (
     load_model,
     save_checkpoint,
 )
-from inferplane.executor.llama.generate import decode_one_token, prefill
-from inferplane.executor.llama.model import apply_rotary, rope_inv_freq
-from inferplane.executor.llama.sampling import logits_to_probs, sample
+from inferplane.modeling.llama.generate import decode_one_token, prefill
+from inferplane.modeling.llama.model import apply_rotary, rope_inv_freq
+from inferplane.modeling.llama.sampling import logits_to_probs, sample
 
 TINY_LLAMA = ASSET_TINY_LLAMA
 # fp32 on CPU: cached decode and a full forward take different matmul shapes, so they agree to rounding.

@@ -1,4 +1,4 @@
-"""The continuous-batching scheduler (services/executor/llama/batching.py) on the shipped tiny-llama.
+"""The continuous-batching scheduler (services/inferplane/modeling/llama/batching.py) on the shipped tiny-llama.
 
 fp32 on the CPU. A sequence's logits in a batch differ from its logits alone only by rounding (other
 matmul shapes), far below the gaps between the top tokens of these prompts, so greedy tokens must be
@@ -14,8 +14,8 @@ import torch
 from tokenizers import Tokenizer
 
 from inferplane.assets import TINY_LLAMA as ASSET_TINY_LLAMA
-from inferplane.executor.llama import LlamaForCausalLM, SamplingParams, generate, load_model
-from inferplane.executor.llama.batching import (
+from inferplane.modeling.llama import LlamaForCausalLM, SamplingParams, generate, load_model
+from inferplane.modeling.llama.batching import (
     BatchScheduler,
     Event,
     FinishEvent,

@@ -1,0 +1,106 @@
+"""The contract between the Triton models and their caller, written once: tensors, parameters, error codes.
+
+The Triton models (``inferplane/executor/triton_models/<kind>/model.py``) read and write these tensors, the
+repository renderer (``inferplane/executor/repository.py``) writes them into each ``config.pbtxt``, and the
+executor's client (``inferplane/executor/triton_client.py``) builds and parses them. Standard library only: the
+executor imports this module without torch, and the renderer copies it beside each model.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+# KServe v2 datatype -> numpy dtype of its raw little-endian contents (BYTES: 4-byte length + bytes per item)
+NUMPY_DTYPES: Final = {"INT64": "<i8", "INT32": "<i4", "FP32": "<f4", "BYTES": "object"}
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """One input or output tensor of a model, as config.pbtxt declares it."""
+
+    name: str
+    datatype: str  # KServe v2 datatype on the wire: INT64, INT32, FP32, BYTES
+    dims: tuple[int, ...]  # config.pbtxt dims without the batch dimension; -1 = any length
+    optional: bool = False  # an input the request may leave out
+    ragged: bool = False  # allow_ragged_batch: requests of different lengths share a dynamic batch
+
+    def __post_init__(self) -> None:
+        assert self.datatype in NUMPY_DTYPES, f"{self.name}: unknown datatype {self.datatype}"
+
+    @property
+    def numpy_dtype(self) -> str:
+        return NUMPY_DTYPES[self.datatype]
+
+    @property
+    def config_type(self) -> str:
+        """config.pbtxt's ``data_type`` (Triton calls BYTES ``TYPE_STRING`` there)."""
+        return "TYPE_STRING" if self.datatype == "BYTES" else f"TYPE_{self.datatype}"
+
+
+# --- config.pbtxt parameters (``parameters { key: ... string_value: ... }``), read in initialize -------------
+
+CHECKPOINT_DIR: Final = "checkpoint_dir"  # absolute path of the checkpoint folder
+TORCH_THREADS: Final = "torch_threads"  # torch intra-op threads in the model's process; 0 = torch's default
+DTYPE: Final = "dtype"  # float32 | float16 | bfloat16; optional (LLM: bfloat16 on GPUs, float32 on CPUs)
+
+
+# --- TritonError codes the models answer with (``pb_utils.TritonError.<code>``, all in Triton 2.51) ---------
+# Triton's gRPC frontend sends each as the status of the same meaning (INVALID_ARG -> INVALID_ARGUMENT); on a
+# stream it does so only when the stream was opened with the header STREAM_ERRORS_AS_STATUS.
+
+INVALID_ARG: Final = "INVALID_ARG"  # the request is wrong; the model serves on
+INTERNAL: Final = "INTERNAL"  # the model failed on it (a broken step); it has reset itself and serves on
+STREAM_ERRORS_AS_STATUS: Final = ("triton_grpc_error", "true")  # gRPC metadata of a ModelStreamInfer call
+
+
+class LLM:
+    """The decoupled token-streaming LLM (``triton_models/llm``).
+
+    One request per stream: token responses (``TOKEN_IDS`` n >= 1, ``LOGPROBS`` n) as tokens are produced, then
+    one response flagged final with both empty and ``FINISH_REASON``, ``PROMPT_TOKENS``, ``COMPLETION_TOKENS``.
+    A refused request gets a single final error response (INVALID_ARG) instead.
+    """
+
+    INPUT_IDS: Final = TensorSpec("input_ids", "INT64", (-1,))
+    MAX_TOKENS: Final = TensorSpec("max_tokens", "INT32", (1,))
+    TEMPERATURE: Final = TensorSpec("temperature", "FP32", (1,), optional=True)  # 0 or absent = greedy
+    TOP_P: Final = TensorSpec("top_p", "FP32", (1,), optional=True)  # (0, 1]; absent = 1
+    TOP_K: Final = TensorSpec("top_k", "INT32", (1,), optional=True)  # 0 or absent = off
+    SEED: Final = TensorSpec("seed", "INT64", (1,), optional=True)  # absent = random
+    STOP_TOKEN_IDS: Final = TensorSpec("stop_token_ids", "INT64", (-1,), optional=True)  # added to the eos ids
+    INPUTS: Final = (INPUT_IDS, MAX_TOKENS, TEMPERATURE, TOP_P, TOP_K, SEED, STOP_TOKEN_IDS)
+
+    TOKEN_IDS: Final = TensorSpec("token_ids", "INT64", (-1,))
+    LOGPROBS: Final = TensorSpec("logprobs", "FP32", (-1,))  # the model's log-probability of each token
+    FINISH_REASON: Final = TensorSpec("finish_reason", "BYTES", (1,))  # one of FINISH_REASONS, UTF-8
+    PROMPT_TOKENS: Final = TensorSpec("prompt_tokens", "INT32", (1,))
+    COMPLETION_TOKENS: Final = TensorSpec("completion_tokens", "INT32", (1,))  # stop tokens included
+    OUTPUTS: Final = (TOKEN_IDS, LOGPROBS, FINISH_REASON, PROMPT_TOKENS, COMPLETION_TOKENS)
+
+    # "length": max_tokens or the context's end; "cancelled": the client left or the model unloaded
+    FINISH_REASONS: Final = ("stop", "length", "cancelled")
+
+    MAX_CONTEXT: Final = "max_context"  # parameter: prompt + completion limit; 0 = max_position_embeddings
+    MAX_SEQUENCES: Final = "max_sequences"  # parameter: sequences decoded together (KV-cache slots); 0 = 32
+    IPC_DUTY: Final = "ipc_duty"  # parameter, optional: the IPC thread's busy fraction before tokens coalesce
+    PARAMETERS: Final = (CHECKPOINT_DIR, TORCH_THREADS, MAX_CONTEXT, MAX_SEQUENCES, DTYPE, IPC_DUTY)
+
+
+class Embedding:
+    """The dynamically batched sentence embedder (``triton_models/embedding``).
+
+    One text per request row: ``INPUT_IDS`` of shape [n, S] (with [CLS] ... [SEP]), ``ATTENTION_MASK`` of the
+    same shape (1 = token, 0 = padding; absent = all ones); ``EMBEDDING`` [n, dim]. A request with S = 0,
+    S > max_position_embeddings, ids outside the vocabulary or a bad mask gets INVALID_ARG; its batch-mates are
+    served.
+    """
+
+    INPUT_IDS: Final = TensorSpec("input_ids", "INT64", (-1,), ragged=True)
+    ATTENTION_MASK: Final = TensorSpec("attention_mask", "INT64", (-1,), optional=True, ragged=True)
+    INPUTS: Final = (INPUT_IDS, ATTENTION_MASK)
+
+    EMBEDDING: Final = TensorSpec("embedding", "FP32", (-1,))
+    OUTPUTS: Final = (EMBEDDING,)
+
+    PARAMETERS: Final = (CHECKPOINT_DIR, TORCH_THREADS, DTYPE)
