@@ -1,0 +1,1 @@
+"""Triton Python-backend model code; the renderer copies model.py (and inferplane.modeling) into a model folder."""
