@@ -10,6 +10,9 @@
 ``Admission.settle`` prices the actual tokens at the price the request was admitted with. The reservation is
 settled by metering when the request's usage record arrives (in the ledger write's own transaction), so it is
 exactly once, and a crashed router's reservations expire (TTL in metering).
+
+A request does not call these steps itself: its ``Lease`` (``lease.py``) admits it on entry and settles, stamps
+and records, or releases, on exit.
 """
 
 from __future__ import annotations
@@ -26,17 +29,17 @@ from prometheus_client import Counter
 from inferplane.common.catalog import Catalog, CatalogModel
 from inferplane.common.errors import PermissionDenied, ResourceExhausted, Unavailable
 from inferplane.common.money import PriceNanos
+from inferplane.common.wire import ERROR_CODE, INSUFFICIENT_QUOTA
 from inferplane.router.clients import KeyInfo, MeteringClient
 from inferplane.router.ratelimit import Decision, Limits, RateLimiter
 from inferplane.v1 import common_pb2, metering_pb2
 
 log = logging.getLogger(__name__)
 
-# Trailing metadata naming an OpenAI error code the gateway should answer with (same key in gateway/errors.py).
-ERROR_CODE_METADATA_KEY = "x-inferplane-error-code"
+# Kept for capacity.py, which imports it from here until it imports ``wire.ERROR_CODE`` (then delete this line).
+ERROR_CODE_METADATA_KEY = ERROR_CODE
 REFUSALS = Counter("inferplane_router_admission_refusals", "Requests refused at admission, by reason",
                    ["reason"])
-INSUFFICIENT_QUOTA = "insufficient_quota"
 Metadata = tuple[tuple[str, str], ...]
 
 
@@ -156,7 +159,7 @@ class Admission:
             if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 REFUSALS.labels("budget").inc()
                 raise AdmissionRefused(exc.details() or "You exceeded your current quota.", metadata=(
-                    (ERROR_CODE_METADATA_KEY, INSUFFICIENT_QUOTA), *headers)) from None
+                    (ERROR_CODE, INSUFFICIENT_QUOTA), *headers)) from None
             log.warning("budget reservation failed (%s): refusing, budgets fail closed", exc.code().name)
             raise Unavailable("Budgets cannot be checked right now. Please retry.") from None
         price = price_from_pb(held.price) if held.HasField("price") else None
@@ -167,7 +170,7 @@ class Admission:
 
     def settle(self, ticket: Ticket, prompt_tokens: int, completion_tokens: int) -> int:
         """The request's cost in nano-dollars at the price it was admitted with (no I/O, never suspends: it runs
-        in the engine's cleanup before the usage record is on its way). The budget is settled by the
+        in the lease's exit before the usage record is on its way). The budget is settled by the
         usage record (``stamp`` it with this cost and the ticket): exactly once, in metering's ledger write."""
         if ticket.price is None:
             return 0
