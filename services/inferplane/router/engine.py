@@ -1,7 +1,9 @@
 """One generation through the mesh: validate, encode, stream from an executor, detokenize, stop, meter.
 
 ``GenerationEngine.generate`` is plain async Python: it takes a ``GenerationInput`` and yields
-``Delta``s; the gRPC servicer only converts messages at the edge.
+``Delta``s; the gRPC servicer only converts messages at the edge. The request's admission, queue slot and usage
+record belong to its ``Lease`` (``lease.py``); the executor replica, its load count and the retry to
+``ReplicaSet.open`` (``replicas.py``); ``docs/router.md`` follows one request through them.
 """
 
 from __future__ import annotations
