@@ -1,6 +1,7 @@
 """The engine's usage record survives a caller who leaves at any point of the cleanup.
 
-A fake executor stands in (these tests are about the engine's own bookkeeping): its stream sends the final
+A fake executor stub stands in, inside the router's real replica set (these tests are about the router's own
+bookkeeping: the lease, the replica's outstanding count, the queue slot): its stream sends the final
 message and then holds the stream open, as a real one does for a moment while Triton finishes. The caller is
 cancelled exactly there, when the generation is over but the engine is still reading the stream to its end.
 The ledger test once lost one record in 1,000 that way (a request cut by its client just as it finished).
