@@ -139,7 +139,9 @@ async def one(http: httpx.AsyncClient, stack: LocalStack, plain: str, key_id: st
 def ledger(store: MeteringStore, key_ids: list[str]) -> dict[str, UsageRow]:
     rows: dict[str, UsageRow] = {}
     for key_id in key_ids:
-        for row in store.list_usage(key_id, limit=1000):
+        page = store.list_usage(key_id, limit=1000)  # metering's largest page
+        assert len(page) < 1000, f"{key_id}: 1,000 records or more, one page cannot list them all: use more keys"
+        for row in page:
             assert row.request_id not in rows, f"two records for {row.request_id}"
             rows[row.request_id] = row
     return rows
@@ -254,14 +256,15 @@ async def test_one_request_id_three_times_on_two_routers_is_one_record(ledger_st
 
 async def test_metering_killed_for_30s_under_load_loses_nothing(ledger_stack: LocalStack,
                                                                 store: MeteringStore) -> None:
-    keys = [store.create_key(f"outage-{i}") for i in range(2)]
+    # enough keys that each holds well under one page of records (six workers for 36 s: a few thousand requests)
+    keys = [store.create_key(f"outage-{i}") for i in range(12)]
     seen: list[Seen] = []
     stop = asyncio.Event()
 
     async with httpx.AsyncClient(timeout=120) as http:
         async def worker(w: int) -> None:
-            info, plain = keys[w % 2]
             while not stop.is_set():
+                info, plain = keys[len(seen) % len(keys)]
                 seen.append(await one(http, ledger_stack, plain, info.key_id, stream=w % 2 == 0, disconnect=False,
                                       max_tokens=8, prompt="Return the"))
 

@@ -22,19 +22,16 @@ from inferplane.common.catalog import Catalog, CatalogModel, ModelPrices
 from inferplane.common.errors import PermissionDenied, Unavailable
 from inferplane.common.server import GrpcServer, channel_options
 from inferplane.common.settings import ServerSettings
+from inferplane.common.wire import ERROR_CODE, REASON_INSUFFICIENT_QUOTA, REASON_RATE_LIMITED
 from inferplane.metering.main import MeteringSettings, build_server
 from inferplane.metering.store import MeteringStore
-from inferplane.router.admission import (
-    ERROR_CODE_METADATA_KEY,
-    INSUFFICIENT_QUOTA,
-    Admission,
-    AdmissionRefused,
-    PriceBook,
-    stamp,
-)
+from inferplane.router.admission import Admission, AdmissionRefused, PriceBook, stamp
+from inferplane.router.capacity import ModelGate
 from inferplane.router.clients import KeyInfo, MeteringClient
+from inferplane.router.lease import Clock, Lease
 from inferplane.router.outbox import UsageOutbox, batch_sender
 from inferplane.router.ratelimit import LocalRateLimiter
+from inferplane.router.usage import UsageRecorder
 from inferplane.v1 import metering_pb2
 from tests.integration.test_postgres_store import fresh_postgres_database
 
@@ -102,6 +99,14 @@ def admission(m: Metering) -> Admission:
     return Admission(m.client, LocalRateLimiter(), PriceBook(m.client, CATALOG))
 
 
+def lease(adm: Admission, recorder: UsageRecorder, key: KeyInfo, request_id: str, prompt: int, max_tokens: int
+          ) -> Lease:
+    """A request's lease as the engine makes it (a queue with room for all: these tests are about budgets)."""
+    gate = ModelGate(MODEL.id, lambda: 1_000, max_queue=0, queue_timeout_s=1.0)
+    return Lease(adm, gate, recorder, key=key, model=MODEL, request_id=request_id, operation="chat",
+                 clock=Clock.start(None, 60.0), prompt_tokens=prompt, max_tokens=max_tokens)
+
+
 def record(request_id: str, key: KeyInfo, prompt: int, completion: int, finish: str = "stop"
            ) -> metering_pb2.UsageRecord:
     created = Timestamp()
@@ -125,21 +130,24 @@ async def test_64_concurrent_requests_against_a_small_budget_never_overspend(met
     admitted: list[int] = []
     refused: list[AdmissionRefused] = []
 
+    recorder = UsageRecorder(metering.client, outbox)
+
     async def one_request(i: int) -> None:
         for attempt in range(3):  # a refused caller tries again a little later (settled budget may be freed)
-            rid = f"req-{i}-{attempt}"
+            it = lease(adm, recorder, key, f"req-{i}-{attempt}", 100, 200)
             try:
-                ticket = await adm.admit(key, MODEL, 100, 200, request_id=rid)
+                async with it:  # admitted (the worst case reserved); on leaving, settled through its usage record
+                    completion = rng.randint(0, 200)
+                    it.began()
+                    await asyncio.sleep(rng.random() * 0.02)  # "generating"
+                    it.finished("stop", prompt_tokens=100, completion_tokens=completion)
             except AdmissionRefused as exc:
                 refused.append(exc)
                 await asyncio.sleep(0.01)
                 continue
-            completion = rng.randint(0, 200)
-            await asyncio.sleep(rng.random() * 0.02)  # "generating"
-            cost = adm.settle(ticket, 100, completion)
-            assert cost <= ticket.reserved_nanos
-            await outbox.put(stamp(record(rid, key, 100, completion), ticket, cost))
-            admitted.append(cost)
+            assert it.ticket is not None and it.cost is not None
+            assert it.cost <= it.ticket.reserved_nanos
+            admitted.append(it.cost)
             return
 
     await asyncio.gather(*(one_request(i) for i in range(64)))
@@ -154,7 +162,7 @@ async def test_64_concurrent_requests_against_a_small_budget_never_overspend(met
     assert overspend == 0
     assert b.spent_nanos == ledger == sum(admitted) and b.reserved_nanos == 0
     assert len(admitted) >= 7 and refused  # the budget admitted what it could hold, and refused the rest
-    assert all((ERROR_CODE_METADATA_KEY, INSUFFICIENT_QUOTA) in r.metadata for r in refused)
+    assert all(r.reason == REASON_INSUFFICIENT_QUOTA for r in refused)  # the interceptor sends it as ErrorInfo
 
 
 async def test_tenant_budget_across_keys_never_overspends(metering: Metering) -> None:
@@ -198,7 +206,8 @@ async def test_rate_limited_refusal_carries_the_headers(metering: Metering) -> N
     md = dict(refused.value.metadata)
     assert md["retry-after"] == "30" and md["x-ratelimit-limit-requests"] == "2"
     assert md["x-ratelimit-remaining-requests"] == "0" and "x-ratelimit-remaining-tokens" in md
-    assert ERROR_CODE_METADATA_KEY not in md and refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert ERROR_CODE not in md and refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert refused.value.reason == REASON_RATE_LIMITED
 
 
 async def test_settle_prices_the_actual_tokens_and_the_ledger_agrees(metering: Metering) -> None:
@@ -219,11 +228,12 @@ async def test_settle_prices_the_actual_tokens_and_the_ledger_agrees(metering: M
 async def test_release_gives_the_reservation_back(metering: Metering) -> None:
     adm = admission(metering)
     key = await metering.key(budget_nanos=135_000)
-    ticket = await adm.admit(key, MODEL, 100, 200, request_id="never-ran")
-    with pytest.raises(AdmissionRefused):
-        await adm.admit(key, MODEL, 100, 200, request_id="second")
-    await adm.release(ticket)
+    async with lease(adm, UsageRecorder(metering.client), key, "never-ran", 100, 200):
+        with pytest.raises(AdmissionRefused):
+            await adm.admit(key, MODEL, 100, 200, request_id="second")
+    # the lease was left before any executor was asked: its reservation is back, and no usage was recorded
     await adm.admit(key, MODEL, 100, 200, request_id="third")
+    assert metering.store.list_usage(key.key_id) == []
 
 
 async def test_budgets_fail_closed_when_metering_is_down(metering: Metering) -> None:

@@ -29,7 +29,7 @@ from inferplane.common.settings import ServerSettings
 from inferplane.gateway.main import GatewayServer, GatewaySettings
 from inferplane.metering.main import MeteringSettings, build_server
 from inferplane.metering.store import MeteringStore
-from inferplane.router.admission import ERROR_CODE_METADATA_KEY, INSUFFICIENT_QUOTA, AdmissionRefused
+from inferplane.router.admission import AdmissionRefused
 from inferplane.router.capacity import Overloaded
 from inferplane.v1 import common_pb2, metering_pb2, metering_pb2_grpc, router_pb2, router_pb2_grpc
 from tests.openai_schema import validate
@@ -43,11 +43,12 @@ RAISES: dict[str, Callable[[], BaseException]] = {
     "too-long": lambda: InvalidArgument("The prompt and max_tokens exceed the model's context length of 512.",
                                         param="messages", reason=wire.REASON_CONTEXT_LENGTH_EXCEEDED),
     "bad-param": lambda: InvalidArgument("'top_p' must be greater than 0 and at most 1.", param="top_p"),
-    # as router/admission.py raises them today (it names the budget refusal by the older trailer only)
-    "budget": lambda: AdmissionRefused("You exceeded your current quota.", metadata=(
-        (ERROR_CODE_METADATA_KEY, INSUFFICIENT_QUOTA), ("x-ratelimit-limit-requests", "5"))),
-    "rate": lambda: AdmissionRefused("Rate limit reached for requests per minute (limit 2).", metadata=(
-        ("retry-after", "30"), ("x-ratelimit-limit-requests", "2"))),
+    # as router/admission.py raises them
+    "budget": lambda: AdmissionRefused("You exceeded your current quota.", reason=wire.REASON_INSUFFICIENT_QUOTA,
+                                       metadata=(("x-ratelimit-limit-requests", "5"),)),
+    "rate": lambda: AdmissionRefused("Rate limit reached for requests per minute (limit 2).",
+                                     reason=wire.REASON_RATE_LIMITED,
+                                     metadata=(("retry-after", "30"), ("x-ratelimit-limit-requests", "2"))),
     "overloaded": lambda: Overloaded("The model `overloaded` is overloaded.", retry_after_s=1.5),
     "denied": lambda: PermissionDenied("This API key may not use the model `denied`.", param="model"),
     "down": lambda: Unavailable("no executor is available for model 'down'; retry later"),

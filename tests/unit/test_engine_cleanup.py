@@ -1,6 +1,7 @@
 """The engine's usage record survives a caller who leaves at any point of the cleanup.
 
-A fake executor stands in (these tests are about the engine's own bookkeeping): its stream sends the final
+A fake executor stub stands in, inside the router's real replica set (these tests are about the router's own
+bookkeeping: the lease, the replica's outstanding count, the queue slot): its stream sends the final
 message and then holds the stream open, as a real one does for a moment while Triton finishes. The caller is
 cancelled exactly there, when the generation is over but the engine is still reading the stream to its end.
 The ledger test once lost one record in 1,000 that way (a request cut by its client just as it finished).
@@ -9,13 +10,13 @@ The ledger test once lost one record in 1,000 that way (a request cut by its cli
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 from inferplane.common.catalog import Catalog, CatalogModel
 from inferplane.router.clients import KeyInfo
 from inferplane.router.engine import GenerationEngine, GenerationInput
+from inferplane.router.replicas import Replica, ReplicaSet
 from inferplane.v1 import common_pb2, executor_pb2, metering_pb2
 
 MODEL = CatalogModel(id="m", triton_model="m", tokenizer="/tmp", context_length=100)
@@ -55,38 +56,29 @@ class HeldStream:
         return True
 
 
-@dataclass
-class FakeReplica:
-    call: HeldStream
-    address: str = "fake:1"
-    outstanding: int = 0
-    opened: int = 0  # streams asked of this replica
-    last: executor_pb2.ExecutorGenerateRequest | None = None
-    stub: Any = None
+class FakeStub:
+    """An executor's stub whose ``Generate`` hands out ``call`` (and counts how often it was asked)."""
 
-    def __post_init__(self) -> None:
-        def generate(req: executor_pb2.ExecutorGenerateRequest, timeout: float | None = None) -> HeldStream:
-            self.opened += 1
-            self.last = req
-            return self.call
+    def __init__(self, call: HeldStream) -> None:
+        self.call = call
+        self.opened = 0
+        self.last: executor_pb2.ExecutorGenerateRequest | None = None
 
-        self.stub = SimpleNamespace(Generate=generate)
-
-    def succeeded(self) -> None:
-        pass
+    def Generate(self, req: executor_pb2.ExecutorGenerateRequest, timeout: float | None = None) -> HeldStream:
+        self.opened += 1
+        self.last = req
+        return self.call
 
 
-@dataclass
-class FakeExecutors:
-    replica: FakeReplica
-    on_change: Any = None
-    budget: Any = field(default_factory=lambda: SimpleNamespace(on_request=lambda: None))
+def replica_set(stub: FakeStub) -> tuple[ReplicaSet, Replica]:
+    """The router's real replica set (pick, outstanding counts, retry) holding one SERVING replica."""
+    replicas = ReplicaSet(["fake:1"], channel_factory=lambda address: None)  # type: ignore[arg-type,return-value]
+    replica = replicas.replicas["fake:1"] = Replica("fake:1", None, stub, serving=True)  # type: ignore[arg-type]
+    return replicas, replica
 
-    def serving_count(self, model: str) -> int:
-        return 1
 
-    def pick(self, model: str, exclude: set[str]) -> FakeReplica:
-        return self.replica
+def stub_of(replica: Replica) -> FakeStub:
+    return cast(FakeStub, replica.stub)
 
 
 class FakeTokenizers:
@@ -121,11 +113,11 @@ def stream_of(n: int, pause_at: int | None = None) -> HeldStream:
     return HeldStream([*msgs, last], pause_at)
 
 
-def engine_for(call: HeldStream, model: CatalogModel = MODEL) -> tuple[GenerationEngine, FakeMetering, FakeReplica]:
+def engine_for(call: HeldStream, model: CatalogModel = MODEL) -> tuple[GenerationEngine, FakeMetering, Replica]:
     metering = FakeMetering()
-    replica = FakeReplica(call)
+    replicas, replica = replica_set(FakeStub(call))
     engine = GenerationEngine(catalog=Catalog(models=[model]), tokenizer=FakeTokenizers(),  # type: ignore[arg-type]
-                              executors=FakeExecutors(replica), metering=metering)  # type: ignore[arg-type]
+                              executors=replicas, metering=metering)  # type: ignore[arg-type]
     return engine, metering, replica
 
 
@@ -167,7 +159,8 @@ async def test_a_completed_request_returns_its_usage_only_once_the_record_is_sto
     await task
     assert got[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
     assert [r.request_id for r in metering.records] == ["r1"]  # stored before the final delta was yielded
-    assert replica.last is not None and replica.last.stream_interval == 3  # the model's, passed to the executor
+    sent = stub_of(replica).last
+    assert sent is not None and sent.stream_interval == 3  # the model's, passed to the executor
 
 
 async def test_a_caller_cancelled_mid_stream_is_billed_as_cancelled() -> None:
@@ -208,7 +201,7 @@ async def test_a_caller_cancelled_at_any_point_leaves_exactly_one_record_and_not
         await asyncio.gather(task, return_exceptions=True)
         ender.cancel()
         await engine.drain()
-        assert len(metering.records) == (1 if replica.opened else 0), (k, metering.records)
+        assert len(metering.records) == (1 if stub_of(replica).opened else 0), (k, metering.records)
         assert replica.outstanding == 0 and engine.capacity.gate("m").running == 0, k
         if done_by_itself:
             finished_at = k

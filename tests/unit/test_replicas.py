@@ -1,8 +1,12 @@
+import asyncio
 import random
+import time
 
+import grpc
 import pytest
 
-from inferplane.router.replicas import Replica, RetryBudget, choose
+from inferplane.common.errors import Unavailable
+from inferplane.router.replicas import Replica, ReplicaSet, RetryBudget, choose
 
 
 def replica(name: str, outstanding: int = 0, reported: int = 0) -> Replica:
@@ -46,3 +50,102 @@ def test_ejection_backs_off_exponentially(failures: int, expected: float):
     for _ in range(failures):
         backoff = r.eject(100.0, 1.0, 30.0)
     assert backoff == expected and not r.available(100.0 + expected - 0.01) and r.available(100.0 + expected)
+
+
+# --- ReplicaSet.open: the one retry loop (generate and embed both start their executor work through it) -----
+
+def replica_set(*names: str, retry_burst: float = 50.0) -> ReplicaSet:
+    """A replica set of SERVING replicas (no channels: ``start`` below stands in for the executor call)."""
+    rs = ReplicaSet(list(names), channel_factory=lambda a: None, retry_burst=retry_burst, seed=0)  # type: ignore[arg-type,return-value]
+    for name in names:
+        rs.replicas[name] = replica(name)
+    return rs
+
+
+def rpc_error(code: grpc.StatusCode) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details="test")
+
+
+class Starts:
+    """``start`` for ReplicaSet.open: fails on the replicas named in ``fail`` (with ``code``), else returns the
+    replica's address; records which replicas it was called on and their outstanding count at that moment."""
+
+    def __init__(self, fail: set[str], code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
+        self.fail, self.code = fail, code
+        self.calls: list[tuple[str, int]] = []
+
+    async def __call__(self, r: Replica) -> str:
+        self.calls.append((r.address, r.outstanding))
+        await asyncio.sleep(0)
+        if r.address in self.fail:
+            raise rpc_error(self.code)
+        return r.address
+
+
+async def test_a_replica_fault_before_the_first_message_is_retried_once_on_another_replica():
+    rs = replica_set("a", "b")
+    rs.replicas["b"].reported_active = 5  # "a" is the less loaded: power of two choices picks it first
+    start = Starts(fail={"a"})
+    async with rs.open("m", start) as got:
+        assert got == "b" and rs.replicas["b"].outstanding == 1  # held while the block runs
+    assert start.calls == [("a", 1), ("b", 1)]  # counted as outstanding during each attempt
+    assert all(r.outstanding == 0 for r in rs.replicas.values())
+    assert not rs.replicas["a"].available(time.monotonic())  # the faulty replica is ejected
+
+
+async def test_a_failure_of_the_request_itself_is_not_retried():
+    rs = replica_set("a", "b")
+    start = Starts(fail={"a", "b"}, code=grpc.StatusCode.DEADLINE_EXCEEDED)  # a hung replica: 504, not a retry
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        async with rs.open("m", start):
+            pass
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and len(start.calls) == 1
+    assert all(r.outstanding == 0 and r.available(time.monotonic()) for r in rs.replicas.values())
+
+
+async def test_retries_stop_at_one_and_at_the_budget():
+    rs = replica_set("a", "b", "c")
+    with pytest.raises(Unavailable):  # two faults: the second is not retried although "c" is there
+        async with rs.open("m", Starts(fail={"a", "b", "c"})):
+            pass
+    assert sum(r.failures for r in rs.replicas.values()) == 2
+    dry = replica_set("a", "b", retry_burst=0.0)  # an empty budget: the first fault is the answer
+    dry.budget.tokens = 0.0
+    dry.budget.ratio = 0.0
+    start = Starts(fail={"a", "b"})
+    with pytest.raises(Unavailable):
+        async with dry.open("m", start):
+            pass
+    assert len(start.calls) == 1
+    assert all(r.outstanding == 0 for r in [*rs.replicas.values(), *dry.replicas.values()])
+
+
+async def test_the_outstanding_count_is_given_back_when_the_block_fails_or_is_cancelled():
+    rs = replica_set("a")
+    with pytest.raises(RuntimeError):
+        async with rs.open("m", Starts(fail=set())):
+            raise RuntimeError("the stream broke mid-way")
+    assert rs.replicas["a"].outstanding == 0
+    entered = asyncio.Event()
+
+    async def hold() -> None:
+        async with rs.open("m", Starts(fail=set())):
+            entered.set()
+            await asyncio.Event().wait()
+
+    task = asyncio.create_task(hold())
+    await entered.wait()
+    assert rs.replicas["a"].outstanding == 1
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert rs.replicas["a"].outstanding == 0
+
+
+async def test_no_serving_replica_is_unavailable_before_any_call():
+    rs = replica_set("a")
+    rs.replicas["a"].serving = False  # draining: its health stream said NOT_SERVING
+    start = Starts(fail=set())
+    with pytest.raises(Unavailable):
+        async with rs.open("m", start):
+            pass
+    assert start.calls == []

@@ -10,6 +10,9 @@
 ``Admission.settle`` prices the actual tokens at the price the request was admitted with. The reservation is
 settled by metering when the request's usage record arrives (in the ledger write's own transaction), so it is
 exactly once, and a crashed router's reservations expire (TTL in metering).
+
+A request does not call these steps itself: its ``Lease`` (``lease.py``) admits it on entry and settles, stamps
+and records, or releases, on exit.
 """
 
 from __future__ import annotations
@@ -23,29 +26,27 @@ from dataclasses import dataclass
 import grpc
 from prometheus_client import Counter
 
+from inferplane.common import wire
 from inferplane.common.catalog import Catalog, CatalogModel
 from inferplane.common.errors import PermissionDenied, ResourceExhausted, Unavailable
 from inferplane.common.money import PriceNanos
+from inferplane.common.wire import REASON_INSUFFICIENT_QUOTA, REASON_RATE_LIMITED
 from inferplane.router.clients import KeyInfo, MeteringClient
 from inferplane.router.ratelimit import Decision, Limits, RateLimiter
 from inferplane.v1 import common_pb2, metering_pb2
 
 log = logging.getLogger(__name__)
 
-# Trailing metadata naming an OpenAI error code the gateway should answer with (same key in gateway/errors.py).
-ERROR_CODE_METADATA_KEY = "x-inferplane-error-code"
 REFUSALS = Counter("inferplane_router_admission_refusals", "Requests refused at admission, by reason",
                    ["reason"])
-INSUFFICIENT_QUOTA = "insufficient_quota"
 Metadata = tuple[tuple[str, str], ...]
 
 
 class AdmissionRefused(ResourceExhausted):
     """RESOURCE_EXHAUSTED with the metadata to send with it (rate-limit headers, the error code)."""
 
-    def __init__(self, message: str, *, metadata: Metadata) -> None:
-        super().__init__(message)
-        self.metadata = metadata
+    def __init__(self, message: str, *, reason: wire.Reason, metadata: Metadata) -> None:
+        super().__init__(message, reason=reason, metadata=metadata)
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +144,8 @@ class Admission:
             limits=Limits(key.requests_per_minute, key.tokens_per_minute))
         if not decision.allowed:
             REFUSALS.labels("rate_limit").inc()
-            raise AdmissionRefused(_rate_message(decision, prompt_tokens + max_tokens), metadata=decision.headers())
+            raise AdmissionRefused(_rate_message(decision, prompt_tokens + max_tokens), reason=REASON_RATE_LIMITED,
+                                   metadata=decision.headers())
         headers = decision.headers()
         if not key.has_budget:
             return Ticket(key, model.id, "", 0, await self.prices.get(model.id), headers)
@@ -155,8 +157,8 @@ class Admission:
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 REFUSALS.labels("budget").inc()
-                raise AdmissionRefused(exc.details() or "You exceeded your current quota.", metadata=(
-                    (ERROR_CODE_METADATA_KEY, INSUFFICIENT_QUOTA), *headers)) from None
+                raise AdmissionRefused(exc.details() or "You exceeded your current quota.",
+                                       reason=REASON_INSUFFICIENT_QUOTA, metadata=headers) from None
             log.warning("budget reservation failed (%s): refusing, budgets fail closed", exc.code().name)
             raise Unavailable("Budgets cannot be checked right now. Please retry.") from None
         price = price_from_pb(held.price) if held.HasField("price") else None
@@ -167,7 +169,7 @@ class Admission:
 
     def settle(self, ticket: Ticket, prompt_tokens: int, completion_tokens: int) -> int:
         """The request's cost in nano-dollars at the price it was admitted with (no I/O, never suspends: it runs
-        in the engine's cleanup before the usage record is on its way). The budget is settled by the
+        in the lease's exit before the usage record is on its way). The budget is settled by the
         usage record (``stamp`` it with this cost and the ticket): exactly once, in metering's ledger write."""
         if ticket.price is None:
             return 0

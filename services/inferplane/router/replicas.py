@@ -6,6 +6,10 @@ is not ejected; a replica that fails a call is ejected with exponential backoff 
 health says SERVING again after the backoff. Choice is power-of-two-choices on the least outstanding
 requests (this router's own in-flight calls plus the executor's reported queue), among replicas that
 serve the model.
+
+``ReplicaSet.open(model, start)`` is the one way a request reaches an executor: it picks a replica, counts the
+request as outstanding there until the request is done, and retries ``start`` once on another replica when a
+replica fault happens before anything reached the caller, within the retry budget.
 """
 
 from __future__ import annotations
@@ -16,11 +20,13 @@ import logging
 import random
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry import trace
 from prometheus_client import Counter, Gauge
 
 from inferplane.common.errors import Unavailable
@@ -32,6 +38,7 @@ REPLICAS = Gauge("inferplane_router_executor_replicas", "Executor replicas known
 EJECTIONS = Counter("inferplane_router_executor_ejections", "Replicas ejected after a failed call")
 RETRIES = Counter("inferplane_router_retries", "Requests retried on another replica before their first token")
 DNS_PREFIX = "dns:///"
+T = TypeVar("T")
 
 
 @dataclass(eq=False)
@@ -246,6 +253,50 @@ class ReplicaSet:
         if not serving:
             raise Unavailable(f"no executor is available for model {model!r}; retry later")
         return choose(serving, self._rng)
+
+    @contextlib.asynccontextmanager
+    async def open(self, model: str, start: Callable[[Replica], Awaitable[T]], *,
+                   request_id: str = "") -> AsyncIterator[T]:
+        """Start a request for ``model`` on a replica; the block runs while the replica holds it.
+
+        ``start(replica)`` is the part of the work that may be retried, because nothing of it has reached the
+        caller: for a stream, opening it and waiting for its first message; for a unary call, the whole call.
+        A replica fault meanwhile (``replica_fault``) ejects the replica and starts again once, on another
+        replica, within the retry budget; any other failure (the deadline, a bad request, the caller leaving)
+        is the request's own and is raised as it is. The replica counts the request as outstanding (the load
+        ``pick`` compares) from ``start`` until the block exits.
+        """
+        replica, opened = await self._start(model, start, request_id)
+        try:
+            yield opened
+        finally:
+            replica.outstanding -= 1
+
+    async def _start(self, model: str, start: Callable[[Replica], Awaitable[T]],
+                     request_id: str) -> tuple[Replica, T]:
+        tried: set[str] = set()
+        self.budget.on_request()
+        while True:
+            replica = self.pick(model, exclude=tried)
+            trace.get_current_span().set_attribute("inferplane.executor", replica.address)
+            replica.outstanding += 1
+            try:
+                opened = await start(replica)
+            except BaseException as exc:
+                replica.outstanding -= 1
+                if not replica_fault(exc):
+                    raise
+                assert isinstance(exc, grpc.aio.AioRpcError)
+                self.failed(replica, exc)
+                if tried or not self.budget.try_spend():
+                    raise Unavailable(f"executor {replica.address} failed: {exc.code().name}") from exc
+                tried.add(replica.address)
+                RETRIES.inc()
+                log.warning("retrying %s on another replica after %s from %s", request_id, exc.code().name,
+                            replica.address)
+                continue
+            replica.succeeded()
+            return replica, opened
 
     def failed(self, replica: Replica, exc: grpc.aio.AioRpcError) -> None:
         """A call to ``replica`` failed in a way that says the replica (not the request) is at fault."""
