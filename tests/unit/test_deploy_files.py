@@ -27,10 +27,10 @@ from inferplane.edge.envoy import (
     validate_config,
 )
 from inferplane.executor.main import ExecutorSettings
-from inferplane.gateway.main import GatewaySettings
-from inferplane.metering.main import MeteringSettings
-from inferplane.router.main import RouterSettings
-from inferplane.tokenizer.main import TokenizerSettings
+from inferplane.gateway.settings import GatewaySettings
+from inferplane.metering.settings import MeteringSettings
+from inferplane.router.settings import RouterSettings
+from inferplane.tokenizer.settings import TokenizerSettings
 from tests.conftest import require
 
 ROOT = Path(__file__).resolve().parents[2]

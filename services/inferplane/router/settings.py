@@ -1,0 +1,50 @@
+"""The router's settings (file section ``router``, environment ``INFERPLANE_ROUTER_*``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from inferplane.assets import CATALOG
+from inferplane.common.settings import ServerSettings, TelemetrySettings
+
+
+class RouterSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="INFERPLANE_ROUTER_", env_nested_delimiter="__")
+
+    server: ServerSettings = ServerSettings(port=50051)
+    telemetry: TelemetrySettings = TelemetrySettings()
+    catalog: Path = CATALOG
+    tokenizer_addr: str = "127.0.0.1:50052"
+    metering_addr: str = "127.0.0.1:50054"
+    # Executor endpoints: host:port each, or dns:///name:port (a headless Service: one replica per address).
+    executor_addrs: list[str] = ["127.0.0.1:50053"]
+    # A failed replica is ejected for eject_base_s, doubling per consecutive failure up to eject_max_s.
+    eject_base_s: float = 1.0
+    eject_max_s: float = 30.0
+    # Retries (before a first token only) may add at most this fraction of requests.
+    retry_budget_ratio: float = 0.2
+    # ... plus this many retries in a burst (requests queued on a replica that just died).
+    retry_budget_burst: float = 50.0
+    # Upper bound of one request when the caller sets no deadline.
+    request_timeout_s: float = 600.0
+    # Where streamed token ids become text: "local" (in the router, with inferplane.tokenization's code and
+    # the catalog's files, as the tokenizer service: no extra hop per message) or "remote" (its DecodeStream).
+    detokenize: Literal["local", "remote"] = "local"
+    # Where prompts become token ids: "local" (in the router, the same library and files as the tokenizer
+    # service: no round trip before the executor is called) or "remote" (the tokenizer service's Encode).
+    tokenize: Literal["local", "remote"] = "local"
+    # Seconds a verified key stays cached (revocation takes effect within this time).
+    key_cache_ttl_s: float = 30.0
+    # while metering is unreachable, a key verified within this many seconds keeps working (0: none does)
+    key_stale_ttl_s: float = 600.0
+    # Rate limits shared by several routers through Redis (redis://host:6379/0); None: in this process.
+    redis_url: str | None = None
+    # When Redis cannot be reached: "local" (each router enforces the limits alone), "open" or "closed".
+    ratelimit_on_redis_error: Literal["local", "open", "closed"] = "local"
+    # The durable outbox of usage records metering has not acknowledged (replayed at start).
+    outbox_path: Path = Path(".inferplane/router-outbox.db")
+    # Seconds the price table from metering is kept before it is asked again.
+    price_ttl_s: float = 10.0
