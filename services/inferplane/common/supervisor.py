@@ -172,8 +172,11 @@ class _Child:
 class Supervisor:
     """Starts, watches, restarts and stops child processes from one long-lived thread."""
 
-    def __init__(self, *, on_event: Callable[[Event], None] | None = None, poll_s: float = 0.1) -> None:
+    def __init__(self, *, on_event: Callable[[Event], None] | None = None, poll_s: float = 0.1,
+                 log_events: bool = True) -> None:
+        """``on_event`` gets every event; ``log_events``: also log each (off where ``on_event`` prints them)."""
         self._on_event = on_event
+        self._log_events = log_events
         self._poll_s = poll_s
         self._children: dict[str, _Child] = {}
         self._lock = threading.RLock()
@@ -372,7 +375,9 @@ class Supervisor:
             time.sleep(0.2)  # a plain thread polling a health check, not async code
 
     def _emit(self, event: Event) -> None:
-        log.log(logging.INFO if event.kind in ("restarted", "ready") else logging.WARNING, "%s", event)
+        if self._log_events:
+            level = {"restarted": logging.INFO, "ready": logging.INFO, "gave_up": logging.ERROR}
+            log.log(level.get(event.kind, logging.WARNING), "%s", event)
         if self._on_event is not None:
             try:
                 self._on_event(event)
