@@ -50,17 +50,25 @@ class Up:
     def start(cls, state: Path, *args: str) -> Up:
         proc = subprocess.Popen([sys.executable, "-m", "inferplane.cli", "up", "--state-dir", str(state),
                                  "--free-ports", "--ready-timeout", str(int(START_TIMEOUT_S)), *args],
-                                cwd=state, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                cwd=state, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                # SIGHUP as a terminal sends it, even where this test runs under nohup
+                                preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
         up = cls(state, proc)
         threading.Thread(target=up._read, daemon=True).start()
         return up
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            with self.changed:
-                self.lines.append(line.rstrip("\n"))
-                self.changed.notify_all()
+        with (self.state / "up.out").open("a") as copy:  # kept for a failed run
+            for line in self.proc.stdout:
+                copy.write(line)
+                copy.flush()
+                with self.changed:
+                    self.lines.append(line.rstrip("\n"))
+                    self.changed.notify_all()
+        self.proc.wait()
+        with self.changed:
+            self.changed.notify_all()  # the end of the output: a waiter sees the exit
 
     @property
     def output(self) -> str:

@@ -394,7 +394,8 @@ def up(args: argparse.Namespace) -> int:
     stack = LocalStack(cfg, log=lambda line: print(line, flush=True))
     stop = stack.interrupted
     for sig in STOP_SIGNALS:
-        signal.signal(sig, lambda *_: stop.set())
+        if signal.getsignal(sig) is not signal.SIG_IGN:  # under nohup SIGHUP stays ignored
+            signal.signal(sig, lambda *_: stop.set())
     started = time.monotonic()
     try:
         stack.check_ports()

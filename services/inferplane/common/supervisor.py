@@ -12,7 +12,8 @@ What it guarantees:
   child spawned in that group (Triton's Python-backend stubs), and a dead child's leftovers are killed.
 - Each child gets ``PR_SET_PDEATHSIG`` = SIGKILL: it dies when its parent dies, at every level (launcher →
   services → tritonserver). The kernel sends that signal when the *thread* that forked the child ends, so
-  every child is forked by the supervisor's own thread, which lives until ``close()``.
+  every child is forked by the supervisor's own thread, which lives until ``close()``. The prctl runs in a
+  small exec wrapper (``die_with_parent``), never in a ``preexec_fn``.
 - A supervised child that exits without being asked is restarted after an exponential backoff (capped);
   one that crashes ``max_crashes`` times within ``window_s`` is given up (an event says so). Each restart
   is an event (for a log line) and a count in ``inferplane_supervisor_restarts_total{child}``.
@@ -25,12 +26,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import ctypes
 import logging
 import os
 import queue
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -45,7 +46,6 @@ log = logging.getLogger(__name__)
 RESTARTS = Counter("inferplane_supervisor_restarts_total", "Child processes restarted after they exited",
                    ["child"])
 
-PR_SET_PDEATHSIG = 1
 T = TypeVar("T")
 EventKind = Literal["exited", "restarting", "restarted", "ready", "gave_up"]
 
@@ -116,12 +116,22 @@ def ordinal(n: int) -> str:
     return f"{n}{suffix}"
 
 
-def _die_with(parent: int) -> None:
-    """In the forked child, before exec: SIGKILL when the forking thread ends; at once if it already has."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # the parent died between fork and prctl
-        os.kill(os.getpid(), signal.SIGKILL)
+# Run first in the child, by a fresh interpreter that then execs the real command: PR_SET_PDEATHSIG, and
+# SIGKILL at once if the parent died before that. Not a ``preexec_fn``: Python code between fork and exec
+# in a process with gRPC's threads crashed (SIGSEGV, gRPC's fork-handler aborts) or hung the child in about
+# 1% of spawns; without one, subprocess uses vfork and runs no fork handlers at all.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def die_with_parent(argv: Sequence[str]) -> list[str]:
+    """``argv`` run so that it gets SIGKILL when the thread that forks it (and so this process) ends."""
+    return [sys.executable, "-S", "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv]
 
 
 def last_line(path: Path | None) -> str:
@@ -299,13 +309,12 @@ class Supervisor:
         if spec.log_path is not None:
             spec.log_path.parent.mkdir(parents=True, exist_ok=True)
             out = spec.log_path.open("ab")
-        parent = os.getpid()
+        argv = die_with_parent(spec.argv) if spec.die_with_parent else list(spec.argv)
         try:
             child.proc = subprocess.Popen(
-                list(spec.argv), cwd=spec.cwd, env=dict(spec.env) if spec.env is not None else None,
+                argv, cwd=spec.cwd, env=dict(spec.env) if spec.env is not None else None,
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,  # type: ignore[arg-type]
-                start_new_session=True,
-                preexec_fn=(lambda: _die_with(parent)) if spec.die_with_parent else None)
+                start_new_session=True)
         finally:
             if not isinstance(out, int):
                 out.close()  # type: ignore[attr-defined]
