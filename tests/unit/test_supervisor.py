@@ -172,3 +172,27 @@ def test_events_from_another_thread_do_not_block_start(sup: Supervisor) -> None:
     done = threading.Event()
     threading.Thread(target=lambda: (sup.start(ChildSpec("t", SLEEPER)), done.set())).start()
     assert done.wait(10)
+
+
+def test_children_start_cleanly_while_grpc_threads_run(sup: Supervisor, events: list[Event]) -> None:
+    """The launcher forks while gRPC's threads run (its health checks). Python code between fork and exec
+    (a ``preexec_fn``) crashed or hung some children there; every child must exec and exit 0."""
+    from inferplane.cli.launcher import grpc_serving
+
+    stop = threading.Event()
+
+    def health_checks() -> None:
+        while not stop.is_set():
+            grpc_serving("127.0.0.1:1", timeout=0.05)
+
+    threads = [threading.Thread(target=health_checks, daemon=True) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        codes = []
+        for _ in range(100):
+            proc = sup.start(ChildSpec("true", ["/bin/true"], restart=None))
+            codes.append(proc.wait(10))
+    finally:
+        stop.set()
+    assert codes == [0] * 100
