@@ -218,6 +218,8 @@ def up2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
 async def test_sigkill_of_an_executor_under_32_streams_restarts_it(up2: Up) -> None:
     victim = up2.service_pid("executor_2")
     old_triton = tritonserver_of(victim)
+    old_stubs = process_group(old_triton) - {old_triton}
+    assert old_stubs, "no Python-backend stub in tritonserver's group"
     t0 = time.monotonic()
     results = await kill_under_32_streams(up2, victim)
     assert_none_lost(results)
@@ -230,6 +232,8 @@ async def test_sigkill_of_an_executor_under_32_streams_restarts_it(up2: Up) -> N
     up2.wait_line(lambda ln: ln.startswith("inferplane: executor_2 exited with -9; restarting (1st restart)"), 30)
     up2.wait_line(lambda ln: ln.startswith("inferplane: executor_2 ready again after"), 60)
     assert not alive(old_triton)  # the dead executor's tritonserver died with it (PDEATHSIG)
+    _, left = wait_gone(old_stubs, 10)  # and its stubs (orphans: reparented to `up`, which kills them)
+    assert not left, f"the dead executor's Triton stubs are still alive: {left}"
     assert up2.service_pid("executor_2") != victim
     assert launcher_restarts(up2, "executor_2") == 1
     # The router sends work to the new executor_2 once its ejection (backoff up to 30 s) is over; wait for

@@ -160,7 +160,9 @@ def http_ok(url: str, timeout: float = 1.0) -> bool:
 class LocalStack:
     """The child processes of one local stack."""
 
-    def __init__(self, cfg: StackConfig, *, log: Callable[[str], None] = print) -> None:
+    def __init__(self, cfg: StackConfig, *, log: Callable[[str], None] = print, reap_orphans: bool = False) -> None:
+        """``reap_orphans``: only where this process has no other children (``inferplane up``), see
+        ``Supervisor``."""
         self.cfg = cfg
         self.log = log
         self.ports = cfg.resolved_ports()
@@ -170,7 +172,8 @@ class LocalStack:
         self.interrupted = threading.Event()
         # Why the stack stopped by itself (a child that kept crashing), or None.
         self.failure: str | None = None
-        self.supervisor = Supervisor(on_event=self._on_event, log_events=False)  # _on_event logs them
+        self.supervisor = Supervisor(on_event=self._on_event, log_events=False,  # _on_event logs them
+                                     reap_orphans=reap_orphans)
         self._metrics_started = False
         self._starting: set[str] = set()
 
@@ -391,7 +394,7 @@ def up(args: argparse.Namespace) -> int:
         ports = dict(DEFAULT_PORTS, edge=args.port or DEFAULT_PORTS["edge"])
     cfg = StackConfig(state_dir=args.state_dir, catalog=args.catalog.resolve(), ports=ports,
                       ready_timeout_s=args.ready_timeout, executors=max(1, args.executors))
-    stack = LocalStack(cfg, log=lambda line: print(line, flush=True))
+    stack = LocalStack(cfg, log=lambda line: print(line, flush=True), reap_orphans=True)
     stop = stack.interrupted
     for sig in STOP_SIGNALS:
         if signal.getsignal(sig) is not signal.SIG_IGN:  # under nohup SIGHUP stays ignored

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import ctypes
 import logging
 import os
 import queue
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 RESTARTS = Counter("inferplane_supervisor_restarts_total", "Child processes restarted after they exited",
                    ["child"])
 
+PR_SET_CHILD_SUBREAPER = 36
 T = TypeVar("T")
 EventKind = Literal["exited", "restarting", "restarted", "ready", "gave_up"]
 
@@ -183,10 +185,19 @@ class Supervisor:
     """Starts, watches, restarts and stops child processes from one long-lived thread."""
 
     def __init__(self, *, on_event: Callable[[Event], None] | None = None, poll_s: float = 0.1,
-                 log_events: bool = True) -> None:
-        """``on_event`` gets every event; ``log_events``: also log each (off where ``on_event`` prints them)."""
+                 log_events: bool = True, reap_orphans: bool = False) -> None:
+        """``on_event`` gets every event; ``log_events``: also log each (off where ``on_event`` prints them).
+
+        ``reap_orphans`` (a process whose only children are this supervisor's, e.g. ``inferplane up``): become
+        a child subreaper, so that what a dead child leaves in *other* process groups (a SIGKILLed executor's
+        tritonserver stubs, which outlive their server) is reparented here, and kill it. Not for a process
+        that has other children (a test runner): they would be taken for orphans."""
         self._on_event = on_event
         self._log_events = log_events
+        self._reap_orphans = reap_orphans
+        self._next_orphan_scan = 0.0
+        if reap_orphans:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1)
         self._poll_s = poll_s
         self._children: dict[str, _Child] = {}
         self._lock = threading.RLock()
@@ -300,8 +311,32 @@ class Supervisor:
                     fut.set_exception(exc)
             try:
                 self._watch()
+                if self._reap_orphans and time.monotonic() >= self._next_orphan_scan:
+                    self._kill_orphans()
+                    self._next_orphan_scan = time.monotonic() + 1.0
             except Exception:  # the watcher must outlive any one bad event handler
                 log.exception("supervisor watch failed")
+
+    def _kill_orphans(self) -> None:
+        """SIGKILL and reap the processes reparented to this one (see ``reap_orphans``)."""
+        with self._lock:
+            ours = {c.proc.pid for c in self._children.values() if c.proc is not None}
+        me = os.getpid()
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit() or int(entry.name) in ours:
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat", "rb") as f:
+                    ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == me:
+                pid = int(entry.name)
+                log.warning("killing orphan %d left by a dead child", pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
 
     def _spawn(self, child: _Child) -> subprocess.Popen[bytes]:
         spec = child.spec
