@@ -271,6 +271,12 @@ class Supervisor:
             codes[child.spec.name] = proc.wait()
             if not wait_group_gone(proc.pid, 5.0):
                 log.warning("processes of %s's group %d still exist 5s after SIGKILL", child.spec.name, proc.pid)
+        if self._reap_orphans:  # what the stopped children left in other groups (a killed executor's stubs)
+            quiet_since = time.monotonic()
+            while time.monotonic() - quiet_since < 0.5:
+                if self._kill_orphans():
+                    quiet_since = time.monotonic()
+                time.sleep(0.05)
         return codes
 
     def close(self, timeout: float | None = None) -> None:
@@ -317,11 +323,12 @@ class Supervisor:
             except Exception:  # the watcher must outlive any one bad event handler
                 log.exception("supervisor watch failed")
 
-    def _kill_orphans(self) -> None:
-        """SIGKILL and reap the processes reparented to this one (see ``reap_orphans``)."""
+    def _kill_orphans(self) -> int:
+        """SIGKILL and reap the processes reparented to this one (see ``reap_orphans``); how many."""
         with self._lock:
             ours = {c.proc.pid for c in self._children.values() if c.proc is not None}
         me = os.getpid()
+        killed = 0
         for entry in os.scandir("/proc"):
             if not entry.name.isdigit() or int(entry.name) in ours:
                 continue
@@ -337,6 +344,8 @@ class Supervisor:
                     os.kill(pid, signal.SIGKILL)
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, 0)
+                killed += 1
+        return killed
 
     def _spawn(self, child: _Child) -> subprocess.Popen[bytes]:
         spec = child.spec
