@@ -261,7 +261,8 @@ async def test_metering_killed_for_30s_under_load_loses_nothing(ledger_stack: Lo
     async with httpx.AsyncClient(timeout=120) as http:
         async def worker(w: int) -> None:
             info, plain = keys[w % 2]
-            while not stop.is_set():
+            # at most ~900 per key: the ledger below is read with one list_usage call per key (1,000 at most)
+            while not stop.is_set() and len(seen) < 1800:
                 seen.append(await one(http, ledger_stack, plain, info.key_id, stream=w % 2 == 0, disconnect=False,
                                       max_tokens=8, prompt="Return the"))
 
