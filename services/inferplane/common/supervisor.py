@@ -223,6 +223,13 @@ class Supervisor:
         with self._lock:
             self._children[name].supervised = True
 
+    def hold(self, name: str) -> None:
+        """No more restarts of ``name`` (it is being stopped by other means, e.g. its parent drains)."""
+        with self._lock:
+            child = self._children[name]
+            child.supervised = False
+            child.restart_at = None
+
     def proc(self, name: str) -> subprocess.Popen[bytes] | None:
         with self._lock:
             child = self._children.get(name)

@@ -186,6 +186,8 @@ class Executor:
 
     async def stop_supervising(self) -> None:
         self._stopping = True
+        if self.process is not None:
+            self.process.hold()  # a Triton that exits from now on (we are draining) is not restarted
         if self._supervisor is not None:
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):

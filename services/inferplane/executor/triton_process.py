@@ -241,6 +241,11 @@ class TritonProcess:
                 raise TritonError(f"tritonserver not ready after {timeout:.0f}s:\n{self.log_tail()}")
             time.sleep(0.2)
 
+    def hold(self) -> None:
+        """No more restarts: the server stays down if it exits from now on (the executor is draining)."""
+        if self._supervisor is not None:
+            self._supervisor.hold("tritonserver")
+
     def stop(self) -> int | None:
         """Stop the server and everything in its process group; returns its exit code."""
         sup, self._supervisor = self._supervisor, None
