@@ -14,34 +14,9 @@ import httpx
 import pytest
 
 from inferplane.cli.launcher import read_env
+from tests.e2e.procs import alive, descendants
 
 pytestmark = pytest.mark.e2e
-
-
-def descendants(pid: int) -> set[int]:
-    """Every live process below ``pid`` (from /proc), by parent links."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                parents[int(entry.name)] = int(fields[1])
-            except (OSError, IndexError):
-                continue
-    found: set[int] = set()
-    frontier = {pid}
-    while frontier:
-        frontier = {child for child, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def test_up_prints_a_working_key_and_stops_every_child_on_ctrl_c(tmp_path: Path) -> None:

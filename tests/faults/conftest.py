@@ -17,7 +17,8 @@ def stack2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     state = tmp_path_factory.mktemp("faults")
     cfg = StackConfig(state_dir=state, ports=dict.fromkeys(StackConfig().ports, 0), ready_timeout_s=300,
                       executors=2, trace_exporter="none",
-                      router={"request_timeout_s": REQUEST_TIMEOUT_S, "eject_base_s": 0.5, "eject_max_s": 2.0})
+                      router={"request_timeout_s": REQUEST_TIMEOUT_S, "eject_base_s": 0.5, "eject_max_s": 2.0},
+                      restart=None)  # these tests kill and restart services themselves (`up`'s restarts: e2e)
     local = LocalStack(cfg, log=lambda m: None)
     try:
         local.start()

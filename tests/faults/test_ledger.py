@@ -42,7 +42,7 @@ MODEL = "tiny-llama"
 def ledger_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     state = tmp_path_factory.mktemp("ledger")
     cfg = StackConfig(state_dir=state, ports=dict.fromkeys(StackConfig().ports, 0), ready_timeout_s=300,
-                      trace_exporter="none")
+                      trace_exporter="none", restart=None)  # metering stays down for 30 s when killed
     local = LocalStack(cfg, log=lambda m: None)
     try:
         local.start()

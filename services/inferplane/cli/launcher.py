@@ -5,7 +5,13 @@ metering, tokenizer, executor (which starts Triton), router, gateway and Envoy (
 generated from the same file into ``.inferplane/envoy.yaml``) as child processes, waits for each one's
 readiness (gRPC health / HTTP / Envoy's admin ``/ready``), creates a demo API key, writes
 ``.inferplane/local.env`` and stays in the foreground. The base URL and gRPC address it prints are
-Envoy's. SIGINT/SIGTERM stop every child (and Triton under the executor), the edge first.
+Envoy's. SIGINT/SIGTERM/SIGHUP stop every child (and Triton under the executor), the edge first.
+
+Every child runs on ``inferplane.common.supervisor``: it dies with the launcher (even a SIGKILLed one), and
+once it has been ready a child that exits is restarted with backoff (the router fails over meanwhile) and
+each restart is printed and counted (``inferplane_supervisor_restarts_total{child}`` on the launcher's own
+metrics port, ``launcher_metrics``). A child that crashes 5 times within a minute stops the stack. Before
+starting anything every port is checked free: a taken one fails fast with one line naming it.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -28,7 +35,9 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from inferplane.assets import CATALOG
+from inferplane.common.metrics import start_metrics_server
 from inferplane.common.ports import free_port
+from inferplane.common.supervisor import ChildSpec, Event, RestartPolicy, Supervisor, last_line
 from inferplane.edge.envoy import edge_settings, envoy_command, write_envoy_yaml
 
 # Default ports: clear of PostgreSQL 5432, Redis 6379, NATS 4222, RabbitMQ 5672, Mosquitto 1883, MariaDB 3306.
@@ -36,7 +45,7 @@ from inferplane.edge.envoy import edge_settings, envoy_command, write_envoy_yaml
 DEFAULT_PORTS = {"edge": 8080, "envoy_admin": 9901, "gateway": 8081, "router": 50051, "tokenizer": 50052,
                  "executor": 50053, "metering": 50054, "triton_http": 18000, "triton_grpc": 18001,
                  "triton_metrics": 18002, "router_metrics": 9101, "tokenizer_metrics": 9102,
-                 "executor_metrics": 9103, "metering_metrics": 9104}
+                 "executor_metrics": 9103, "metering_metrics": 9104, "launcher_metrics": 9105}
 START_ORDER = ["metering", "tokenizer", "executor", "router", "gateway", "envoy"]
 # Ports of each extra executor replica (executor_2, ...), by their offset from the first one's.
 REPLICA_PORTS = ("executor", "triton_http", "triton_grpc", "triton_metrics", "executor_metrics")
@@ -81,6 +90,8 @@ class StackConfig:
     executors: int = 1
     # Overrides of the router's settings (``RouterSettings`` fields, e.g. request_timeout_s).
     router: dict[str, Any] = field(default_factory=dict)
+    # How a child that exits after it was ready is restarted; None: never (tests that kill on purpose).
+    restart: RestartPolicy | None = field(default_factory=RestartPolicy)
 
     def resolved_ports(self) -> dict[str, int]:
         return {k: (v or free_port()) for k, v in with_replica_ports(self.ports, self.executors).items()}
@@ -149,15 +160,43 @@ def http_ok(url: str, timeout: float = 1.0) -> bool:
 class LocalStack:
     """The child processes of one local stack."""
 
-    def __init__(self, cfg: StackConfig, *, log: Callable[[str], None] = print) -> None:
+    def __init__(self, cfg: StackConfig, *, log: Callable[[str], None] = print, reap_orphans: bool = False) -> None:
+        """``reap_orphans``: only where this process has no other children (``inferplane up``), see
+        ``Supervisor``."""
         self.cfg = cfg
         self.log = log
         self.ports = cfg.resolved_ports()
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.state = cfg.state_dir.resolve()
         self.settings_file = self.state / "stack.yaml"
         self.settings = stack_settings(cfg, self.ports)
         self.interrupted = threading.Event()
+        # Why the stack stopped by itself (a child that kept crashing), or None.
+        self.failure: str | None = None
+        self.supervisor = Supervisor(on_event=self._on_event, log_events=False,  # _on_event logs them
+                                     reap_orphans=reap_orphans)
+        self._metrics_started = False
+        self._starting: set[str] = set()
+
+    @property
+    def procs(self) -> dict[str, subprocess.Popen[bytes]]:
+        """The current process of each component started (a restarted one's new process)."""
+        out = {}
+        for name in self.supervisor.names:
+            proc = self.supervisor.proc(name)
+            if proc is not None:
+                out[name] = proc
+        return out
+
+    def _on_event(self, event: Event) -> None:
+        if event.kind == "exited" and event.child in self._starting:
+            return  # start-up reports it, with the log's last line
+        self.log(f"inferplane: {event}")
+        if event.kind == "gave_up":
+            self.failure = f"{event}; stopping (last log line: {last_line(self._log_path(event.child))})"
+            self.interrupted.set()
+
+    def _log_path(self, name: str) -> Path:
+        return self.state / "logs" / f"{name}.log"
 
     @property
     def base_url(self) -> str:
@@ -198,6 +237,8 @@ class LocalStack:
         ``triton_2``, ... (the gateway serves them on its own port)."""
         if name == "gateway":
             return f"http://{self.cfg.host}:{self.ports['gateway']}/metrics"
+        if name == "launcher":  # this process: the supervisor's restart counter
+            return f"http://{self.cfg.host}:{self.ports['launcher_metrics']}/metrics"
         if name.startswith("triton"):
             key = "triton_metrics" + name.removeprefix("triton")
         elif name.startswith("executor"):
@@ -207,23 +248,38 @@ class LocalStack:
         return f"http://{self.cfg.host}:{self.ports[key]}/metrics"
 
     def spawn(self, name: str) -> None:
-        """Start (or restart) one component and wait until it is ready."""
-        old = self.procs.get(name)
-        if old is not None and old.poll() is None:
-            raise RuntimeError(f"{name} is still running")
-        logfile = (self.state / "logs" / f"{name}.log").open("ab")
+        """Start (or start again) one component, wait until it is ready, then supervise it."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        # Own process group per service: a stop signal reaches the service and whatever it spawned.
-        self.procs[name] = subprocess.Popen(self._command(name), cwd=self.state, env=env, stdout=logfile,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
-        logfile.close()
-        self._wait(name)
+        spec = ChildSpec(name, self._command(name), cwd=self.state, env=env, log_path=self._log_path(name),
+                         restart=self.cfg.restart, ready=lambda: self._ready(name), stop_timeout_s=20.0)
+        self._starting.add(name)
+        try:
+            self.supervisor.start(spec, supervised=False)  # a death during start-up fails the start
+            self._wait(name)
+        finally:
+            self._starting.discard(name)
+        self.supervisor.supervise(name)
+
+    def check_ports(self) -> None:
+        """Fail before anything starts when a port the stack will bind is taken (another stack, a service)."""
+        for key, port in self.ports.items():
+            host = "127.0.0.1" if key == "envoy_admin" else self.cfg.host
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind (TIME_WAIT is fine)
+                try:
+                    sock.bind((host, port))
+                except OSError:
+                    raise PortInUseError(f"port {port} ({key}) is already in use on {host}") from None
 
     def start(self) -> None:
+        self.check_ports()
         self.state.mkdir(parents=True, exist_ok=True)
         (self.state / "logs").mkdir(exist_ok=True)
         self.settings_file.write_text(yaml.safe_dump(self.settings, sort_keys=False))
         write_envoy_yaml(edge_settings(self.settings_file), self.envoy_file, source=str(self.settings_file))
+        if not self._metrics_started:  # the supervisor's restart counter (and the launcher's process metrics)
+            self.ports["launcher_metrics"] = start_metrics_server(self.cfg.host, self.ports["launcher_metrics"])
+            self._metrics_started = True
         for name in self.start_order:
             self.spawn(name)
 
@@ -233,9 +289,11 @@ class LocalStack:
         while not self._ready(name):
             if self.interrupted.is_set():
                 raise RuntimeError("interrupted while starting")
-            proc = self.procs[name]
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with {proc.returncode}; see {self.state / 'logs' / (name + '.log')}")
+            proc = self.supervisor.proc(name)
+            if proc is None or proc.poll() is not None:
+                code = proc.returncode if proc is not None else None
+                raise RuntimeError(f"{name} exited with {code} while starting: {last_line(self._log_path(name))} "
+                                   f"(log: {self._log_path(name)})")
             waited = time.monotonic() - started
             if waited > self.cfg.ready_timeout_s:
                 raise TimeoutError(f"{name} not ready after {waited:.0f}s; see {self.state / 'logs'}")
@@ -259,25 +317,8 @@ class LocalStack:
         return ""
 
     def stop(self, timeout: float = 20.0) -> None:
-        for name in reversed(list(self.procs)):
-            proc = self.procs[name]
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + timeout
-        for proc in self.procs.values():
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        for proc in self.procs.values():  # whatever did not drain in time, and anything it left behind
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            proc.wait()
+        """SIGTERM every component's process group, the edge first; SIGKILL what is left after ``timeout``."""
+        self.supervisor.stop_all(timeout=timeout)
 
     def create_demo_key(self) -> str:
         return self._local_key("INFERPLANE_API_KEY", "demo", ["inference"])
@@ -307,12 +348,16 @@ class LocalStack:
     def write_env(self, api_key: str, admin_key: str | None = None) -> Path:
         env_file = self.state / "local.env"
         values = {"INFERPLANE_BASE_URL": self.base_url, "INFERPLANE_GRPC_ADDR": self.grpc_addr,
-                  "INFERPLANE_API_KEY": api_key}
+                  "INFERPLANE_API_KEY": api_key, "INFERPLANE_LAUNCHER_METRICS": self.metrics_url("launcher")}
         if admin_key is not None:
             values["INFERPLANE_ADMIN_KEY"] = admin_key
         env_file.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
         env_file.chmod(0o600)
         return env_file
+
+
+class PortInUseError(RuntimeError):
+    """A port the stack needs is taken."""
 
 
 def read_env(path: Path) -> dict[str, str]:
@@ -329,23 +374,37 @@ def read_env(path: Path) -> dict[str, str]:
 def add_up_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dir", type=Path, default=Path(".inferplane"), help="where state, logs and traces go")
     parser.add_argument("--catalog", type=Path, default=CATALOG)
-    parser.add_argument("--port", type=int, default=DEFAULT_PORTS["edge"],
-                        help="the edge's port (Envoy: REST and gRPC)")
+    parser.add_argument("--port", type=int, default=None,
+                        help=f"the edge's port (Envoy: REST and gRPC; default {DEFAULT_PORTS['edge']}, or a free one "
+                             "with --free-ports)")
     parser.add_argument("--executors", type=int, default=1, help="executor replicas, each with its own Triton")
     parser.add_argument("--free-ports", action="store_true",
-                        help="pick free ports for every component (several stacks side by side)")
+                        help="pick free ports for every component but the edge's --port when given "
+                             "(several stacks side by side)")
     parser.add_argument("--ready-timeout", type=float, default=600.0)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def up(args: argparse.Namespace) -> int:
-    ports = dict.fromkeys(DEFAULT_PORTS, 0) if args.free_ports else dict(DEFAULT_PORTS, edge=args.port)
+    if args.free_ports:
+        ports = dict.fromkeys(DEFAULT_PORTS, 0) | ({"edge": args.port} if args.port else {})
+    else:
+        ports = dict(DEFAULT_PORTS, edge=args.port or DEFAULT_PORTS["edge"])
     cfg = StackConfig(state_dir=args.state_dir, catalog=args.catalog.resolve(), ports=ports,
                       ready_timeout_s=args.ready_timeout, executors=max(1, args.executors))
-    stack = LocalStack(cfg)
+    stack = LocalStack(cfg, log=lambda line: print(line, flush=True), reap_orphans=True)
     stop = stack.interrupted
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    for sig in STOP_SIGNALS:
+        if signal.getsignal(sig) is not signal.SIG_IGN:  # under nohup SIGHUP stays ignored
+            signal.signal(sig, lambda *_: stop.set())
     started = time.monotonic()
+    try:
+        stack.check_ports()
+    except PortInUseError as exc:
+        print(f"inferplane: {exc}", file=sys.stderr, flush=True)
+        return 1
     print("inferplane: starting the local stack", flush=True)
     try:
         stack.start()
@@ -355,22 +414,23 @@ def up(args: argparse.Namespace) -> int:
         print(f"\ninferplane is ready in {time.monotonic() - started:.1f}s\n"
               f"  base URL   {stack.base_url}\n  gRPC       {stack.grpc_addr}\n  API key    {key}\n"
               f"  admin key  {admin_key}  (INFERPLANE_ADMIN_KEY: /admin/*, inferplane keys|prices|budgets)\n"
-              f"  env file   {env_file}\n  logs       {stack.state / 'logs'}\n\n"
+              f"  env file   {env_file}\n  logs       {stack.state / 'logs'}\n"
+              f"  metrics    {stack.metrics_url('launcher')}  (restarts of crashed services)\n\n"
               f"Try it:\n  curl {stack.base_url}/chat/completions \\\n"
               f"    -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\\n"
               f"    -d '{{\"model\": \"tiny-llama\", \"messages\": [{{\"role\": \"user\", "
               f"\"content\": \"What does os.path.join do?\"}}], \"max_tokens\": 32}}'\n\n"
               "Ctrl-C stops everything.", flush=True)
-        while not stop.is_set():
-            for name, proc in stack.procs.items():
-                if proc.poll() is not None:
-                    print(f"inferplane: {name} exited with {proc.returncode}; stopping", flush=True)
-                    stop.set()
-            stop.wait(0.5)
-        return 0
+        while not stop.wait(1.0):  # children are watched (and restarted) by the supervisor's thread
+            pass
     except (RuntimeError, TimeoutError) as exc:
-        print(f"inferplane: {exc}", file=sys.stderr, flush=True)
-        return 1
+        if not (stop.is_set() and stack.failure is None):  # a stop signal during start-up is a clean stop
+            print(f"inferplane: {exc}", file=sys.stderr, flush=True)
+            return 1
     finally:
         print("inferplane: stopping", flush=True)
         stack.stop()
+    if stack.failure is not None:
+        print(f"inferplane: {stack.failure}", file=sys.stderr, flush=True)
+        return 1
+    return 0

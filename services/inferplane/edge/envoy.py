@@ -29,6 +29,7 @@ from pydantic import model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from inferplane.common.settings import load_settings
+from inferplane.common.supervisor import ChildSpec, Supervisor
 
 ROUTER_SERVICE = "inferplane.v1.RouterService"
 GATEWAY_CLUSTER = "gateway"
@@ -471,14 +472,19 @@ def validate_config(config: Path) -> subprocess.CompletedProcess[str]:
 
 
 class EnvoyProcess:
-    """One Envoy child running ``settings`` (tests and benchmarks; ``inferplane up`` starts its own)."""
+    """One Envoy child running ``settings`` (tests and benchmarks; ``inferplane up`` starts its own), on the
+    project's process supervisor: its own process group, dies with this process, never restarted."""
 
     def __init__(self, settings: EdgeSettings, work_dir: Path, *, concurrency: int | None = None) -> None:
         self.settings = settings
         self.config = Path(work_dir) / f"envoy-{settings.port}.yaml"
         self.log_path = Path(work_dir) / f"envoy-{settings.port}.log"
         self.concurrency = concurrency
-        self.proc: subprocess.Popen[bytes] | None = None
+        self._supervisor: Supervisor | None = None
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        return self._supervisor.proc("envoy") if self._supervisor is not None else None
 
     @property
     def base(self) -> str:
@@ -490,14 +496,14 @@ class EnvoyProcess:
 
     def start(self, timeout: float = 30.0) -> EnvoyProcess:
         write_envoy_yaml(self.settings, self.config)
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(envoy_command(self.config, concurrency=self.concurrency), stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+        self._supervisor = sup = Supervisor()
         # Also stopped when this object goes away or the interpreter exits (a test that failed half-way).
-        weakref.finalize(self, _terminate, self.proc)
+        weakref.finalize(self, sup.close)
+        proc = sup.start(ChildSpec("envoy", envoy_command(self.config, concurrency=self.concurrency),
+                                   log_path=self.log_path, restart=None))
         deadline = time.monotonic() + timeout
         while not self.ready():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"envoy did not become ready; log:\n{self.log_path.read_text()[-3000:]}")
             time.sleep(0.05)
@@ -522,24 +528,14 @@ class EnvoyProcess:
         return out
 
     def stop(self) -> None:
-        if self.proc is not None:
-            _terminate(self.proc)
+        if self._supervisor is not None:
+            self._supervisor.close()
 
     def __enter__(self) -> EnvoyProcess:
-        return self.start() if self.proc is None else self
+        return self.start() if self._supervisor is None else self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def _terminate(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,8 @@
 """Executor service: render the model repository, start and supervise Triton, serve the executor API.
 
 Health is NOT_SERVING until Triton reports every model ready, and again whenever Triton is down; a
-Triton that exits is restarted with backoff (or, with an external Triton, waited for).
+Triton that exits is restarted with backoff by the process supervisor (``inferplane.common.supervisor``)
+and the executor is SERVING again once Triton is ready; an external Triton is polled instead.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from inferplane.common.catalog import load_catalog
 from inferplane.common.logs import setup_logging
 from inferplane.common.server import GrpcServer
 from inferplane.common.settings import ServerSettings, TelemetrySettings, load_settings
+from inferplane.common.supervisor import Event, RestartPolicy
 from inferplane.common.telemetry import setup_tracing
 from inferplane.executor.otlp_receiver import OtlpFileReceiver
 from inferplane.executor.repository import render_repository
@@ -41,6 +43,10 @@ class TritonSettings(BaseModel):
     metrics_port: int = 18002
     work_dir: Path = Path(".inferplane/executor")
     exit_timeout_s: int = 5
+    # Restart of a tritonserver that exited: first after restart_backoff_s, doubling up to
+    # restart_max_backoff_s; the supervisor gives up after 5 crashes within a minute.
+    restart_backoff_s: float = 0.5
+    restart_max_backoff_s: float = 30.0
     ready_timeout_s: float = 600.0
     # torch intra-op threads inside the model (0 = torch's default).
     torch_threads: int = 0
@@ -85,6 +91,7 @@ class Executor:
         if settings.telemetry.exporter == "file" and not t.url:
             self.receiver = OtlpFileReceiver(settings.telemetry.file_path)
         self._supervisor: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
 
     @staticmethod
@@ -111,7 +118,9 @@ class Executor:
             self.repo, backend_dir=prepare_backend_dir(work / "backends"), grpc_port=t.grpc_port,
             http_port=t.http_port, metrics_port=t.metrics_port, exit_timeout_s=t.exit_timeout_s,
             extra_args=[*self.triton_trace_args(), *t.extra_args], log_path=work / "tritonserver.log",
-            env={"LD_PRELOAD": preload} if (preload := allocator_preload(t.allocator)) else None)
+            env={"LD_PRELOAD": preload} if (preload := allocator_preload(t.allocator)) else None,
+            restart=RestartPolicy(backoff_s=t.restart_backoff_s, max_backoff_s=t.restart_max_backoff_s),
+            on_event=self._on_triton_event)
         log.info("tritonserver allocator: %s", preload or "system malloc")
         proc.start()
         return proc
@@ -134,6 +143,7 @@ class Executor:
                  ",".join(self.triton_models), time.monotonic() - started)
 
     async def start(self) -> int:
+        self._loop = asyncio.get_running_loop()
         port = await self.server.start()
         if self.receiver is not None:
             self.receiver.start()
@@ -141,31 +151,33 @@ class Executor:
             self.process = self._spawn()
         await self.wait_triton_ready(self.settings.triton.ready_timeout_s)
         await self.server.set_serving(True)
-        self._supervisor = asyncio.create_task(self._supervise())
+        if self.process is None:
+            self._supervisor = asyncio.create_task(self._poll_external())
         return port
 
-    async def _supervise(self) -> None:
-        """Watch Triton; while it is down report NOT_SERVING, restart it (spawned mode) with backoff."""
-        backoff = 1.0
+    def _on_triton_event(self, event: Event) -> None:
+        """From the supervisor's thread: NOT_SERVING when tritonserver exits, SERVING when it is ready again."""
+        if self._loop is None or self._stopping:
+            return
+        if event.kind in ("restarting", "exited", "gave_up"):
+            asyncio.run_coroutine_threadsafe(self.server.set_serving(False), self._loop)
+        elif event.kind == "ready":
+            asyncio.run_coroutine_threadsafe(self._triton_back(), self._loop)
+
+    async def _triton_back(self) -> None:
+        try:
+            await self.wait_triton_ready(self.settings.triton.ready_timeout_s)
+        except (RuntimeError, TimeoutError) as exc:  # died again while loading: the supervisor restarts it
+            log.error("Triton restart failed: %s", exc)
+            return
+        if not self._stopping:
+            await self.server.set_serving(True)
+
+    async def _poll_external(self) -> None:
+        """An external Triton: follow its readiness."""
         while not self._stopping:
             await asyncio.sleep(1.0)
-            if self.process is not None and not self.process.running:
-                code = self.process.proc.poll() if self.process.proc is not None else None
-                log.error("tritonserver exited (code %s); restarting in %.0fs", code, backoff)
-                await self.server.set_serving(False)
-                await asyncio.to_thread(self.process.stop)  # reap what is left of its process group
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 30.0)
-                try:
-                    self.process = self._spawn()
-                    await self.wait_triton_ready(self.settings.triton.ready_timeout_s)
-                    await self.server.set_serving(True)
-                    backoff = 1.0
-                except (RuntimeError, TimeoutError) as exc:
-                    log.error("Triton restart failed: %s", exc)
-            elif self.process is None:
-                ready = await self.client.is_ready(self.triton_models)
-                await self.server.set_serving(ready)
+            await self.server.set_serving(await self.client.is_ready(self.triton_models))
 
     async def stop(self, grace: float | None = None) -> None:
         await self.stop_supervising()
@@ -174,6 +186,8 @@ class Executor:
 
     async def stop_supervising(self) -> None:
         self._stopping = True
+        if self.process is not None:
+            self.process.hold()  # a Triton that exits from now on (we are draining) is not restarted
         if self._supervisor is not None:
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):

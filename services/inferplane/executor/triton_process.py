@@ -11,23 +11,22 @@ this interpreter's libpython directory (else Debian's system libpython 3.11.2 is
 initialisation fails), then the wheel's bundled libraries (the copied backend loses its ``$ORIGIN`` RPATH);
 ``PATH`` led by this interpreter's ``bin/`` so the stub runs the same virtual environment.
 
-``stop()`` sends SIGTERM to tritonserver, waits ``exit_timeout_s`` plus a margin, then SIGKILLs the whole
-process group (the Python stubs included). It also runs at interpreter exit, and by default the server
-gets PR_SET_PDEATHSIG so it dies if this process is killed outright. That signal fires when the *thread*
-that called ``start()`` ends: call ``start()`` from a thread that lives as long as the server (the main
-thread or the event loop's), or pass ``die_with_parent=False``.
+The process is run by ``inferplane.common.supervisor`` (one supervisor for every child in the project): its
+own process group, PR_SET_PDEATHSIG (it dies if this process is killed outright; the supervisor forks from
+its own long-lived thread, so ``start()`` may be called from any thread), and, when ``restart`` is given, a
+tritonserver that exits is restarted with backoff and reported through ``on_event``. ``stop()`` sends
+SIGTERM to tritonserver, waits ``exit_timeout_s`` plus a margin, then SIGKILLs the whole process group (the
+Python stubs included). It also runs at interpreter exit.
 """
 
 from __future__ import annotations
 
 import atexit
-import contextlib
 import ctypes
 import ctypes.util
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import sysconfig
@@ -40,10 +39,10 @@ from pathlib import Path
 from types import TracebackType
 
 from inferplane.common.ports import free_port
+from inferplane.common.supervisor import ChildSpec, Event, RestartPolicy, Supervisor
 
 log = logging.getLogger(__name__)
 
-PR_SET_PDEATHSIG = 1
 BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
 
 
@@ -98,23 +97,6 @@ def _same_file(src: Path, copy: Path) -> bool:
     return copy.exists() and copy.stat().st_size == src.stat().st_size
 
 
-def _die_with_parent() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def _wait_group_gone(pgid: int, timeout: float) -> bool:
-    """Wait until no process of the group is left (killed stubs linger until init reaps them)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except (ProcessLookupError, PermissionError):  # gone (or the pgid now belongs to someone else)
-            return True
-        time.sleep(0.05)
-    return False
-
-
 # Allocators Triton's release notes recommend over glibc's malloc, whose arenas keep freed memory in a
 # long-running multithreaded server (RSS that only grows: "a false memory leak").
 PREFERRED_ALLOCATORS = ("jemalloc", "tcmalloc_minimal", "tcmalloc")
@@ -151,6 +133,8 @@ class TritonProcess:
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
         die_with_parent: bool = True,
+        restart: RestartPolicy | None = None,
+        on_event: Callable[[Event], None] | None = None,
     ) -> None:
         self.model_repository = Path(model_repository)
         self.backend_dir = Path(backend_dir)
@@ -163,8 +147,15 @@ class TritonProcess:
         self.extra_args = list(extra_args)
         self.extra_env = dict(env or {})
         self.die_with_parent = die_with_parent
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.restart = restart
+        self._on_event = on_event
+        self._supervisor: Supervisor | None = None
         self._log_offset = 0
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        """The current tritonserver process (a new one after each restart)."""
+        return self._supervisor.proc("tritonserver") if self._supervisor is not None else None
 
     @property
     def grpc_url(self) -> str:
@@ -196,17 +187,15 @@ class TritonProcess:
         return env
 
     def start(self) -> None:
-        assert self.proc is None, "already started"
-        out = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
-        try:
-            self.proc = subprocess.Popen(
-                self.command(), env=self.environment(), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True,  # its own process group, so stop() can kill the stubs with it
-                preexec_fn=_die_with_parent if self.die_with_parent else None,
-            )
-        finally:
-            if not isinstance(out, int):
-                out.close()
+        assert self._supervisor is None, "already started"
+        self._supervisor = Supervisor(on_event=self._on_event)
+        spec = ChildSpec("tritonserver", self.command(), env=self.environment(), log_path=self.log_path,
+                         restart=self.restart, ready=self.is_ready, stop_timeout_s=self.exit_timeout_s + 5,
+                         term_group=False,  # tritonserver unloads its models and lets the stubs finalize
+                         die_with_parent=self.die_with_parent)
+        if self.log_path is not None:
+            self.log_path.write_bytes(b"")  # this run's log (restarts append to it)
+        self._supervisor.start(spec)
         atexit.register(self.stop)
 
     @property
@@ -252,24 +241,19 @@ class TritonProcess:
                 raise TritonError(f"tritonserver not ready after {timeout:.0f}s:\n{self.log_tail()}")
             time.sleep(0.2)
 
+    def hold(self) -> None:
+        """No more restarts: the server stays down if it exits from now on (the executor is draining)."""
+        if self._supervisor is not None:
+            self._supervisor.hold("tritonserver")
+
     def stop(self) -> int | None:
         """Stop the server and everything in its process group; returns its exit code."""
-        proc, self.proc = self.proc, None
-        if proc is None:
+        sup, self._supervisor = self._supervisor, None
+        if sup is None:
             return None
         atexit.unregister(self.stop)
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)  # graceful: unload models, let the stubs finalize
-            try:
-                proc.wait(timeout=self.exit_timeout_s + 5)
-            except subprocess.TimeoutExpired:
-                pass
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the group, stubs included
-        code = proc.wait()
-        if not _wait_group_gone(proc.pid, timeout=5.0):
-            log.warning("processes of tritonserver's group %d still exist 5s after SIGKILL", proc.pid)
+        code = sup.stop("tritonserver")
+        sup.close()
         return code
 
     def __enter__(self) -> TritonProcess:
