@@ -149,3 +149,39 @@ async def test_no_serving_replica_is_unavailable_before_any_call():
         async with rs.open("m", start):
             pass
     assert start.calls == []
+
+
+async def test_an_ejected_replica_is_back_as_soon_as_its_health_says_serving_again():
+    """A restarted executor (health down, then SERVING) is not kept out for the backoff its predecessor earned."""
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    server = grpc.aio.server()
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    address = f"127.0.0.1:{port}"
+    rs = ReplicaSet([address], channel_factory=grpc.aio.insecure_channel, eject_base_s=30.0, eject_max_s=30.0)
+    await rs.start()
+    try:
+        r = rs.replicas[address]
+        assert await rs.wait_any_serving(timeout=30)
+        for _ in range(6):  # 32 streams failing at once on a SIGKILLed executor
+            rs.failed(r, rpc_error(grpc.StatusCode.UNAVAILABLE))
+        assert not r.available(time.monotonic())
+        await servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await _until(lambda: not r.serving)
+        await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        await _until(lambda: r.serving)
+        assert r.available(time.monotonic()) and r.failures == 0
+    finally:
+        await rs.close()
+        await server.stop(None)
+
+
+async def _until(condition, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)

@@ -2,10 +2,10 @@
 
 The router keeps one ``Replica`` per executor endpoint. A replica takes requests while its health
 stream says SERVING (an executor that drains flips to NOT_SERVING and gets nothing new at once) and it
-is not ejected; a replica that fails a call is ejected with exponential backoff and returns when its
-health says SERVING again after the backoff. Choice is power-of-two-choices on the least outstanding
-requests (this router's own in-flight calls plus the executor's reported queue), among replicas that
-serve the model.
+is not ejected; a replica that fails a call is ejected with exponential backoff and returns after the
+backoff, or at once when its health goes from down (or NOT_SERVING) to SERVING: a restarted executor starts
+afresh. Choice is power-of-two-choices on the least outstanding requests (this router's own in-flight calls
+plus the executor's reported queue), among replicas that serve the model.
 
 ``ReplicaSet.open(model, start)`` is the one way a request reaches an executor: it picks a replica, counts the
 request as outstanding there until the request is done, and retries ``start`` once on another replica when a
@@ -69,6 +69,12 @@ class Replica:
 
     def succeeded(self) -> None:
         self.failures = 0
+
+    def recovered(self) -> None:
+        """Its health says SERVING again after it was down or not serving: a restarted executor is a new process,
+        so the ejection its predecessor earned ends now (32 streams failing at once had doubled it to the cap)."""
+        self.failures = 0
+        self.ejected_until = 0.0
 
 
 class RetryBudget:
@@ -198,6 +204,8 @@ class ReplicaSet:
                     serving = resp.status == health_pb2.HealthCheckResponse.SERVING
                     if serving != replica.serving:
                         log.info("executor %s is %s", replica.address, "SERVING" if serving else "NOT SERVING")
+                        if serving:
+                            replica.recovered()
                     replica.serving = serving
                     backoff = 0.2
                     self._gauges()
