@@ -16,7 +16,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from inferplane.assets import CATALOG, TINY_LLAMA
 from inferplane.cli.launcher import free_port
 from inferplane.common.settings import ServerSettings
-from inferplane.executor.main import Executor, ExecutorSettings, TritonSettings
+from inferplane.executor.main import Executor
+from inferplane.executor.settings import ExecutorSettings, TritonSettings
 from inferplane.executor.service import coalesce
 from inferplane.executor.triton_client import TritonChunk
 from inferplane.tokenization.bundle import TokenizerBundle

@@ -26,7 +26,7 @@ from inferplane.edge.envoy import (
     render_envoy_yaml,
     validate_config,
 )
-from inferplane.executor.main import ExecutorSettings
+from inferplane.executor.settings import ExecutorSettings
 from inferplane.gateway.settings import GatewaySettings
 from inferplane.metering.settings import MeteringSettings
 from inferplane.router.settings import RouterSettings

@@ -11,62 +11,25 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
+import signal
 import time
-from pathlib import Path
-
-from pydantic import BaseModel
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from inferplane.common.catalog import load_catalog
 from inferplane.common.logs import setup_logging
 from inferplane.common.server import GrpcServer
-from inferplane.common.settings import ServerSettings, TelemetrySettings, load_settings
+from inferplane.common.settings import service_arguments, settings_from_args
 from inferplane.common.supervisor import Event, RestartPolicy
 from inferplane.common.telemetry import setup_tracing
 from inferplane.executor.otlp_receiver import OtlpFileReceiver
 from inferplane.executor.repository import render_repository
 from inferplane.executor.service import ExecutorServicer
+from inferplane.executor.settings import ExecutorSettings
 from inferplane.executor.triton_client import TritonLLMClient
 from inferplane.executor.triton_process import TritonProcess, allocator_preload, prepare_backend_dir
 from inferplane.v1 import executor_pb2_grpc
 
 log = logging.getLogger(__name__)
-
-
-class TritonSettings(BaseModel):
-    """The Triton server behind this executor: spawned here, or external (``url`` set)."""
-
-    # host:port of an external Triton's gRPC endpoint; when empty the executor starts its own.
-    url: str = ""
-    grpc_port: int = 18001
-    http_port: int = 18000
-    metrics_port: int = 18002
-    work_dir: Path = Path(".inferplane/executor")
-    exit_timeout_s: int = 5
-    # Restart of a tritonserver that exited: first after restart_backoff_s, doubling up to
-    # restart_max_backoff_s; the supervisor gives up after 5 crashes within a minute.
-    restart_backoff_s: float = 0.5
-    restart_max_backoff_s: float = 30.0
-    ready_timeout_s: float = 600.0
-    # torch intra-op threads inside the model (0 = torch's default).
-    torch_threads: int = 0
-    # Extra tritonserver arguments (e.g. --trace-config ...).
-    extra_args: list[str] = []
-    # tritonserver's malloc: "auto" (jemalloc or tcmalloc when installed, through LD_PRELOAD), "system"
-    # (glibc's), or a library name/path. Triton's release notes recommend one of the two: glibc's arenas can
-    # hold freed memory in a long-running multithreaded server.
-    allocator: str = "auto"
-
-
-class ExecutorSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="INFERPLANE_EXECUTOR_", env_nested_delimiter="__")
-
-    server: ServerSettings = ServerSettings(port=50053)
-    telemetry: TelemetrySettings = TelemetrySettings()
-    catalog: Path = Path("config/catalog.yaml")
-    # Catalog model ids this executor serves; empty means every model with a checkpoint.
-    models: list[str] = []
-    triton: TritonSettings = TritonSettings()
 
 
 class Executor:
@@ -92,6 +55,8 @@ class Executor:
             self.receiver = OtlpFileReceiver(settings.telemetry.file_path)
         self._supervisor: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # The process's exit status: 1 once Triton's supervisor gave up on it.
+        self.exit_code = 0
         self._stopping = False
 
     @staticmethod
@@ -161,6 +126,12 @@ class Executor:
             return
         if event.kind in ("restarting", "exited", "gave_up"):
             asyncio.run_coroutine_threadsafe(self.server.set_serving(False), self._loop)
+        if event.kind == "gave_up":
+            # Triton keeps crashing: leave with a failure, so that whoever runs the executor (inferplane up's
+            # supervisor, Kubernetes) restarts it afresh rather than keep a replica that never serves again.
+            log.error("tritonserver keeps crashing; the executor stops with a failure so that it is restarted")
+            self.exit_code = 1
+            os.kill(os.getpid(), signal.SIGTERM)
         elif event.kind == "ready":
             asyncio.run_coroutine_threadsafe(self._triton_back(), self._loop)
 
@@ -204,7 +175,8 @@ class Executor:
             self.receiver = None
 
 
-async def run(settings: ExecutorSettings) -> None:
+async def run(settings: ExecutorSettings) -> int:
+    """Serve until SIGTERM/SIGINT; the exit status (1 when Triton kept crashing)."""
     provider = setup_tracing("executor", settings.telemetry)
     executor = Executor(settings)
     try:
@@ -213,16 +185,11 @@ async def run(settings: ExecutorSettings) -> None:
     finally:
         await executor.close()
         provider.shutdown()
+    return executor.exit_code
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="inferplane-executor", description="inferplane model executor")
-    parser.add_argument("--config", type=Path, help="YAML settings file (section 'executor')")
-    parser.add_argument("--section", default="executor", help="the file's section (executor replicas: executor_2, ...)")
-    parser.add_argument("--port", type=int)
-    args = parser.parse_args(argv)
+    args = service_arguments(parser, "executor").parse_args(argv)  # --section executor_2, ...: other replicas
     setup_logging("executor")
-    settings = load_settings(ExecutorSettings, config_file=args.config, section=args.section)
-    if args.port is not None:
-        settings = settings.model_copy(update={"server": settings.server.model_copy(update={"port": args.port})})
-    asyncio.run(run(settings))
+    raise SystemExit(asyncio.run(run(settings_from_args(ExecutorSettings, args))))
