@@ -27,7 +27,7 @@ RUNNING, QUEUE = 4, 4
 
 
 def small_catalog(path: Path) -> Path:
-    """config/catalog.yaml with absolute paths and a small queue for tiny-llama."""
+    """The packaged catalog with absolute paths and a small queue for tiny-llama."""
     src = CATALOG
     data = yaml.safe_load(src.read_text())
     for model in data["models"]:

@@ -17,8 +17,8 @@ from inferplane.assets import CATALOG, TINY_LLAMA
 from inferplane.cli.launcher import free_port
 from inferplane.common.settings import ServerSettings
 from inferplane.executor.main import Executor
-from inferplane.executor.settings import ExecutorSettings, TritonSettings
 from inferplane.executor.service import coalesce
+from inferplane.executor.settings import ExecutorSettings, TritonSettings
 from inferplane.executor.triton_client import TritonChunk
 from inferplane.tokenization.bundle import TokenizerBundle
 from inferplane.v1 import common_pb2, executor_pb2, executor_pb2_grpc
