@@ -25,38 +25,9 @@ from pathlib import Path
 
 import torch
 
-from bench.triton_llm import MODEL, PROMPTS, ROOT, TINY_LLAMA, bench, print_table, render_llm_repository
+from bench.gpu_model import check_tiny
+from bench.triton_llm import MODEL, ROOT, bench, print_table, render_llm_repository
 from inferplane.executor.triton_process import TritonProcess, prepare_backend_dir
-from inferplane.modeling.llama import generate, load_model
-from inferplane.modeling.llama.batching import BatchScheduler, SequenceRequest, TokenEvent
-from inferplane.tokenization.bundle import TokenizerBundle
-
-EOS = frozenset({1, 6})
-
-
-def check_in_process() -> None:
-    device = torch.device("cuda:0")
-    model = load_model(TINY_LLAMA, dtype="bfloat16", device=device, progress=None)
-    tok = TokenizerBundle.from_dir(TINY_LLAMA)
-    prompts = [tok.encode(p) for p in PROMPTS[:4]]
-    scheduler = BatchScheduler(model, max_sequences=8, max_context=256)
-    for i, p in enumerate(prompts):
-        scheduler.add(SequenceRequest(i, p, 32, stop_ids=EOS))
-    got: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
-    while scheduler.has_work():
-        for ev in scheduler.step():
-            if isinstance(ev, TokenEvent):
-                assert isinstance(ev.id, int)
-                got[ev.id].append(ev.token_id)
-    cache = model.model.layers[0].self_attn.kv_cache
-    assert cache is not None and cache.k.device.type == "cuda", "the KV cache is not on the GPU"
-    same = 0
-    for i, p in enumerate(prompts):
-        alone = [s.token_id for s in generate(model, p, max_tokens=32, stop_ids=EOS, max_context=256)]
-        # bf16 rounding can flip a near-tie between batch shapes; report rather than fail on it
-        same += alone == got[i]
-    print(f"in-process on {device} (bfloat16): {same}/{len(prompts)} prompts identical alone and batched")
-    assert same >= len(prompts) - 1, "batched greedy decoding differs from single-sequence decoding on the GPU"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no CUDA device (torch {torch.__version__}): the GPU check needs a GPU machine; nothing to do")
         return 0
     print(f"GPU: {torch.cuda.get_device_name(0)}, torch {torch.__version__}", flush=True)
-    check_in_process()
+    check_tiny(torch.device("cuda:0"))  # the model code itself first (bench.gpu_model)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:

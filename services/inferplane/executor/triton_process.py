@@ -5,7 +5,7 @@
         triton.wait_ready(timeout=120, progress_cb=print)
         ... connect to f"127.0.0.1:{triton.grpc_port}" ...
 
-What the launch needs (see PLATFORM-NOTES): the Python backend stub for this interpreter copied into
+What the launch needs (see docs/platform-notes.md): the Python backend stub for this interpreter copied into
 ``backends/python/`` (done by ``prepare_backend_dir``, outside site-packages); ``LD_LIBRARY_PATH`` led by
 this interpreter's libpython directory (else Debian's system libpython 3.11.2 is picked up and model
 initialisation fails), then the wheel's bundled libraries (the copied backend loses its ``$ORIGIN`` RPATH);
