@@ -176,11 +176,16 @@ async def test_hung_executors_answer_504_within_the_deadline(stack2: LocalStack)
 
 
 async def test_1000_client_disconnects_cancel_down_to_triton(stack2: LocalStack) -> None:
-    def cancels() -> float:
-        return sum(scrape(stack2.metrics_url(e)).get("inferplane_executor_cancellations_total", 0)
-                   for e in ("executor", "executor_2"))
+    def counted(name: str) -> float:
+        return sum(scrape(stack2.metrics_url(e)).get(name, 0) for e in ("executor", "executor_2"))
 
-    before = cancels()
+    def cancels() -> float:
+        return counted("inferplane_executor_cancellations_total")
+
+    def finished() -> float:
+        return counted("inferplane_executor_generations_finished_total")
+
+    before, before_finished = cancels(), finished()
     sem = asyncio.Semaphore(48)
 
     async def leave_after_first_chunk(http: httpx.AsyncClient) -> bool:
@@ -201,7 +206,12 @@ async def test_1000_client_disconnects_cancel_down_to_triton(stack2: LocalStack)
                    for e in ("executor", "executor_2"))
 
     wait_until(drained, 60, "executors idle after the disconnects")
-    assert cancels() - before >= 1000  # every one reached the executor's Triton stream
+    # Every one reached the executor's Triton stream and ended there: cancelled, unless the executor (which runs
+    # ahead of a router slowed by the load, by what the gRPC stream buffers) had already generated all 300 tokens
+    # when the cancellation arrived. A CI run saw 997 + 3 that way: the router had read 2-202 tokens at the cancel.
+    cancelled, ran_out = cancels() - before, finished() - before_finished
+    print(f"\n1,000 disconnects: {cancelled:.0f} cancelled down to Triton, {ran_out:.0f} generated to the end first")
+    assert cancelled + ran_out == 1000, (cancelled, ran_out)
     for triton in ("triton", "triton_2"):  # the model freed every slot
         def slots_free(url: str = stack2.metrics_url(triton)) -> bool:
             try:

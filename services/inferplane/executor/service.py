@@ -100,6 +100,7 @@ async def coalesce(chunks: AsyncIterator[TritonChunk],
 ACTIVE = Gauge("inferplane_executor_active_requests", "Generate calls in progress on this executor")
 QUEUE_DEPTH = Gauge("inferplane_executor_queue_depth", "Requests sent to Triton that have not produced a token yet")
 TRITON_CANCELS = Counter("inferplane_executor_cancellations", "Generations cancelled towards Triton")
+FINISHED = Counter("inferplane_executor_generations_finished", "Generations that Triton ran to their end")
 
 
 class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
@@ -130,7 +131,9 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
             ACTIVE.dec()
             if queued:
                 QUEUE_DEPTH.dec()
-            if not finished:
+            if finished:
+                FINISHED.inc()
+            else:
                 TRITON_CANCELS.inc()
 
     async def Embed(self, request: executor_pb2.ExecutorEmbedRequest,
