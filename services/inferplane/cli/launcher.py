@@ -1,8 +1,9 @@
 """``inferplane up``: every service as a process on loopback, with embedded defaults.
 
 The launcher writes one settings file (``.inferplane/stack.yaml``, a section per service), starts
-metering, tokenizer, executor (which starts Triton), router, gateway and Envoy (the edge, its config
-generated from the same file into ``.inferplane/envoy.yaml``) as child processes, waits for each one's
+metering, executor (which starts Triton), router, gateway and Envoy (the edge, its config generated from the
+same file into ``.inferplane/envoy.yaml``) as child processes (and the tokenizer service when the router
+encodes or decodes through it), waits for each one's
 readiness (gRPC health / HTTP / Envoy's admin ``/ready``), creates a demo API key, writes
 ``.inferplane/local.env`` and stays in the foreground. The base URL and gRPC address it prints are
 Envoy's. SIGINT/SIGTERM/SIGHUP stop every child (and Triton under the executor), the edge first.
@@ -230,7 +231,14 @@ class LocalStack:
     @property
     def start_order(self) -> list[str]:
         i = START_ORDER.index("executor")
-        return [*START_ORDER[:i], *replica_names(self.cfg.executors), *START_ORDER[i + 1:]]
+        order = [*START_ORDER[:i], *replica_names(self.cfg.executors), *START_ORDER[i + 1:]]
+        return order if self.uses_tokenizer_service else [n for n in order if n != "tokenizer"]
+
+    @property
+    def uses_tokenizer_service(self) -> bool:
+        """The tokenizer service runs for a router that encodes or decodes through it (``tokenize`` or
+        ``detokenize: remote``); by default the router does both in process and the service would sit idle."""
+        return "remote" in (self.cfg.router.get("tokenize", "local"), self.cfg.router.get("detokenize", "local"))
 
     def metrics_url(self, name: str) -> str:
         """Where a component's Prometheus metrics are scraped: ``router``, ``executor_2``, ``triton``,
@@ -263,6 +271,8 @@ class LocalStack:
     def check_ports(self) -> None:
         """Fail before anything starts when a port the stack will bind is taken (another stack, a service)."""
         for key, port in self.ports.items():
+            if key.startswith("tokenizer") and not self.uses_tokenizer_service:
+                continue
             host = "127.0.0.1" if key == "envoy_admin" else self.cfg.host
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind (TIME_WAIT is fine)
