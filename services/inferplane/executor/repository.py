@@ -8,7 +8,7 @@ Each model's version folder is self-contained, as in Triton's Python-backend exa
 
     <repo>/<name>/config.pbtxt
     <repo>/<name>/1/model.py
-    <repo>/<name>/1/inferplane/modeling/{__init__,contract}.py + llama/ (LLM) or bert.py (embedding)
+    <repo>/<name>/1/inferplane/modeling/{__init__,contract,instance}.py + llama/ (LLM) or bert.py (embedding)
 
 Triton's stub puts the version folder on the model's ``sys.path``, so model.py imports ``inferplane.modeling``
 from there: the model process needs torch, numpy and safetensors, not the mesh's code. There is no
@@ -35,8 +35,8 @@ MODELING = Path(next(iter(inferplane.modeling.__path__)))  # the package copied 
 
 DEFAULT_MAX_SEQUENCES = 32  # sequences one LLM instance decodes together (its KV-cache slots)
 # What each kind of model imports from inferplane.modeling (files and folders of the package)
-MODELING_PARTS = {"llm": ("__init__.py", "contract.py", "llama"),
-                  "embedding": ("__init__.py", "contract.py", "bert.py")}
+MODELING_PARTS = {"llm": ("__init__.py", "contract.py", "instance.py", "llama"),
+                  "embedding": ("__init__.py", "contract.py", "instance.py", "bert.py")}
 
 
 def tensor_entries(specs: Iterable[TensorSpec]) -> str:

@@ -26,6 +26,7 @@ import triton_python_backend_utils as pb_utils
 from inferplane.modeling import bert
 from inferplane.modeling.bert import SentenceEmbedder
 from inferplane.modeling.contract import CHECKPOINT_DIR, DTYPE, INVALID_ARG, TORCH_THREADS, Embedding
+from inferplane.modeling.instance import instance_device, int_param, param
 
 INPUT_IDS, ATTENTION_MASK, EMBEDDING = Embedding.INPUT_IDS.name, Embedding.ATTENTION_MASK.name, Embedding.EMBEDDING.name
 
@@ -34,32 +35,20 @@ class RequestError(ValueError):
     """A request the model refuses; answered with INVALID_ARG."""
 
 
-def _param(config: dict[str, Any], key: str, default: str = "") -> str:
-    value = config.get("parameters", {}).get(key, {}).get("string_value", default)
-    return default if value.startswith("${") else value  # an unrendered placeholder counts as unset
-
-
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         config = json.loads(args["model_config"])
         self.name = args.get("model_name", "embedding")
         if pb_utils.using_decoupled_model_transaction_policy(config):
             raise pb_utils.TritonModelException(f"{self.name}: an embedding model answers once; not decoupled")
-        checkpoint = _param(config, CHECKPOINT_DIR)
+        checkpoint = param(config, CHECKPOINT_DIR)
         if not checkpoint:
             raise pb_utils.TritonModelException(f"{self.name}: parameter {CHECKPOINT_DIR} is not set")
         self.checkpoint_dir = Path(checkpoint)
-        threads = int(_param(config, TORCH_THREADS, "0") or 0)
-        if threads > 0:
-            torch.set_num_threads(threads)
-        if args.get("model_instance_kind") == "GPU":
-            device = torch.device(f"cuda:{int(args.get('model_instance_device_id', 0))}")
-            torch.cuda.set_device(device)
-        else:
-            device = torch.device("cpu")
+        device = instance_device(args, int_param(config, TORCH_THREADS, 0))
         # fp32 everywhere by default: the vectors are compared with cosine similarity across runs and stores.
         started = time.monotonic()
-        self.embedder = SentenceEmbedder(self.checkpoint_dir, device=device, dtype=_param(config, DTYPE) or "float32")
+        self.embedder = SentenceEmbedder(self.checkpoint_dir, device=device, dtype=param(config, DTYPE) or "float32")
         pooling = self.embedder.pooling
         self.log(f"ready in {time.monotonic() - started:.1f}s on {device} ({torch.get_num_threads()} threads): "
                  f"{self.checkpoint_dir.name}, pooling {'+'.join(pooling.modes)}, normalize {pooling.normalize}, "

@@ -48,6 +48,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from inferplane.modeling.contract import CHECKPOINT_DIR, DTYPE, INTERNAL, INVALID_ARG, LLM, TORCH_THREADS
+from inferplane.modeling.instance import instance_device, int_param, param
 from inferplane.modeling.llama import LlamaForCausalLM, SamplingParams, load_model
 from inferplane.modeling.llama.batching import (
     BatchScheduler,
@@ -80,15 +81,6 @@ assert np.dtype(LLM.COMPLETION_TOKENS.numpy_dtype) == COUNT_DTYPE
 def _triton_error(message: str, code: str) -> Any:
     """A ``TritonError`` with the contract's code (``INVALID_ARG`` ...): the caller's gRPC status says it."""
     return pb_utils.TritonError(message, getattr(pb_utils.TritonError, code))
-
-
-def _param(config: dict[str, Any], key: str, default: str = "") -> str:
-    value = config.get("parameters", {}).get(key, {}).get("string_value", default)
-    return default if value.startswith("${") else value  # an unrendered placeholder counts as unset
-
-
-def _int_param(config: dict[str, Any], key: str, default: int) -> int:
-    return int(_param(config, key, "") or default)
 
 
 def _checkpoint_eos_ids(checkpoint_dir: Path, model: LlamaForCausalLM) -> frozenset[int]:
@@ -171,21 +163,14 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(
                 f"{self.name}: this model streams tokens and needs model_transaction_policy {{ decoupled: true }}"
             )
-        checkpoint = _param(config, CHECKPOINT_DIR)
+        checkpoint = param(config, CHECKPOINT_DIR)
         if not checkpoint:
             raise pb_utils.TritonModelException(f"{self.name}: parameter {CHECKPOINT_DIR} is not set")
         self.checkpoint_dir = Path(checkpoint)
 
-        threads = _int_param(config, TORCH_THREADS, 0)
-        if threads > 0:
-            torch.set_num_threads(threads)
-        if args.get("model_instance_kind") == "GPU":
-            device = torch.device(f"cuda:{int(args.get('model_instance_device_id', 0))}")
-            torch.cuda.set_device(device)
-        else:
-            device = torch.device("cpu")
+        device = instance_device(args, int_param(config, TORCH_THREADS, 0))
         # bf16 on GPUs; fp32 on CPUs, where bf16 matmuls are slow without AMX/AVX-512.
-        dtype = _param(config, DTYPE) or ("bfloat16" if device.type == "cuda" else "float32")
+        dtype = param(config, DTYPE) or ("bfloat16" if device.type == "cuda" else "float32")
 
         self.log(f"loading {self.checkpoint_dir} on {device} as {dtype} ({torch.get_num_threads()} threads), "
                  f"model code {Path(load_model.__code__.co_filename).parents[1]}")
@@ -197,10 +182,10 @@ class TritonPythonModel:
         self.model = load_model(self.checkpoint_dir, dtype=dtype, device=device, progress=progress)
         self.eos_ids = _checkpoint_eos_ids(self.checkpoint_dir, self.model)
         max_pos = self.model.config.max_position_embeddings
-        self.max_context = min(_int_param(config, LLM.MAX_CONTEXT, 0) or max_pos, max_pos)
-        max_sequences = _int_param(config, LLM.MAX_SEQUENCES, 0) or 32
+        self.max_context = min(int_param(config, LLM.MAX_CONTEXT, 0) or max_pos, max_pos)
+        max_sequences = int_param(config, LLM.MAX_SEQUENCES, 0) or 32
         self.scheduler = BatchScheduler(self.model, max_sequences=max_sequences, max_context=self.max_context)
-        self.ipc_duty = float(_param(config, LLM.IPC_DUTY, "") or IPC_DUTY)
+        self.ipc_duty = float(param(config, LLM.IPC_DUTY, "") or IPC_DUTY)
         assert 0 < self.ipc_duty <= 1, f"ipc_duty must be in (0, 1], got {self.ipc_duty}"
         self.streams: dict[Hashable, _Stream] = {}  # live requests; the IPC thread removes a finished one
         self._next_id = 0
