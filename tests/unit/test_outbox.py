@@ -113,3 +113,51 @@ async def test_a_cancelled_caller_still_gets_its_record_committed(tmp_path: Path
     assert await box.flushed(0.01) is False  # held, not sent
     assert box.depth() == 1
     await box.stop(drain_timeout_s=0)
+
+
+CRASHING_ROUTER = """
+import asyncio, sys
+from pathlib import Path
+from inferplane.router.outbox import UsageOutbox
+from inferplane.v1 import metering_pb2
+
+async def never(records):
+    raise ConnectionError("metering is down")
+
+async def main():
+    box = UsageOutbox(Path(sys.argv[1]), never, fsync_interval_s=3600)  # no fsync before the kill
+    for i in range(200):
+        await box.put(metering_pb2.UsageRecord(request_id=f"r{i}"))
+    print("committed", flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+def test_a_put_that_returned_survives_a_sigkill_of_the_process(tmp_path: Path) -> None:
+    """``put`` returns at the WAL commit, before any fsync: a router SIGKILLed right after still has every record."""
+    import signal
+    import sqlite3
+    import subprocess
+    import sys
+
+    path = tmp_path / "outbox.db"
+    proc = subprocess.Popen([sys.executable, "-c", CRASHING_ROUTER, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "committed"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    with sqlite3.connect(path) as db:
+        ids = {row[0] for row in db.execute("SELECT request_id FROM outbox")}
+    assert ids == {f"r{i}" for i in range(200)}
+
+
+async def test_commits_are_fsynced_together_within_the_interval(tmp_path: Path) -> None:
+    box = UsageOutbox(tmp_path / "outbox.db", Sender(up=False), fsync_interval_s=0.2)
+    await asyncio.gather(*(box.put(rec(f"r{i}")) for i in range(50)))
+    assert box.fsyncs == 0  # the puts did not wait for it
+    await asyncio.wait_for(box.synced(), 30)
+    assert 1 <= box.fsyncs < 50  # one fsync covers many commits (a group commit)
+    await box.stop(drain_timeout_s=0)

@@ -1,7 +1,10 @@
 """The router's durable outbox of usage records: nothing is lost while metering is down or restarting.
 
-``put`` returns once the record is committed to a local SQLite file (WAL, ``synchronous=FULL``); puts that
-arrive while a commit is in progress are committed together (group commit: one fsync for many requests).
+``put`` returns once the record is committed to a local SQLite file's write-ahead log (WAL,
+``synchronous=NORMAL``): from then on it survives a crash of the router (the kernel holds the write); puts that
+arrive while a commit is in progress are committed together. The fsync that makes it survive a crash of the
+machine too is a group commit off the requests' path: at most ``fsync_interval_s`` (1 s) after a commit, one
+fsync of the WAL covers every record committed since the last one (SQLite's own checkpoints fsync too).
 A replay task sends what the file holds in batches (``send_batch``, e.g. metering's RecordUsageBatch) and
 deletes a batch only once it is acknowledged; a failed send is retried with exponential backoff and jitter.
 A router that is killed replays its file when it starts again. Every step is idempotent on the request id
@@ -13,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import sqlite3
 import threading
@@ -32,6 +36,7 @@ SendBatch = Callable[[list[metering_pb2.UsageRecord]], Awaitable[None]]
 OUTBOX_DEPTH = Gauge("inferplane_router_usage_outbox_depth", "Usage records not yet acknowledged by metering")
 OUTBOX_SENT = Counter("inferplane_router_usage_outbox_sent", "Usage records acknowledged by metering")
 OUTBOX_FAILURES = Counter("inferplane_router_usage_outbox_send_failures", "Failed batch sends (retried)")
+OUTBOX_FSYNCS = Counter("inferplane_router_usage_outbox_fsyncs", "Group fsyncs of the outbox's write-ahead log")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -45,9 +50,10 @@ CREATE TABLE IF NOT EXISTS outbox (
 
 class UsageOutbox:
     def __init__(self, path: Path, send_batch: SendBatch, *, batch_size: int = 500, min_backoff_s: float = 0.2,
-                 max_backoff_s: float = 10.0, linger_s: float = 0.05) -> None:
+                 max_backoff_s: float = 10.0, linger_s: float = 0.05, fsync_interval_s: float = 1.0) -> None:
         """``linger_s``: after a record arrives, how long the sender waits for more before sending a batch (fewer,
-        larger RecordUsageBatch calls and outbox deletes; off the requests' path either way)."""
+        larger RecordUsageBatch calls and outbox deletes; off the requests' path either way). ``fsync_interval_s``:
+        the longest a committed record waits for the fsync that makes it survive a power loss."""
         assert batch_size >= 1, "batch_size must be positive"
         self.path = Path(path)
         self._send = send_batch
@@ -55,13 +61,16 @@ class UsageOutbox:
         self._min_backoff = min_backoff_s
         self._max_backoff = max_backoff_s
         self._linger = linger_s
+        self._fsync_interval = fsync_interval_s
+        self._fsync: asyncio.Task[None] | None = None
+        self.fsyncs = 0  # group fsyncs done (tests read it)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # One connection, used from worker threads one at a time (the lock), never concurrently.
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db_lock = threading.Lock()
         with self._db_lock:
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: a commit survives our crash; fsync below
             self._db.execute(_SCHEMA)
             self._depth = int(self._db.execute("SELECT count(*) FROM outbox").fetchone()[0])
         OUTBOX_DEPTH.set(self._depth)
@@ -113,6 +122,31 @@ class UsageOutbox:
                 if not future.done():
                     future.set_result(None)
             self._wake.set()
+            if self._fsync is None or self._fsync.done():
+                self._fsync = asyncio.create_task(self._fsync_soon(), name="usage-outbox-fsync")
+
+    async def synced(self) -> None:
+        """Wait for the pending group fsync, if any (tests; shutdown does its own)."""
+        if self._fsync is not None:
+            await asyncio.shield(self._fsync)
+
+    async def _fsync_soon(self) -> None:
+        """One fsync of the WAL for every commit of the last ``fsync_interval_s`` (a group commit)."""
+        await asyncio.sleep(self._fsync_interval)
+        await asyncio.to_thread(self._fsync_wal)
+
+    def _fsync_wal(self) -> None:
+        with self._db_lock:
+            try:
+                fd = os.open(f"{self.path}-wal", os.O_RDONLY)
+            except FileNotFoundError:  # checkpointed and removed: SQLite fsynced it then
+                return
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self.fsyncs += 1
+        OUTBOX_FSYNCS.inc()
 
     def _insert(self, records: list[metering_pb2.UsageRecord]) -> int:
         now = time.time()
@@ -141,6 +175,10 @@ class UsageOutbox:
         """Try for ``drain_timeout_s`` to send what is held, then stop; whatever is left stays in the file."""
         if self._committer is not None:
             await asyncio.gather(self._committer, return_exceptions=True)
+        if self._fsync is not None and not self._fsync.done():
+            self._fsync.cancel()
+            await asyncio.gather(self._fsync, return_exceptions=True)
+            await asyncio.to_thread(self._fsync_wal)  # what was committed is on disk before we go
         if self._replay is not None and not self._replay.done():
             if self._depth:
                 self._wake.set()
