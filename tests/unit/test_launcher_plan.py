@@ -1,0 +1,21 @@
+"""What ``inferplane up`` starts, decided before anything runs (no process is started here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from inferplane.cli.launcher import LocalStack, StackConfig
+
+
+def stack(tmp_path: Path, **router: str) -> LocalStack:
+    return LocalStack(StackConfig(state_dir=tmp_path, ports=dict.fromkeys(StackConfig().ports, 0), executors=2,
+                                  router=dict(router)), log=lambda m: None)
+
+
+def test_the_default_router_tokenizes_in_process_so_no_tokenizer_service_starts(tmp_path: Path) -> None:
+    assert stack(tmp_path).start_order == ["metering", "executor", "executor_2", "router", "gateway", "envoy"]
+
+
+def test_a_router_that_encodes_or_decodes_remotely_gets_the_tokenizer_service(tmp_path: Path) -> None:
+    for router in ({"tokenize": "remote"}, {"detokenize": "remote"}):
+        assert stack(tmp_path, **router).start_order[:2] == ["metering", "tokenizer"]
