@@ -182,6 +182,8 @@ class TritonPythonModel:
     def _finish(self, seq: _Sequence, reason: str) -> None:
         if seq in self.live:
             self.live.remove(seq)
+        if reason == "cancelled":  # rare; a log line per finished request would cost an IPC each
+            pb_utils.Logger.log_info(f"[{self.name}] cancelled after {seq.sent} tokens")
         try:
             seq.sender.send(pb_utils.InferenceResponse(output_tensors=[
                 pb_utils.Tensor(LLM.TOKEN_IDS.name, np.zeros([0], dtype=TOKEN_DTYPE)),
