@@ -57,7 +57,7 @@ def catalog_with(changes: dict[str, dict[str, Any]], base: Path = CATALOG) -> Pa
     to a temporary file; its relative paths are made absolute so that they still point where they did."""
     data = yaml.safe_load(base.read_text())
     for model in data["models"]:
-        for name in ("checkpoint", "tokenizer"):
+        for name in ("checkpoint", "tokenizer", "triton_template"):
             value = model.get(name)
             if value and not str(value).startswith(PACKAGE_PREFIX) and not Path(value).is_absolute():
                 model[name] = str((base.parent / value).resolve())

@@ -72,6 +72,12 @@ class CatalogModel(BaseModel):
     # This model's deadline for one request (None: the router's request_timeout_s); the caller's own is kept
     # when shorter.
     request_timeout_s: float | None = Field(default=None, gt=0)
+    # A Triton model not shipped with inferplane: a folder with ``config.pbtxt.j2`` and ``model.py`` (relative to
+    # this file), rendered as the LLM's template is (same placeholders, same tensor contract). None: the shipped
+    # template of the model's task. The benchmarks' fast model (bench/fast_model) is served this way.
+    triton_template: Path | None = None
+    # More config.pbtxt parameters for the model (string values, as Triton's Python backend reads them).
+    triton_parameters: dict[str, str] = Field(default_factory=dict)
     # Seed price (metering's price table is the source of truth once seeded); None: not priced.
     prices: ModelPrices | None = None
 
@@ -130,7 +136,7 @@ def load_catalog(path: Path) -> Catalog:
     path = Path(path)
     data = yaml.safe_load(path.read_text()) or {}
     for m in data.get("models", []):  # keep package: paths as text until resolved below
-        for key in ("tokenizer", "checkpoint"):
+        for key in ("tokenizer", "checkpoint", "triton_template"):
             if isinstance(m.get(key), str) and m[key].startswith(PACKAGE_PREFIX):
                 m[key] = str(resolve_path(m[key], path.parent))
     catalog = Catalog.model_validate(data)
@@ -139,4 +145,6 @@ def load_catalog(path: Path) -> Catalog:
         m.tokenizer = resolve_path(m.tokenizer, base)
         if m.checkpoint is not None:
             m.checkpoint = resolve_path(m.checkpoint, base)
+        if m.triton_template is not None:
+            m.triton_template = resolve_path(m.triton_template, base)
     return catalog

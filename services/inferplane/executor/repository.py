@@ -3,6 +3,9 @@
 The Triton models live in ``inferplane/executor/triton_models/<kind>/`` (a ``config.pbtxt.j2`` template and the
 ``TritonPythonModel``): ``llm/`` for each catalog model with a Llama-format checkpoint, ``embedding/`` for a
 sentence-transformers embedder (``render_embedding_model``; all-MiniLM-L6-v2 from ``minilm_dir()``).
+A catalog model may name a template folder of its own (``triton_template``: ``config.pbtxt.j2`` + ``model.py``
+speaking the LLM's contract, with ``triton_parameters``); it is rendered as ``llm/`` is and gets the contract only.
+The benchmarks' fast model (``bench/fast_model``) is served that way; the shipped catalog names none.
 
 Each model's version folder is self-contained, as in Triton's Python-backend examples::
 
@@ -37,6 +40,7 @@ DEFAULT_MAX_SEQUENCES = 32  # sequences one LLM instance decodes together (its K
 # What each kind of model imports from inferplane.modeling (files and folders of the package)
 MODELING_PARTS = {"llm": ("__init__.py", "contract.py", "instance.py", "llama"),
                   "embedding": ("__init__.py", "contract.py", "instance.py", "bert.py")}
+CONTRACT_ONLY = ("__init__.py", "contract.py")  # what a template of one's own (catalog triton_template) gets
 
 
 def tensor_entries(specs: Iterable[TensorSpec]) -> str:
@@ -56,13 +60,14 @@ def parameter_entries(parameters: Mapping[str, str | int]) -> str:
     return ",\n".join(f'  {{ key: "{key}" value: {{ string_value: "{value}" }} }}' for key, value in parameters.items())
 
 
-def copy_model_code(kind: str, version_dir: Path) -> None:
-    """``triton_models/<kind>/model.py`` and the parts of ``inferplane.modeling`` it imports into ``version_dir``."""
+def copy_model_code(kind: str, version_dir: Path, template: Path | None = None) -> None:
+    """``triton_models/<kind>/model.py`` (or ``template``'s) and the parts of ``inferplane.modeling`` it imports into
+    ``version_dir``; a template of one's own gets the contract only."""
     version_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(TEMPLATES / kind / "model.py", version_dir / "model.py")
+    shutil.copyfile((template or TEMPLATES / kind) / "model.py", version_dir / "model.py")
     package = version_dir / "inferplane" / "modeling"
     package.mkdir(parents=True, exist_ok=True)
-    for part in MODELING_PARTS[kind]:
+    for part in MODELING_PARTS[kind] if template is None else CONTRACT_ONLY:
         source = MODELING / part
         if source.is_dir():
             shutil.copytree(source, package / part, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
@@ -73,20 +78,23 @@ def copy_model_code(kind: str, version_dir: Path) -> None:
 def render_llm_model(
     model_name: str, checkpoint_dir: Path, out: Path, *, instance_kind: str = "KIND_CPU", torch_threads: int = 0,
     max_context: int = 0, max_sequences: int = DEFAULT_MAX_SEQUENCES, extra: Mapping[str, str] | None = None,
+    template: Path | None = None,
 ) -> Path:
     """Write ``<out>/<model_name>/`` for a Llama-format checkpoint; return that folder.
 
     ``max_context`` 0 = the checkpoint's max_position_embeddings; ``extra``: optional parameters of
-    ``contract.LLM.PARAMETERS`` (``dtype``, ``ipc_duty``).
+    ``contract.LLM.PARAMETERS`` (``dtype``, ``ipc_duty``). ``template``: a folder with ``config.pbtxt.j2`` and
+    ``model.py`` that speaks the LLM's contract, instead of ``triton_models/llm`` (then ``extra`` is its own).
     """
-    assert not set(extra or {}) - set(LLM.PARAMETERS), f"unknown parameters {sorted(set(extra or {}))}"
+    assert template is not None or not set(extra or {}) - set(LLM.PARAMETERS), (
+        f"unknown parameters {sorted(set(extra or {}))}")
     parameters: dict[str, str | int] = {
                   contract.CHECKPOINT_DIR: str(Path(checkpoint_dir).resolve()), contract.TORCH_THREADS: torch_threads,
                   LLM.MAX_CONTEXT: max_context, LLM.MAX_SEQUENCES: max_sequences, **(extra or {})}
-    template = string.Template((TEMPLATES / "llm" / "config.pbtxt.j2").read_text())
+    config = string.Template(((template or TEMPLATES / "llm") / "config.pbtxt.j2").read_text())
     folder = out / model_name
-    copy_model_code("llm", folder / "1")
-    (folder / "config.pbtxt").write_text(template.substitute(
+    copy_model_code("llm", folder / "1", template)
+    (folder / "config.pbtxt").write_text(config.substitute(
         model_name=model_name, instance_kind=instance_kind, inputs=tensor_entries(LLM.INPUTS),
         outputs=tensor_entries(LLM.OUTPUTS), parameters=parameter_entries(parameters),
     ))
@@ -125,8 +133,12 @@ def render_model(model: CatalogModel, out: Path, *, torch_threads: int = 0) -> P
     if model.is_embedding:
         return render_embedding_model(model.triton_model, model.checkpoint, out, instance_kind=model.instance_kind,
                                       torch_threads=torch_threads)
+    assert model.triton_template is None or not model.is_embedding, f"{model.id}: triton_template is for LLMs"
+    assert model.triton_template is not None or not model.triton_parameters, (
+        f"{model.id}: triton_parameters go with a triton_template")
     return render_llm_model(model.triton_model, model.checkpoint, out, instance_kind=model.instance_kind,
-                            torch_threads=torch_threads, max_context=model.context_length)
+                            torch_threads=torch_threads, max_context=model.context_length,
+                            extra=model.triton_parameters, template=model.triton_template)
 
 
 def render_repository(catalog: Catalog, out: Path, *, model_ids: list[str] | None = None,
