@@ -295,3 +295,44 @@ async def test_metering_killed_for_30s_under_load_loses_nothing(ledger_stack: Lo
           f"{len(rows)} records after restart")
     depth = scrape(ledger_stack.metrics_url("router")).get("inferplane_router_usage_outbox_depth")
     assert depth == 0
+
+
+async def test_router_sigkilled_right_after_its_responses_loses_no_record(ledger_stack: LocalStack,
+                                                                         store: MeteringStore) -> None:
+    """A response's record is in the router's outbox when the response leaves (its WAL commit): a router SIGKILLed
+    right after its last response, with metering down so nothing was delivered yet, replays them all on restart."""
+    import sqlite3
+
+    info, plain = store.create_key("router-crash")
+    async with httpx.AsyncClient(timeout=120) as http:
+        await one(http, ledger_stack, plain, info.key_id, stream=False, disconnect=False, max_tokens=4,
+                  prompt="Return the")  # the key verified and cached while metering is up
+        metering = ledger_stack.procs["metering"]
+        os.killpg(metering.pid, signal.SIGKILL)
+        metering.wait(timeout=10)
+        sem = asyncio.Semaphore(8)
+
+        async def request(i: int) -> Seen:
+            async with sem:
+                return await one(http, ledger_stack, plain, info.key_id, stream=i % 2 == 0, disconnect=False,
+                                 max_tokens=8, prompt="Return the")
+
+        seen = await asyncio.gather(*(request(i) for i in range(40)))
+    router = ledger_stack.procs["router"]
+    os.killpg(router.pid, signal.SIGKILL)  # right after the last response: no drain, no fsync owed
+    router.wait(timeout=10)
+    assert {s.status for s in seen} == {200}
+    with sqlite3.connect(ledger_stack.settings["router"]["outbox_path"]) as db:
+        held = {row[0] for row in db.execute("SELECT request_id FROM outbox")}
+    assert {s.request_id for s in seen} <= held  # survived the crash, undelivered
+    await asyncio.to_thread(ledger_stack.spawn, "metering")
+    await asyncio.to_thread(ledger_stack.spawn, "router")  # replays its outbox
+    await wait_for_records(store, [info.key_id], len(seen) + 1, timeout=90)
+    rows = ledger(store, [info.key_id])
+    assert {s.request_id for s in seen} <= set(rows) and len(rows) == len(seen) + 1
+    for s in seen:
+        row = rows[s.request_id]
+        assert (row.prompt_tokens, row.completion_tokens, row.cost_nanos) == (s.prompt_tokens, s.completion_tokens,
+                                                                             s.cost_nanos)
+    print(f"\nrouter SIGKILLed after {len(seen)} responses with metering down: {len(held)} records held in its "
+          f"outbox, {len(rows) - 1} in the ledger after the restart")
