@@ -109,8 +109,9 @@ def test_triton_http_and_other_internal_paths_are_404_at_the_edge(stack: LocalSt
 
 @pytest.fixture(scope="module")
 def quick_edge(stack: LocalStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EnvoyProcess]:
-    """A second Envoy in front of the same gateway and router, with a 0.5 s request timeout."""
-    settings = EdgeSettings(port=free_port(), admin_port=free_port(), request_timeout_s=0.5,
+    """A second Envoy in front of the same gateway and router, with a 0.25 s request timeout (the long stream
+    below takes 0.85 s at the fastest seen: it must outlive twice the edge's timeout)."""
+    settings = EdgeSettings(port=free_port(), admin_port=free_port(), request_timeout_s=0.25,
                             stream_idle_timeout_s=30.0, gateway_addr=f"127.0.0.1:{stack.ports['gateway']}",
                             router_addr=f"127.0.0.1:{stack.ports['router']}",
                             access_log_path=str(stack.state / "logs" / "quick-edge-access.log"))
@@ -118,7 +119,7 @@ def quick_edge(stack: LocalStack, tmp_path_factory: pytest.TempPathFactory) -> I
         yield envoy
 
 
-# Greedy decoding of this prompt runs to max_tokens (no end-of-text within 400 tokens): about 2 s here.
+# Greedy decoding of this prompt runs to max_tokens (no end-of-text within 400 tokens): 0.85-2 s here.
 LONG = {"prompt": "Return the", "max_tokens": 400}
 
 
