@@ -19,3 +19,13 @@ def test_the_default_router_tokenizes_in_process_so_no_tokenizer_service_starts(
 def test_a_router_that_encodes_or_decodes_remotely_gets_the_tokenizer_service(tmp_path: Path) -> None:
     for router in ({"tokenize": "remote"}, {"detokenize": "remote"}):
         assert stack(tmp_path, **router).start_order[:2] == ["metering", "tokenizer"]
+
+
+def test_free_ports_are_distinct_within_a_stack(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Random picks can coincide; the stack never gives one port to two components."""
+    import inferplane.cli.launcher as launcher
+
+    picks = iter([30001, 30001, 30002, 30001, *range(30003, 30100)])
+    monkeypatch.setattr(launcher, "free_port", lambda: next(picks))
+    ports = stack(tmp_path).ports
+    assert len(set(ports.values())) == len(ports)

@@ -95,7 +95,19 @@ class StackConfig:
     restart: RestartPolicy | None = field(default_factory=RestartPolicy)
 
     def resolved_ports(self) -> dict[str, int]:
-        return {k: (v or free_port()) for k, v in with_replica_ports(self.ports, self.executors).items()}
+        """Every component's port; a 0 becomes a free port no other component of this stack was given (two
+        random picks can coincide: a CI run gave Envoy's port to another child first)."""
+        wanted = with_replica_ports(self.ports, self.executors)
+        taken = {v for v in wanted.values() if v}
+        out = {}
+        for key, port in wanted.items():
+            if not port:
+                port = free_port()
+                while port in taken:
+                    port = free_port()
+            taken.add(port)
+            out[key] = port
+        return out
 
 
 def stack_settings(cfg: StackConfig, ports: dict[str, int]) -> dict[str, Any]:
