@@ -14,9 +14,10 @@ from inferplane.cli.launcher import LocalStack, StackConfig
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     state = tmp_path_factory.mktemp("stack")
     # Prompts are encoded by the tokenizer service here (the router's default is in process, which the fault
-    # and ledger stacks and `inferplane up` run), so both paths run end to end and every service is traced.
+    # and ledger stacks and `inferplane up` run), so both paths run end to end and every service is traced;
+    # every request is traced whole (the default exports 1 % of them, and the failed and slow ones).
     cfg = StackConfig(state_dir=state, ports=dict.fromkeys(StackConfig().ports, 0), ready_timeout_s=300,
-                      router={"tokenize": "remote"})
+                      router={"tokenize": "remote"}, trace_sample_ratio=1.0)
     lines: list[str] = []
     local = LocalStack(cfg, log=lines.append)
     try:

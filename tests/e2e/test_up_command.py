@@ -50,6 +50,22 @@ def test_up_prints_a_working_key_and_stops_every_child_on_ctrl_c(tmp_path: Path)
                            headers={"Authorization": f"Bearer {env['INFERPLANE_API_KEY']}"}, timeout=10)
         assert models.status_code == 200
 
+        # Default sampling keeps the trace of every failed request: `inferplane trace` finds this one.
+        refused = httpx.post(f"{env['INFERPLANE_BASE_URL']}/chat/completions",
+                             headers={"Authorization": f"Bearer {env['INFERPLANE_API_KEY']}",
+                                      "x-request-id": "up-test-refused"},
+                             json={"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]},
+                             timeout=30)
+        assert refused.status_code == 404
+        deadline = time.monotonic() + 30
+        while True:
+            shown = subprocess.run([sys.executable, "-m", "inferplane.cli", "trace", "up-test-refused", "--file",
+                                    str(tmp_path / "traces.jsonl")], capture_output=True, text=True, timeout=60)
+            if shown.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert shown.returncode == 0 and "router" in shown.stdout, shown.stdout + shown.stderr
+
         children = descendants(proc.pid)
         names = {Path(f"/proc/{p}/exe").resolve().name for p in children if alive(p)}
         assert "tritonserver" in names, names

@@ -84,6 +84,8 @@ class StackConfig:
     ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
     host: str = "127.0.0.1"
     trace_exporter: str = "file"
+    # Traces exported whole (by trace id); the others only when they fail or are slow (``TelemetrySettings``).
+    trace_sample_ratio: float = 0.01
     ready_timeout_s: float = 600.0
     # Overrides of the edge's settings (``inferplane.edge.envoy.EdgeSettings`` fields, e.g. request_timeout_s).
     edge: dict[str, Any] = field(default_factory=dict)
@@ -113,7 +115,8 @@ class StackConfig:
 def stack_settings(cfg: StackConfig, ports: dict[str, int]) -> dict[str, Any]:
     """The settings file every service reads (its own section)."""
     state = cfg.state_dir.resolve()
-    telemetry = {"exporter": cfg.trace_exporter, "file_path": str(state / "traces.jsonl")}
+    telemetry = {"exporter": cfg.trace_exporter, "file_path": str(state / "traces.jsonl"),
+                 "sample_ratio": cfg.trace_sample_ratio}
 
     def server(name: str) -> dict[str, Any]:
         return {"host": cfg.host, "port": ports[name], "grace_seconds": 5.0,
@@ -404,6 +407,9 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
                         help="pick free ports for every component but the edge's --port when given "
                              "(several stacks side by side)")
     parser.add_argument("--ready-timeout", type=float, default=600.0)
+    parser.add_argument("--trace-sample", type=float, default=StackConfig.trace_sample_ratio, metavar="RATIO",
+                        help="fraction of requests traced whole; failed and slow ones always are (default "
+                             "%(default)s; 1 traces every request)")
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -415,7 +421,8 @@ def up(args: argparse.Namespace) -> int:
     else:
         ports = dict(DEFAULT_PORTS, edge=args.port or DEFAULT_PORTS["edge"])
     cfg = StackConfig(state_dir=args.state_dir, catalog=args.catalog.resolve(), ports=ports,
-                      ready_timeout_s=args.ready_timeout, executors=max(1, args.executors))
+                      ready_timeout_s=args.ready_timeout, executors=max(1, args.executors),
+                      trace_sample_ratio=args.trace_sample)
     stack = LocalStack(cfg, log=lambda line: print(line, flush=True), reap_orphans=True)
     stop = stack.interrupted
     for sig in STOP_SIGNALS:

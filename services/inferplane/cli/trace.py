@@ -78,7 +78,8 @@ def _run(args: argparse.Namespace) -> int:
     spans = load_spans(args.file)
     trace_id = find_trace(spans, args.request_id)
     if trace_id is None:
-        print(f"no span carries request id {args.request_id!r} in {args.file}")
+        print(f"no span carries request id {args.request_id!r} in {args.file}: by default a stack keeps the "
+              "traces of failed and slow requests and 1 % of the rest (`inferplane up --trace-sample 1` keeps all)")
         return 1
     mine = [s for s in spans if s["trace_id"] == trace_id]
     print(f"trace {trace_id}  request {args.request_id}  {len(mine)} spans")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings
 
 S = TypeVar("S", bound=BaseSettings)
@@ -28,8 +28,11 @@ class TelemetrySettings(BaseModel):
     otlp_endpoint: str = "http://127.0.0.1:4317"
     # Where Triton (which speaks only OTLP/HTTP) sends its spans when the exporter is "otlp".
     otlp_http_traces_url: str = "http://127.0.0.1:4318/v1/traces"
-    # Fraction of new traces sampled (parent-based: a sampled parent is always followed).
-    sample_ratio: float = 1.0
+    # Fraction of traces exported whole, chosen on the trace id (the same choice in every process). The rest
+    # are recorded and exported only when they fail or take ``slow_request_s`` or more (tail sampling per
+    # process): ``inferplane trace`` still finds every error and every slow request. 1.0 exports everything.
+    sample_ratio: float = Field(default=0.01, ge=0.0, le=1.0)
+    slow_request_s: float = Field(default=5.0, gt=0.0)
 
 
 class ServerSettings(BaseModel):

@@ -5,20 +5,24 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     ConsoleSpanExporter,
     SpanExporter,
     SpanExportResult,
 )
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, Decision, Sampler, SamplingResult, TraceIdRatioBased
+from opentelemetry.trace import Link, SpanKind, StatusCode, TraceState
+from opentelemetry.util.types import Attributes
 
 from inferplane.common.settings import TelemetrySettings
 
@@ -79,14 +83,133 @@ def _exporter(settings: TelemetrySettings) -> SpanExporter | None:
     return OTLPSpanExporter(endpoint=settings.otlp_endpoint, insecure=True)
 
 
-def setup_tracing(service_name: str, settings: TelemetrySettings) -> TracerProvider:
-    """Install the global tracer provider for this process and return it (call ``shutdown`` at exit)."""
-    provider = TracerProvider(
-        resource=Resource.create({"service.name": service_name, "service.namespace": "inferplane"}),
-        sampler=ParentBased(TraceIdRatioBased(settings.sample_ratio)),
-    )
+class HeadOrRecord(Sampler):
+    """Head sampling that still records what it does not sample.
+
+    A trace is *sampled* (exported as it ends, and flagged so to the next process) when its parent was, or
+    when its trace id falls within ``ratio`` (the same deterministic rule as ``TraceIdRatioBased``, so every
+    process decides the same for one trace). Every other span is *recorded only*: ``TailKeeper`` holds it
+    until its process's local root ends and exports it only when that trace turned out interesting.
+    """
+
+    def __init__(self, ratio: float) -> None:
+        self._head = TraceIdRatioBased(ratio)
+        self.ratio = ratio
+
+    def head_sampled(self, trace_id: int) -> bool:
+        return trace_id & TraceIdRatioBased.TRACE_ID_LIMIT < self._head.bound
+
+    def should_sample(self, parent_context: Context | None, trace_id: int, name: str,
+                      kind: SpanKind | None = None, attributes: Attributes = None,
+                      links: Sequence[Link] | None = None, trace_state: TraceState | None = None) -> SamplingResult:
+        parent = trace.get_current_span(parent_context).get_span_context()
+        if (parent.is_valid and parent.trace_flags.sampled) or self.head_sampled(trace_id):
+            return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes,
+                                  parent.trace_state if parent.is_valid else trace_state)
+        return SamplingResult(Decision.RECORD_ONLY, attributes, parent.trace_state if parent.is_valid else trace_state)
+
+    def get_description(self) -> str:
+        return f"HeadOrRecord{{{self.ratio}}}"
+
+
+class KeptSpanProcessor(BatchSpanProcessor):
+    """The batch processor behind ``TailKeeper``: it exports every span it is handed, sampled flag or not (the
+    SDK's own drops a recorded-only span; ``TailKeeper`` already chose)."""
+
+    def on_end(self, span: ReadableSpan) -> None:
+        self._batch_processor.emit(span)
+
+
+def _failed(span: ReadableSpan) -> bool:
+    """An ERROR span, or an answer that was not a success: an HTTP status >= 400 (OpenTelemetry leaves 4xx of a
+    server span unset, but a refused request is what an operator looks for) or a gRPC status other than OK."""
+    if span.status.status_code is StatusCode.ERROR:
+        return True
+    attrs = span.attributes or {}
+    http = attrs.get("http.response.status_code")
+    grpc_code = attrs.get("rpc.grpc.status_code")
+    return (isinstance(http, int) and http >= 400) or (isinstance(grpc_code, int) and grpc_code != 0)
+
+
+class TailKeeper(SpanProcessor):
+    """Tail sampling within one process: keep a recorded-only trace when it failed or was slow.
+
+    Sampled spans go straight to ``downstream``. A recorded-only span waits in memory, with the rest of its
+    trace's spans in this process, until the trace's *local root* ends (a span without a parent here: the
+    server span of an RPC, the gateway's HTTP span). Then the whole group goes to ``downstream`` when any of
+    its spans failed (``_failed``) or the local root took ``slow_s`` or more, and is dropped otherwise. Every
+    process on a failed request's path sees the failure (it travels back as an error status) and every
+    process on a slow one sees it take long, so they keep the same traces. At most ``max_traces`` groups wait
+    (the oldest is dropped first): spans that end after their root (background work) do not pile up.
+    """
+
+    def __init__(self, downstream: SpanProcessor, *, slow_s: float, max_traces: int = 4096) -> None:
+        self._downstream = downstream
+        self._slow_ns = int(slow_s * 1e9)
+        self._max = max_traces
+        self._pending: OrderedDict[int, list[ReadableSpan]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        return None
+
+    def on_end(self, span: ReadableSpan) -> None:
+        ctx = span.get_span_context()
+        if ctx is None:
+            return
+        if ctx.trace_flags.sampled:
+            self._downstream.on_end(span)
+            return
+        local_root = span.parent is None or span.parent.is_remote
+        with self._lock:
+            group = self._pending.pop(ctx.trace_id, None) or []
+            group.append(span)
+            if not local_root:
+                self._pending[ctx.trace_id] = group
+                while len(self._pending) > self._max:
+                    self._pending.popitem(last=False)
+                return
+        took = (span.end_time or 0) - (span.start_time or 0)
+        if took >= self._slow_ns or any(_failed(s) for s in group):
+            for s in group:
+                self._downstream.on_end(s)
+
+    def shutdown(self) -> None:
+        self._downstream.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._downstream.force_flush(timeout_millis)
+
+
+def setup_tracing(service_name: str, settings: TelemetrySettings, *, install: bool = True) -> TracerProvider:
+    """Install the global tracer provider for this process and return it (call ``shutdown`` at exit;
+    ``install=False``: only return it).
+
+    Without an exporter nothing is recorded (an always-off sampler: spans cost next to nothing). With one,
+    ``settings.sample_ratio`` of the traces are exported whole, and the rest only when they failed or took
+    ``settings.slow_request_s`` or more (``HeadOrRecord`` + ``TailKeeper``); export runs on a background thread
+    in batches, off the request path.
+    """
+    resource = Resource.create({"service.name": service_name, "service.namespace": "inferplane"})
     exporter = _exporter(settings)
-    if exporter is not None:
-        provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=500))
-    trace.set_tracer_provider(provider)
+    if exporter is None:
+        provider = TracerProvider(resource=resource, sampler=ALWAYS_OFF)
+    else:
+        provider = TracerProvider(resource=resource, sampler=HeadOrRecord(settings.sample_ratio))
+        if settings.sample_ratio >= 1:
+            provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=500))
+        else:
+            provider.add_span_processor(TailKeeper(KeptSpanProcessor(exporter, schedule_delay_millis=500),
+                                                   slow_s=settings.slow_request_s))
+    if install:
+        trace.set_tracer_provider(provider)
     return provider
+
+
+def head_sampled(trace_id_hex: str, ratio: float) -> bool:
+    """Whether ``HeadOrRecord(ratio)`` samples the trace ``trace_id_hex`` (for spans that arrive from elsewhere,
+    e.g. Triton's, which samples on its own)."""
+    try:
+        return HeadOrRecord(ratio).head_sampled(int(trace_id_hex, 16))
+    except ValueError:
+        return False

@@ -20,7 +20,7 @@ from inferplane.common.logs import setup_logging
 from inferplane.common.server import GrpcServer
 from inferplane.common.settings import service_arguments, settings_from_args
 from inferplane.common.supervisor import Event, RestartPolicy
-from inferplane.common.telemetry import setup_tracing
+from inferplane.common.telemetry import head_sampled, setup_tracing
 from inferplane.executor.otlp_receiver import OtlpFileReceiver
 from inferplane.executor.repository import render_repository
 from inferplane.executor.service import ExecutorServicer
@@ -52,7 +52,9 @@ class Executor:
         self.process: TritonProcess | None = None
         self.receiver: OtlpFileReceiver | None = None
         if settings.telemetry.exporter == "file" and not t.url:
-            self.receiver = OtlpFileReceiver(settings.telemetry.file_path)
+            ratio = settings.telemetry.sample_ratio
+            self.receiver = OtlpFileReceiver(settings.telemetry.file_path,
+                                             keep=None if ratio >= 1 else lambda tid: head_sampled(tid, ratio))
         self._supervisor: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # The process's exit status: 1 once Triton's supervisor gave up on it.

@@ -3,7 +3,8 @@
 Triton exports its OpenTelemetry spans (``InferRequest`` → model → ``compute``) only over OTLP/HTTP.
 With a collector (exporter "otlp") Triton sends there directly; with the local file exporter the
 executor runs this receiver and appends Triton's spans to the same JSON-lines file as every service,
-so ``inferplane trace`` shows them inside the request's trace.
+so ``inferplane trace`` shows them inside the request's trace. Triton traces every request on its own; the
+receiver keeps the spans of the traces the mesh samples by trace id (``keep``), and drops the rest unread.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -34,13 +36,16 @@ def _attrs(items: list[dict[str, Any]] | None) -> dict[str, Any]:
     return {a["key"]: _value(a.get("value", {})) for a in items or []}
 
 
-def otlp_json_to_spans(payload: dict[str, Any]) -> list[dict[str, Any]]:
-    """OTLP/JSON ``ExportTraceServiceRequest`` → the span dicts of ``inferplane.common.telemetry``."""
+def otlp_json_to_spans(payload: dict[str, Any], keep: Callable[[str], bool] | None = None) -> list[dict[str, Any]]:
+    """OTLP/JSON ``ExportTraceServiceRequest`` → the span dicts of ``inferplane.common.telemetry`` (only the spans
+    whose trace id ``keep`` accepts, when given)."""
     out = []
     for rs in payload.get("resourceSpans", []):
         service = _attrs(rs.get("resource", {}).get("attributes")).get("service.name", "triton")
         for ss in rs.get("scopeSpans", []):
             for sp in ss.get("spans", []):
+                if keep is not None and not keep(sp["traceId"].lower()):
+                    continue
                 code = sp.get("status", {}).get("code", 0)
                 out.append({
                     "trace_id": sp["traceId"].lower(), "span_id": sp["spanId"].lower(),
@@ -59,7 +64,8 @@ def otlp_json_to_spans(payload: dict[str, Any]) -> list[dict[str, Any]]:
 class OtlpFileReceiver:
     """``POST /v1/traces`` (application/json) on loopback → lines appended to ``path``."""
 
-    def __init__(self, path: Path, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, path: Path, host: str = "127.0.0.1", port: int = 0,
+                 keep: Callable[[str], bool] | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         lock = threading.Lock()
@@ -69,14 +75,15 @@ class OtlpFileReceiver:
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length") or 0))
                 try:
-                    spans = otlp_json_to_spans(json.loads(body or b"{}"))
+                    spans = otlp_json_to_spans(json.loads(body or b"{}"), keep)
                 except (ValueError, KeyError, TypeError) as exc:
                     log.warning("unreadable OTLP payload from Triton: %s", exc)
                     self.send_response(400)
                     self.end_headers()
                     return
-                with lock, target.open("a", encoding="utf-8") as f:
-                    f.write("".join(json.dumps(s) + "\n" for s in spans))
+                if spans:
+                    with lock, target.open("a", encoding="utf-8") as f:
+                        f.write("".join(json.dumps(s) + "\n" for s in spans))
                 self.send_response(200)
                 self.send_header("content-type", "application/json")
                 self.end_headers()
