@@ -1,0 +1,71 @@
+"""A ``SequenceSink`` for the step backend's tests: records every event, and counts frames as the executor's channel
+sink would send them (the first event after a flush schedules the next flush with ``loop.call_soon``, so the events
+a backend delivers in one go, without an ``await`` between them, count as one frame)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from inferplane.common.errors import InferplaneError
+
+
+@dataclass
+class Ended:
+    reason: str | None = None  # "stop" | "length" | "cancelled"; None when failed
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: InferplaneError | None = None
+
+
+@dataclass
+class RecordingSink:
+    tokens_of: dict[Hashable, list[int]] = field(default_factory=dict)
+    logprobs_of: dict[Hashable, list[float]] = field(default_factory=dict)
+    ended: dict[Hashable, Ended] = field(default_factory=dict)
+    frames: int = 0  # flushes: one per batch of events delivered in one go
+    token_calls: int = 0
+    after_end: list[Hashable] = field(default_factory=list)  # events after a sequence's end (must stay empty)
+    _flush_pending: bool = False
+
+    def _event(self, key: Hashable) -> None:
+        if key in self.ended:
+            self.after_end.append(key)
+        if not self._flush_pending:
+            self._flush_pending = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_pending = False
+        self.frames += 1
+
+    def tokens(self, key: Hashable, token_ids: Sequence[int], logprobs: Sequence[float]) -> None:
+        self._event(key)
+        assert token_ids and len(token_ids) == len(logprobs), (key, token_ids, logprobs)
+        self.tokens_of.setdefault(key, []).extend(token_ids)
+        self.logprobs_of.setdefault(key, []).extend(logprobs)
+        self.token_calls += 1
+
+    def finished(self, key: Hashable, reason: str, prompt_tokens: int, completion_tokens: int) -> None:
+        self._event(key)
+        self.ended[key] = Ended(reason, prompt_tokens, completion_tokens)
+
+    def failed(self, key: Hashable, error: InferplaneError) -> None:
+        self._event(key)
+        self.ended[key] = Ended(error=error)
+
+    async def wait_ended(self, keys: Iterable[Hashable], timeout: float = 60) -> None:
+        wanted = set(keys)
+        deadline = time.monotonic() + timeout
+        while not wanted <= set(self.ended):
+            assert time.monotonic() < deadline, f"not ended after {timeout}s: {sorted(map(str, wanted - set(self.ended)))}"
+            await asyncio.sleep(0.01)
+
+    async def wait_tokens(self, key: Hashable, n: int, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.tokens_of.get(key, [])) < n:
+            assert time.monotonic() < deadline, f"{key}: fewer than {n} tokens after {timeout}s"
+            assert key not in self.ended, f"{key} ended early: {self.ended[key]}"
+            await asyncio.sleep(0.005)
