@@ -60,7 +60,8 @@ class RecordingSink:
         wanted = set(keys)
         deadline = time.monotonic() + timeout
         while not wanted <= set(self.ended):
-            assert time.monotonic() < deadline, f"not ended after {timeout}s: {sorted(map(str, wanted - set(self.ended)))}"
+            missing = sorted(map(str, wanted - set(self.ended)))
+            assert time.monotonic() < deadline, f"not ended after {timeout}s: {missing}"
             await asyncio.sleep(0.01)
 
     async def wait_tokens(self, key: Hashable, n: int, timeout: float = 30) -> None:

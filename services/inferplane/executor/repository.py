@@ -25,6 +25,7 @@ from __future__ import annotations
 import shutil
 import string
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -42,8 +43,10 @@ MODELING_PARTS = {"llm": ("__init__.py", "contract.py", "instance.py", "channel.
                   "embedding": ("__init__.py", "contract.py", "instance.py", "bert.py")}
 # What a template of one's own (catalog triton_template) gets: the contract and the channel mode's IPC side
 CONTRACT_ONLY = ("__init__.py", "contract.py", "channel.py")
-# An LLM's config.pbtxt declares the per-request contract's tensors and the channel mode's (contract.LLMChannel)
-LLM_INPUTS = (*LLM.INPUTS, *LLMChannel.INPUTS)
+# An LLM's config.pbtxt declares the per-request contract's tensors and the channel mode's (contract.LLMChannel),
+# every input optional: an attach or a cancel carries no input_ids/max_tokens (the model refuses a generation
+# without them)
+LLM_INPUTS = (*(replace(spec, optional=True) for spec in LLM.INPUTS), *LLMChannel.INPUTS)
 LLM_OUTPUTS = (*LLM.OUTPUTS, *LLMChannel.OUTPUTS)
 LLM_INSTANCES = 1  # instance_group count of an LLM (config.pbtxt.j2); the executor's step backend needs 1
 

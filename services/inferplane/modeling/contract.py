@@ -63,10 +63,10 @@ class LLM:
     A refused request gets a single final error response (INVALID_ARG) instead.
     """
 
-    # Required by a generation (the model refuses one without them), but optional in config.pbtxt: the channel
-    # mode's attach and cancel requests (``LLMChannel``) carry neither.
-    INPUT_IDS: Final = TensorSpec("input_ids", "INT64", (-1,), optional=True)
-    MAX_TOKENS: Final = TensorSpec("max_tokens", "INT32", (1,), optional=True)
+    # Required by a generation. config.pbtxt declares every input optional (``repository.LLM_INPUTS``): the channel
+    # mode's attach and cancel requests carry neither of these, and the model refuses a generation without them.
+    INPUT_IDS: Final = TensorSpec("input_ids", "INT64", (-1,))
+    MAX_TOKENS: Final = TensorSpec("max_tokens", "INT32", (1,))
     TEMPERATURE: Final = TensorSpec("temperature", "FP32", (1,), optional=True)  # 0 or absent = greedy
     TOP_P: Final = TensorSpec("top_p", "FP32", (1,), optional=True)  # (0, 1]; absent = 1
     TOP_K: Final = TensorSpec("top_k", "INT32", (1,), optional=True)  # 0 or absent = off
