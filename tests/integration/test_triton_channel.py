@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from channel_sink import RecordingSink
 from tokenizers import Tokenizer
 
 from inferplane.assets import TINY_LLAMA
@@ -24,6 +23,7 @@ from inferplane.executor.repository import render_llm_model
 from inferplane.executor.triton_channel import TritonStepBackend
 from inferplane.executor.triton_client import GenerateParams, TritonLLMClient
 from inferplane.executor.triton_process import TritonProcess, prepare_backend_dir
+from tests.integration.channel_sink import RecordingSink
 
 pytestmark = pytest.mark.triton
 
