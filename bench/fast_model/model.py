@@ -12,7 +12,8 @@ it from the LLM:
   and ``finish_reason`` ("stop" | "length" | "cancelled"), ``prompt_tokens``, ``completion_tokens``.
 
 Timing, as an engine's steps: one step every ``1 / tokens_per_s`` seconds; each step gives every live sequence one
-token; a new sequence's first token comes ``first_token_ms`` after it arrived. Tokens are due by the clock, not by
+token; a new sequence's first token comes at the first step ``first_token_ms`` or more after it arrived (one
+clock for all sequences, so that a step's tokens of many sequences fall due together). Tokens are due by the clock, not by
 how fast they are sent: when sending falls behind (the CPU is busy), the tokens due meanwhile go out together in
 one response, as a real engine's do. The ids cycle through the upper seven eighths of the vocabulary
 (``checkpoint_dir``'s config.json), skipping the eos ids, so a tokenizer turns them into text.
@@ -89,6 +90,7 @@ class TritonPythonModel:
         assert rate > 0, f"{TOKENS_PER_S} must be > 0, got {rate}"
         self.step_s = 1.0 / rate
         self.first_s = float(_param(config, FIRST_TOKEN_MS, str(self.step_s * 1000))) / 1000
+        self._epoch = time.monotonic()  # the engine's step clock starts here
         # from execute (list append/swap is atomic): (request, sender, refusal) of per-request generations, the
         # channels' parsed sequences and the channel sequences to cancel
         self._incoming: list[tuple[Any, Any, str | None]] = []
@@ -188,7 +190,12 @@ class TritonPythonModel:
         stops = pb_utils.get_input_tensor_by_name(request, LLM.STOP_TOKEN_IDS.name)
         stop_ids = self.eos_ids | frozenset([] if stops is None else stops.as_numpy().reshape(-1).tolist())
         return _Sequence(request, sender, prompt, min(wanted, self.max_context - prompt), stop_ids,
-                         first_at=now + self.first_s)
+                         first_at=self._step_at(now + self.first_s))
+
+    def _step_at(self, t: float) -> float:
+        """The first engine step at or after ``t``: every sequence's tokens fall due on one shared clock, as a real
+        engine's steps do, so that one step's tokens of many sequences go out together (one frame per channel)."""
+        return self._epoch + math.ceil((t - self._epoch) / self.step_s) * self.step_s
 
     def _advance(self, seq: _Sequence, now: float) -> None:
         due = min(seq.max_tokens, math.floor((now - seq.first_at) / self.step_s) + 1 if now >= seq.first_at else 0)

@@ -226,6 +226,9 @@ class _ModelStream:
             self.fail(Unavailable(f"triton: the stream of {self.model!r} broke: {exc.code().name}: {exc.details()}"))
         except Unavailable as exc:
             self.fail(exc)
+        except Exception as exc:  # a frame it could not parse (or a sink that raised): fail rather than hang
+            log.exception("the reader of %r failed", self.model)
+            self.fail(Unavailable(f"triton: could not read the stream of {self.model!r}: {exc!r}"))
 
     def _call_done(self, call: Any) -> None:
         if not self.broken:
