@@ -28,6 +28,8 @@ from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
+from tokenizers import Tokenizer
+
 from inferplane.assets import TINY_LLAMA
 from inferplane.common.catalog import load_catalog
 from inferplane.common.errors import InferplaneError
@@ -158,13 +160,18 @@ def main() -> None:
     else:
         name = "llm"
         render_llm_model(name, TINY_LLAMA, work / "repo", torch_threads=1)
+    # number lists: greedy tiny-llama keeps counting (docstring openings stop within a few tokens)
+    tok = Tokenizer.from_file(str(Path(TINY_LLAMA) / "tokenizer.json"))
+
+    def prompt(i: int) -> list[int]:
+        return tok.encode(", ".join(str(k) for k in range(1 + i % 9, 12 + i % 9)) + ",").ids
+
     results = []
     with TritonProcess(work / "repo", backend_dir=prepare_backend_dir(work / "cache"), log_path=work / "log") as server:
         server.wait_ready(timeout=180)
         for _ in range(args.rounds):
             for n in [int(x) for x in args.sequences.split(",")]:
-                # greedy, never stopped early by an eos on the fast model; tiny-llama may stop some sooner
-                params = [GenerateParams([1 + i % 7, 2 + i % 5, 3], args.max_tokens) for i in range(n)]
+                params = [GenerateParams(prompt(i), args.max_tokens) for i in range(n)]
                 for mode in ("request", "channel"):
                     result = run(server, name, mode, params)
                     results.append(result)

@@ -13,9 +13,9 @@ it from the LLM:
 
 Timing, as an engine's steps: one step every ``1 / tokens_per_s`` seconds; each step gives every live sequence one
 token; a new sequence's first token comes at the first step ``first_token_ms`` or more after it arrived (one
-clock for all sequences, so that a step's tokens of many sequences fall due together). Tokens are due by the clock, not by
-how fast they are sent: when sending falls behind (the CPU is busy), the tokens due meanwhile go out together in
-one response, as a real engine's do. The ids cycle through the upper seven eighths of the vocabulary
+clock for all sequences, so that a step's tokens of many sequences fall due together). Tokens are due by the clock,
+not by how fast they are sent: when sending falls behind (the CPU is busy), the tokens due meanwhile go out together
+in one response, as a real engine's do. The ids cycle through the upper seven eighths of the vocabulary
 (``checkpoint_dir``'s config.json), skipping the eos ids, so a tokenizer turns them into text.
 
 It speaks the channel (step) mode too (``contract.LLMChannel``, ``inferplane.modeling.channel``, as the LLM): many
