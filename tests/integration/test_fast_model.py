@@ -24,7 +24,7 @@ from inferplane.executor.repository import render_llm_model, render_repository
 from inferplane.executor.triton_channel import TritonStepBackend
 from inferplane.executor.triton_client import GenerateParams, TritonChunk, TritonLLMClient
 from inferplane.executor.triton_process import TritonProcess, prepare_backend_dir
-from tests.integration.channel_sink import RecordingSink
+from tests.channel_sink import RecordingSink
 
 pytestmark = pytest.mark.triton
 

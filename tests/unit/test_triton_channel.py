@@ -17,7 +17,7 @@ from inferplane.common.ports import free_port
 from inferplane.executor.triton_channel import ATTACH_ID, TritonStepBackend, _bytes_tensor, _strings
 from inferplane.executor.triton_client import GenerateParams
 from inferplane.modeling.contract import LLM, LLMChannel
-from tests.integration.channel_sink import RecordingSink
+from tests.channel_sink import RecordingSink
 
 
 def frame(columns: list[tuple[str, str, bytes, int]]) -> service_pb2.ModelInferResponse:

@@ -138,7 +138,7 @@ class _ModelStream:
 
     async def _write(self) -> None:
         try:
-            if not await self._speaks_channel_mode():
+            if not await self._speaks_channel_mode() or self.broken:  # handed over, or failed (closed) meanwhile
                 return
             self.call = self.backend._stub.ModelStreamInfer()
             self.call.add_done_callback(self._call_done)  # however it ends (a local cancel raises no error)
