@@ -8,6 +8,7 @@ import asyncio
 import time
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from inferplane.common.errors import InferplaneError
 
@@ -70,3 +71,46 @@ class RecordingSink:
             assert time.monotonic() < deadline, f"{key}: fewer than {n} tokens after {timeout}s"
             assert key not in self.ended, f"{key} ended early: {self.ended[key]}"
             await asyncio.sleep(0.005)
+
+
+class PerRequestBackend:
+    """A minimal per-request ``GenerationBackend`` (one ``TritonLLMClient.generate`` stream per sequence), as the
+    step backend's ``fallback`` in tests; the executor's own per-request backend is the channel's business."""
+
+    def __init__(self, url: str) -> None:
+        from inferplane.executor.triton_client import TritonLLMClient
+
+        self.client = TritonLLMClient(url)
+        self.tasks: dict[Hashable, asyncio.Task[None]] = {}
+        self.opened: list[Hashable] = []
+
+    def open(self, key: Hashable, model: str, params: Any, request_id: str, sink: Any) -> None:
+        self.opened.append(key)
+        self.tasks[key] = asyncio.get_running_loop().create_task(self._run(key, model, params, request_id, sink))
+
+    async def _run(self, key: Hashable, model: str, params: Any, request_id: str, sink: Any) -> None:
+        got = 0
+        try:
+            async for chunk in self.client.generate(model, params, request_id=request_id):
+                if chunk.token_ids:
+                    got += len(chunk.token_ids)
+                    sink.tokens(key, chunk.token_ids, [0.0] * len(chunk.token_ids))
+                if chunk.finish_reason is not None:
+                    sink.finished(key, chunk.finish_reason, chunk.prompt_tokens, chunk.completion_tokens)
+        except asyncio.CancelledError:
+            sink.finished(key, "cancelled", len(params.prompt_token_ids), got)
+        except InferplaneError as e:
+            sink.failed(key, e)
+        finally:
+            self.tasks.pop(key, None)
+
+    def cancel(self, key: Hashable) -> None:
+        task = self.tasks.get(key)
+        if task is not None:
+            task.cancel()
+
+    async def close(self) -> None:
+        for task in list(self.tasks.values()):
+            task.cancel()
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        await self.client.close()

@@ -24,7 +24,7 @@ from inferplane.executor.repository import render_llm_model, render_repository
 from inferplane.executor.triton_channel import TritonStepBackend
 from inferplane.executor.triton_client import GenerateParams, TritonChunk, TritonLLMClient
 from inferplane.executor.triton_process import TritonProcess, prepare_backend_dir
-from tests.channel_sink import RecordingSink
+from tests.channel_sink import PerRequestBackend, RecordingSink
 
 pytestmark = pytest.mark.triton
 
@@ -179,3 +179,25 @@ def test_a_model_with_two_instances_is_not_served_on_the_step_path(triton: Trito
     assert modes == {"fast-sim-2": False, "fast-sim": True}
     assert isinstance(sink.ended["one"].error, Unavailable) and "single-instance" in str(sink.ended["one"].error)
     assert sink.ended["single"].reason == "length"
+
+
+def test_a_model_with_two_instances_goes_to_the_fallback_backend(triton: TritonProcess) -> None:
+    async def run() -> tuple[RecordingSink, PerRequestBackend]:
+        fallback = PerRequestBackend(triton.grpc_url)
+        backend, sink = TritonStepBackend(triton.grpc_url, fallback=fallback), RecordingSink()
+        try:
+            backend.open("first", "fast-sim-2", GenerateParams([3], 6), "1", sink)  # while the model is probed
+            await sink.wait_ended(["first"])
+            backend.open("long", "fast-sim-2", GenerateParams([3], 10_000), "2", sink)  # known: straight there
+            await sink.wait_tokens("long", 3)
+            backend.cancel("long")
+            await sink.wait_ended(["long"])
+        finally:
+            await backend.close()
+            await fallback.close()
+        return sink, fallback
+
+    sink, fallback = asyncio.run(run())
+    assert fallback.opened == ["first", "long"]
+    assert (sink.ended["first"].reason, sink.ended["first"].completion_tokens) == ("length", 6)
+    assert sink.ended["long"].reason == "cancelled" and len(sink.tokens_of["long"]) >= 3
