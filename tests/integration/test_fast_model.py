@@ -3,7 +3,9 @@
 It is a benchmark instrument, not a model; this keeps it honest to the LLM's contract so that
 ``bench.mesh_ceiling`` measures the mesh and not a broken stand-in: max_tokens, the final response's counts,
 stop ids, the rate, cancellation, a refused request. Rendered from ``bench/fast_model/catalog.yaml`` by the
-executor's renderer (catalog ``triton_template``), as the benchmark's stack renders it.
+executor's renderer (catalog ``triton_template``), as the benchmark's stack renders it. It speaks the channel (step)
+mode too, through the executor's ``TritonStepBackend``: the same tokens, many sequences per frame; a copy with two
+instances ("fast-sim-2") is refused the step path.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ from pathlib import Path
 import pytest
 
 from inferplane.common.catalog import load_catalog
-from inferplane.common.errors import InvalidArgument
-from inferplane.executor.repository import render_repository
+from inferplane.common.errors import InvalidArgument, Unavailable
+from inferplane.executor.repository import render_llm_model, render_repository
+from inferplane.executor.triton_channel import TritonStepBackend
 from inferplane.executor.triton_client import GenerateParams, TritonChunk, TritonLLMClient
 from inferplane.executor.triton_process import TritonProcess, prepare_backend_dir
+from tests.channel_sink import PerRequestBackend, RecordingSink
 
 pytestmark = pytest.mark.triton
 
@@ -38,6 +42,11 @@ def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonProcess]:
     assert render_repository(catalog, work / "repo") == ["fast-sim"]
     config = (work / "repo" / "fast-sim" / "config.pbtxt").read_text()
     assert "decoupled: true" in config and 'key: "tokens_per_s"' in config
+    # the same model with two instances, as a deployment might configure it: not for the step backend
+    assert model.checkpoint is not None and model.triton_template is not None
+    two = render_llm_model("fast-sim-2", model.checkpoint, work / "repo", template=model.triton_template,
+                           extra=model.triton_parameters, max_context=model.context_length)
+    (two / "config.pbtxt").write_text(config.replace('"fast-sim"', '"fast-sim-2"').replace("count: 1", "count: 2"))
     server = TritonProcess(work / "repo", backend_dir=prepare_backend_dir(work / "cache"), log_path=work / "log")
     server.start()
     try:
@@ -100,3 +109,95 @@ def test_many_streams_and_a_cancelled_one(triton: TritonProcess) -> None:
 def test_a_bad_request_is_refused(triton: TritonProcess) -> None:
     with pytest.raises(InvalidArgument):
         asyncio.run(generate(triton, GenerateParams([], 4)))
+
+
+def test_channel_mode_gives_the_same_tokens_in_frames_of_many_sequences(triton: TritonProcess) -> None:
+    params = [GenerateParams(list(range(1, 2 + i % 5)), 20 + i % 5) for i in range(32)]
+    expected = [asyncio.run(generate(triton, p)) for p in params[:5]]
+
+    async def run() -> RecordingSink:
+        backend, sink = TritonStepBackend(triton.grpc_url), RecordingSink()
+        try:
+            for i, p in enumerate(params):
+                backend.open(i, "fast-sim", p, str(i), sink)
+            await sink.wait_ended(range(len(params)), timeout=30)
+        finally:
+            await backend.close()
+        return sink
+
+    sink = asyncio.run(run())
+    for i in range(len(params)):
+        chunks = expected[i % 5]  # params repeat every 5
+        assert sink.tokens_of[i] == [t for c in chunks for t in c.token_ids], f"sequence {i}"
+        final = chunks[-1]
+        assert (sink.ended[i].reason, sink.ended[i].prompt_tokens, sink.ended[i].completion_tokens) == (
+            final.finish_reason, final.prompt_tokens, final.completion_tokens)
+    assert sink.after_end == []
+    tokens = sum(map(len, sink.tokens_of.values()))
+    print(f"\nfast-sim, 32 sequences: {tokens} tokens in {sink.frames} frames")
+    assert sink.frames * 8 <= tokens, f"{sink.frames} frames for {tokens} tokens"
+
+
+def test_channel_mode_cancel_stop_and_refusal(triton: TritonProcess) -> None:
+    async def run() -> RecordingSink:
+        backend, sink = TritonStepBackend(triton.grpc_url), RecordingSink()
+        try:
+            backend.open("long", "fast-sim", GenerateParams([3], 10_000), "l", sink)
+            backend.open("short", "fast-sim", GenerateParams([9], 10), "s", sink)
+            backend.open("bad", "fast-sim", GenerateParams([], 4), "b", sink)
+            await sink.wait_ended(["short", "bad"])
+            stop = sink.tokens_of["short"][4]
+            backend.open("stopped", "fast-sim", GenerateParams([9], 10, stop_token_ids=[stop]), "t", sink)
+            await sink.wait_tokens("long", 5)
+            backend.cancel("long")
+            await sink.wait_ended(["long", "stopped"])
+        finally:
+            await backend.close()
+        return sink
+
+    sink = asyncio.run(run())
+    assert sink.ended["long"].reason == "cancelled" and sink.ended["long"].completion_tokens >= 5
+    assert isinstance(sink.ended["bad"].error, InvalidArgument)
+    assert (sink.ended["stopped"].reason, sink.ended["stopped"].completion_tokens) == ("stop", 5)
+    assert sink.tokens_of["stopped"] == sink.tokens_of["short"][:4]
+
+
+def test_a_model_with_two_instances_is_not_served_on_the_step_path(triton: TritonProcess) -> None:
+    # Triton could route an open to the instance that does not hold its channel: without a per-request fallback
+    # backend its sequences fail with Unavailable, and the backend remembers the model is not for the step path.
+    async def run() -> tuple[RecordingSink, dict[str, bool]]:
+        backend, sink = TritonStepBackend(triton.grpc_url), RecordingSink()
+        try:
+            backend.open("one", "fast-sim-2", GenerateParams([3], 4), "1", sink)
+            backend.open("single", "fast-sim", GenerateParams([3], 4), "2", sink)
+            await sink.wait_ended(["one", "single"])
+        finally:
+            await backend.close()
+        return sink, backend._step_models
+
+    sink, modes = asyncio.run(run())
+    assert modes == {"fast-sim-2": False, "fast-sim": True}
+    assert isinstance(sink.ended["one"].error, Unavailable) and "single-instance" in str(sink.ended["one"].error)
+    assert sink.ended["single"].reason == "length"
+
+
+def test_a_model_with_two_instances_goes_to_the_fallback_backend(triton: TritonProcess) -> None:
+    async def run() -> tuple[RecordingSink, PerRequestBackend]:
+        fallback = PerRequestBackend(triton.grpc_url)
+        backend, sink = TritonStepBackend(triton.grpc_url, fallback=fallback), RecordingSink()
+        try:
+            backend.open("first", "fast-sim-2", GenerateParams([3], 6), "1", sink)  # while the model is probed
+            await sink.wait_ended(["first"])
+            backend.open("long", "fast-sim-2", GenerateParams([3], 10_000), "2", sink)  # known: straight there
+            await sink.wait_tokens("long", 3)
+            backend.cancel("long")
+            await sink.wait_ended(["long"])
+        finally:
+            await backend.close()
+            await fallback.close()
+        return sink, fallback
+
+    sink, fallback = asyncio.run(run())
+    assert fallback.opened == ["first", "long"]
+    assert (sink.ended["first"].reason, sink.ended["first"].completion_tokens) == ("length", 6)
+    assert sink.ended["long"].reason == "cancelled" and len(sink.tokens_of["long"]) >= 3

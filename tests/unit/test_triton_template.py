@@ -13,7 +13,7 @@ import pytest
 from inferplane.assets import CATALOG
 from inferplane.common.catalog import load_catalog
 from inferplane.executor.repository import render_repository
-from inferplane.modeling.contract import LLM
+from inferplane.modeling.contract import LLM, LLMChannel
 
 BENCH_CATALOG = Path(__file__).resolve().parents[2] / "bench" / "fast_model" / "catalog.yaml"
 
@@ -32,11 +32,12 @@ def test_a_template_folder_is_rendered_with_the_llm_contract(tmp_path: Path) -> 
     folder = tmp_path / "repo" / "fast-sim"
     config = (folder / "config.pbtxt").read_text()
     assert 'name: "fast-sim"' in config and "decoupled: true" in config
-    assert all(f'name: "{spec.name}"' in config for spec in (*LLM.INPUTS, *LLM.OUTPUTS))
+    assert all(f'name: "{spec.name}"' in config
+               for spec in (*LLM.INPUTS, *LLM.OUTPUTS, *LLMChannel.INPUTS, *LLMChannel.OUTPUTS))
     assert 'key: "tokens_per_s"' in config and 'key: "max_context" value: { string_value: "4096" }' in config
     assert (folder / "1" / "model.py").read_text() == (BENCH_CATALOG.parent / "model.py").read_text()
-    assert sorted(p.name for p in (folder / "1" / "inferplane" / "modeling").iterdir()) == ["__init__.py",
-                                                                                           "contract.py"]
+    assert sorted(p.name for p in (folder / "1" / "inferplane" / "modeling").iterdir()) == [
+        "__init__.py", "channel.py", "contract.py"]  # the contract and the channel mode's IPC side
 
 
 def test_parameters_without_a_template_are_refused(tmp_path: Path) -> None:

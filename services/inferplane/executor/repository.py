@@ -25,22 +25,30 @@ from __future__ import annotations
 import shutil
 import string
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from importlib.util import find_spec
 from pathlib import Path
 
 import inferplane.modeling
 from inferplane.common.catalog import Catalog, CatalogModel
 from inferplane.modeling import contract
-from inferplane.modeling.contract import LLM, Embedding, TensorSpec
+from inferplane.modeling.contract import LLM, Embedding, LLMChannel, TensorSpec
 
 TEMPLATES = Path(__file__).resolve().parent / "triton_models"
 MODELING = Path(next(iter(inferplane.modeling.__path__)))  # the package copied beside each model.py
 
 DEFAULT_MAX_SEQUENCES = 32  # sequences one LLM instance decodes together (its KV-cache slots)
 # What each kind of model imports from inferplane.modeling (files and folders of the package)
-MODELING_PARTS = {"llm": ("__init__.py", "contract.py", "instance.py", "llama"),
+MODELING_PARTS = {"llm": ("__init__.py", "contract.py", "instance.py", "channel.py", "llama"),
                   "embedding": ("__init__.py", "contract.py", "instance.py", "bert.py")}
-CONTRACT_ONLY = ("__init__.py", "contract.py")  # what a template of one's own (catalog triton_template) gets
+# What a template of one's own (catalog triton_template) gets: the contract and the channel mode's IPC side
+CONTRACT_ONLY = ("__init__.py", "contract.py", "channel.py")
+# An LLM's config.pbtxt declares the per-request contract's tensors and the channel mode's (contract.LLMChannel),
+# every input optional: an attach or a cancel carries no input_ids/max_tokens (the model refuses a generation
+# without them)
+LLM_INPUTS = (*(replace(spec, optional=True) for spec in LLM.INPUTS), *LLMChannel.INPUTS)
+LLM_OUTPUTS = (*LLM.OUTPUTS, *LLMChannel.OUTPUTS)
+LLM_INSTANCES = 1  # instance_group count of an LLM (config.pbtxt.j2); the executor's step backend needs 1
 
 
 def tensor_entries(specs: Iterable[TensorSpec]) -> str:
@@ -95,8 +103,9 @@ def render_llm_model(
     folder = out / model_name
     copy_model_code("llm", folder / "1", template)
     (folder / "config.pbtxt").write_text(config.substitute(
-        model_name=model_name, instance_kind=instance_kind, inputs=tensor_entries(LLM.INPUTS),
-        outputs=tensor_entries(LLM.OUTPUTS), parameters=parameter_entries(parameters),
+        model_name=model_name, instance_kind=instance_kind, instance_count=LLM_INSTANCES,
+        inputs=tensor_entries(LLM_INPUTS), outputs=tensor_entries(LLM_OUTPUTS),
+        parameters=parameter_entries(parameters),
     ))
     return folder
 

@@ -51,6 +51,7 @@ DTYPE: Final = "dtype"  # float32 | float16 | bfloat16; optional (LLM: bfloat16 
 
 INVALID_ARG: Final = "INVALID_ARG"  # the request is wrong; the model serves on
 INTERNAL: Final = "INTERNAL"  # the model failed on it (a broken step); it has reset itself and serves on
+UNAVAILABLE: Final = "UNAVAILABLE"  # channel mode: an open for a channel this model instance does not hold
 STREAM_ERRORS_AS_STATUS: Final = ("triton_grpc_error", "true")  # gRPC metadata of a ModelStreamInfer call
 
 
@@ -62,6 +63,8 @@ class LLM:
     A refused request gets a single final error response (INVALID_ARG) instead.
     """
 
+    # Required by a generation. config.pbtxt declares every input optional (``repository.LLM_INPUTS``): the channel
+    # mode's attach and cancel requests carry neither of these, and the model refuses a generation without them.
     INPUT_IDS: Final = TensorSpec("input_ids", "INT64", (-1,))
     MAX_TOKENS: Final = TensorSpec("max_tokens", "INT32", (1,))
     TEMPERATURE: Final = TensorSpec("temperature", "FP32", (1,), optional=True)  # 0 or absent = greedy
@@ -85,6 +88,50 @@ class LLM:
     MAX_SEQUENCES: Final = "max_sequences"  # parameter: sequences decoded together (KV-cache slots); 0 = 32
     IPC_DUTY: Final = "ipc_duty"  # parameter, optional: the IPC thread's busy fraction before tokens coalesce
     PARAMETERS: Final = (CHECKPOINT_DIR, TORCH_THREADS, MAX_CONTEXT, MAX_SEQUENCES, DTYPE, IPC_DUTY)
+
+
+class LLMChannel:
+    """Channel (step) mode of the token models: many sequences on one ``ModelStreamInfer`` stream, one response per
+    round of the model's IPC thread carrying every sequence that has news (``inferplane.modeling.channel``).
+
+    Requests, each a Triton request on the client's one stream, told apart by their inputs:
+    - attach: ``CHANNEL`` alone. Stays open; its responses are the channel's frames. It ends (final flag) when the
+      client cancels it or the model unloads; a cancelled attach cancels every sequence of the channel.
+    - open: ``CHANNEL``, ``SEQ`` and a generation's ``LLM.INPUTS``. Completed at once with an empty final
+      response (which Triton forwards only to a client that asked for empty final responses). A generation the
+      model refuses is a failed sequence (INVALID_ARG) in the next frame; an open the channel cannot take (a
+      channel this instance does not hold: UNAVAILABLE; a sequence number in use: INVALID_ARG) is the open
+      request's own TritonError.
+    - cancel: ``CHANNEL`` and ``CANCEL``: those of the channel's sequences still live end "cancelled"; completed at
+      once like an open.
+    Frame columns (outputs of the attach's responses), each group absent when empty:
+    - ``SEQS`` [n], ``COUNTS`` [n]; ``LLM.TOKEN_IDS``/``LLM.LOGPROBS`` [sum(COUNTS)]: the new tokens, in SEQS order;
+    - ``ENDED`` [e], ``ENDED_REASONS`` [e] (``LLM.FINISH_REASONS``), ``ENDED_PROMPT_TOKENS`` [e],
+      ``ENDED_COMPLETION_TOKENS`` [e]: the sequences that finished (after their last tokens in the same frame);
+    - ``FAILED`` [f], ``FAILED_CODES`` [f] (the TritonError code names above), ``FAILED_MESSAGES`` [f].
+    """
+
+    CHANNEL: Final = TensorSpec("channel", "BYTES", (1,), optional=True)  # the client's channel id, UTF-8
+    SEQ: Final = TensorSpec("seq", "INT64", (1,), optional=True)  # an open's sequence number in its channel
+    CANCEL: Final = TensorSpec("cancel_seqs", "INT64", (-1,), optional=True)  # a cancel's sequence numbers
+    INPUTS: Final = (CHANNEL, SEQ, CANCEL)
+
+    SEQS: Final = TensorSpec("seqs", "INT64", (-1,))
+    COUNTS: Final = TensorSpec("counts", "INT32", (-1,))
+    ENDED: Final = TensorSpec("ended_seqs", "INT64", (-1,))
+    ENDED_REASONS: Final = TensorSpec("ended_reasons", "BYTES", (-1,))
+    ENDED_PROMPT_TOKENS: Final = TensorSpec("ended_prompt_tokens", "INT32", (-1,))
+    ENDED_COMPLETION_TOKENS: Final = TensorSpec("ended_completion_tokens", "INT32", (-1,))
+    FAILED: Final = TensorSpec("failed_seqs", "INT64", (-1,))
+    FAILED_CODES: Final = TensorSpec("failed_codes", "BYTES", (-1,))
+    FAILED_MESSAGES: Final = TensorSpec("failed_messages", "BYTES", (-1,))
+    OUTPUTS: Final = (SEQS, COUNTS, ENDED, ENDED_REASONS, ENDED_PROMPT_TOKENS, ENDED_COMPLETION_TOKENS,
+                      FAILED, FAILED_CODES, FAILED_MESSAGES)
+
+    TRACEPARENT: Final = "traceparent"  # an open's request parameter (string): the caller's sampled span
+    # Triton's custom metric of the responses a model sent, labels model and mode (MODES): the hop counter
+    RESPONSES_METRIC: Final = "inferplane_llm_responses_total"
+    MODES: Final = ("request", "channel")
 
 
 class Embedding:

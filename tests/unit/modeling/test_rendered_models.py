@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import sysconfig
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from inferplane.assets import CATALOG
 from inferplane.common.catalog import load_catalog
 from inferplane.executor.repository import MODELING, render_repository
 from inferplane.executor.triton_process import pytriton_root
-from inferplane.modeling.contract import LLM, Embedding, TensorSpec
+from inferplane.modeling.contract import LLM, Embedding, LLMChannel, TensorSpec
 
 IMPORT_MODEL = """
 import importlib.util, json, sys
@@ -75,7 +76,8 @@ def test_a_rendered_model_imports_without_the_mesh(repo: Path, model: str, packa
 def test_only_the_model_code_a_model_needs_is_copied(repo: Path) -> None:
     llm = repo / "tiny-llama" / "1" / "inferplane" / "modeling"
     emb = repo / "all-minilm-l6-v2" / "1" / "inferplane" / "modeling"
-    assert sorted(p.name for p in llm.iterdir()) == ["__init__.py", "contract.py", "instance.py", "llama"]
+    assert sorted(p.name for p in llm.iterdir()) == ["__init__.py", "channel.py", "contract.py", "instance.py",
+                                                     "llama"]
     assert sorted(p.name for p in emb.iterdir()) == ["__init__.py", "bert.py", "contract.py", "instance.py"]
     for name in ("model.py", "batching.py", "loader.py"):
         assert (llm / "llama" / name).read_bytes() == (MODELING / "llama" / name).read_bytes()
@@ -97,11 +99,19 @@ def spec_tuple(spec: TensorSpec) -> tuple[str, str, str, bool, bool]:
     return spec.name, spec.config_type, ", ".join(map(str, spec.dims)), spec.ragged, spec.optional
 
 
-@pytest.mark.parametrize(("model", "contract"), [("tiny-llama", LLM), ("all-minilm-l6-v2", Embedding)])
-def test_config_tensors_are_the_contracts(repo: Path, model: str, contract: type[LLM] | type[Embedding]) -> None:
+# The LLM's config declares the per-request contract's tensors and the channel mode's, every input optional (an
+# attach or a cancel carries no input_ids/max_tokens; the model refuses a generation without them).
+LLM_CONFIG = ([replace(s, optional=True) for s in (*LLM.INPUTS, *LLMChannel.INPUTS)],
+              [*LLM.OUTPUTS, *LLMChannel.OUTPUTS])
+
+
+@pytest.mark.parametrize(("model", "inputs", "outputs"), [("tiny-llama", *LLM_CONFIG),
+                                                          ("all-minilm-l6-v2", Embedding.INPUTS, Embedding.OUTPUTS)])
+def test_config_tensors_are_the_contracts(repo: Path, model: str, inputs: list[TensorSpec],
+                                          outputs: list[TensorSpec]) -> None:
     config = (repo / model / "config.pbtxt").read_text()
-    assert config_tensors(config, "input") == [spec_tuple(s) for s in contract.INPUTS]
-    assert config_tensors(config, "output") == [spec_tuple(s) for s in contract.OUTPUTS]
+    assert config_tensors(config, "input") == [spec_tuple(s) for s in inputs]
+    assert config_tensors(config, "output") == [spec_tuple(s) for s in outputs]
     body = [line for line in config.splitlines() if not line.startswith("#")]
     assert not [line for line in body if "$" in line], "every placeholder is rendered"
 

@@ -29,6 +29,13 @@ The names, types and shapes are ``inferplane.modeling.contract.LLM``'s.
   because the stub's IPC deadlocked when a send and an ``is_cancelled`` ran on two threads at once.
 A cancelled sequence leaves the batch, and frees its slot, at the next step after the poll that saw it.
 
+Channel (step) mode (``contract.LLMChannel``, ``inferplane.modeling.channel``): a request with a ``channel`` input
+is an attach, open or cancel of a channel. The sequences of a channel decode in the same batch as per-request
+ones; the IPC thread sends the channel's attach one response per round with every sequence's new tokens, ends
+and failures (column-wise), instead of one response per sequence. A generation refused at open is a failed
+sequence (INVALID_ARG) in the next frame; a broken step fails every live sequence with INTERNAL. Responses sent
+are counted in ``inferplane_llm_responses_total{model,mode}`` (published at most once a second).
+
 Imports: ``inferplane.modeling`` (the repository renderer copies it into this version folder, which Triton's
 stub puts on ``sys.path``), torch, numpy and ``triton_python_backend_utils`` only: nothing of the mesh.
 """
@@ -47,6 +54,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
+from inferplane.modeling.channel import ChannelError, ChannelHub, ResponseCounter, SeqKey
 from inferplane.modeling.contract import CHECKPOINT_DIR, DTYPE, INTERNAL, INVALID_ARG, LLM, TORCH_THREADS
 from inferplane.modeling.instance import instance_device, int_param, param
 from inferplane.modeling.llama import LlamaForCausalLM, SamplingParams, load_model
@@ -191,6 +199,9 @@ class TritonPythonModel:
         self._next_id = 0
         self.gauges = _Gauges(self.name)
         self.gauges.update(self.scheduler.stats)
+        self.counter = ResponseCounter(pb_utils, self.name)
+        self.hub = ChannelHub(pb_utils, self.counter, on_cancel=lambda key: self.scheduler.cancel(key),
+                              notify=self._wake_ipc)
         # What the IPC thread is to send: per request id, filled by the scheduler thread and by execute.
         self._outbox: dict[Hashable, _Outgoing] = {}
         self._outbox_ready = threading.Condition()
@@ -217,6 +228,17 @@ class TritonPythonModel:
 
     def execute(self, requests: list[Any]) -> None:
         for request in requests:
+            try:
+                channel = ChannelHub.channel_of(pb_utils, request)
+            except ChannelError as e:
+                sender = request.get_response_sender()
+                rid, self._next_id = self._next_id, self._next_id + 1
+                self.streams[rid] = _Stream(request, sender, time.monotonic(), request.request_id())
+                self._post_error(rid, str(e), e.code)
+                continue
+            if channel is not None:
+                self.hub.handle(request, channel, self._start_channel_sequence)
+                continue
             rid, self._next_id = self._next_id, self._next_id + 1
             self.streams[rid] = _Stream(request, request.get_response_sender(), time.monotonic(),
                                         request.request_id())
@@ -226,7 +248,11 @@ class TritonPythonModel:
                 self._post_error(rid, str(e), INVALID_ARG)
         return None  # decoupled: the IPC thread answers through the response senders
 
-    def _parse(self, request: Any, rid: int) -> SequenceRequest:
+    def _start_channel_sequence(self, request: Any, key: SeqKey) -> None:
+        """An open of a channel: a ValueError (RequestError, RequestRefused) fails the sequence in the next frame."""
+        self.scheduler.add(self._parse(request, key))
+
+    def _parse(self, request: Any, rid: Hashable) -> SequenceRequest:
         input_ids = _array(request, LLM.INPUT_IDS.name) or []
         max_tokens = _scalar(request, LLM.MAX_TOKENS.name)
         if max_tokens is None:
@@ -297,8 +323,12 @@ class TritonPythonModel:
             out.error = (message, code)
             self._outbox_ready.notify()
 
+    def _wake_ipc(self) -> None:
+        with self._outbox_ready:
+            self._outbox_ready.notify()
+
     def _fail_all(self, message: str) -> None:
-        for rid in list(self.streams):
+        for rid in [*self.streams, *self.hub.live_keys()]:
             self._post_error(rid, message, INTERNAL)
         self.scheduler = BatchScheduler(self.model, max_sequences=self.scheduler.max_sequences,
                                         max_context=self.max_context)
@@ -322,11 +352,21 @@ class TritonPythonModel:
             # (~0.3 ms) is far shorter than a step, so it still gets one token per response.
             pause = min((time.monotonic() - started) * (1 / self.ipc_duty - 1), MAX_PAUSE_S)
             self._poll_cancellations()
+            self.counter.publish(time.monotonic())
             self.gauges.update(self.scheduler.stats)
             self._flush_logs()
 
     def _send(self, box: dict[Hashable, _Outgoing]) -> None:
+        hub = self.hub
         for rid, out in box.items():
+            if type(rid) is SeqKey:  # a channel's sequence: into its channel's next frame
+                if out.ids:
+                    hub.tokens(rid, out.ids, out.logprobs)
+                if out.error is not None:
+                    hub.failed(rid, out.error[1], out.error[0])
+                elif out.finish is not None:
+                    hub.finished(rid, out.finish.reason, out.finish.prompt_tokens, out.finish.completion_tokens)
+                continue
             stream = self.streams.get(rid)
             if stream is None:
                 continue
@@ -337,6 +377,7 @@ class TritonPythonModel:
                 ])
                 try:
                     stream.sender.send(response)
+                    self.counter.count("request")
                 except Exception:  # the client went away between two polls
                     self.scheduler.cancel(rid)
             if out.error is not None:
@@ -346,6 +387,7 @@ class TritonPythonModel:
             elif out.finish is not None:
                 del self.streams[rid]
                 self._finish(stream, out.finish)
+        hub.flush()  # one response per channel with news
 
     def _finish(self, stream: _Stream, ev: FinishEvent) -> None:
         self._send_final(stream.sender, pb_utils.InferenceResponse(output_tensors=[
@@ -377,6 +419,7 @@ class TritonPythonModel:
     def _send_final(self, sender: Any, response: Any) -> None:
         try:
             sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            self.counter.count("request")
         except Exception as e:  # e.g. the client has gone; nothing is left to tell it
             self.log(f"could not send the final response: {e!r}")
 
@@ -388,6 +431,8 @@ class TritonPythonModel:
         self.scheduler.cancel_all()
         self._post(self.scheduler.step())
         box, self._outbox = self._outbox, {}
-        self._send(box)  # every stream still open ends with finish_reason "cancelled"
+        self._send(box)  # every stream and channel sequence still open ends with finish_reason "cancelled"
+        self.hub.close()  # every attach ends
+        self.counter.publish(time.monotonic(), force=True)
         self._flush_logs()
         del self.model
