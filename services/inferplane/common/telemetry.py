@@ -81,6 +81,14 @@ def _exporter(settings: TelemetrySettings) -> SpanExporter | None:
 
 def setup_tracing(service_name: str, settings: TelemetrySettings) -> TracerProvider:
     """Install the global tracer provider for this process and return it (call ``shutdown`` at exit)."""
+    provider = tracer_provider(service_name, settings)
+    trace.set_tracer_provider(provider)
+    return provider
+
+
+def tracer_provider(service_name: str, settings: TelemetrySettings) -> TracerProvider:
+    """A tracer provider whose spans name ``service_name``, not installed globally (a second service in the
+    process: the REST edge in the router's, ``inferplane.cli.edge``); call ``shutdown`` at exit."""
     provider = TracerProvider(
         resource=Resource.create({"service.name": service_name, "service.namespace": "inferplane"}),
         sampler=ParentBased(TraceIdRatioBased(settings.sample_ratio)),
@@ -88,5 +96,4 @@ def setup_tracing(service_name: str, settings: TelemetrySettings) -> TracerProvi
     exporter = _exporter(settings)
     if exporter is not None:
         provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=500))
-    trace.set_tracer_provider(provider)
     return provider
