@@ -19,6 +19,7 @@ import logging
 import signal
 
 from inferplane.cli.inprocess import InProcessRouter
+from inferplane.common import loop
 from inferplane.common.logs import setup_logging
 from inferplane.common.settings import load_settings, service_arguments, settings_from_args
 from inferplane.common.telemetry import setup_tracing, tracer_provider
@@ -98,4 +99,4 @@ def main(argv: list[str] | None = None) -> None:
     gateway_overrides = {"port": args.gateway_port} if args.gateway_port is not None else {}
     gateway = load_settings(GatewaySettings, config_file=args.config, section=args.gateway_section,
                             **gateway_overrides)
-    asyncio.run(run(settings_from_args(RouterSettings, args), gateway))
+    loop.run(run(settings_from_args(RouterSettings, args), gateway))

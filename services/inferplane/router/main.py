@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 
 import grpc
 
+from inferplane.common import loop
 from inferplane.common.catalog import Catalog, load_catalog
 from inferplane.common.logs import setup_logging
 from inferplane.common.server import GrpcServer, client_channel
@@ -106,4 +106,4 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="inferplane-router", description="inferplane router service")
     args = service_arguments(parser, "router").parse_args(argv)
     setup_logging("router")
-    asyncio.run(run(settings_from_args(RouterSettings, args)))
+    loop.run(run(settings_from_args(RouterSettings, args)))
