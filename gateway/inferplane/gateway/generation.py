@@ -136,7 +136,7 @@ class GenerationEndpoint:
         except GatewayError as err:
             await answer.error(err)
         except StarletteHTTPException as exc:  # the body limit, raised from the middleware's receive
-            await answer.error(GatewayError(exc.status_code, str(exc.detail), code="request_too_large"))
+            await answer.error(GatewayError(exc.status_code, str(exc.detail), headers=dict(exc.headers or {})))
         except Exception:
             log.exception("unhandled error in POST %s", scope["path"])
             if not answer.started:
