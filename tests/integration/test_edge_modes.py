@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
+from prometheus_client import REGISTRY
 
 from inferplane.cli.inprocess import InProcessRouter
 from inferplane.common.settings import ServerSettings
@@ -99,3 +100,22 @@ async def test_both_modes_list_the_same_models(clients: dict[str, httpx.AsyncCli
               for c in clients.values()]
     assert bodies[0] == bodies[1]
     assert MODEL in {m["id"] for m in bodies[0]["data"]}
+
+
+async def test_health_and_one_registry_in_both_modes(clients: dict[str, httpx.AsyncClient],
+                                                     metering: Metering) -> None:  # noqa: F811
+    _, key = metering.store.create_key("edge-modes")
+    for client in clients.values():
+        assert (await client.get("/healthz")).json() == {"status": "ok"}
+    labels = {"grpc_service": "inferplane.v1.RouterService", "grpc_method": "ListModels", "grpc_code": "OK"}
+
+    def handled() -> float:
+        return REGISTRY.get_sample_value("inferplane_grpc_server_handled_total", labels) or 0.0
+
+    # An in-process call counts as the router's RPC, as a gRPC one does; and the gateway's /metrics shows it: one
+    # process, one registry (a name registered twice would have failed at import).
+    before = handled()
+    assert (await clients["in-router"].get("/v1/models", headers={"authorization": f"Bearer {key}"})).status_code == 200
+    assert handled() == before + 1
+    text = (await clients["in-router"].get("/metrics")).text
+    assert 'grpc_method="ListModels"' in text and "inferplane_gateway_http_requests_total" in text
