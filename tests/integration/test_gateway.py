@@ -34,6 +34,7 @@ from grpc_health.v1._async import HealthServicer
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import REGISTRY
 
 from inferplane.common.errors import PARAM_METADATA_KEY
 from inferplane.common.settings import load_settings
@@ -340,6 +341,20 @@ async def test_chat_stream_frames(stack: Stack, http: httpx.AsyncClient, include
     assert [c["choices"][0]["delta"].get("content") for c in chunks[1:-1]] == PIECES
     assert chunks[-1]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+
+
+async def test_one_sse_write_per_router_message(stack: Stack, http: httpx.AsyncClient) -> None:
+    # The opening chunk goes out with the first text, and finish + usage + [DONE] in the last message's write:
+    # as many writes as the router sent messages (inferplane_gateway_sse_writes_total counts them per hop).
+    def writes() -> float:
+        return REGISTRY.get_sample_value("inferplane_gateway_sse_writes_total") or 0.0
+
+    before = writes()
+    body = chat_body(stream=True, stream_options={"include_usage": True})
+    async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        frames = await sse(response)
+    assert frames[-1] == "[DONE]" and len(frames) == 1 + len(PIECES) + 2 + 1  # opening, texts, finish, usage, done
+    assert writes() - before == len(PIECES) + 1
 
 
 async def test_length_finish(stack: Stack, http: httpx.AsyncClient) -> None:

@@ -7,13 +7,23 @@ from pathlib import Path
 from inferplane.cli.launcher import LocalStack, StackConfig
 
 
-def stack(tmp_path: Path, **router: str) -> LocalStack:
+def stack(tmp_path: Path, edge_mode: str = "in-router", **router: str) -> LocalStack:
     return LocalStack(StackConfig(state_dir=tmp_path, ports=dict.fromkeys(StackConfig().ports, 0), executors=2,
-                                  router=dict(router)), log=lambda m: None)
+                                  router=dict(router), edge_mode=edge_mode), log=lambda m: None)
 
 
 def test_the_default_router_tokenizes_in_process_so_no_tokenizer_service_starts(tmp_path: Path) -> None:
-    assert stack(tmp_path).start_order == ["metering", "executor", "executor_2", "router", "gateway", "envoy"]
+    assert stack(tmp_path).start_order == ["metering", "executor", "executor_2", "router", "envoy"]
+
+
+def test_the_rest_edge_runs_in_the_router_or_as_its_own_process(tmp_path: Path) -> None:
+    inside = stack(tmp_path)
+    assert "gateway" not in inside.start_order
+    assert inside._command("router")[-4:-2] == ["serve", "router-gateway"]
+    assert inside.cfg.edge_mode == "in-router"  # the default (docs/deployment.md has the measurement)
+    separate = stack(tmp_path, edge_mode="separate")
+    assert separate.start_order == ["metering", "executor", "executor_2", "router", "gateway", "envoy"]
+    assert separate._command("router")[-4:-2] == ["serve", "router"]
 
 
 def test_a_router_that_encodes_or_decodes_remotely_gets_the_tokenizer_service(tmp_path: Path) -> None:

@@ -109,3 +109,15 @@ def test_the_services_default_writes_only_failed_requests_to_the_trace_file(tmp_
     off = setup_tracing("test", TelemetrySettings(exporter="none"), install=False)
     with off.get_tracer("test").start_as_current_span("x") as span:
         assert not span.is_recording()  # no exporter: nothing is even recorded
+
+
+def test_two_providers_in_one_process_each_judge_their_own_local_root() -> None:
+    """The REST edge in the router's process: the router's span is a child of the edge's (another provider)."""
+    edge, edge_out = _provider(0.0)
+    router, router_out = _provider(0.0)
+    for status in (200, 503):
+        with edge.start_as_current_span("POST /v1/completions", kind=SpanKind.SERVER) as http:
+            with router.start_as_current_span("Generate", kind=SpanKind.SERVER) as rpc:
+                rpc.set_attribute("rpc.grpc.status_code", 0 if status == 200 else 14)
+            http.set_attribute("http.response.status_code", status)
+    assert len(edge_out.get_finished_spans()) == 1 and len(router_out.get_finished_spans()) == 1

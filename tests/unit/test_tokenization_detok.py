@@ -8,6 +8,10 @@ import random
 import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from inferplane.assets import CATALOG
+from inferplane.common.errors import InvalidArgument
+from inferplane.tokenization import TokenizerRegistry
+from inferplane.tokenization.bundle import TokenizerBundle
 from inferplane.tokenization.detok import REPLACEMENT_CHAR, IncrementalDecoder
 
 CORPUS = [
@@ -73,7 +77,7 @@ def random_chunks(rng: random.Random, ids: list[int], most: int = 3) -> list[lis
     return chunks
 
 
-def stream(tok: Tokenizer, chunks: list[list[int]], skip_special_tokens: bool = True) -> list[str]:
+def stream(tok: Tokenizer | TokenizerBundle, chunks: list[list[int]], skip_special_tokens: bool = True) -> list[str]:
     decoder = IncrementalDecoder(tok, skip_special_tokens)
     return [*(decoder.push(c) for c in chunks), decoder.flush()]
 
@@ -174,3 +178,45 @@ def test_empty_pushes_and_special_only_pushes(byte_bpe: Tokenizer) -> None:
     assert decoder.flush() == ""
     kept = IncrementalDecoder(byte_bpe, skip_special_tokens=False)
     assert kept.push([eos]) == "</s>"
+
+
+@pytest.fixture(scope="module")
+def tiny_llama() -> TokenizerBundle:
+    """The shipped model's own tokenizer (byte-level BPE), as the router loads it."""
+    return TokenizerRegistry.from_catalog_file(CATALOG).get("tiny-llama")
+
+
+def test_stream_equals_the_full_decode_over_many_sequences(byte_bpe: Tokenizer, llama_sp: Tokenizer,
+                                                           tiny_llama: TokenizerBundle) -> None:
+    # DecodeStream (one Rust call per id) against one full decode of the same ids: random ids (invalid UTF-8,
+    # special tokens), real text with multi-byte characters, and byte-fallback runs of whole characters, pushed
+    # one id at a time and in random chunks (a coalesced message, stream_interval > 1).
+    rng = random.Random(2024)
+    real = tiny_llama.tokenizer
+    for _ in range(500):
+        random_ids = {tok: [rng.randrange(tok.get_vocab_size()) for _ in range(rng.randint(1, 40))]
+                      for tok in (byte_bpe, real)}
+        text_ids = {tok: [i for _ in range(3) for i in tok.encode(random_text(rng)).ids]
+                    for tok in (byte_bpe, llama_sp, real)}
+        for tok, ids in [*random_ids.items(), *text_ids.items()]:
+            for chunks in ([[i] for i in ids], random_chunks(rng, ids, most=5)):
+                source = tiny_llama if tok is real else tok
+                deltas = stream(source, chunks)
+                assert "".join(deltas) == tok.decode(ids, skip_special_tokens=True), (ids, chunks, deltas)
+                if tok not in random_ids:
+                    assert not any(REPLACEMENT_CHAR in d for d in deltas), (ids, deltas)
+
+
+def test_a_window_that_no_longer_starts_with_its_prefix_still_streams(llama_sp: Tokenizer) -> None:
+    # An invalid byte-fallback run ("A" then a lone lead byte): the full decode rewrites the emitted "A" as U+FFFD,
+    # DecodeStream refuses the step, and the decoder goes on with the text past the prefix (the known exception).
+    ids = [llama_sp.token_to_id(t) for t in ("<0x41>", "<0xC3>", "▁b", "▁a")]
+    deltas = stream(llama_sp, [[i] for i in ids])
+    assert deltas == ["A", "", "\N{REPLACEMENT CHARACTER} b", " a", ""]
+
+
+def test_ids_outside_the_vocabulary_are_refused(tiny_llama: TokenizerBundle) -> None:
+    decoder = IncrementalDecoder(tiny_llama)
+    with pytest.raises(InvalidArgument) as err:
+        decoder.push([tiny_llama.vocab_size])
+    assert err.value.param == "token_ids"

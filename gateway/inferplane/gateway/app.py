@@ -10,15 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from contextlib import aclosing, asynccontextmanager
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from typing import TypeVar
 
-import grpc
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from fastapi.responses import JSONResponse, Response
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
@@ -26,44 +23,31 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from inferplane.common import wire
 from inferplane.common.metrics import LATENCY_BUCKETS
-from inferplane.common.server import client_channel, close_stream
+from inferplane.common.server import client_channel
 from inferplane.gateway.admin import admin_router
 from inferplane.gateway.auth import key_metadata
 from inferplane.gateway.embeddings import EmbeddingRequest, embeddings_body
 from inferplane.gateway.errors import (
-    CLIENT_CLOSED_REQUEST,
     INTERNAL_MESSAGE,
     SERVER_ERROR,
     GatewayError,
     body_too_large,
-    forwarded_headers,
-    from_rpc_error,
     from_validation_error,
     install_handlers,
 )
-from inferplane.gateway.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    GenerationRequest,
-    ResponseEncoder,
-    finish_reason,
-    models_body,
-    sse_frame,
-    usage_dict,
-)
+from inferplane.gateway.generation import GENERATION_ROUTES, GenerationEndpoint, client_gone
+from inferplane.gateway.protocol import models_body
 from inferplane.gateway.settings import GatewaySettings
-from inferplane.v1 import router_pb2, router_pb2_grpc
+from inferplane.gateway.upstream import GrpcRouter, RouterApi
 
 log = logging.getLogger(__name__)
 
 TRACER_NAME = "inferplane.gateway"
-ROUTER_SERVICE = "inferplane.v1.RouterService"
-SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
-DONE_FRAME = b"data: [DONE]\n\n"
 
 
 # --- edge middleware ----------------------------------------------------------------------------------
@@ -92,10 +76,12 @@ class EdgeMiddleware:
     Pure ASGI (not ``BaseHTTPMiddleware``) so a streaming response runs in the same task and context.
     """
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int, tracer: trace.Tracer) -> None:
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, tracer: trace.Tracer,
+                 generation: GenerationEndpoint) -> None:
         self.app = app
         self.limit = max_body_bytes
         self.tracer = tracer
+        self.generation = generation
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -137,6 +123,11 @@ class EdgeMiddleware:
                 early = self._refuse_early(headers, given)
                 if early is not None:
                     await early.response()(scope, receive, send_with_id)
+                elif method == "POST" and scope["path"] in GENERATION_ROUTES:
+                    # the token path: straight to the raw endpoint, with the unwrapped send (it adds the id)
+                    scope["route"] = GENERATION_ROUTE_OBJECTS[scope["path"]]
+                    status = await self.generation(scope, receive_limited, send)
+                    started = True
                 else:
                     await self.app(scope, receive_limited, send_with_id)
             except Exception:
@@ -166,22 +157,13 @@ class EdgeMiddleware:
 
 # --- routes -------------------------------------------------------------------------------------------
 
-@dataclass
-class RouterClient:
-    """What the routes need: the router stubs and the call deadline."""
-
-    stub: router_pb2_grpc.RouterServiceStub
-    health: health_pb2_grpc.HealthStub
-    timeout_s: float
-
-
 ParsedT = TypeVar("ParsedT", bound=BaseModel)
 WorkT = TypeVar("WorkT")
 
 
-def _router(request: Request) -> RouterClient:
-    client: RouterClient = request.app.state.router
-    return client
+def _router(request: Request) -> RouterApi:
+    router: RouterApi = request.app.state.router
+    return router
 
 
 def _metadata(request: Request) -> tuple[tuple[str, str], ...]:
@@ -193,56 +175,11 @@ async def _parse(request: Request, model: type[ParsedT]) -> ParsedT:
     try:
         raw = await request.body()  # the middleware's receive enforces the byte limit
     except ClientDisconnect:
-        raise _client_gone() from None
+        raise client_gone() from None
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
         raise from_validation_error(exc) from None
-
-
-def _client_gone() -> GatewayError:
-    return GatewayError(CLIENT_CLOSED_REQUEST, "The client closed the connection.", code="request_cancelled")
-
-
-async def _messages(call: Any, first: router_pb2.GenerateResponse) -> AsyncGenerator[router_pb2.GenerateResponse]:
-    """The router's messages (``first`` already read) until EOF; a failed call becomes a ``GatewayError``."""
-    msg: object = first
-    while isinstance(msg, router_pb2.GenerateResponse):
-        yield msg
-        try:
-            msg = await call.read()
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
-
-
-async def _first_message(call: Any) -> router_pb2.GenerateResponse:
-    try:
-        msg = await call.read()
-    except grpc.aio.AioRpcError as exc:
-        raise from_rpc_error(exc) from None
-    if not isinstance(msg, router_pb2.GenerateResponse):
-        raise GatewayError(500, INTERNAL_MESSAGE, type=SERVER_ERROR)
-    return msg
-
-
-def _no_finish() -> GatewayError:
-    return GatewayError(500, "The generation ended without a finish reason.", type=SERVER_ERROR)
-
-
-async def _complete(call: Any, first: router_pb2.GenerateResponse, enc: ResponseEncoder) -> dict[str, Any]:
-    parts: list[str] = []
-    finish: str | None = None
-    usage: dict[str, int] | None = None
-    async with aclosing(_messages(call, first)) as messages:
-        async for msg in messages:
-            if finish is not None:
-                continue  # nothing counts after the finish message; read on to the call's status
-            parts.append(msg.text)
-            finish = finish_reason(msg)
-            usage = usage_dict(msg)
-    if finish is None:
-        raise _no_finish()
-    return enc.body("".join(parts), finish, usage)
 
 
 async def _until_disconnect(request: Request) -> None:
@@ -250,9 +187,8 @@ async def _until_disconnect(request: Request) -> None:
         pass
 
 
-async def _unless_gone(request: Request, work: Awaitable[WorkT], cancel: Callable[[], Awaitable[None]]) -> WorkT:
-    """Await ``work``; a caller that disconnects first gets it cancelled (``cancel`` stops the router call, so
-    cancellation flows down)."""
+async def _unless_gone(request: Request, work: Awaitable[WorkT]) -> WorkT:
+    """Await ``work``; a caller that disconnects first gets it cancelled (so is the router call)."""
     task = asyncio.ensure_future(work)
     gone = asyncio.ensure_future(_until_disconnect(request))
     try:
@@ -261,92 +197,19 @@ async def _unless_gone(request: Request, work: Awaitable[WorkT], cancel: Callabl
         gone.cancel()
         if not task.done():
             task.cancel()
-            await cancel()
+            await asyncio.wait((task,))
     if task.cancelled():
-        raise _client_gone()
+        raise client_gone()
     return task.result()
 
 
-async def _complete_unless_gone(request: Request, call: Any, first: router_pb2.GenerateResponse,
-                                enc: ResponseEncoder) -> dict[str, Any]:
-    """``_complete``, but a caller that disconnects first cancels the router call."""
-    return await _unless_gone(request, _complete(call, first, enc), lambda: close_stream(call))
+async def generation_route(request: Request) -> Response:
+    """Registered for routing's sake (a GET is a 405); ``EdgeMiddleware`` answers every POST itself."""
+    raise GatewayError(500, INTERNAL_MESSAGE, type=SERVER_ERROR)
 
 
-async def _events(call: Any, first: router_pb2.GenerateResponse, enc: ResponseEncoder) -> AsyncIterator[bytes]:
-    """SSE frames; an error after the first byte ends the stream with one ``data: {"error": ...}`` frame."""
-    try:
-        for chunk in enc.opening():
-            yield sse_frame(chunk)
-        finish: str | None = None
-        usage: dict[str, int] | None = None
-        async with aclosing(_messages(call, first)) as messages:
-            async for msg in messages:
-                if finish is not None:
-                    continue
-                if msg.text:
-                    yield enc.text_frame(msg.text)
-                finish = finish_reason(msg)
-                if finish is not None:
-                    usage = usage_dict(msg)
-                    yield sse_frame(enc.finish_chunk(finish))
-        if finish is None:
-            raise _no_finish()
-        if enc.include_usage:
-            yield sse_frame(enc.usage_chunk(usage))
-        yield DONE_FRAME
-    except GatewayError as err:
-        span = trace.get_current_span()
-        span.set_attribute("inferplane.stream_error", err.code or err.type)
-        if err.status >= 500:
-            span.set_status(Status(StatusCode.ERROR, err.message))
-        yield sse_frame(err.body())
-
-
-class RouterEventStream(StreamingResponse):
-    """An SSE response that cancels its router call however it ends (done, error, client gone)."""
-
-    def __init__(self, call: Any, content: AsyncIterator[bytes], headers: dict[str, str]) -> None:
-        super().__init__(content, media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
-        self._call = call
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await close_stream(self._call)  # cancels the router call unless it finished; ends its client span
-            aclose = getattr(self.body_iterator, "aclose", None)
-            if aclose is not None:
-                await aclose()
-
-
-async def _generate(request: Request, model: type[GenerationRequest]) -> Response:
-    metadata = _metadata(request)
-    body = await _parse(request, model)
-    router = _router(request)
-    call = router.stub.Generate(body.to_generate_request(), metadata=metadata, timeout=router.timeout_s)
-    try:
-        first = await _first_message(call)
-        headers = forwarded_headers(await call.initial_metadata())
-    except BaseException:
-        await close_stream(call)
-        raise
-    enc = body.encoder(first, include_usage=body.include_usage)
-    if body.stream:
-        return RouterEventStream(call, _events(call, first, enc), headers)
-    completion = await _complete_unless_gone(request, call, first, enc)
-    cost = (completion.get("usage") or {}).get("cost")
-    if cost is not None:
-        headers["x-inferplane-cost"] = cost  # exact USD, as usage.cost (a stream has it in its usage chunk)
-    return JSONResponse(completion, headers=headers)
-
-
-async def chat_completions(request: Request) -> Response:
-    return await _generate(request, ChatCompletionRequest)
-
-
-async def completions(request: Request) -> Response:
-    return await _generate(request, CompletionRequest)
+# The route each generation path reports (metrics label, span name), as routing would set it.
+GENERATION_ROUTE_OBJECTS = {path: Route(path, generation_route, methods=["POST"]) for path in GENERATION_ROUTES}
 
 
 async def embeddings(request: Request) -> Response:
@@ -354,28 +217,13 @@ async def embeddings(request: Request) -> Response:
     body = await _parse(request, EmbeddingRequest)
     if body.dimensions is not None:
         raise GatewayError(400, "This model does not support the 'dimensions' parameter.", param="dimensions")
-    router = _router(request)
-    call = router.stub.Embed(body.to_embed_request(), metadata=metadata, timeout=router.timeout_s)
-
-    async def cancel() -> None:
-        call.cancel()
-
-    try:
-        resp = await _unless_gone(request, call, cancel)
-    except grpc.aio.AioRpcError as exc:
-        raise from_rpc_error(exc) from None
+    resp = await _unless_gone(request, _router(request).embed(body.to_embed_request(), metadata=metadata))
     return JSONResponse(embeddings_body(resp, body))
 
 
 async def list_models(request: Request) -> Response:
     metadata = _metadata(request)
-    router = _router(request)
-    try:
-        resp = await router.stub.ListModels(router_pb2.ListModelsRequest(), metadata=metadata,
-                                            timeout=router.timeout_s)
-    except grpc.aio.AioRpcError as exc:
-        raise from_rpc_error(exc) from None
-    return JSONResponse(models_body(resp))
+    return JSONResponse(models_body(await _router(request).list_models(metadata=metadata)))
 
 
 async def metrics(request: Request) -> Response:
@@ -385,27 +233,32 @@ async def metrics(request: Request) -> Response:
 
 async def healthz(request: Request) -> Response:
     """200 when the router answers its health check as SERVING, else 503."""
-    try:
-        resp = await _router(request).health.Check(health_pb2.HealthCheckRequest(service=ROUTER_SERVICE),
-                                                   timeout=2.0)
-        serving = resp.status == health_pb2.HealthCheckResponse.SERVING
-    except grpc.aio.AioRpcError:
-        serving = False
-    if not serving:
+    if not await _router(request).serving():
         raise GatewayError(503, "The router is not serving.", type=SERVER_ERROR, code="service_unavailable")
     return JSONResponse({"status": "ok"})
 
 
+def _state_router(app: FastAPI) -> RouterApi:
+    router: RouterApi = app.state.router
+    return router
+
+
 # --- app ----------------------------------------------------------------------------------------------
 
-def create_app(settings: GatewaySettings, *, tracer_provider: trace.TracerProvider | None = None) -> FastAPI:
-    """The gateway app; its lifespan opens one channel to the router (``tracer_provider``: for tests)."""
+def create_app(settings: GatewaySettings, *, tracer_provider: trace.TracerProvider | None = None,
+               router: RouterApi | None = None) -> FastAPI:
+    """The gateway app. ``router``: the router in this process (``inferplane.cli.edge``); without it the lifespan
+    opens one channel to ``settings.router_addr``. ``tracer_provider``: the gateway's own (tests, the router's
+    process)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if router is not None:
+            app.state.router = router
+            yield
+            return
         channel = client_channel(settings.router_addr)
-        app.state.router = RouterClient(router_pb2_grpc.RouterServiceStub(channel),
-                                        health_pb2_grpc.HealthStub(channel), settings.request_timeout_s)
+        app.state.router = GrpcRouter(channel, settings.request_timeout_s)
         try:
             yield
         finally:
@@ -414,8 +267,8 @@ def create_app(settings: GatewaySettings, *, tracer_provider: trace.TracerProvid
     # FastAPI's native telemetry is off: the middleware above owns the one SERVER span per request.
     app = FastAPI(title="inferplane gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
                   telemetry={"tracing": False})
-    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
-    app.add_api_route("/v1/completions", completions, methods=["POST"])
+    for path in GENERATION_ROUTES:
+        app.add_api_route(path, generation_route, methods=["POST"])
     app.add_api_route("/v1/embeddings", embeddings, methods=["POST"])
     app.add_api_route("/v1/models", list_models, methods=["GET"])
     app.add_api_route("/healthz", healthz, methods=["GET"])
@@ -423,5 +276,6 @@ def create_app(settings: GatewaySettings, *, tracer_provider: trace.TracerProvid
     app.include_router(admin_router(settings.metering_addr))  # /v1/usage and /admin/*
     install_handlers(app)
     app.add_middleware(EdgeMiddleware, max_body_bytes=settings.max_body_bytes,
-                       tracer=trace.get_tracer(TRACER_NAME, tracer_provider=tracer_provider))
+                       tracer=trace.get_tracer(TRACER_NAME, tracer_provider=tracer_provider),
+                       generation=GenerationEndpoint(lambda: _state_router(app)))
     return app

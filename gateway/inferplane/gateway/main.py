@@ -15,6 +15,7 @@ from typing import Any
 
 import uvicorn
 
+from inferplane.common import loop
 from inferplane.common.logs import setup_logging
 from inferplane.common.settings import service_arguments, settings_from_args
 from inferplane.common.telemetry import setup_tracing
@@ -86,4 +87,4 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="inferplane-gateway", description="inferplane OpenAI-compatible gateway")
     args = service_arguments(parser, "gateway").parse_args(argv)
     setup_logging("gateway")
-    asyncio.run(serve(settings_from_args(GatewaySettings, args)))
+    loop.run(serve(settings_from_args(GatewaySettings, args)))

@@ -13,6 +13,8 @@ SERVICES = {
     "executor": "inferplane.executor.main",
     "metering": "inferplane.metering.main",
     "gateway": "inferplane.gateway.main",
+    # the router with the REST edge in its process (``inferplane up --edge in-router``)
+    "router-gateway": "inferplane.cli.edge",
 }
 
 

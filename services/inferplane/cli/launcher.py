@@ -48,6 +48,10 @@ DEFAULT_PORTS = {"edge": 8080, "envoy_admin": 9901, "gateway": 8081, "router": 5
                  "triton_metrics": 18002, "router_metrics": 9101, "tokenizer_metrics": 9102,
                  "executor_metrics": 9103, "metering_metrics": 9104, "launcher_metrics": 9105}
 START_ORDER = ["metering", "tokenizer", "executor", "router", "gateway", "envoy"]
+# Where the REST edge runs: in the router's process (one event loop, no gRPC hop per token; the "router" child
+# serves both, ``inferplane serve router-gateway``), or as its own "gateway" process calling the router over gRPC.
+EDGE_MODES = ("in-router", "separate")
+DEFAULT_EDGE_MODE = "in-router"
 # Ports of each extra executor replica (executor_2, ...), by their offset from the first one's.
 REPLICA_PORTS = ("executor", "triton_http", "triton_grpc", "triton_metrics", "executor_metrics")
 
@@ -95,6 +99,11 @@ class StackConfig:
     router: dict[str, Any] = field(default_factory=dict)
     # How a child that exits after it was ready is restarted; None: never (tests that kill on purpose).
     restart: RestartPolicy | None = field(default_factory=RestartPolicy)
+    # Where the REST edge runs (``EDGE_MODES``).
+    edge_mode: str = DEFAULT_EDGE_MODE
+
+    def __post_init__(self) -> None:
+        assert self.edge_mode in EDGE_MODES, f"edge_mode must be one of {EDGE_MODES}, not {self.edge_mode!r}"
 
     def resolved_ports(self) -> dict[str, int]:
         """Every component's port; a 0 becomes a free port no other component of this stack was given (two
@@ -228,8 +237,13 @@ class LocalStack:
     def envoy_file(self) -> Path:
         return self.state / "envoy.yaml"
 
+    @property
+    def edge_in_router(self) -> bool:
+        return self.cfg.edge_mode == "in-router"
+
     def _ready(self, name: str) -> bool:
-        if name == "gateway":
+        if name == "gateway" or (name == "router" and self.edge_in_router):
+            # the router's /healthz answers once both its gRPC server and its REST edge serve
             return http_ok(f"http://{self.cfg.host}:{self.ports['gateway']}/healthz")
         if name == "envoy":
             return http_ok(f"http://127.0.0.1:{self.ports['envoy_admin']}/ready")
@@ -238,6 +252,9 @@ class LocalStack:
     def _command(self, name: str) -> list[str]:
         if name == "envoy":
             return [*envoy_command(self.envoy_file), "--log-format", ENVOY_LOG_FORMAT]
+        if name == "router" and self.edge_in_router:
+            return [sys.executable, "-m", "inferplane.cli", "serve", "router-gateway", "--config",
+                    str(self.settings_file)]
         if name.startswith("executor_"):  # another replica: the executor service with its own section
             return [sys.executable, "-m", "inferplane.cli", "serve", "executor", "--config", str(self.settings_file),
                     "--section", name]
@@ -247,7 +264,9 @@ class LocalStack:
     def start_order(self) -> list[str]:
         i = START_ORDER.index("executor")
         order = [*START_ORDER[:i], *replica_names(self.cfg.executors), *START_ORDER[i + 1:]]
-        return order if self.uses_tokenizer_service else [n for n in order if n != "tokenizer"]
+        skip = {*(() if self.uses_tokenizer_service else ("tokenizer",)),
+                *(("gateway",) if self.edge_in_router else ())}
+        return [n for n in order if n not in skip]
 
     @property
     def uses_tokenizer_service(self) -> bool:
@@ -257,7 +276,8 @@ class LocalStack:
 
     def metrics_url(self, name: str) -> str:
         """Where a component's Prometheus metrics are scraped: ``router``, ``executor_2``, ``triton``,
-        ``triton_2``, ... (the gateway serves them on its own port)."""
+        ``triton_2``, ... (the gateway serves them on its own port; in the router's process, the same registry as the
+        router's)."""
         if name == "gateway":
             return f"http://{self.cfg.host}:{self.ports['gateway']}/metrics"
         if name == "launcher":  # this process: the supervisor's restart counter
@@ -410,6 +430,9 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trace-sample", type=float, default=StackConfig.trace_sample_ratio, metavar="RATIO",
                         help="fraction of requests traced whole; failed and slow ones always are (default "
                              "%(default)s; 1 traces every request)")
+    parser.add_argument("--edge", choices=EDGE_MODES, default=DEFAULT_EDGE_MODE,
+                        help="where the REST edge runs: in the router's process (no gRPC hop per token), or as a "
+                             "separate gateway process (as compose and Kubernetes run it); see docs/deployment.md")
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -421,7 +444,7 @@ def up(args: argparse.Namespace) -> int:
     else:
         ports = dict(DEFAULT_PORTS, edge=args.port or DEFAULT_PORTS["edge"])
     cfg = StackConfig(state_dir=args.state_dir, catalog=args.catalog.resolve(), ports=ports,
-                      ready_timeout_s=args.ready_timeout, executors=max(1, args.executors),
+                      ready_timeout_s=args.ready_timeout, executors=max(1, args.executors), edge_mode=args.edge,
                       trace_sample_ratio=args.trace_sample)
     stack = LocalStack(cfg, log=lambda line: print(line, flush=True), reap_orphans=True)
     stop = stack.interrupted

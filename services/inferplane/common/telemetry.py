@@ -135,9 +135,10 @@ class TailKeeper(SpanProcessor):
     """Tail sampling within one process: keep a recorded-only trace when it failed or was slow.
 
     Sampled spans go straight to ``downstream``. A recorded-only span waits in memory, with the rest of its
-    trace's spans in this process, until the trace's *local root* ends (a span without a parent here: the
-    server span of an RPC, the gateway's HTTP span). Then the whole group goes to ``downstream`` when any of
-    its spans failed (``_failed``) or the local root took ``slow_s`` or more, and is dropped otherwise. Every
+    trace's spans in this process, until the trace's *local root* ends (a span whose parent is not one of this
+    provider's live spans: the server span of an RPC, the gateway's HTTP span). Then the whole group goes to
+    ``downstream`` when any of its spans failed (``_failed``) or the local root took ``slow_s`` or more, and is
+    dropped otherwise. Every
     process on a failed request's path sees the failure (it travels back as an error status) and every
     process on a slow one sees it take long, so they keep the same traces. At most ``max_traces`` groups wait
     (the oldest is dropped first): spans that end after their root (background work) do not pile up.
@@ -148,10 +149,14 @@ class TailKeeper(SpanProcessor):
         self._slow_ns = int(slow_s * 1e9)
         self._max = max_traces
         self._pending: OrderedDict[int, list[ReadableSpan]] = OrderedDict()
+        self._live: set[int] = set()  # span ids of this provider's recorded-only spans that have not ended
         self._lock = threading.Lock()
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
-        return None
+        ctx = span.get_span_context()
+        if ctx is not None and not ctx.trace_flags.sampled:
+            with self._lock:
+                self._live.add(ctx.span_id)
 
     def on_end(self, span: ReadableSpan) -> None:
         ctx = span.get_span_context()
@@ -160,8 +165,11 @@ class TailKeeper(SpanProcessor):
         if ctx.trace_flags.sampled:
             self._downstream.on_end(span)
             return
-        local_root = span.parent is None or span.parent.is_remote
         with self._lock:
+            self._live.discard(ctx.span_id)
+            # a local root: its parent is not a span of this provider (another process's, or another provider's
+            # in this process: the REST edge's HTTP span above the router's in ``inferplane.cli.edge``)
+            local_root = span.parent is None or span.parent.span_id not in self._live
             group = self._pending.pop(ctx.trace_id, None) or []
             group.append(span)
             if not local_root:
@@ -204,6 +212,12 @@ def setup_tracing(service_name: str, settings: TelemetrySettings, *, install: bo
     if install:
         trace.set_tracer_provider(provider)
     return provider
+
+
+def tracer_provider(service_name: str, settings: TelemetrySettings) -> TracerProvider:
+    """A tracer provider whose spans name ``service_name``, not installed globally (a second service in the
+    process: the REST edge in the router's, ``inferplane.cli.edge``); call ``shutdown`` at exit."""
+    return setup_tracing(service_name, settings, install=False)
 
 
 def head_sampled(trace_id_hex: str, ratio: float) -> bool:

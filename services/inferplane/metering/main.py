@@ -9,6 +9,7 @@ from pathlib import Path
 
 import grpc
 
+from inferplane.common import loop
 from inferplane.common.catalog import load_catalog
 from inferplane.common.logs import setup_logging
 from inferplane.common.server import GrpcServer
@@ -94,5 +95,5 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="inferplane-metering", description="inferplane metering service")
     args = service_arguments(parser, "metering").parse_args(argv)
     setup_logging("metering")
-    asyncio.run(run(settings_from_args(MeteringSettings, args)))
+    loop.run(run(settings_from_args(MeteringSettings, args)))
     return 0

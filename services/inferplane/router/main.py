@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 
 import grpc
 
+from inferplane.common import loop
 from inferplane.common.catalog import Catalog, load_catalog
 from inferplane.common.logs import setup_logging
 from inferplane.common.server import GrpcServer, client_channel
@@ -64,11 +64,12 @@ class Router:
                                        executors=self.replicas, metering=metering,
                                        request_timeout_s=settings.request_timeout_s,
                                        admission=admission, outbox=self.outbox)
-        servicer = RouterServicer(self.engine, KeyVerifier(metering, ttl=settings.key_cache_ttl_s,
-                                                                   stale_ttl=settings.key_stale_ttl_s))
+        # served over gRPC, and called in process by a REST edge in this process (``inferplane.cli.edge``)
+        self.servicer = RouterServicer(self.engine, KeyVerifier(metering, ttl=settings.key_cache_ttl_s,
+                                                                        stale_ttl=settings.key_stale_ttl_s))
         self.server = GrpcServer(
             settings.server, service_names=["inferplane.v1.RouterService"],
-            register=lambda s: router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, s))
+            register=lambda s: router_pb2_grpc.add_RouterServiceServicer_to_server(self.servicer, s))
 
     async def start(self) -> int:
         self.outbox.start()  # replays what a previous run left first
@@ -105,4 +106,4 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="inferplane-router", description="inferplane router service")
     args = service_arguments(parser, "router").parse_args(argv)
     setup_logging("router")
-    asyncio.run(run(settings_from_args(RouterSettings, args)))
+    loop.run(run(settings_from_args(RouterSettings, args)))

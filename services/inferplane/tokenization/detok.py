@@ -1,24 +1,25 @@
 """Incremental detokenization that never emits a broken UTF-8 character.
 
-The prefix-offset / read-offset algorithm of TGI and vLLM. Decoding one token at a time is wrong: a
-byte-level BPE token may hold half of a multi-byte character (it decodes to U+FFFD), and decoders
-such as Metaspace or WordPiece treat a sequence's first token differently (no leading space). So the
-decoder keeps a small window of recent ids::
+The prefix-offset / read-offset algorithm of TGI and vLLM, run by ``tokenizers``' ``DecodeStream`` (the same
+algorithm in Rust: one call per token). Decoding one token at a time is wrong: a byte-level BPE token may hold
+half of a multi-byte character (it decodes to U+FFFD), and decoders such as Metaspace or WordPiece treat a
+sequence's first token differently (no leading space). So the stream keeps a small window of recent ids::
 
-    ids:   ... | prefix_offset ........ read_offset ........ end |
-                 \\_ already emitted _/ \\_ not emitted yet _/
+    ids:   ... | prefix ............ | pending ............ |
+                 \\_ last emitted _/   \\_ not emitted yet _/
 
-and on each push decodes ``ids[prefix_offset:read_offset]`` (text already emitted, as context) and
-``ids[prefix_offset:]``. When the longer text does not end in U+FFFD its new suffix is complete: it is
-emitted, and the window slides (``prefix_offset = read_offset``, ``read_offset = end``). Otherwise the
-tail waits for the ids that complete it, and the text before it, when several ids came in one push, is
-emitted up to the last id that ends a whole character. Ids before ``prefix_offset`` are dropped, so a push costs
-O(window), not O(stream). ``flush`` emits whatever is held back at the end of the stream.
+and on each id decodes ``prefix + pending``. When that text does not end in U+FFFD and is longer than
+``decode(prefix)`` its new suffix is complete: it is emitted, and the window slides (``prefix = pending``).
+Otherwise the tail waits for the ids that complete it. Ids before ``prefix`` are dropped, so a token costs
+O(window), not O(stream). Several ids in one push are stepped one by one, so the text before an incomplete
+tail comes out at once. ``flush`` emits whatever is held back at the end of the stream.
 
 Concatenated deltas plus ``flush()`` equal ``decode(all ids)`` for decoders whose output at a cut between
 complete characters does not depend on the ids before the cut (ByteLevel, WordPiece, Metaspace). The one
 known exception is ``ByteFallback`` with a run of ``<0x..>`` tokens that is invalid UTF-8 as a whole: the
-full decode turns the whole run into U+FFFD, the stream has already emitted its valid start.
+full decode turns the whole run into U+FFFD, the stream has already emitted its valid start. There the window's
+text no longer starts with the emitted prefix; ``DecodeStream`` refuses such a step, and the decoder emits the
+window's text past the prefix's length, as the Python version of this algorithm did.
 """
 
 from __future__ import annotations
@@ -26,72 +27,95 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
+from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
+
 REPLACEMENT_CHAR = "\ufffd"
-_MAX_CHAR_BYTES = 4  # the longest UTF-8 character
 
 
 class Decodes(Protocol):
-    """Anything that decodes ids to text: ``tokenizers.Tokenizer`` or ``TokenizerBundle``."""
+    """A loaded tokenizer with its id check: ``TokenizerBundle``."""
 
-    def decode(self, ids: list[int], skip_special_tokens: bool = ...) -> str: ...
+    tokenizer: Tokenizer
+
+    def check_ids(self, ids: Sequence[int]) -> None: ...
 
 
 class IncrementalDecoder:
     """Turns a stream of token ids into a stream of complete text deltas."""
 
-    def __init__(self, tokenizer: Decodes, skip_special_tokens: bool = True) -> None:
-        self._tokenizer = tokenizer
-        self._skip_special_tokens = skip_special_tokens
-        self._ids: list[int] = []  # the window: ids[0] is at prefix_offset; older ids are dropped
-        self._read = 0  # read_offset, relative to the window: ids[:_read] have been emitted
-        self._prefix_text = ""  # decode(ids[:_read]), cached from the previous emission
+    __slots__ = ("_check", "_pending", "_prefix", "_skip", "_stream", "_tokenizer", "token_count")
+
+    def __init__(self, tokenizer: Tokenizer | Decodes, skip_special_tokens: bool = True) -> None:
+        # A bare ``tokenizers.Tokenizer`` (tests, tools) or a bundle, whose ``check_ids`` refuses ids outside
+        # the vocabulary (``InvalidArgument``) where the Rust decoder would skip them silently.
+        if isinstance(tokenizer, Tokenizer):
+            self._tokenizer, self._check = tokenizer, None
+        else:
+            self._tokenizer, self._check = tokenizer.tokenizer, tokenizer.check_ids
+        self._skip = skip_special_tokens
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        self._prefix: list[int] = []  # the ids of the last emission: the context of the next decode
+        self._pending: list[int] = []  # ids pushed since, not emitted yet
         self.token_count = 0  # ids pushed so far
 
     @property
     def window_size(self) -> int:
         """Ids the next push decodes again besides its own: bounded by the text still held back."""
-        return len(self._ids)
-
-    def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
+        return len(self._prefix) + len(self._pending)
 
     def push(self, ids: Iterable[int]) -> str:
         """Add new ids; return the text they complete ("" while a character is still incomplete)."""
-        new = list(ids)
+        new = ids if isinstance(ids, list) else list(ids)
         if not new:
             return ""
-        self._ids.extend(new)
+        if self._check is not None:
+            self._check(new)
         self.token_count += len(new)
-        end = len(self._ids)
-        text = self._decode(self._ids)
-        if not text.endswith(REPLACEMENT_CHAR):
-            return self._advance(text, end) if len(text) > len(self._prefix_text) else ""
-        # The tail is an incomplete character. When several ids came at once (a coalesced message), the
-        # text before it is complete: cut before the tail's last few ids (a character has at most 4 bytes,
-        # a token at least 1) and emit up to the longest cut that ends cleanly.
-        for cut in range(end - 1, max(self._read, end - _MAX_CHAR_BYTES), -1):
-            head = self._decode(self._ids[:cut])
-            if not head.endswith(REPLACEMENT_CHAR):
-                return self._advance(head, cut) if len(head) > len(self._prefix_text) else ""
-        return ""
+        if len(new) == 1:  # the common case: one token per message
+            return self._step(new[0]) or ""
+        return "".join(piece for i in new if (piece := self._step(i)) is not None)
+
+    def _step(self, token_id: int) -> str | None:
+        self._pending.append(token_id)
+        try:
+            piece = self._stream.step(self._tokenizer, token_id)
+        except Exception:  # the window's text does not start with the prefix's (see the module's docstring)
+            return self._emit_past_prefix()
+        if piece is not None:
+            self._prefix, self._pending = self._pending, []
+        return piece
+
+    def _emit_past_prefix(self) -> str | None:
+        """What the Python algorithm emitted: the window's text past the prefix text's length (the stream, which
+        refused, starts again from the new prefix)."""
+        text = self._decode(self._prefix + self._pending)
+        prefix_text = self._decode(self._prefix)
+        if text.endswith(REPLACEMENT_CHAR) or len(text) <= len(prefix_text):
+            return None
+        self._slide()
+        return text[len(prefix_text):]
 
     def flush(self) -> str:
         """End of stream: return all text held back (an incomplete character comes out as U+FFFD)."""
-        if self._read == len(self._ids):
+        if not self._pending:
             return ""
-        return self._advance(self._decode(self._ids), len(self._ids))
-
-    def _advance(self, text: str, cut: int) -> str:
-        """Emit ``text`` (the decode of ``ids[:cut]``) past what was emitted; slide the window to ``cut``."""
-        delta = text[len(self._prefix_text):]
-        # The ids just emitted become the context of the next decode; older ones are dropped.
-        del self._ids[: self._read]
-        self._read = cut - self._read
-        self._prefix_text = self._decode(self._ids[: self._read])
+        text = self._decode(self._prefix + self._pending)
+        delta = text[len(self._decode(self._prefix)):]
+        self._slide()
         return delta
 
+    def _slide(self) -> None:
+        """The pending ids become the prefix, and a new stream continues from them."""
+        self._prefix, self._pending = self._pending, []
+        self._stream = DecodeStream(ids=self._prefix, skip_special_tokens=self._skip)
 
-def decode_all(tokenizer: Decodes, chunks: Sequence[Sequence[int]], skip_special_tokens: bool = True) -> list[str]:
+    def _decode(self, ids: list[int]) -> str:
+        return str(self._tokenizer.decode(ids, skip_special_tokens=self._skip))
+
+
+def decode_all(tokenizer: Tokenizer | Decodes, chunks: Sequence[Sequence[int]],
+               skip_special_tokens: bool = True) -> list[str]:
     """Deltas of ``chunks`` pushed one after another, then the flush (for tests and tools)."""
     decoder = IncrementalDecoder(tokenizer, skip_special_tokens)
     deltas = [decoder.push(chunk) for chunk in chunks]

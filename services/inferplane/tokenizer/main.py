@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 
+from inferplane.common import loop
 from inferplane.common.logs import setup_logging
 from inferplane.common.server import GrpcServer
 from inferplane.common.settings import service_arguments, settings_from_args
@@ -43,4 +43,4 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="inferplane-tokenizer", description="inferplane tokenizer service")
     args = service_arguments(parser, "tokenizer").parse_args(argv)
     setup_logging("tokenizer")
-    asyncio.run(run(settings_from_args(TokenizerSettings, args)))
+    loop.run(run(settings_from_args(TokenizerSettings, args)))
