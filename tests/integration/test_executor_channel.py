@@ -49,7 +49,8 @@ async def channel(executor: Executor) -> AsyncIterator[ExecutorChannel]:
     await ch.close()
 
 
-def request(prompt: str = "Return the", max_tokens: int = 12, **sampling: float) -> executor_pb2.ExecutorGenerateRequest:
+def request(prompt: str = "Return the", max_tokens: int = 12,
+            **sampling: float) -> executor_pb2.ExecutorGenerateRequest:
     req = executor_pb2.ExecutorGenerateRequest(model="tiny-llama", max_tokens=max_tokens,
                                                prompt_token_ids=TokenizerBundle.from_dir(TINY_LLAMA).encode(prompt))
     req.sampling.temperature = 0
@@ -102,7 +103,8 @@ async def test_sixteen_sequences_on_one_channel_match_generate_in_fewer_frames(
     prompts = ["Return the", "Once upon a time", "The capital of France", "def main():"]
     reqs = [request(prompts[i % 4], max_tokens=24 + i) for i in range(16)]
     expected = [await on_generate(executor, r) for r in reqs]  # one at a time; greedy: the same whatever the batch
-    frames, tokens = counter("inferplane_router_channel_frames_total"), counter("inferplane_router_channel_tokens_total")
+    frames = counter("inferplane_router_channel_frames_total")
+    tokens = counter("inferplane_router_channel_tokens_total")
     got = await asyncio.gather(*(on_channel(channel, r) for r in reqs))
     frames = counter("inferplane_router_channel_frames_total") - frames
     tokens = counter("inferplane_router_channel_tokens_total") - tokens
@@ -183,7 +185,7 @@ async def test_a_router_that_leaves_cancels_its_sequences(executor: Executor) ->
         await call.write(executor_pb2.ChannelRequest(opens=[
             executor_pb2.SequenceOpen(seq=s, request=long_request(s))
             for s in (1, 2, 3)]))
-        while not (frame := await asyncio.wait_for(call.read(), 30)).token_ids:
+        while not (await asyncio.wait_for(call.read(), 30)).token_ids:
             pass
         assert executor.channels.active == 3
         call.cancel()  # the router is gone

@@ -277,7 +277,7 @@ class _Link:
             return
         BREAKS.labels(cause).inc()
         self.broken = status_error(grpc.StatusCode.UNAVAILABLE, f"channel to executor {self.address}: {why}")
-        if self.sequences:
+        if self.sequences and cause != "closed":
             log.warning("channel to executor %s broke with %d live sequences: %s", self.address,
                         len(self.sequences), why)
         for sequence in self.sequences.values():
