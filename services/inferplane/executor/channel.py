@@ -18,6 +18,7 @@ their end, and the stream then ends with OK.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Hashable, Sequence
@@ -131,7 +132,7 @@ class ChannelSession(SequenceSink):
     def live(self) -> int:
         return len(self._live)
 
-    async def run(self, requests: AsyncIterator[executor_pb2.ChannelRequest]) -> AsyncIterator[
+    async def run(self, requests: AsyncIterator[executor_pb2.ChannelRequest]) -> AsyncGenerator[
             executor_pb2.ChannelFrame]:
         reader = asyncio.create_task(self._read(requests))
         self._schedule_beat()
@@ -144,8 +145,8 @@ class ChannelSession(SequenceSink):
                     yield self._take()
                 if reader.done() and not self._requests_done:
                     reader.result()  # the router's stream failed: raised here, the RPC ends with it
-                if (self._requests_done or self._service.draining) and not self._live:
-                    return
+                if (self._requests_done or self._service.draining) and not self._live and not self._frame:
+                    return  # every end written (one that came while the last frame was sent sets _wake again)
         finally:
             CHANNELS.dec()
             if self._beat is not None:
@@ -305,12 +306,14 @@ class ChannelService:
         self.active = 0  # live sequences on all channels
         self.draining = False
 
-    async def serve(self, requests: AsyncIterator[executor_pb2.ChannelRequest]) -> AsyncIterator[
+    async def serve(self, requests: AsyncIterator[executor_pb2.ChannelRequest]) -> AsyncGenerator[
             executor_pb2.ChannelFrame]:
         session = ChannelSession(self)
         self.sessions.add(session)
-        async for frame in session.run(requests):
-            yield frame
+        # closed with this generator, in the RPC's task (an inner generator left open ends only when collected)
+        async with contextlib.aclosing(session.run(requests)) as frames:
+            async for frame in frames:
+                yield frame
 
     def drain(self) -> None:
         """Refuse new opens (UNAVAILABLE); each channel ends once its live sequences have."""

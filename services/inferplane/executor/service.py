@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING
 
 import grpc
@@ -119,11 +119,12 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         self.triton_version = ""
 
     async def Channel(self, request_iterator: AsyncIterator[executor_pb2.ChannelRequest],
-                      context: grpc.aio.ServicerContext) -> AsyncIterator[executor_pb2.ChannelFrame]:
+                      context: grpc.aio.ServicerContext) -> AsyncGenerator[executor_pb2.ChannelFrame]:
         if self._channels is None:
             raise FailedPrecondition("this executor serves Generate only")
-        async for frame in self._channels.serve(request_iterator):
-            yield frame
+        async with contextlib.aclosing(self._channels.serve(request_iterator)) as frames:  # closed in this task
+            async for frame in frames:
+                yield frame
 
     async def Generate(self, request: executor_pb2.ExecutorGenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[executor_pb2.ExecutorGenerateResponse]:
