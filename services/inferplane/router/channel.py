@@ -255,6 +255,8 @@ class _Link:
         sequence = self.sequences.pop(seq, None)
         if sequence is None and seq in self._cancelling:
             self._cancelling.discard(seq)  # the end of a cancel: expected
+            if seq in self._cancels:  # it ended before its cancel went out: nothing left to cancel
+                self._cancels.remove(seq)
         elif sequence is None:
             LATE.inc()
         return sequence
