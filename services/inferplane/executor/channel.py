@@ -231,6 +231,9 @@ class ChannelSession(SequenceSink):
         token = otel_context.attach(ctx)
         try:
             self._backend.open(live, model, params, live.request_id, self)
+        except Exception as exc:  # the backend's fault, not the channel's: this sequence fails alone
+            log.exception("channel %d: the backend could not open sequence %d", self.id, live.seq)
+            self.failed(live, InferplaneError(f"internal error: {type(exc).__name__}"))
         finally:
             otel_context.detach(token)
 

@@ -20,7 +20,6 @@ wait.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import math
@@ -223,6 +222,9 @@ class _Link:
                 self.dispatch(frame)
         except grpc.aio.AioRpcError as exc:
             self.break_("error", f"{exc.code().name}: {exc.details()}")
+        except Exception as exc:  # a frame this router cannot read: nothing more on this stream can be trusted
+            log.exception("channel to executor %s: unreadable frame", self.address)
+            self.break_("error", f"unreadable frame ({type(exc).__name__})")
 
     def dispatch(self, frame: executor_pb2.ChannelFrame) -> None:
         """Hand a frame's news to its sequences: tokens first, then ends and failures. Never awaits."""
@@ -294,9 +296,7 @@ class _Link:
 
     async def close(self) -> None:
         self.break_("closed", "the router is closing")
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 class ExecutorChannel:
