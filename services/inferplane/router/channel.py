@@ -20,6 +20,7 @@ wait.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import logging
 import math
@@ -177,9 +178,12 @@ class _Link:
         self._pending = asyncio.Event()
         self.broken: BaseException | None = None
         self.last_heard = self._loop.time()
-        self._call = stub.Channel()
-        self._tasks = [asyncio.create_task(self._write()), asyncio.create_task(self._read()),
-                       asyncio.create_task(self._watch())]
+        # Opened by whichever request comes first, but no request's: its call and tasks run in a context of their
+        # own (no trace span or log field of that request on the channel's lifetime).
+        clean = contextvars.Context()
+        self._call = clean.run(stub.Channel)
+        self._tasks = [asyncio.create_task(coro, context=clean) for coro in (self._write(), self._read(),
+                                                                             self._watch())]
 
     # --- up ----------------------------------------------------------------------------------------------
 
