@@ -276,3 +276,10 @@ async def test_the_replica_set_retries_a_sequence_without_tokens_on_another_repl
         await rs.close()
         for server, _ in served:
             await server.stop(None)
+
+
+def test_the_router_uses_the_channel_unless_told_otherwise() -> None:
+    from inferplane.router.settings import RouterSettings
+
+    assert RouterSettings().channel_silence() == 20.0
+    assert RouterSettings(executor_transport="generate").channel_silence() is None
