@@ -81,8 +81,9 @@ async def scripted() -> AsyncIterator[tuple[ScriptedExecutor, ExecutorChannel]]:
     await server.stop(None)
 
 
-def request(rid: str = "r") -> executor_pb2.ExecutorGenerateRequest:
-    return executor_pb2.ExecutorGenerateRequest(model="m", prompt_token_ids=[1, 2], max_tokens=10, request_id=rid)
+def request(rid: str = "r", stream_interval: int = 0) -> executor_pb2.ExecutorGenerateRequest:
+    return executor_pb2.ExecutorGenerateRequest(model="m", prompt_token_ids=[1, 2], max_tokens=10, request_id=rid,
+                                                stream_interval=stream_interval)
 
 
 def tokens(**per_seq: list[int]) -> executor_pb2.ChannelFrame:
@@ -134,6 +135,29 @@ async def test_opens_of_one_iteration_go_out_together_and_frames_reach_their_seq
         await s.__aexit__(None, None, None)  # left before their end: cancelled, in one request
     await asyncio.sleep(0.1)
     assert sorted(script.cancels) == sorted(seqs[1:]) and len(script.requests[-1].cancels) == 4
+
+
+async def test_a_stream_interval_groups_the_messages_after_the_first(scripted) -> None:  # type: ignore[no-untyped-def]
+    script, ch = scripted
+    task = asyncio.create_task(ch.open(request(stream_interval=3), timeout=10))
+    (op,) = await opened(script, 1)
+    script.send(tokens(**{f"s{op.seq}": [1]}))
+    seq = await task
+    got: list[list[int]] = []
+
+    async def read() -> None:
+        async with seq:
+            async for msg in seq:
+                got.append(list(msg.token_ids))
+
+    reader = asyncio.create_task(read())
+    for ids in ([2], [3], [4], [5], [6], [7], [8]):  # one per frame, the reader always waiting
+        await asyncio.sleep(0.02)
+        script.send(tokens(**{f"s{op.seq}": ids}))
+    await asyncio.sleep(0.02)
+    script.send(executor_pb2.ChannelFrame(ended=[ended(op.seq, 8)]))
+    await asyncio.wait_for(reader, 5)
+    assert got == [[1], [2, 3, 4], [5, 6, 7], [8]]
 
 
 async def test_the_end_of_a_cancelled_sequence_is_expected_and_an_unknown_one_counted(scripted) -> None:  # type: ignore[no-untyped-def]

@@ -79,10 +79,14 @@ class ChannelSequence:
     """One request's generation on a channel. The link's reader fills its buffer (``push``, ``finish``,
     ``fail``: never an await); the engine reads it with ``async for`` inside ``async with``."""
 
-    def __init__(self, link: _Link, seq: int, end_at: float) -> None:
+    def __init__(self, link: _Link, seq: int, end_at: float, interval: int = 1) -> None:
         self._link = link
         self.seq = seq
         self._end_at = end_at  # loop time of the request's deadline
+        # The request's stream_interval: after the first message, each holds at least this many ids (the last: what
+        # is left), as the executor's Generate groups them; 1: whatever has arrived.
+        self._want = 1
+        self._interval = max(1, interval)
         self._ids: list[int] = []
         self._final: executor_pb2.SequenceEnd | None = None
         self._error: BaseException | None = None
@@ -136,10 +140,11 @@ class ChannelSequence:
     async def __anext__(self) -> Message:
         if self._consumed:
             raise StopAsyncIteration
-        while not (self._ids or self.ended):
+        while not (len(self._ids) >= self._want or self.ended):
             await self._wait()
         msg = Message(token_ids=self._ids) if self._ids else Message()
         self._ids = []
+        self._want = self._interval
         if self._final is not None:
             msg.finish_reason = self._final.finish_reason
             msg.usage.CopyFrom(self._final.usage)
@@ -189,7 +194,8 @@ class _Link:
 
     def open(self, seq: int, request: executor_pb2.ExecutorGenerateRequest, timeout: float,
              traceparent: str) -> ChannelSequence:
-        sequence = self.sequences[seq] = ChannelSequence(self, seq, self._loop.time() + timeout)
+        sequence = self.sequences[seq] = ChannelSequence(self, seq, self._loop.time() + timeout,
+                                                         request.stream_interval)
         self._opens.append(executor_pb2.SequenceOpen(seq=seq, request=request, traceparent=traceparent,
                                                      timeout_ms=min(_MAX_TIMEOUT_MS, math.ceil(timeout * 1000))))
         self._pending.set()
