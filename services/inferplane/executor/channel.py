@@ -140,6 +140,9 @@ class ChannelSession(SequenceSink):
         try:
             while True:
                 await self._wake.wait()
+                # One more turn of the loop before the frame is taken: the other sequences' events of this round
+                # that are ready too (their reads completed together) join it.
+                await asyncio.sleep(0)
                 self._wake.clear()
                 if self._frame or self._beat_due:
                     yield self._take()
