@@ -51,7 +51,11 @@ def test_metrics_after_traffic(stack: LocalStack, api_key: str) -> None:
 
     executor = scrape(stack.metrics_url("executor"))
     assert "inferplane_executor_active_requests" in executor and "inferplane_executor_queue_depth" in executor
-    assert total(executor, "inferplane_grpc_server_handled_total", grpc_method="Generate", grpc_code="OK") >= 3
+    # the router's generations travel as sequences on its channel to the executor: several per frame, frames
+    # counted apart from the channel's one long-lived RPC
+    assert total(executor, "inferplane_executor_generations_finished_total") >= 3
+    assert total(executor, "inferplane_executor_channel_frames_total") >= 1
+    assert total(executor, "inferplane_executor_channel_tokens_total") >= usage["completion_tokens"] - 3
     tokenizer = scrape(stack.metrics_url("tokenizer"))
     assert total(tokenizer, "inferplane_grpc_server_handled_total", grpc_method="Encode", grpc_code="OK") >= 3
     metering = scrape(stack.metrics_url("metering"))

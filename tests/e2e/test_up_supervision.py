@@ -95,12 +95,12 @@ class Up:
         return f"{server['host']}:{server['port']}"
 
     def generate_calls(self, section: str) -> float:
-        """Generate calls the executor of ``section`` has handled (its own metrics)."""
+        """Generations the executor of ``section`` has run to their end (its own metrics; the router's arrive as
+        sequences on its channel, Generate calls from anyone else)."""
         server = yaml.safe_load((self.state / "stack.yaml").read_text())[section]["server"]
         text = httpx.get(f"http://{server['host']}:{server['metrics_port']}/metrics", timeout=10).text
         return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
-                   if sample.name == "inferplane_grpc_server_handled_total"
-                   and sample.labels.get("grpc_method") == "Generate")
+                   if sample.name == "inferplane_executor_generations_finished_total")
 
     def service_pid(self, section: str) -> int:
         """The executor process serving ``section`` (executor, executor_2), a child of `up`."""

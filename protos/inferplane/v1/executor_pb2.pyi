@@ -70,3 +70,71 @@ class GetStatusResponse(_message.Message):
     active_requests: int
     triton_version: str
     def __init__(self, ready_models: _Optional[_Iterable[str]] = ..., active_requests: _Optional[int] = ..., triton_version: _Optional[str] = ...) -> None: ...
+
+class ChannelRequest(_message.Message):
+    __slots__ = ("opens", "cancels")
+    OPENS_FIELD_NUMBER: _ClassVar[int]
+    CANCELS_FIELD_NUMBER: _ClassVar[int]
+    opens: _containers.RepeatedCompositeFieldContainer[SequenceOpen]
+    cancels: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, opens: _Optional[_Iterable[_Union[SequenceOpen, _Mapping]]] = ..., cancels: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class SequenceOpen(_message.Message):
+    __slots__ = ("seq", "request", "timeout_ms", "traceparent")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    request: ExecutorGenerateRequest
+    timeout_ms: int
+    traceparent: str
+    def __init__(self, seq: _Optional[int] = ..., request: _Optional[_Union[ExecutorGenerateRequest, _Mapping]] = ..., timeout_ms: _Optional[int] = ..., traceparent: _Optional[str] = ...) -> None: ...
+
+class ChannelFrame(_message.Message):
+    __slots__ = ("seq", "count", "token_ids", "logprobs", "ended", "failed", "heartbeat")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    ENDED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    seq: _containers.RepeatedScalarFieldContainer[int]
+    count: _containers.RepeatedScalarFieldContainer[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    logprobs: _containers.RepeatedScalarFieldContainer[float]
+    ended: _containers.RepeatedCompositeFieldContainer[SequenceEnd]
+    failed: _containers.RepeatedCompositeFieldContainer[SequenceFailure]
+    heartbeat: Heartbeat
+    def __init__(self, seq: _Optional[_Iterable[int]] = ..., count: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., ended: _Optional[_Iterable[_Union[SequenceEnd, _Mapping]]] = ..., failed: _Optional[_Iterable[_Union[SequenceFailure, _Mapping]]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
+
+class SequenceEnd(_message.Message):
+    __slots__ = ("seq", "finish_reason", "usage")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    finish_reason: _common_pb2.FinishReason
+    usage: _common_pb2.Usage
+    def __init__(self, seq: _Optional[int] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ...) -> None: ...
+
+class SequenceFailure(_message.Message):
+    __slots__ = ("seq", "code", "reason", "message", "param")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    PARAM_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    code: int
+    reason: _common_pb2.ErrorReason
+    message: str
+    param: str
+    def __init__(self, seq: _Optional[int] = ..., code: _Optional[int] = ..., reason: _Optional[_Union[_common_pb2.ErrorReason, str]] = ..., message: _Optional[str] = ..., param: _Optional[str] = ...) -> None: ...
+
+class Heartbeat(_message.Message):
+    __slots__ = ("active",)
+    ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    active: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, active: _Optional[_Iterable[int]] = ...) -> None: ...

@@ -40,6 +40,11 @@ class ExecutorServiceStub:
                 request_serializer=inferplane_dot_v1_dot_executor__pb2.ExecutorGenerateRequest.SerializeToString,
                 response_deserializer=inferplane_dot_v1_dot_executor__pb2.ExecutorGenerateResponse.FromString,
                 _registered_method=True)
+        self.Channel = channel.stream_stream(
+                '/inferplane.v1.ExecutorService/Channel',
+                request_serializer=inferplane_dot_v1_dot_executor__pb2.ChannelRequest.SerializeToString,
+                response_deserializer=inferplane_dot_v1_dot_executor__pb2.ChannelFrame.FromString,
+                _registered_method=True)
         self.Embed = channel.unary_unary(
                 '/inferplane.v1.ExecutorService/Embed',
                 request_serializer=inferplane_dot_v1_dot_executor__pb2.ExecutorEmbedRequest.SerializeToString,
@@ -57,8 +62,18 @@ class ExecutorServiceServicer:
     """
 
     def Generate(self, request, context):
-        """Generate token ids for prompt token ids; tokens arrive as they are produced, several per message
-        when the reader falls behind.
+        """One generation per call (the per-request contract: direct users, tests, the benchmark's baseline): token ids
+        arrive as they are produced, several per message when the reader falls behind.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Channel(self, request_iterator, context):
+        """Many generations ("sequences") multiplexed on one long-lived stream, one per (router, executor) pair: opens
+        and cancels go up in batches, and each frame down carries every sequence's news of one flush (about one
+        model step), column-wise. A bad open fails only its sequence; the stream ends only when the router leaves,
+        the executor fails, or a draining executor has no live sequence left (OK).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -85,6 +100,11 @@ def add_ExecutorServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=inferplane_dot_v1_dot_executor__pb2.ExecutorGenerateRequest.FromString,
                     response_serializer=inferplane_dot_v1_dot_executor__pb2.ExecutorGenerateResponse.SerializeToString,
+            ),
+            'Channel': grpc.stream_stream_rpc_method_handler(
+                    servicer.Channel,
+                    request_deserializer=inferplane_dot_v1_dot_executor__pb2.ChannelRequest.FromString,
+                    response_serializer=inferplane_dot_v1_dot_executor__pb2.ChannelFrame.SerializeToString,
             ),
             'Embed': grpc.unary_unary_rpc_method_handler(
                     servicer.Embed,
@@ -125,6 +145,33 @@ class ExecutorService:
             '/inferplane.v1.ExecutorService/Generate',
             inferplane_dot_v1_dot_executor__pb2.ExecutorGenerateRequest.SerializeToString,
             inferplane_dot_v1_dot_executor__pb2.ExecutorGenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Channel(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/inferplane.v1.ExecutorService/Channel',
+            inferplane_dot_v1_dot_executor__pb2.ChannelRequest.SerializeToString,
+            inferplane_dot_v1_dot_executor__pb2.ChannelFrame.FromString,
             options,
             channel_credentials,
             insecure,

@@ -21,6 +21,7 @@ from inferplane.common.server import GrpcServer
 from inferplane.common.settings import service_arguments, settings_from_args
 from inferplane.common.supervisor import Event, RestartPolicy
 from inferplane.common.telemetry import head_sampled, setup_tracing
+from inferplane.executor.channel import ChannelService, PerRequestBackend
 from inferplane.executor.otlp_receiver import OtlpFileReceiver
 from inferplane.executor.repository import render_repository
 from inferplane.executor.service import ExecutorServicer
@@ -44,7 +45,9 @@ class Executor:
                                                torch_threads=t.torch_threads)
         url = t.url or f"127.0.0.1:{t.grpc_port}"
         self.client = TritonLLMClient(url)
-        self.servicer = ExecutorServicer(self.client, self.triton_models)
+        # The channel's sequences run on a GenerationBackend (backend.py): here one Triton stream per sequence.
+        self.channels = ChannelService(PerRequestBackend(self.client))
+        self.servicer = ExecutorServicer(self.client, self.triton_models, self.channels)
         self.server = GrpcServer(
             settings.server, service_names=["inferplane.v1.ExecutorService"],
             register=lambda s: executor_pb2_grpc.add_ExecutorServiceServicer_to_server(self.servicer, s),
@@ -153,9 +156,15 @@ class Executor:
             await self.server.set_serving(await self.client.is_ready(self.triton_models))
 
     async def stop(self, grace: float | None = None) -> None:
-        await self.stop_supervising()
+        await self.drain()
         await self.server.stop(grace)
         await self.close()
+
+    async def drain(self) -> None:
+        """Before the server drains: Triton is no longer restarted, and channels refuse new sequences (the
+        router retries them elsewhere) while their live ones run to their end."""
+        await self.stop_supervising()
+        self.channels.drain()
 
     async def stop_supervising(self) -> None:
         self._stopping = True
@@ -169,6 +178,7 @@ class Executor:
 
     async def close(self) -> None:
         await self.stop_supervising()  # a Triton that exits because we stop it is not restarted
+        await self.channels.close()
         await self.client.close()
         if self.process is not None:
             await asyncio.to_thread(self.process.stop)
@@ -183,7 +193,7 @@ async def run(settings: ExecutorSettings) -> int:
     executor = Executor(settings)
     try:
         await executor.start()
-        await executor.server.serve_until_signal(before_drain=executor.stop_supervising)
+        await executor.server.serve_until_signal(before_drain=executor.drain)
     finally:
         await executor.close()
         provider.shutdown()

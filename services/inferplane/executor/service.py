@@ -1,8 +1,10 @@
-"""The executor's gRPC API: thin edges over ``TritonLLMClient``.
+"""The executor's gRPC API: thin edges over ``TritonLLMClient`` and the channel's sessions (``channel.py``).
 
-Tokens are forwarded as they arrive; when the reader (the router) falls behind, the tokens that are
-ready go out together in one message (coalescing under backpressure) instead of one message each. A request's
-``stream_interval`` (the model's, from the catalog) makes every message after the first hold that many.
+``Channel`` multiplexes many sequences on one stream per router (what the router uses). ``Generate`` is the
+per-request contract, one call per generation: tokens are forwarded as they arrive; when the reader falls
+behind, the tokens that are ready go out together in one message (coalescing under backpressure) instead of
+one message each. A request's ``stream_interval`` (the model's, from the catalog) makes every message after the
+first hold that many.
 """
 
 from __future__ import annotations
@@ -10,20 +12,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import TYPE_CHECKING
 
 import grpc
 from prometheus_client import Counter, Gauge
 
-from inferplane.common.errors import InvalidArgument
+from inferplane.common.errors import FailedPrecondition, InvalidArgument
 from inferplane.common.tasks import keep
 from inferplane.common.wire import FINISH_TO_PB
 from inferplane.executor.triton_client import GenerateParams, TritonChunk, TritonLLMClient
 from inferplane.v1 import common_pb2, executor_pb2, executor_pb2_grpc
 
+if TYPE_CHECKING:
+    from inferplane.executor.channel import ChannelService
+
 log = logging.getLogger(__name__)
-
-
 
 def params_from_pb(req: executor_pb2.ExecutorGenerateRequest) -> GenerateParams:
     if not req.prompt_token_ids:
@@ -97,18 +101,30 @@ async def coalesce(chunks: AsyncIterator[TritonChunk],
                 await task
 
 
-ACTIVE = Gauge("inferplane_executor_active_requests", "Generate calls in progress on this executor")
+ACTIVE = Gauge("inferplane_executor_active_requests",
+               "Generations in progress on this executor (Generate calls and channel sequences)")
 QUEUE_DEPTH = Gauge("inferplane_executor_queue_depth", "Requests sent to Triton that have not produced a token yet")
 TRITON_CANCELS = Counter("inferplane_executor_cancellations", "Generations cancelled towards Triton")
 FINISHED = Counter("inferplane_executor_generations_finished", "Generations that Triton ran to their end")
 
 
 class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
-    def __init__(self, client: TritonLLMClient, models: list[str]) -> None:
+    def __init__(self, client: TritonLLMClient, models: list[str], channels: ChannelService | None = None) -> None:
+        """``channels`` serves ``Channel`` (over whichever ``GenerationBackend`` it was given); None: ``Channel``
+        is refused (FAILED_PRECONDITION) and only ``Generate`` serves."""
         self._client = client
         self._models = models
-        self.active = 0
+        self._channels = channels
+        self.active = 0  # Generate calls in progress
         self.triton_version = ""
+
+    async def Channel(self, request_iterator: AsyncIterator[executor_pb2.ChannelRequest],
+                      context: grpc.aio.ServicerContext) -> AsyncGenerator[executor_pb2.ChannelFrame]:
+        if self._channels is None:
+            raise FailedPrecondition("this executor serves Generate only")
+        async with contextlib.aclosing(self._channels.serve(request_iterator)) as frames:  # closed in this task
+            async for frame in frames:
+                yield frame
 
     async def Generate(self, request: executor_pb2.ExecutorGenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[executor_pb2.ExecutorGenerateResponse]:
@@ -147,5 +163,6 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
     async def GetStatus(self, request: executor_pb2.GetStatusRequest,
                         context: grpc.aio.ServicerContext) -> executor_pb2.GetStatusResponse:
         ready = [m for m in self._models if await self._client.is_ready([m])]
-        return executor_pb2.GetStatusResponse(ready_models=ready, active_requests=self.active,
+        active = self.active + (self._channels.active if self._channels is not None else 0)
+        return executor_pb2.GetStatusResponse(ready_models=ready, active_requests=active,
                                               triton_version=self.triton_version)

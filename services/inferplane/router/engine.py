@@ -25,6 +25,7 @@ from inferplane.common.wire import (
 )
 from inferplane.router.admission import Admission, Metadata
 from inferplane.router.capacity import Capacity
+from inferplane.router.channel import ChannelSequence, sampled_traceparent
 from inferplane.router.clients import KeyInfo, MeteringClient
 from inferplane.router.lease import Clock, Lease, trace_request
 from inferplane.router.outbox import UsageOutbox
@@ -161,8 +162,10 @@ class GenerationEngine:
         max_tokens = completion_budget(prompt_tokens, inp.max_tokens, model)
         req = executor_request(inp, model, request_id, encoded.token_ids, encoded.stop_token_ids, max_tokens)
 
-        async def start(replica: Replica) -> ExecutorStream:  # each attempt, on the replica the set picked
+        async def start(replica: Replica) -> ChannelSequence | ExecutorStream:  # each attempt, on the replica picked
             lease.began()
+            if replica.link is not None:  # a sequence on the replica's channel
+                return await replica.link.open(req, timeout=clock.left(), traceparent=sampled_traceparent())
             return await ExecutorStream.open(replica.stub.Generate(req, timeout=clock.left()))
 
         async with self.admit(key, model, request_id=request_id, operation=operation, clock=clock,

@@ -53,8 +53,8 @@ class Router:
         self._channels = [metering_channel, *([tokenizer_channel] if tokenizer_channel is not None else [])]
         self.replicas = ReplicaSet(settings.executor_addrs, channel_factory=client_channel,
                                    eject_base_s=settings.eject_base_s, eject_max_s=settings.eject_max_s,
-                                   retry_ratio=settings.retry_budget_ratio,
-                                   retry_burst=settings.retry_budget_burst)
+                                   retry_ratio=settings.retry_budget_ratio, retry_burst=settings.retry_budget_burst,
+                                   channel_silence_s=settings.channel_silence())
         metering = MeteringClient(metering_channel)
         self.limiter: RateLimiter = (RedisRateLimiter(settings.redis_url, on_error=settings.ratelimit_on_redis_error)
                                      if settings.redis_url else LocalRateLimiter())

@@ -7,6 +7,9 @@ backoff, or at once when its health goes from down (or NOT_SERVING) to SERVING: 
 afresh. Choice is power-of-two-choices on the least outstanding requests (this router's own in-flight calls
 plus the executor's reported queue), among replicas that serve the model.
 
+With ``channel_silence_s`` set, each replica also has an ``ExecutorChannel`` (``channel.py``): the one
+long-lived ``Channel`` stream that carries all of this router's generations on that replica.
+
 ``ReplicaSet.open(model, start)`` is the one way a request reaches an executor: it picks a replica, counts the
 request as outstanding there until the request is done, and retries ``start`` once on another replica when a
 replica fault happens before anything reached the caller, within the retry budget.
@@ -30,6 +33,8 @@ from opentelemetry import trace
 from prometheus_client import Counter, Gauge
 
 from inferplane.common.errors import Unavailable
+from inferplane.common.server import channel_options
+from inferplane.router.channel import ExecutorChannel
 from inferplane.v1 import executor_pb2, executor_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -53,6 +58,8 @@ class Replica:
     ejected_until: float = 0.0
     failures: int = 0
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    # The generations' channel to this executor; None: one Generate call per request.
+    link: ExecutorChannel | None = None
 
     def available(self, now: float) -> bool:
         return self.serving and now >= self.ejected_until
@@ -111,7 +118,9 @@ class ReplicaSet:
     def __init__(self, targets: list[str], *, channel_factory: Callable[[str], grpc.aio.Channel],
                  status_interval_s: float = 1.0, dns_interval_s: float = 5.0, eject_base_s: float = 1.0,
                  eject_max_s: float = 30.0, retry_ratio: float = 0.2, retry_burst: float = 50.0,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, channel_silence_s: float | None = None) -> None:
+        """``channel_silence_s``: generations go over one ``ExecutorChannel`` per replica, broken when it stays
+        silent that long with sequences live; None: one ``Generate`` call per request."""
         if not targets:
             raise ValueError("at least one executor address is required")
         self._targets = targets
@@ -119,6 +128,7 @@ class ReplicaSet:
         self._status_interval = status_interval_s
         self._dns_interval = dns_interval_s
         self._eject_base, self._eject_max = eject_base_s, eject_max_s
+        self._channel_silence_s = channel_silence_s
         self.replicas: dict[str, Replica] = {}
         self.budget = RetryBudget(retry_ratio, retry_burst)
         self._rng = random.Random(seed)
@@ -149,6 +159,11 @@ class ReplicaSet:
     def _add(self, address: str) -> None:
         channel = self._channel_factory(address)
         replica = Replica(address, channel, executor_pb2_grpc.ExecutorServiceStub(channel))
+        if self._channel_silence_s is not None:
+            # A connection of its own, without the tracing interceptors: the channel's call outlives every request
+            # (each sequence carries its own traceparent).
+            replica.link = ExecutorChannel(address, grpc.aio.insecure_channel(address, options=channel_options()),
+                                           silence_s=self._channel_silence_s)
         replica.tasks = [asyncio.create_task(self._watch_health(replica)),
                          asyncio.create_task(self._poll_status(replica))]
         self.replicas[address] = replica
@@ -162,6 +177,8 @@ class ReplicaSet:
         for task in replica.tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if replica.link is not None:
+            await replica.link.close()
         await replica.channel.close(None)
         log.info("executor replica removed: %s", address)
         self._gauges()

@@ -28,6 +28,13 @@ class RouterSettings(BaseSettings):
     retry_budget_ratio: float = 0.2
     # ... plus this many retries in a burst (requests queued on a replica that just died).
     retry_budget_burst: float = 50.0
+    # How generations reach executors: "channel" (one long-lived ExecutorService.Channel per executor, every
+    # request a sequence on it, one frame per model step) or "generate" (one Generate call per request: the
+    # per-request baseline, for comparison in benchmarks).
+    executor_transport: Literal["channel", "generate"] = "channel"
+    # A channel with live sequences that sends nothing (no frame, no heartbeat: the executor sends one a second)
+    # for this long is treated as broken: its sequences without a token are retried elsewhere, the others fail.
+    channel_silence_s: float = 20.0
     # Upper bound of one request when the caller sets no deadline.
     request_timeout_s: float = 600.0
     # Where streamed token ids become text: "local" (in the router, with inferplane.tokenization's code and
@@ -48,3 +55,7 @@ class RouterSettings(BaseSettings):
     outbox_path: Path = Path(".inferplane/router-outbox.db")
     # Seconds the price table from metering is kept before it is asked again.
     price_ttl_s: float = 10.0
+
+    def channel_silence(self) -> float | None:
+        """The ``ReplicaSet``'s ``channel_silence_s``: None when requests use per-request ``Generate`` calls."""
+        return self.channel_silence_s if self.executor_transport == "channel" else None
