@@ -35,14 +35,20 @@ Register = Callable[[grpc.aio.Server], None]
 HEALTH_METHOD_PREFIX = "/grpc.health.v1.Health/"
 
 
+# Calls that live as long as a connection and carry many requests: each request gets a span of its own inside
+# (the executor's per-sequence span), never one span for the stream's whole life.
+UNTRACED_METHODS = frozenset({"/inferplane.v1.ExecutorService/Channel"})
+
+
 def not_health(details: Any) -> bool:
-    """OpenTelemetry's filter for every call but health checks. The library's ``filters.service_name`` does
-    isinstance checks against typing Protocols on every call (~5 % of the router's CPU under load); this is
-    one string test. ``details``: server HandlerCallDetails or client ClientCallDetails (method may be bytes)."""
+    """OpenTelemetry's filter for every call but health checks and the long-lived multiplexed streams
+    (``UNTRACED_METHODS``). The library's ``filters.service_name`` does isinstance checks against typing Protocols
+    on every call (~5 % of the router's CPU under load); this is two string tests. ``details``: server
+    HandlerCallDetails or client ClientCallDetails (method may be bytes)."""
     method = getattr(details, "method", "")
     if isinstance(method, bytes):
         method = method.decode()
-    return not method.startswith(HEALTH_METHOD_PREFIX)
+    return not method.startswith(HEALTH_METHOD_PREFIX) and method not in UNTRACED_METHODS
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ import os
 import signal
 import time
 
+from inferplane.common import loop
 from inferplane.common.catalog import load_catalog
 from inferplane.common.logs import setup_logging
 from inferplane.common.server import GrpcServer
@@ -26,6 +27,7 @@ from inferplane.executor.otlp_receiver import OtlpFileReceiver
 from inferplane.executor.repository import render_repository
 from inferplane.executor.service import ExecutorServicer
 from inferplane.executor.settings import ExecutorSettings
+from inferplane.executor.triton_channel import TritonStepBackend
 from inferplane.executor.triton_client import TritonLLMClient
 from inferplane.executor.triton_process import TritonProcess, allocator_preload, prepare_backend_dir
 from inferplane.v1 import executor_pb2_grpc
@@ -45,8 +47,11 @@ class Executor:
                                                torch_threads=t.torch_threads)
         url = t.url or f"127.0.0.1:{t.grpc_port}"
         self.client = TritonLLMClient(url)
-        # The channel's sequences run on a GenerationBackend (backend.py): here one Triton stream per sequence.
-        self.channels = ChannelService(PerRequestBackend(self.client))
+        # The channel's sequences run on a GenerationBackend (backend.py): one Triton stream per model carrying
+        # every sequence and one response per model step (the step backend), or, for a model that cannot take it
+        # (more than one instance), one Triton stream per sequence.
+        self.per_request = PerRequestBackend(self.client)
+        self.channels = ChannelService(TritonStepBackend(url, fallback=self.per_request))
         self.servicer = ExecutorServicer(self.client, self.triton_models, self.channels)
         self.server = GrpcServer(
             settings.server, service_names=["inferplane.v1.ExecutorService"],
@@ -178,7 +183,8 @@ class Executor:
 
     async def close(self) -> None:
         await self.stop_supervising()  # a Triton that exits because we stop it is not restarted
-        await self.channels.close()
+        await self.channels.close()  # the step backend (it leaves its fallback to its owner)
+        await self.per_request.close()
         await self.client.close()
         if self.process is not None:
             await asyncio.to_thread(self.process.stop)
@@ -204,4 +210,4 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="inferplane-executor", description="inferplane model executor")
     args = service_arguments(parser, "executor").parse_args(argv)  # --section executor_2, ...: other replicas
     setup_logging("executor")
-    raise SystemExit(asyncio.run(run(settings_from_args(ExecutorSettings, args))))
+    raise SystemExit(loop.run(run(settings_from_args(ExecutorSettings, args))))

@@ -304,11 +304,20 @@ class _ModelStream:
             self.reader.cancel()
 
 
+def _sampled() -> bool:
+    return bool(trace.get_current_span().get_span_context().trace_flags.sampled)
+
+
 class TritonStepBackend:
     """``GenerationBackend`` on the token models' channel mode: one Triton stream per model (module docstring).
 
     ``url``: Triton's gRPC address (host:port). ``fallback``: the per-request backend for a model that cannot take
     the step path (more than one instance, or no channel mode); this backend does not close it.
+
+    A sequence opened inside a *sampled* trace also goes to ``fallback`` when there is one: Triton takes a trace
+    context only from a stream's gRPC headers, so only a stream of its own puts Triton's spans (queue, compute)
+    into that request's trace. Sampled traces are few by default (``TelemetrySettings.sample_ratio``); the
+    others, and every request without tracing, take the step path.
     """
 
     def __init__(self, url: str, *, fallback: GenerationBackend | None = None) -> None:
@@ -326,7 +335,7 @@ class TritonStepBackend:
         if self._closed:
             asyncio.get_running_loop().call_soon(sink.failed, key, Unavailable("the step backend is closed"))
             return
-        if self._step_models.get(model) is False and self._fallback is not None:
+        if self._fallback is not None and (self._step_models.get(model) is False or _sampled()):
             self._fallback.open(key, model, params, request_id, sink)
             return
         stream = self._streams.get(model)
