@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from inferplane.cli.launcher import read_env
 from tests.e2e.procs import alive, descendants
@@ -49,6 +50,18 @@ def test_up_prints_a_working_key_and_stops_every_child_on_ctrl_c(tmp_path: Path)
         models = httpx.get(f"{env['INFERPLANE_BASE_URL']}/models",
                            headers={"Authorization": f"Bearer {env['INFERPLANE_API_KEY']}"}, timeout=10)
         assert models.status_code == 200
+
+        # The default token path: the executor's generations reach Triton on the step path (one stream per model,
+        # one response per model step), which the model counts as "channel" responses (published about once a s).
+        triton_metrics = yaml.safe_load((tmp_path / "stack.yaml").read_text())["executor"]["triton"]["metrics_port"]
+        deadline = time.monotonic() + 30
+        while True:
+            scraped = httpx.get(f"http://127.0.0.1:{triton_metrics}/metrics", timeout=10).text
+            channel = re.search(r'^inferplane_llm_responses_total\{[^}]*mode="channel"[^}]*\} (\S+)$', scraped, re.M)
+            if (channel and float(channel.group(1)) > 0) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert channel and float(channel.group(1)) > 0, [line for line in scraped.splitlines() if "responses" in line]
 
         # Default sampling keeps the trace of every failed request: `inferplane trace` finds this one.
         refused = httpx.post(f"{env['INFERPLANE_BASE_URL']}/chat/completions",
