@@ -9,8 +9,9 @@ Triton's per-request contract (``tritonclient``), alternating, after an idle win
 CPU rate:
 
 - **tokens**: ``--streams`` concurrent streamed completions of ``--max-tokens`` tokens: delivered tokens/s,
-  TTFT and inter-token p50, CPU of every process from /proc with idle subtracted, and the per-hop message
-  counters each service exports (``*_frames_total``, ``*_sse_writes_total``, Triton's responses ...) per token;
+  TTFT and inter-token p50 (per request: time after the first token over the tokens after it), CPU of every
+  process from /proc with idle subtracted, and the per-hop message counters each service exports
+  (``*_frames_total``, ``*_sse_writes_total``, Triton's responses ...) per token;
 - **unary**: 1-token completions at concurrency 1: added p50 latency, and CPU per request;
 - **rps**: 8-token completions at concurrency 16: requests/s;
 - **batching**: tokens/s of ``--streams`` streams over 1 stream, through the ``openai`` SDK and straight into Triton.
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import json
 import re
 import sys
@@ -53,8 +53,9 @@ def is_triton(name: str) -> bool:
     return "/" in name  # bench.soak.processes names the executor's children "executor/tritonserver", ...
 
 
-def metrics_urls(state: Path) -> list[str]:
-    """Every Prometheus endpoint of the stack: each service's, the gateway's (when it runs apart), Triton's."""
+def metrics_urls(state: Path, processes: dict[str, int]) -> list[str]:
+    """Every Prometheus endpoint of the stack: each service's, the gateway's (when it runs apart: in the router's
+    process it serves the router's registry, counted once), Triton's."""
     settings = yaml.safe_load((state / "stack.yaml").read_text())
     urls = []
     for section in settings.values():
@@ -66,7 +67,7 @@ def metrics_urls(state: Path) -> list[str]:
         triton = section.get("triton") or {}
         if triton.get("metrics_port"):
             urls.append(f"http://127.0.0.1:{triton['metrics_port']}/metrics")
-        if "router_addr" in section and section.get("port"):
+        if "router_addr" in section and section.get("port") and "gateway" in processes:
             urls.append(f"http://{section.get('host', '127.0.0.1')}:{section['port']}/metrics")
     return urls
 
@@ -134,7 +135,9 @@ async def stream_phase(path: Direct | Mesh, n: int, max_tokens: int) -> dict[str
     t0 = time.perf_counter()
     results = await asyncio.gather(*[path.run(max_tokens) for _ in range(n)])
     wall = time.perf_counter() - t0
-    itl = [(b - a) * 1000 for _, times, _ in results for a, b in itertools.pairwise(times)]
+    # inter-token latency per request (its time per output token after the first: vLLM's TPOT); per-chunk gaps
+    # would read 0 where several tokens share a response
+    itl = [(times[-1] - times[0]) * 1000 / (n - 1) for _, times, n in results if n > 1 and len(times) > 1]
     tokens = sum(r[2] for r in results)
     return {"tokens": tokens, "tokens_per_s": tokens / wall, "ttft_p50_ms": pct([r[0] * 1000 for r in results], 0.5),
             "itl_p50_ms": pct(itl, 0.5), "sse_chunks": sum(len(r[1]) for r in results)}
@@ -149,8 +152,8 @@ async def one_run(state: Path, args: argparse.Namespace) -> dict[str, Any]:
                     TokenizerBundle.from_dir(model.tokenizer))
     mesh = Mesh(env["INFERPLANE_BASE_URL"], env["INFERPLANE_API_KEY"])
     scrape = httpx.AsyncClient()
-    urls = metrics_urls(state)
     pids = processes(state)
+    urls = metrics_urls(state, pids)
     n_unary, n_rps = (20, 32) if args.quick else (100, 160)
     await asyncio.gather(direct.run(4), mesh.run(4))  # warm: connections, caches
 
