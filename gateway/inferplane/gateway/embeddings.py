@@ -6,19 +6,20 @@ import base64
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 
+from inferplane.gateway.protocol import REQUEST_CONFIG, Count32
 from inferplane.v1 import router_pb2
 
 
 class EmbeddingRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST_CONFIG
 
     model: str = Field(min_length=1)
     # A string or a list of strings (token-id arrays are not accepted: the tokenizer is the server's).
     input: str | list[str]
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1)
+    dimensions: Count32 | None = None
     user: str | None = None
 
     @field_validator("input")

@@ -3,6 +3,10 @@
 A request model validates what OpenAI validates (ranges, ``n``, ``stop``) and converts itself with
 ``to_generate_request()``; its ``encoder`` turns the router's ``GenerateResponse`` stream back into
 ``chat.completion`` / ``chat.completion.chunk`` / ``text_completion`` objects. Unknown fields are ignored.
+
+Every number is range-checked here, before it reaches a protobuf field (``REQUEST_CONFIG``, ``Count32``): a
+protobuf ``int32`` refuses 10**12 with a ``ValueError``, which would surface as a 500, and a float field takes
+NaN and infinity silently. Out of range is a 400 naming the ``param``, as OpenAI answers it.
 """
 
 from __future__ import annotations
@@ -18,7 +22,14 @@ from inferplane.gateway.errors import CLIENT_CLOSED_REQUEST, SERVER_ERROR, Gatew
 from inferplane.v1 import common_pb2, router_pb2
 
 MAX_STOP_SEQUENCES = 4
+INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# Every request model: no NaN or infinity in a float field (JSON has no such numbers, but the parser takes the
+# literals and an overflowing 1e400); unknown fields are ignored.
+REQUEST_CONFIG = ConfigDict(extra="ignore", allow_inf_nan=False)
+# A positive count that a protobuf int32 field holds (max_tokens, dimensions); the router checks it against the
+# model's context length.
+Count32 = Annotated[int, Field(ge=1, le=INT32_MAX)]
 # Roles the router's chat template knows; OpenAI's "developer" is its newer name for "system".
 ROLE_ALIASES = {"developer": "system"}
 
@@ -214,7 +225,7 @@ def _single_prompt(value: Any) -> Any:
 
 
 class ChatMessageParam(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST_CONFIG
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Annotated[str | None, BeforeValidator(_join_text_parts)] = None
@@ -228,7 +239,7 @@ class ChatMessageParam(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST_CONFIG
 
     include_usage: bool | None = None
 
@@ -236,19 +247,19 @@ class StreamOptions(BaseModel):
 class GenerationRequest(BaseModel):
     """Fields chat and text completions share. Field order matters: ``stream`` before ``stream_options``."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST_CONFIG
     # Builds this endpoint's response objects.
     encoder: ClassVar[type[ResponseEncoder]]
 
     model: str = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: Count32 | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     stop: Annotated[list[str] | None, BeforeValidator(_stop_list)] = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: int | None = 1
+    n: Count32 | None = 1
     user: str | None = None
 
     @field_validator("n")
@@ -294,7 +305,7 @@ class ChatCompletionRequest(GenerationRequest):
 
     messages: list[ChatMessageParam] = Field(min_length=1)
     # OpenAI's newer name for max_tokens; wins when both are given.
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: Count32 | None = None
 
     def effective_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
