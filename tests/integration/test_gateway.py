@@ -40,6 +40,7 @@ from inferplane.common.errors import PARAM_METADATA_KEY
 from inferplane.common.settings import load_settings
 from inferplane.gateway.main import GatewayServer, GatewaySettings
 from inferplane.v1 import common_pb2, router_pb2, router_pb2_grpc
+from tests.integration.test_metering_gateway import ZERO_DETAILS
 from tests.openai_schema import DERIVED_STREAM_COMPLETION, is_valid, validate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -288,6 +289,11 @@ async def test_chat_completion_via_openai_client(stack: Stack) -> None:
     assert completion.choices[0].message.content == "Hello world"
     assert completion.choices[0].finish_reason == "stop"
     assert completion.usage is not None and completion.usage.total_tokens == 8
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8, **ZERO_DETAILS}
+    assert completion.usage.prompt_tokens_details is not None
+    assert completion.usage.prompt_tokens_details.cached_tokens == 0
+    assert completion.usage.completion_tokens_details is not None
+    assert completion.usage.completion_tokens_details.reasoning_tokens == 0
     assert completion.model == "tiny" and completion.created == CREATED
     rid = raw.headers["x-request-id"]
     assert completion.id == f"chatcmpl-{rid}"
@@ -334,7 +340,8 @@ async def test_chat_stream_frames(stack: Stack, http: httpx.AsyncClient, include
     if include_usage:
         *chunks, last = chunks
         assert last["choices"] == [] and last["usage"] == {"prompt_tokens": 5, "completion_tokens": 3,
-                                                           "total_tokens": 8}
+                                                           "total_tokens": 8, **ZERO_DETAILS}
+        assert last["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
         assert all(c["usage"] is None for c in chunks)
     else:
         assert all("usage" not in c for c in chunks)
@@ -381,6 +388,8 @@ async def test_completion_via_openai_client(stack: Stack) -> None:
     validate(stack.sent[-1], "CreateCompletionRequest")
     assert "".join(c.choices[0].text for c in chunks if c.choices) == "Hello world"
     assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 8
+    assert chunks[-1].usage.prompt_tokens_details is not None
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == 0
 
 
 async def test_completion_stream_frames(stack: Stack, http: httpx.AsyncClient) -> None:
@@ -404,6 +413,8 @@ async def test_list_models(stack: Stack, http: httpx.AsyncClient) -> None:
     response = await http.get("/v1/models")
     validate(response.json(), "ListModelsResponse")
     assert response.json()["data"][1]["owned_by"] == "inferplane"  # empty owner gets the default
+    assert [m["context_length"] for m in response.json()["data"]] == [512, 512]
+    assert [m.context_length for m in models.data] == [512, 512]  # type: ignore[attr-defined]  (an extension)
 
 
 async def test_healthz(stack: Stack, http: httpx.AsyncClient) -> None:

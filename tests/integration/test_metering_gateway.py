@@ -106,10 +106,17 @@ def test_exhausted_budget_is_insufficient_quota_and_a_rate_limit_is_not() -> Non
     assert limited.headers == {"retry-after": "3", "retry-after-ms": "2500"}
 
 
+# Usage's breakdowns, present and zero until prefix caching exists.
+ZERO_DETAILS = {"prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+                "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
+                                              "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}}
+
+
 def test_usage_carries_the_exact_cost_and_models_carry_pricing() -> None:
     msg = router_pb2.GenerateResponse(usage=common_pb2.Usage(prompt_tokens=7, completion_tokens=3, total_tokens=10,
                                                              cost_nanodollars=123_000))
-    assert usage_dict(msg) == {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10, "cost": "0.000123"}
+    assert usage_dict(msg) == {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10, "cost": "0.000123",
+                               **ZERO_DETAILS}
     unpriced = router_pb2.GenerateResponse(usage=common_pb2.Usage(prompt_tokens=1, completion_tokens=1,
                                                                   total_tokens=2))
     assert "cost" not in (usage_dict(unpriced) or {})

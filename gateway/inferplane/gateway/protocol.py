@@ -53,13 +53,21 @@ def finish_reason(msg: router_pb2.GenerateResponse) -> str | None:
 
 
 def usage_dict(msg: router_pb2.GenerateResponse) -> dict[str, Any] | None:
-    """OpenAI's ``usage``, plus the extension ``cost``: exact USD as a string ("0.000123") when the request was
-    priced (the router's ``cost_nanodollars``)."""
+    """OpenAI's ``usage``, with both breakdowns always present (as OpenAI sends them: clients read
+    ``prompt_tokens_details.cached_tokens`` without a guard), plus the extension ``cost``: exact USD as a string
+    ("0.000123") when the request was priced (the router's ``cost_nanodollars``).
+
+    The breakdowns are zero: nothing is cached until prefix caching exists, and no model here reasons, hears or
+    predicts."""
     if not msg.HasField("usage"):
         return None
     u = msg.usage
     out: dict[str, Any] = {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-                           "total_tokens": u.total_tokens}
+                           "total_tokens": u.total_tokens,
+                           "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+                           "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
+                                                         "accepted_prediction_tokens": 0,
+                                                         "rejected_prediction_tokens": 0}}
     if u.HasField("cost_nanodollars"):
         out["cost"] = format_usd(u.cost_nanodollars)
     return out
@@ -182,11 +190,12 @@ class TextCompletionEncoder(ResponseEncoder):
 
 
 def models_body(resp: router_pb2.ListModelsResponse) -> dict[str, Any]:
-    """OpenAI's ``GET /v1/models`` list."""
+    """OpenAI's ``GET /v1/models`` list, each entry with the extension ``context_length`` (prompt plus completion
+    tokens, the name vLLM's ``max_model_len`` goes by at OpenRouter and others)."""
     data = []
     for m in resp.models:
         entry: dict[str, Any] = {"id": m.id, "object": "model", "created": m.created,
-                                 "owned_by": m.owned_by or "inferplane"}
+                                 "owned_by": m.owned_by or "inferplane", "context_length": m.context_length}
         pricing = pricing_dict(m)
         if pricing is not None:
             entry["pricing"] = pricing
