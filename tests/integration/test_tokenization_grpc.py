@@ -91,6 +91,20 @@ async def test_streamed_text_is_the_same(remote: GrpcTokenizer, local: LocalToke
     assert "" in await stream(remote, LLAMA, ids, 1)  # an emoji spans several ids: its first ones complete nothing
 
 
+async def test_one_call_decode_is_the_same_and_keeps_special_tokens(remote: GrpcTokenizer,
+                                                                      local: LocalTokenizer) -> None:
+    for text in TEXTS:
+        ids = [*(await local.encode_text(LLAMA, text, timeout=None)).token_ids, 6]  # <|end|>: special, kept
+        mine = await local.decode(LLAMA, ids, timeout=None)
+        assert await remote.decode(LLAMA, ids, timeout=10.0) == mine == text + "<|end|>"
+    for tokenizer in (local, remote):
+        with pytest.raises(InvalidArgument) as outside:
+            await tokenizer.decode(LLAMA, [10**9], timeout=10.0)
+        assert outside.value.param == "token_ids"
+        with pytest.raises(NotFound):
+            await tokenizer.decode("no-such-model", [1], timeout=10.0)
+
+
 async def test_refusals_are_the_same_domain_errors(remote: GrpcTokenizer, local: LocalTokenizer) -> None:
     bad_chat = [common_pb2.ChatMessage(role="wizard", content="hi")]
     for tokenizer in (local, remote):

@@ -43,6 +43,7 @@ from inferplane.gateway.errors import (
 from inferplane.gateway.generation import GENERATION_ROUTES, GenerationEndpoint, client_gone
 from inferplane.gateway.protocol import models_body
 from inferplane.gateway.settings import GatewaySettings
+from inferplane.gateway.tokenize import detokenize_route, tokenize_route
 from inferplane.gateway.upstream import GrpcRouter, RouterApi
 
 log = logging.getLogger(__name__)
@@ -271,6 +272,8 @@ def create_app(settings: GatewaySettings, *, tracer_provider: trace.TracerProvid
         app.add_api_route(path, generation_route, methods=["POST"])
     app.add_api_route("/v1/embeddings", embeddings, methods=["POST"])
     app.add_api_route("/v1/models", list_models, methods=["GET"])
+    app.add_api_route("/tokenize", tokenize_route, methods=["POST"])  # vLLM's paths: no /v1
+    app.add_api_route("/detokenize", detokenize_route, methods=["POST"])
     app.add_api_route("/healthz", healthz, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
     app.include_router(admin_router(settings.metering_addr))  # /v1/usage and /admin/*

@@ -1,10 +1,10 @@
 """What the REST edge needs from the router, and the router over gRPC (``GrpcRouter``, the separate gateway).
 
 The routes speak to a ``RouterApi``: open a generation (its first message, the initial metadata with the
-rate-limit state, the further messages, a cancel), embed, list models, health. Every failure comes out as the
-``GatewayError`` that the router's status and ``ErrorInfo`` map to (``from_rpc_error``). The other
-implementation runs in the router's own process and calls its servicer in the same event loop
-(``inferplane.cli.edge``: the gateway imports no service).
+rate-limit state, the further messages, a cancel), embed, list models, tokenize and detokenize, health. Every
+failure comes out as the ``GatewayError`` that the router's status and ``ErrorInfo`` map to
+(``from_rpc_error``). The other implementation runs in the router's own process and calls its servicer in the
+same event loop (``inferplane.cli.edge``: the gateway imports no service).
 """
 
 from __future__ import annotations
@@ -47,6 +47,12 @@ class RouterApi(Protocol):
     async def embed(self, request: router_pb2.EmbedRequest, *, metadata: Metadata) -> router_pb2.EmbedResponse: ...
 
     async def list_models(self, *, metadata: Metadata) -> router_pb2.ListModelsResponse: ...
+
+    async def tokenize(self, request: router_pb2.TokenizeRequest, *, metadata: Metadata
+                       ) -> router_pb2.TokenizeResponse: ...
+
+    async def detokenize(self, request: router_pb2.DetokenizeRequest, *, metadata: Metadata
+                         ) -> router_pb2.DetokenizeResponse: ...
 
     async def serving(self) -> bool:
         """Whether the router reports SERVING (its health service's answer, or its own state in process)."""
@@ -112,6 +118,20 @@ class GrpcRouter:
         try:
             return await self._stub.ListModels(router_pb2.ListModelsRequest(), metadata=metadata,
                                                timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    async def tokenize(self, request: router_pb2.TokenizeRequest, *, metadata: Metadata
+                       ) -> router_pb2.TokenizeResponse:
+        try:
+            return await self._stub.Tokenize(request, metadata=metadata, timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    async def detokenize(self, request: router_pb2.DetokenizeRequest, *, metadata: Metadata
+                         ) -> router_pb2.DetokenizeResponse:
+        try:
+            return await self._stub.Detokenize(request, metadata=metadata, timeout=self._timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from None
 

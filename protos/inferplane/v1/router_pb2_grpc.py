@@ -52,6 +52,16 @@ class RouterServiceStub:
                 request_serializer=inferplane_dot_v1_dot_router__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=inferplane_dot_v1_dot_router__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/inferplane.v1.RouterService/Tokenize',
+                request_serializer=inferplane_dot_v1_dot_router__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=inferplane_dot_v1_dot_router__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
+        self.Detokenize = channel.unary_unary(
+                '/inferplane.v1.RouterService/Detokenize',
+                request_serializer=inferplane_dot_v1_dot_router__pb2.DetokenizeRequest.SerializeToString,
+                response_deserializer=inferplane_dot_v1_dot_router__pb2.DetokenizeResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServiceServicer:
@@ -81,6 +91,20 @@ class RouterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Tokenize(self, request, context):
+        """Encode a prompt or a conversation with the model's tokenizer, as Generate would (vLLM's /tokenize).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Detokenize(self, request, context):
+        """Decode token ids with the model's tokenizer, special tokens kept (vLLM's /detokenize).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -98,6 +122,16 @@ def add_RouterServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=inferplane_dot_v1_dot_router__pb2.ListModelsRequest.FromString,
                     response_serializer=inferplane_dot_v1_dot_router__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=inferplane_dot_v1_dot_router__pb2.TokenizeRequest.FromString,
+                    response_serializer=inferplane_dot_v1_dot_router__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'Detokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detokenize,
+                    request_deserializer=inferplane_dot_v1_dot_router__pb2.DetokenizeRequest.FromString,
+                    response_serializer=inferplane_dot_v1_dot_router__pb2.DetokenizeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -184,6 +218,60 @@ class RouterService:
             '/inferplane.v1.RouterService/ListModels',
             inferplane_dot_v1_dot_router__pb2.ListModelsRequest.SerializeToString,
             inferplane_dot_v1_dot_router__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inferplane.v1.RouterService/Tokenize',
+            inferplane_dot_v1_dot_router__pb2.TokenizeRequest.SerializeToString,
+            inferplane_dot_v1_dot_router__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inferplane.v1.RouterService/Detokenize',
+            inferplane_dot_v1_dot_router__pb2.DetokenizeRequest.SerializeToString,
+            inferplane_dot_v1_dot_router__pb2.DetokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -194,5 +194,17 @@ class InProcessRouter:
             "ListModels", lambda ctx: self._servicer.ListModels(router_pb2.ListModelsRequest(), ctx.grpc), metadata)
         return resp
 
+    async def tokenize(self, request: router_pb2.TokenizeRequest, *, metadata: Metadata
+                       ) -> router_pb2.TokenizeResponse:
+        resp: router_pb2.TokenizeResponse = await self._unary(
+            "Tokenize", lambda ctx: self._servicer.Tokenize(request, ctx.grpc), metadata)
+        return resp
+
+    async def detokenize(self, request: router_pb2.DetokenizeRequest, *, metadata: Metadata
+                         ) -> router_pb2.DetokenizeResponse:
+        resp: router_pb2.DetokenizeResponse = await self._unary(
+            "Detokenize", lambda ctx: self._servicer.Detokenize(request, ctx.grpc), metadata)
+        return resp
+
     async def serving(self) -> bool:
         return self._serving()

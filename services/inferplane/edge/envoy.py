@@ -1,8 +1,8 @@
 """The Envoy edge: ``envoy.yaml`` generated from the same settings file that starts the mesh.
 
 One listener serves HTTP/1.1 and HTTP/2 (h2c, or TLS with ALPN when a certificate is configured).
-It routes ``/v1/``, ``/admin/`` and ``/healthz`` to the REST gateway and gRPC calls of the public
-``inferplane.v1.RouterService`` to the router; nothing else is routable, so the internal services
+It routes ``/v1/``, ``/admin/``, ``/healthz``, ``/tokenize`` and ``/detokenize`` to the REST gateway and gRPC
+calls of the public ``inferplane.v1.RouterService`` to the router; nothing else is routable, so the internal services
 (tokenizer, executor, metering, Triton) cannot be reached through the edge (404, or UNIMPLEMENTED for
 gRPC). Responses stream: no route timeout, a stream idle timeout instead. Envoy's own error replies to
 REST callers are OpenAI-shaped (``{"error": {...}}``).
@@ -36,6 +36,8 @@ GATEWAY_CLUSTER = "gateway"
 ROUTER_CLUSTER = "router"
 OTEL_CLUSTER = "otel_collector"
 ADMIN_CLUSTER = "envoy_admin"
+# vLLM's tokenizer routes (outside /v1, as vLLM serves them), answered by the gateway.
+GATEWAY_PATHS = ("/tokenize", "/detokenize")
 # Answered by Envoy itself (readiness of the edge; 503 once draining): probes need no admin access.
 EDGE_HEALTH_PATH = "/healthz/edge"
 # Retry only what cannot have reached the service: a response never started, so a retry never repeats output.
@@ -229,6 +231,8 @@ def _routes(s: EdgeSettings) -> list[dict[str, Any]]:
         {"name": "gateway-admin", "match": {"prefix": "/admin/"}, "route": _route_action(GATEWAY_CLUSTER, s)},
         {"name": "gateway-health", "match": {"path": "/healthz"}, "route": _route_action(GATEWAY_CLUSTER, s),
          "typed_per_filter_config": unbuffered},
+        *({"name": f"gateway-{path.strip('/')}", "match": {"path": path}, "route": _route_action(GATEWAY_CLUSTER, s)}
+          for path in GATEWAY_PATHS),
     ]
 
 

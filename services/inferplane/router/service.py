@@ -14,6 +14,7 @@ from inferplane.common.server import caller_key
 from inferplane.router.auth import KeyVerifier
 from inferplane.router.embeddings import embed
 from inferplane.router.engine import GenerationEngine, GenerationInput
+from inferplane.router.tokenize import detokenize, tokenize
 from inferplane.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 TASKS = {"chat": common_pb2.MODEL_TASK_CHAT, "completion": common_pb2.MODEL_TASK_COMPLETION,
@@ -113,3 +114,24 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                                  pricing=prices.pricing_pb(m.id) if prices is not None else None)
             for m in self._engine.catalog.models
         ])
+
+    async def Tokenize(self, request: router_pb2.TokenizeRequest,
+                       context: grpc.aio.ServicerContext) -> router_pb2.TokenizeResponse:
+        await self._keys.verify(caller_key(context.invocation_metadata()))
+        which = request.WhichOneof("input")
+        result = await tokenize(self._engine, request.model, prompt=request.prompt if which == "prompt" else None,
+                                messages=list(request.chat.messages) if which == "chat" else None,
+                                add_special_tokens=request.add_special_tokens, deadline=_deadline(context))
+        return router_pb2.TokenizeResponse(tokens=result.token_ids, max_model_len=result.max_model_len)
+
+    async def Detokenize(self, request: router_pb2.DetokenizeRequest,
+                         context: grpc.aio.ServicerContext) -> router_pb2.DetokenizeResponse:
+        await self._keys.verify(caller_key(context.invocation_metadata()))
+        text = await detokenize(self._engine, request.model, list(request.tokens), deadline=_deadline(context))
+        return router_pb2.DetokenizeResponse(prompt=text)
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return time.monotonic() + remaining if remaining is not None else None
+

@@ -61,6 +61,11 @@ class Tokenizer(Protocol):
         """A decoder for one stream of generated ids; special tokens are left out of its text."""
         ...
 
+    async def decode(self, model: str, token_ids: Sequence[int], *, timeout: float | None) -> str:
+        """The text of ``token_ids`` in one call, special tokens kept (``/detokenize``); an id outside the
+        vocabulary is an ``InvalidArgument``."""
+        ...
+
 
 class SplitTokenizer:
     """Encodes with one implementation and decodes with another (``tokenize: local``, ``detokenize: remote``)."""
@@ -82,3 +87,6 @@ class SplitTokenizer:
 
     def decoder(self, model: str, *, timeout: float | None) -> TextDecoder:
         return self._decoder.decoder(model, timeout=timeout)
+
+    async def decode(self, model: str, token_ids: Sequence[int], *, timeout: float | None) -> str:
+        return await self._decoder.decode(model, token_ids, timeout=timeout)

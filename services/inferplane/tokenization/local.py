@@ -121,3 +121,6 @@ class LocalTokenizer:
 
     def decoder(self, model: str, *, timeout: float | None) -> LocalDecoder:
         return LocalDecoder(IncrementalDecoder(self.registry.get(model), skip_special_tokens=True))
+
+    async def decode(self, model: str, token_ids: Sequence[int], *, timeout: float | None) -> str:
+        return self.registry.get(model).decode(token_ids, skip_special_tokens=False)

@@ -71,6 +71,14 @@ class GrpcTokenizer:
     def decoder(self, model: str, *, timeout: float | None) -> StreamingDecoder:
         return StreamingDecoder(self._stub.DecodeStream(timeout=timeout), model)
 
+    async def decode(self, model: str, token_ids: Sequence[int], *, timeout: float | None) -> str:
+        req = tokenizer_pb2.DecodeRequest(model=model, token_ids=token_ids, skip_special_tokens=False)
+        try:
+            resp = await self._stub.Decode(req, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise_domain_error(exc)
+        return str(resp.text)
+
 
 class StreamingDecoder:
     """One DecodeStream call: write new ids, read back the text they completed (lock-step)."""
