@@ -29,6 +29,7 @@ from inferplane.v1 import (
     tokenizer_pb2,
     tokenizer_pb2_grpc,
 )
+from tests.grpc_discovery import assert_public_api_discovered, discover
 from tests.openai_schema import validate
 
 pytestmark = pytest.mark.e2e
@@ -96,6 +97,35 @@ def test_internal_grpc_services_are_unreachable_through_the_edge(stack: LocalSta
         with pytest.raises(grpc.RpcError) as err:
             _internal_calls(edge)[service]()
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_grpc_users_discover_the_public_api_at_the_edge(stack: LocalStack) -> None:
+    """As ``grpcurl list`` / ``describe`` and a health probe would, through Envoy at the public port: reflection lists
+    RouterService, health and reflection only, describes RouterService, and knows no internal service by name (the
+    router's process imports their stubs); Health/Check answers SERVING."""
+    assert_public_api_discovered(discover(stack.grpc_addr))
+
+
+def test_tokenize_and_detokenize_through_the_edge(stack: LocalStack, api_key: str) -> None:
+    edge_root = stack.base_url.removesuffix("/v1")
+    auth = {"authorization": f"Bearer {api_key}"}
+    client = openai.OpenAI(base_url=stack.base_url, api_key=api_key, max_retries=0, timeout=60)
+    messages = [{"role": "user", "content": "Hi there"}]
+    usage = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1).usage  # type: ignore[arg-type]
+    tokenized = httpx.post(f"{edge_root}/tokenize", json={"model": MODEL, "messages": messages}, headers=auth,
+                           timeout=30)
+    assert tokenized.status_code == 200, tokenized.text
+    assert usage is not None and tokenized.json()["count"] == usage.prompt_tokens  # counted as a generation counts
+    assert tokenized.json()["max_model_len"] == 512
+    prompt = httpx.post(f"{edge_root}/tokenize", json={"model": MODEL, "prompt": "Hello"}, headers=auth, timeout=30)
+    back = httpx.post(f"{edge_root}/detokenize", json={"model": MODEL, "tokens": prompt.json()["tokens"]},
+                      headers=auth, timeout=30)
+    assert back.json() == {"prompt": "Hello"}
+    refused = httpx.post(f"{edge_root}/tokenize", json={"model": MODEL, "prompt": "Hello"}, timeout=30)
+    assert refused.status_code == 401
+    validate(refused.json(), "ErrorResponse")
+    missing = httpx.post(f"{edge_root}/detokenize", json={"model": "nope", "tokens": [1]}, headers=auth, timeout=30)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
 
 
 @pytest.mark.parametrize("path", ["/v2/health/ready", "/v2/models/tiny-llama", "/v2", "/metrics"])

@@ -29,14 +29,17 @@ import pytest
 import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from inferplane.edge.envoy import EdgeSettings, EnvoyProcess, envoy_binary
+from inferplane.common.server import reflection_pool
+from inferplane.edge.envoy import ROUTER_SERVICE, EdgeSettings, EnvoyProcess, envoy_binary
 from inferplane.gateway.main import GatewayServer, GatewaySettings
 from inferplane.v1 import common_pb2, router_pb2, router_pb2_grpc
 from tests.conftest import require
+from tests.grpc_discovery import assert_public_api_discovered, discover
 from tests.openai_schema import validate
 
 API_KEY = "sk-edge-test"
@@ -187,9 +190,12 @@ async def edge(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Edge]:
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     collector, add_collector = _collector_servicer(collected)
     add_collector(collector, server)  # the same server doubles as the OTLP collector
+    reflected = [ROUTER_SERVICE, "grpc.health.v1.Health", reflection.SERVICE_NAME]
+    reflection.enable_server_reflection(reflected, server, pool=reflection_pool(reflected))  # as GrpcServer does
     router_port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    await health.set("inferplane.v1.RouterService", health_pb2.HealthCheckResponse.SERVING)
+    for name in ("", ROUTER_SERVICE):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     spans = InMemorySpanExporter()
     provider = TracerProvider()
@@ -296,12 +302,18 @@ async def test_only_public_paths_are_routable(edge: Edge, path: str) -> None:
 @pytest.mark.parametrize("method", [
     "/inferplane.v1.TokenizerService/Encode", "/inferplane.v1.ExecutorService/Generate",
     "/inferplane.v1.MeteringService/VerifyKey", "/inference.GRPCInferenceService/ServerReady",
-    "/grpc.health.v1.Health/Check", "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"])
+    "/opentelemetry.proto.collector.trace.v1.TraceService/Export"])
 async def test_internal_grpc_services_are_unimplemented_at_the_edge(edge: Edge, method: str) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{edge.envoy.settings.port}") as channel:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await channel.unary_unary(method)(b"", timeout=10)
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_reflection_and_health_answer_at_the_edge(edge: Edge) -> None:
+    """grpcurl's list/describe and a health probe work at the public port; reflection knows no internal service
+    (the scripted router's process imports every stub, as the router's does)."""
+    assert_public_api_discovered(await asyncio.to_thread(discover, f"127.0.0.1:{edge.envoy.settings.port}"))
 
 
 async def test_rest_over_h2c_and_http11(edge: Edge) -> None:

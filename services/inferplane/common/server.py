@@ -2,7 +2,8 @@
 
 ``GrpcServer`` gives a service: OpenTelemetry server interception, error mapping (``ErrorInterceptor``: a
 precise status plus a ``google.rpc.ErrorInfo`` detail with the error's reason),
-the standard health service, server reflection, and a graceful drain (health NOT_SERVING, then
+the standard health service, server reflection limited to the service's own files (``reflection_pool``), and a
+graceful drain (health NOT_SERVING, then
 ``server.stop(grace)``) on SIGTERM/SIGINT.
 """
 
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf.descriptor import FileDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
@@ -179,6 +182,32 @@ def client_channel(target: str, *, max_message_bytes: int = 16 * 1024 * 1024) ->
     )
 
 
+def reflection_pool(service_names: Iterable[str]) -> descriptor_pool.DescriptorPool:
+    """A descriptor pool with only the files that define ``service_names`` and their imports.
+
+    Reflection answers from a pool; the default one holds every message this process imported (the router
+    imports the executor's, metering's and tokenizer's stubs as a client), so a reflection client could describe
+    internal services by name. This pool knows only what the server serves.
+    """
+    default = descriptor_pool.Default()
+    pool = descriptor_pool.DescriptorPool()
+    added: set[str] = set()
+
+    def add(file: FileDescriptor) -> None:
+        if file.name in added:
+            return
+        for dependency in file.dependencies:  # imports first: the pool resolves names as files are added
+            add(dependency)
+        proto = descriptor_pb2.FileDescriptorProto()
+        file.CopyToProto(proto)
+        pool.AddSerializedFile(proto.SerializeToString())
+        added.add(file.name)
+
+    for name in service_names:
+        add(default.FindServiceByName(name).file)
+    return pool
+
+
 class GrpcServer:
     """One grpc.aio server with health, reflection, tracing and error mapping."""
 
@@ -201,11 +230,9 @@ class GrpcServer:
     async def start(self) -> int:
         self._register(self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME],
-            self.server,
-        )
+        reflected = [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                     reflection.SERVICE_NAME]
+        reflection.enable_server_reflection(reflected, self.server, pool=reflection_pool(reflected))
         self.port = self.server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
         if self.port == 0:
             raise OSError(f"cannot bind {self.settings.host}:{self.settings.port}")
