@@ -1,5 +1,6 @@
-"""A hypothesis fuzz of the JSON bodies of ``/v1/chat/completions``, ``/v1/completions`` and ``/v1/embeddings``
-against the real gateway (uvicorn on a port) in front of a real ``Router`` and real metering.
+"""A hypothesis fuzz of the JSON bodies of ``/v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``,
+``/tokenize`` and ``/detokenize`` against the real gateway (uvicorn on a port) in front of a real ``Router`` and real
+metering.
 
 Bodies are built field by field: each field is either a value of its own type or anything JSON (wrong types,
 huge and negative integers, floats past float64 and the NaN/Infinity literals, long and unicode strings, lone
@@ -31,8 +32,8 @@ from inferplane.router.settings import RouterSettings
 from tests.integration.test_admission import Metering, metering  # noqa: F401  (fixture)
 from tests.openai_schema import validate
 
-EXAMPLES = 200  # per route: 600 requests, well under a minute on two cores
-ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+EXAMPLES = 200  # per route: 1,000 requests, well under a minute on two cores
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/tokenize", "/detokenize")
 # The router's answer when no executor serves the model: the body passed every check.
 ACCEPTED = (503, "service_unavailable")
 
@@ -104,18 +105,24 @@ ENDPOINTS: dict[str, tuple[dict[str, st.SearchStrategy[Any]], dict[str, st.Searc
                         "input": st.text(min_size=1, max_size=50) | st.lists(st.text(min_size=1), min_size=1,
                                                                             max_size=4)},
                        {"encoding_format": st.sampled_from(["float", "base64"]), "user": unicode_text}),
+    "/tokenize": ({"model": st.just("tiny-llama")},
+                  {"prompt": unicode_text, "messages": st.lists(message, min_size=1, max_size=3),
+                   "add_special_tokens": st.booleans(), "add_generation_prompt": st.booleans(),
+                   "return_token_strs": st.booleans()}),
+    "/detokenize": ({"model": st.just("tiny-llama"),
+                     "tokens": st.lists(st.integers(0, 600) | boundary_ints, max_size=20)}, {}),
 }
 # Fields a body may carry that the route does not define (OpenAI's, vLLM's, made up): each with any value.
 OTHER_FIELDS = ["top_logprobs", "logprobs", "dimensions", "max_completion_tokens", "presence_penalty",
                 "frequency_penalty", "logit_bias", "stream_options", "echo", "best_of", "suffix", "model", "n",
                 "unknown_field", ""]
 
-NUMERIC_FIELDS = {route: sorted({"max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "n",
-                                 "top_logprobs", "logprobs", "presence_penalty", "frequency_penalty", "dimensions"}
-                                - ({"max_completion_tokens"} if route != "/v1/chat/completions" else set())
-                                - ({"max_tokens", "temperature", "top_p", "seed", "n", "top_logprobs",
-                                    "presence_penalty", "frequency_penalty"} if route == "/v1/embeddings" else set()))
-                  for route in ROUTES}
+_SAMPLING_NUMBERS = ["max_tokens", "temperature", "top_p", "seed", "n", "top_logprobs", "logprobs",
+                     "presence_penalty", "frequency_penalty"]
+# The fields a boundary number is put in, per route (its own numbers, and a few it does not define).
+NUMERIC_FIELDS = {"/v1/chat/completions": [*_SAMPLING_NUMBERS, "max_completion_tokens"],
+                  "/v1/completions": _SAMPLING_NUMBERS, "/v1/embeddings": ["dimensions", "max_tokens"],
+                  "/tokenize": ["add_special_tokens", "max_tokens"], "/detokenize": ["tokens", "max_tokens"]}
 
 
 @st.composite
@@ -125,7 +132,7 @@ def bodies(draw: st.DrawFn, route: str) -> Any:
         return draw(any_json)
     required, optional = ENDPOINTS[route]
     body = {name: draw(strategy) for name, strategy in required.items()}
-    for name in draw(st.lists(st.sampled_from(sorted(optional)), max_size=4, unique=True)):
+    for name in draw(st.lists(st.sampled_from(sorted(optional)), max_size=4, unique=True)) if optional else ():
         body[name] = draw(optional[name])
     if body.get("stream") and draw(st.booleans()):
         body["stream_options"] = {"include_usage": draw(st.booleans())}
@@ -192,7 +199,7 @@ async def test_fuzzed_bodies_are_never_a_server_error(gateway: str, metering: Me
 # value as JSON text, the param of the 400, or None when the value is in range and the body is accepted).
 VALID = {"/v1/chat/completions": '"model":"tiny-llama","messages":[{"role":"user","content":"hi"}]',
          "/v1/completions": '"model":"tiny-llama","prompt":"hi"',
-         "/v1/embeddings": '"model":"all-minilm-l6-v2","input":"hi"'}
+         "/v1/embeddings": '"model":"all-minilm-l6-v2","input":"hi"', "/detokenize": '"model":"tiny-llama"'}
 GENERATION_BOUNDS = [("max_tokens", "1000000000000", False), ("max_tokens", "2147483648", False),
                      ("max_tokens", "0", False), ("max_tokens", "-1", False), ("max_tokens", "1e400", False),
                      ("max_tokens", "64", True), ("temperature", "NaN", False), ("temperature", "Infinity", False),
@@ -208,7 +215,9 @@ RANGE_CASES = [*((route, f, v, ok) for route in ("/v1/chat/completions", "/v1/co
                ("/v1/chat/completions", "max_completion_tokens", "1000000000000", False),
                ("/v1/chat/completions", "max_completion_tokens", "-5", False),
                ("/v1/embeddings", "dimensions", "1000000000000", False),
-               ("/v1/embeddings", "dimensions", "0", False), ("/v1/embeddings", "dimensions", "NaN", False)]
+               ("/v1/embeddings", "dimensions", "0", False), ("/v1/embeddings", "dimensions", "NaN", False),
+               ("/detokenize", "tokens", "[1000000000000]", False), ("/detokenize", "tokens", "[-1]", False),
+               ("/detokenize", "tokens", "[NaN]", False)]
 
 
 async def test_every_number_is_range_checked(gateway: str, metering: Metering) -> None:  # noqa: F811
@@ -222,5 +231,6 @@ async def test_every_number_is_range_checked(gateway: str, metering: Metering) -
                 continue
             assert response.status_code == 400, (raw, response.text)
             validate(response.json(), "ErrorResponse")
-            assert response.json()["error"]["param"] == name, (raw, response.text)
+            expected = f"{name}[0]" if value.startswith("[") else name  # a list's bad element is named by index
+            assert response.json()["error"]["param"] == expected, (raw, response.text)
 
