@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import httpx
 import openai
@@ -143,6 +145,15 @@ def _usage(stack: LocalStack, request_id: str) -> list[metering_pb2.UsageRecord]
     return [r for r in records if r.request_id == request_id]
 
 
+def _usage_delivered(stack: LocalStack, request_id: str, timeout: float = 30.0) -> list[metering_pb2.UsageRecord]:
+    """The request's usage records once the router's outbox has delivered them (it sends in batches, off the
+    request's path, after a short linger: a read right after the response can come first)."""
+    deadline = time.monotonic() + timeout
+    while not (records := _usage(stack, request_id)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return records
+
+
 def test_each_request_leaves_one_usage_record_matching_the_client(stack: LocalStack, api_key: str) -> None:
     told = {}
     with httpx.Client(base_url=stack.base_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=120) as http:
@@ -158,7 +169,7 @@ def test_each_request_leaves_one_usage_record_matching_the_client(stack: LocalSt
                           json={"model": MODEL, "messages": MESSAGES, "max_tokens": 3, "temperature": 0})
         assert again.status_code == 200
     for rid, usage in told.items():
-        records = _usage(stack, rid)
+        records = _usage_delivered(stack, rid)
         assert len(records) == 1, rid
         assert (records[0].prompt_tokens, records[0].completion_tokens) == (usage["prompt_tokens"],
                                                                             usage["completion_tokens"])
