@@ -196,7 +196,7 @@ class GenerationEngine:
                     lease.finish = STOP
         # The lease has left its usage record (stored, for a finished request): the last message carries the cost.
         yield Delta("", text.unsent(lease.completion_tokens), lease.finish_pb, lease.prompt_tokens,
-                    lease.completion_tokens, lease.cost)
+                    lease.completion_tokens, lease.cost, text.stop_sequence)
 
     async def drain(self) -> None:
         """Wait for usage records still being written (at shutdown)."""

@@ -83,6 +83,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                     msg.usage.total_tokens = delta.prompt_tokens + delta.completion_tokens
                     if delta.cost_nanodollars is not None:
                         msg.usage.cost_nanodollars = delta.cost_nanodollars
+                    if delta.stop_sequence is not None:
+                        msg.stop_sequence = delta.stop_sequence
                 yield msg
 
     async def Embed(self, request: router_pb2.EmbedRequest,
