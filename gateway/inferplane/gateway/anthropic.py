@@ -49,7 +49,8 @@ ERROR_TYPES: dict[int, tuple[int, str]] = {
 }
 # Fields of Anthropic's API this server does not implement: refused with a reason, not dropped.
 UNSUPPORTED_FIELDS = frozenset({"tools", "tool_choice", "thinking", "service_tier", "container", "mcp_servers",
-                                "context_management", "output_format"})
+                                "context_management", "output_config", "output_format", "diagnostics",
+                                "inference_geo", "speed", "user_profile_id", "workspace_id"})
 STREAM_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 STOP_REASONS = {wire.LENGTH: "max_tokens"}  # wire.STOP: "end_turn" or "stop_sequence"
 
@@ -150,6 +151,8 @@ class MessagesRequest(BaseModel):
     stop_sequences: list[Annotated[str, Field(min_length=1)]] | None = Field(None, max_length=MAX_STOP_SEQUENCES)
     stream: bool = False
     metadata: Metadata | None = None
+    # Top-level prompt-cache hint: accepted, no effect (as on a text block).
+    cache_control: dict[str, Any] | None = None
 
     @field_validator("messages")
     @classmethod
