@@ -115,3 +115,11 @@ def test_missing_max_tokens_is_400(stack: LocalStack, api_key: str) -> None:
     assert resp.status_code == 400
     assert resp.json() == {"type": "error", "error": {"type": "invalid_request_error",
                                                       "message": "max_tokens: Field required"}}
+
+
+def test_count_tokens_matches_the_generation_usage(client: anthropic.Anthropic) -> None:
+    counted = client.messages.count_tokens(model=MODEL, messages=MESSAGES, system="You are terse.")
+    used = client.messages.create(model=MODEL, max_tokens=1, messages=MESSAGES, system="You are terse.")
+    assert counted.input_tokens == used.usage.input_tokens > 0
+    with pytest.raises(anthropic.NotFoundError):
+        client.messages.count_tokens(model="no-such-model", messages=MESSAGES)

@@ -55,6 +55,7 @@ STREAM_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 STOP_REASONS = {wire.LENGTH: "max_tokens"}  # wire.STOP: "end_turn" or "stop_sequence"
 
 T = TypeVar("T")
+ConversationT = TypeVar("ConversationT", bound="Conversation")
 
 
 # --- errors -----------------------------------------------------------------------------------------------
@@ -136,21 +137,14 @@ class Metadata(BaseModel):
     user_id: str | None = None
 
 
-class MessagesRequest(BaseModel):
-    """``POST /v1/messages``."""
+class Conversation(BaseModel):
+    """What ``/v1/messages`` and ``/v1/messages/count_tokens`` share: the model and the chat."""
 
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(min_length=1)
-    max_tokens: int = Field(ge=1, le=INT32_MAX)
     messages: list[MessageParam] = Field(min_length=1)
     system: Content | None = None
-    temperature: float | None = Field(None, ge=0, le=1)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0, le=INT32_MAX)
-    stop_sequences: list[Annotated[str, Field(min_length=1)]] | None = Field(None, max_length=MAX_STOP_SEQUENCES)
-    stream: bool = False
-    metadata: Metadata | None = None
     # Top-level prompt-cache hint: accepted, no effect (as on a text block).
     cache_control: dict[str, Any] | None = None
 
@@ -162,13 +156,37 @@ class MessagesRequest(BaseModel):
             raise ValueError("the last message must have role 'user' (assistant prefill is not supported)")
         return messages
 
-    def to_generate_request(self) -> router_pb2.GenerateRequest:
-        req = router_pb2.GenerateRequest(model=self.model, max_tokens=self.max_tokens, stop=self.stop_sequences or [],
-                                         include_usage=True)
+    def chat(self) -> router_pb2.ChatInput:
+        """The system prompt first, then the turns: the messages a chat completion would send."""
+        chat = router_pb2.ChatInput()
         if self.system is not None:
-            req.chat.messages.add(role="system", content=_joined(self.system))
+            chat.messages.add(role="system", content=_joined(self.system))
         for m in self.messages:
-            req.chat.messages.add(role=m.role, content=_joined(m.content))
+            chat.messages.add(role=m.role, content=_joined(m.content))
+        return chat
+
+
+class CountTokensRequest(Conversation):
+    """``POST /v1/messages/count_tokens``."""
+
+    def to_pb(self) -> router_pb2.CountTokensRequest:
+        return router_pb2.CountTokensRequest(model=self.model, chat=self.chat())
+
+
+class MessagesRequest(Conversation):
+    """``POST /v1/messages``."""
+
+    max_tokens: int = Field(ge=1, le=INT32_MAX)
+    temperature: float | None = Field(None, ge=0, le=1)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0, le=INT32_MAX)
+    stop_sequences: list[Annotated[str, Field(min_length=1)]] | None = Field(None, max_length=MAX_STOP_SEQUENCES)
+    stream: bool = False
+    metadata: Metadata | None = None
+
+    def to_generate_request(self) -> router_pb2.GenerateRequest:
+        req = router_pb2.GenerateRequest(model=self.model, chat=self.chat(), max_tokens=self.max_tokens,
+                                         stop=self.stop_sequences or [], include_usage=True)
         for name in ("temperature", "top_p", "top_k"):
             value = getattr(self, name)
             if value is not None:
@@ -176,7 +194,7 @@ class MessagesRequest(BaseModel):
         return req
 
 
-def parse_request(raw: bytes) -> MessagesRequest:
+def parse_request(raw: bytes, model: type[ConversationT]) -> ConversationT:
     """The request, or a 400 naming the field: refused features and unknown fields before anything else."""
     try:
         data = json.loads(raw)
@@ -187,10 +205,10 @@ def parse_request(raw: bytes) -> MessagesRequest:
     for name in data:
         if name in UNSUPPORTED_FIELDS:
             raise invalid(f"{name}: not supported by this server")
-        if name not in MessagesRequest.model_fields:
+        if name not in model.model_fields:
             raise invalid(f"{name}: Extra inputs are not permitted")
     try:
-        return MessagesRequest.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         raise from_validation(exc) from None
 
@@ -335,9 +353,26 @@ async def _unless_gone(request: Request, work: Awaitable[T]) -> T:
 
 
 async def messages_route(request: Request) -> Response:
-    """``POST /v1/messages``: every failure answered in Anthropic's error shape."""
+    """``POST /v1/messages``."""
+    return await _answered(_messages(request))
+
+
+async def count_tokens_route(request: Request) -> Response:
+    """``POST /v1/messages/count_tokens``: the router counts with the model's tokenizer and chat template."""
+    async def count() -> Response:
+        metadata = (*caller_metadata(request.headers), (wire.REQUEST_ID, request.state.request_id))
+        body = parse_request(await request.body(), CountTokensRequest)
+        router: RouterApi = request.app.state.router
+        resp = await _unless_gone(request, router.count_tokens(body.to_pb(), metadata=metadata))
+        return JSONResponse({"input_tokens": resp.input_tokens})
+
+    return await _answered(count())
+
+
+async def _answered(work: Awaitable[Response]) -> Response:
+    """``work``'s response, or its failure in Anthropic's error shape."""
     try:
-        return await _messages(request)
+        return await work
     except GatewayError as err:
         return error_response(err)
     except StarletteHTTPException as exc:  # the body limit, raised from the middleware's receive
@@ -348,7 +383,7 @@ async def messages_route(request: Request) -> Response:
 
 async def _messages(request: Request) -> Response:
     metadata = (*caller_metadata(request.headers), (wire.REQUEST_ID, request.state.request_id))
-    body = parse_request(await request.body())
+    body = parse_request(await request.body(), MessagesRequest)
     router: RouterApi = request.app.state.router
     opened = router.generate(body.to_generate_request(), metadata=metadata)
     call: GenerateCall | None = opened
