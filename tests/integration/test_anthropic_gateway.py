@@ -1,0 +1,119 @@
+"""``/v1/messages`` against the scripted fake router of ``test_gateway``: the conversion to ``Generate``, the
+refusals, and the router's failures in Anthropic's error shape (before and after the stream started)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.integration.test_gateway import API_KEY, Stack, stack  # noqa: F401 (the fixture)
+
+HEADERS = {"x-api-key": API_KEY, "anthropic-version": "2023-06-01"}
+USER = [{"role": "user", "content": "Say hello"}]
+
+
+def body(model: str = "tiny", **extra: Any) -> dict[str, Any]:
+    return {"model": model, "max_tokens": 16, "messages": USER, **extra}
+
+
+def anthropic_error(resp: httpx.Response, status: int, kind: str) -> str:
+    assert resp.status_code == status, resp.text
+    payload = resp.json()
+    assert payload["type"] == "error" and payload["error"]["type"] == kind, payload
+    assert set(payload["error"]) == {"type", "message"}
+    return str(payload["error"]["message"])
+
+
+def events(text: str) -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    for frame in text.strip().split("\n\n"):
+        kind, data = frame.split("\n")
+        out.append((kind.removeprefix("event: "), json.loads(data.removeprefix("data: "))))
+    return out
+
+
+async def test_request_becomes_the_chat_generate_request(stack: Stack) -> None:  # noqa: F811
+    sent = body(system=[{"type": "text", "text": "Be ", "cache_control": {"type": "ephemeral"}},
+                        {"type": "text", "text": "brief."}],
+                messages=[{"role": "user", "content": "a"}, {"role": "assistant", "content": [{"type": "text",
+                                                                                              "text": "b"}]},
+                          {"role": "user", "content": "c"}],
+                temperature=0.5, top_p=0.9, top_k=40, stop_sequences=["\n\n"], metadata={"user_id": "u1"})
+    async with httpx.AsyncClient(base_url=stack.base, timeout=10) as http:
+        resp = await http.post("/v1/messages", headers=HEADERS, json=sent)
+    assert resp.status_code == 200, resp.text
+    msg = resp.json()
+    assert msg["id"].startswith("msg_") and msg["type"] == "message" and msg["role"] == "assistant"
+    assert msg["content"] == [{"type": "text", "text": "Hello world"}]
+    assert msg["stop_reason"] == "end_turn" and msg["stop_sequence"] is None
+    assert msg["usage"] == {"input_tokens": 5, "output_tokens": 3}
+    req = stack.fake.calls[-1].request
+    assert [(m.role, m.content) for m in req.chat.messages] == [("system", "Be brief."), ("user", "a"),
+                                                                ("assistant", "b"), ("user", "c")]
+    assert req.max_tokens == 16 and list(req.stop) == ["\n\n"]
+    assert req.sampling.top_k == 40 and req.sampling.temperature == pytest.approx(0.5)
+    assert stack.fake.calls[-1].metadata["authorization"] == f"Bearer {API_KEY}"
+
+
+async def test_bearer_key_works_too_and_no_key_is_401(stack: Stack) -> None:  # noqa: F811
+    async with httpx.AsyncClient(base_url=stack.base, timeout=10) as http:
+        ok = await http.post("/v1/messages", headers={"authorization": f"Bearer {API_KEY}"}, json=body())
+        missing = await http.post("/v1/messages", json=body())
+        wrong = await http.post("/v1/messages", headers={"x-api-key": "sk-wrong-SECRET"}, json=body())
+    assert ok.status_code == 200
+    anthropic_error(missing, 401, "authentication_error")
+    assert "SECRET" not in anthropic_error(wrong, 401, "authentication_error")
+
+
+@pytest.mark.parametrize(("sent", "field"), [
+    (body(messages=[{"role": "user", "content": [{"type": "image", "source": {}}]}]), "messages.0.content"),
+    (body(messages=[*USER, {"role": "assistant", "content": "Sure"}]), "messages"),
+    (body(thinking={"type": "enabled", "budget_tokens": 1024}), "thinking"),
+    (body(tool_choice={"type": "auto"}), "tool_choice"),
+    (body(max_tokens=0), "max_tokens"),
+    (body(max_tokens=10**12), "max_tokens"),
+    (body(temperature=1.5), "temperature"),
+    (body(stop_sequences=["a", "b", "c", "d", "e"]), "stop_sequences"),
+    (body(metadata={"user_id": "u", "other": 1}), "metadata.other"),
+    ({"model": "tiny", "messages": USER}, "max_tokens"),
+])
+async def test_refusals_are_400_naming_the_field(stack: Stack, sent: dict[str, Any], field: str) -> None:  # noqa: F811
+    calls = len(stack.fake.calls)
+    async with httpx.AsyncClient(base_url=stack.base, timeout=10) as http:
+        resp = await http.post("/v1/messages", headers=HEADERS, json=sent)
+    assert anthropic_error(resp, 400, "invalid_request_error").startswith(f"{field}:")
+    assert len(stack.fake.calls) == calls  # refused before the router
+
+
+@pytest.mark.parametrize(("model", "status", "kind"), [
+    ("no-such-model", 404, "not_found_error"), ("limited", 429, "rate_limit_error"),
+    ("forbidden", 403, "permission_error"), ("down", 529, "overloaded_error"), ("internal", 500, "api_error"),
+    ("bad-param", 400, "invalid_request_error"),
+])
+async def test_router_failures_in_anthropic_shape(stack: Stack, model: str, status: int, kind: str) -> None:  # noqa: F811
+    async with httpx.AsyncClient(base_url=stack.base, timeout=10) as http:
+        for stream in (False, True):
+            resp = await http.post("/v1/messages", headers=HEADERS, json=body(model, stream=stream))
+            assert "SECRET" not in anthropic_error(resp, status, kind)
+            if model == "limited":
+                assert resp.headers["retry-after"] == "7"
+
+
+async def test_stream_events_and_an_error_after_the_start(stack: Stack) -> None:  # noqa: F811
+    async with httpx.AsyncClient(base_url=stack.base, timeout=10) as http:
+        ok = await http.post("/v1/messages", headers=HEADERS, json=body("tiny-length", stream=True))
+        broken = await http.post("/v1/messages", headers=HEADERS, json=body("broken-mid", stream=True))
+    assert ok.headers["content-type"].startswith("text/event-stream")
+    got = events(ok.text)
+    assert [k for k, _ in got] == ["message_start", "content_block_start", "ping", "content_block_delta",
+                                   "content_block_delta", "content_block_stop", "message_delta", "message_stop"]
+    assert all(data["type"] == kind for kind, data in got)
+    assert "".join(d["delta"]["text"] for k, d in got if k == "content_block_delta") == "abcd"
+    assert got[-2][1]["delta"] == {"stop_reason": "max_tokens", "stop_sequence": None}
+    assert got[-2][1]["usage"] == {"input_tokens": 5, "output_tokens": 3}
+    bad = events(broken.text)
+    assert broken.status_code == 200 and bad[-1] == ("error", {"type": "error", "error": {
+        "type": "overloaded_error", "message": "The server is overloaded or not ready yet. Please retry."}})
