@@ -71,6 +71,10 @@ async def test_bearer_key_works_too_and_no_key_is_401(stack: Stack) -> None:  # 
 @pytest.mark.parametrize(("sent", "field"), [
     (body(messages=[{"role": "user", "content": [{"type": "image", "source": {}}]}]), "messages.0.content"),
     (body(messages=[*USER, {"role": "assistant", "content": "Sure"}]), "messages"),
+    (body(messages=[{"role": "user", "content": [{"type": "text", "text": "a", "foo": 1}]}]),
+     "messages.0.content.0.foo"),
+    (body(system=[{"type": "text", "text": "a", "citations": [{}]}]), "system.0.citations"),
+    (body(messages=[{"role": "user", "content": 5}]), "messages.0.content"),
     (body(thinking={"type": "enabled", "budget_tokens": 1024}), "thinking"),
     (body(tool_choice={"type": "auto"}), "tool_choice"),
     (body(max_tokens=0), "max_tokens"),
@@ -117,3 +121,11 @@ async def test_stream_events_and_an_error_after_the_start(stack: Stack) -> None:
     bad = events(broken.text)
     assert broken.status_code == 200 and bad[-1] == ("error", {"type": "error", "error": {
         "type": "overloaded_error", "message": "The server is overloaded or not ready yet. Please retry."}})
+
+
+@pytest.mark.parametrize("raw", [b"{", b"null", b"[]", b'{"model": 1}'])
+async def test_malformed_bodies_are_400(stack: Stack, raw: bytes) -> None:  # noqa: F811
+    async with httpx.AsyncClient(base_url=stack.base, timeout=10) as http:
+        for path in ("/v1/messages", "/v1/messages/count_tokens"):
+            resp = await http.post(path, headers=HEADERS, content=raw)
+            anthropic_error(resp, 400, "invalid_request_error")

@@ -78,12 +78,16 @@ def invalid(message: str) -> GatewayError:
 
 
 def _dotted(loc: Any) -> str:
-    """``("messages", 0, "content")`` → ``messages.0.content`` (Anthropic's spelling of a nested field)."""
-    return ".".join(str(p) for p in loc) or "body"
+    """``("messages", 0, "content")`` → ``messages.0.content`` (Anthropic's spelling of a nested field); the
+    names pydantic gives union members (``str``, ``list[TextBlockParam]``) are no fields and are left out."""
+    return ".".join(str(p) for p in loc if not (isinstance(p, str) and (p == "str" or "[" in p))) or "body"
 
 
 def from_validation(exc: ValidationError) -> GatewayError:
-    first = exc.errors()[0]
+    errors = exc.errors()
+    # The first field's deepest error: a union (string or blocks) reports one error per member, and the one
+    # inside the blocks says more than "Input should be a valid string".
+    first = max((e for e in errors if e["loc"][:1] == errors[0]["loc"][:1]), key=lambda e: len(e["loc"]))
     where = _dotted(first["loc"])
     if first["type"] == "missing":
         return invalid(f"{where}: Field required")
@@ -96,8 +100,10 @@ def from_validation(exc: ValidationError) -> GatewayError:
 
 def _text_blocks(value: Any) -> Any:
     """Content is a string or a list of ``text`` blocks; any other block type is refused by name."""
-    if not isinstance(value, list):
+    if isinstance(value, str):
         return value
+    if not isinstance(value, list):
+        raise ValueError("expected a string or a list of content blocks")
     for block in value:
         kind = block.get("type") if isinstance(block, dict) else None
         if kind != "text":
