@@ -3,12 +3,18 @@ refusals, and the router's failures in Anthropic's error shape (before and after
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 import httpx
 import pytest
+import pytest_asyncio
 
+from inferplane.gateway.main import GatewayServer, GatewaySettings
+from inferplane.v1 import router_pb2, router_pb2_grpc
 from tests.integration.test_gateway import API_KEY, Stack, stack  # noqa: F401 (the fixture)
 
 HEADERS = {"x-api-key": API_KEY, "anthropic-version": "2023-06-01"}
@@ -129,3 +135,81 @@ async def test_malformed_bodies_are_400(stack: Stack, raw: bytes) -> None:  # no
         for path in ("/v1/messages", "/v1/messages/count_tokens"):
             resp = await http.post(path, headers=HEADERS, content=raw)
             anthropic_error(resp, 400, "invalid_request_error")
+
+
+# Generous deadlines: CI runs these on 2 shared cores.
+DEADLINE_S = 30
+
+
+async def test_stream_disconnect_cancels_the_router_call(stack: Stack) -> None:  # noqa: F811
+    async with httpx.AsyncClient(base_url=stack.base, timeout=DEADLINE_S) as http:
+        async with http.stream("POST", "/v1/messages", json=body("hang", stream=True),
+                               headers={**HEADERS, "x-request-id": "anth-gone-1"}) as response:
+            async for line in response.aiter_lines():
+                if '"first"' in line:
+                    break  # leaving the block closes the connection mid-stream
+    await asyncio.wait_for(stack.fake.cancelled["anth-gone-1"].wait(), DEADLINE_S)
+
+
+async def test_non_stream_disconnect_cancels_the_router_call(stack: Stack) -> None:  # noqa: F811
+    async with httpx.AsyncClient(base_url=stack.base, timeout=DEADLINE_S) as http:
+        request = asyncio.create_task(http.post("/v1/messages", json=body("hang"),
+                                                headers={**HEADERS, "x-request-id": "anth-gone-2"}))
+        await asyncio.wait_for(stack.fake.started["anth-gone-2"].wait(), DEADLINE_S)
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+    await asyncio.wait_for(stack.fake.cancelled["anth-gone-2"].wait(), DEADLINE_S)
+
+
+# --- count_tokens through the gRPC RouterApi (the separate gateway) ------------------------------------------
+
+class Counter(router_pb2_grpc.RouterServiceServicer):
+    """Counts one token per character of the rendered roles and contents."""
+
+    def __init__(self) -> None:
+        self.seen: list[router_pb2.CountTokensRequest] = []
+
+    async def CountTokens(self, request: router_pb2.CountTokensRequest, context: grpc.aio.ServicerContext
+                          ) -> router_pb2.CountTokensResponse:
+        if dict(context.invocation_metadata()).get("authorization") != f"Bearer {API_KEY}":
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "Incorrect API key provided.")
+        if request.model != "tiny":
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"The model `{request.model}` does not exist.")
+        self.seen.append(request)
+        count = sum(len(m.role) + len(m.content) for m in request.chat.messages)
+        return router_pb2.CountTokensResponse(input_tokens=count, model=request.model)
+
+
+@pytest_asyncio.fixture
+async def counting() -> AsyncIterator[tuple[str, Counter]]:
+    counter = Counter()
+    server = grpc.aio.server()
+    router_pb2_grpc.add_RouterServiceServicer_to_server(counter, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    gateway = GatewayServer(GatewaySettings(port=0, router_addr=f"127.0.0.1:{port}", request_timeout_s=DEADLINE_S,
+                                           grace_seconds=1), handle_signals=False)
+    task = asyncio.create_task(gateway.serve())
+    try:
+        await asyncio.wait_for(gateway.ready.wait(), DEADLINE_S)
+        yield f"http://127.0.0.1:{gateway.port}", counter
+    finally:
+        gateway.should_exit = True
+        await asyncio.wait_for(task, DEADLINE_S)
+        await server.stop(None)
+
+
+async def test_count_tokens_over_grpc(counting: tuple[str, Counter]) -> None:
+    base, counter = counting
+    sent = {"model": "tiny", "system": "ab", "messages": [{"role": "user", "content": [{"type": "text", "text": "c"}]}]}
+    async with httpx.AsyncClient(base_url=base, timeout=DEADLINE_S) as http:
+        ok = await http.post("/v1/messages/count_tokens", headers=HEADERS, json=sent)
+        unknown = await http.post("/v1/messages/count_tokens", headers=HEADERS, json={**sent, "model": "nope"})
+        bad_key = await http.post("/v1/messages/count_tokens", headers={"x-api-key": "sk-no"}, json=sent)
+        max_tokens = await http.post("/v1/messages/count_tokens", headers=HEADERS, json={**sent, "max_tokens": 5})
+    assert ok.status_code == 200 and ok.json() == {"input_tokens": len("system") + 2 + len("user") + 1}
+    assert [(m.role, m.content) for m in counter.seen[0].chat.messages] == [("system", "ab"), ("user", "c")]
+    anthropic_error(unknown, 404, "not_found_error")
+    anthropic_error(bad_key, 401, "authentication_error")
+    assert anthropic_error(max_tokens, 400, "invalid_request_error").startswith("max_tokens:")
