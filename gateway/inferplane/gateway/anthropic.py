@@ -35,7 +35,7 @@ API_KEY_HEADER = "x-api-key"
 MISSING_KEY = "x-api-key header is required"
 INVALID_KEY = "invalid x-api-key"
 INT32_MAX = 2**31 - 1
-# Anthropic's status (and error type) for each status the gateway's errors carry; the rest by class below.
+# Anthropic's status and error type for each status the gateway's errors carry (other 5xx: 500 api_error).
 ERROR_TYPES: dict[int, tuple[int, str]] = {
     400: (400, "invalid_request_error"),
     401: (401, "authentication_error"),
@@ -62,9 +62,8 @@ ConversationT = TypeVar("ConversationT", bound="Conversation")
 
 def error_body(err: GatewayError) -> tuple[int, dict[str, Any]]:
     """Anthropic's status and body for one of the gateway's errors."""
-    status, kind = ERROR_TYPES.get(err.status, (err.status, "invalid_request_error"))
-    if err.status >= 500 and err.status not in ERROR_TYPES:
-        status, kind = (err.status, "api_error") if err.status == CLIENT_CLOSED_REQUEST else (500, "api_error")
+    status, kind = ERROR_TYPES.get(err.status) or (
+        (500, "api_error") if err.status >= 500 else (err.status, "invalid_request_error"))  # 405, 499 (gone)
     return status, {"type": "error", "error": {"type": kind, "message": err.message}}
 
 
