@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 import anthropic
 import httpx
 import pytest
 from anthropic.types import Message, RawMessageStreamEvent
 
 from inferplane.cli.launcher import LocalStack
+from tests.e2e.test_openai_client import _usage
 
 pytestmark = pytest.mark.e2e
 MODEL = "tiny-llama"
@@ -123,3 +126,25 @@ def test_count_tokens_matches_the_generation_usage(client: anthropic.Anthropic) 
     assert counted.input_tokens == used.usage.input_tokens > 0
     with pytest.raises(anthropic.NotFoundError):
         client.messages.count_tokens(model="no-such-model", messages=MESSAGES)
+
+
+def test_each_message_is_metered_as_a_chat(client: anthropic.Anthropic, stack: LocalStack) -> None:
+    told = {}
+    for stream in (False, True):
+        rid = f"e2e-anthropic-usage-{int(stream)}"
+        raw = client.messages.with_raw_response.create(model=MODEL, max_tokens=6, messages=MESSAGES, stream=stream,
+                                                       extra_headers={"x-request-id": rid})
+        assert raw.headers["x-request-id"] == rid
+        parsed = raw.parse()
+        if stream:
+            usage = next(e.usage for e in parsed if e.type == "message_delta")  # type: ignore[union-attr]
+        else:
+            usage = parsed.usage  # type: ignore[union-attr]
+        told[rid] = (usage.input_tokens, usage.output_tokens)
+    deadline = time.monotonic() + 60
+    for rid, (input_tokens, output_tokens) in told.items():
+        while not (records := _usage(stack, rid)):
+            assert time.monotonic() < deadline, f"no usage record for {rid}"
+            time.sleep(0.2)
+        assert len(records) == 1 and records[0].model == MODEL
+        assert (records[0].prompt_tokens, records[0].completion_tokens) == (input_tokens, output_tokens)
