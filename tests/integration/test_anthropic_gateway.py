@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -213,3 +214,67 @@ async def test_count_tokens_over_grpc(counting: tuple[str, Counter]) -> None:
     anthropic_error(unknown, 404, "not_found_error")
     anthropic_error(bad_key, 401, "authentication_error")
     assert anthropic_error(max_tokens, 400, "invalid_request_error").startswith("max_tokens:")
+
+
+# --- a seeded fuzz of the body: never a 5xx, every refusal in Anthropic's shape ---------------------------------
+
+ODD_VALUES: list[Any] = [None, True, 0, -1, 1.5, 2**31, 2**63, 10**30, float("-inf"), "", "x" * 5000, "\u0000\ud7ff💥",
+                         [], [None], [{}], {}, {"type": "text"}, {"type": "image"}, [[1]], {"a": {"b": [1]}}]
+FIELDS = ["model", "max_tokens", "messages", "system", "temperature", "top_p", "top_k", "stop_sequences",
+          "stream", "metadata", "cache_control", "unknown_field"]
+
+
+def fuzz_cases(seed: int, n: int) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    cases = []
+    for field in FIELDS:  # each field with each odd value, alone
+        cases += [{**body(), field: v} for v in ODD_VALUES]
+    nested = ["messages.0.role", "messages.0.content", "messages.0.content.0", "messages.0.content.0.text",
+              "messages.0.content.0.type", "system.0", "metadata.user_id", "stop_sequences.0"]
+    for _ in range(n):  # random nested replacements and field combinations
+        case = body(messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}], system=["x"],
+                    metadata={"user_id": "u"}, stop_sequences=["s"])
+        case["system"] = [{"type": "text", "text": "s"}]
+        for _ in range(rng.randint(1, 3)):
+            path = rng.choice(nested + FIELDS).split(".")
+            target: Any = case
+            for part in path[:-1]:
+                target = target[int(part)] if isinstance(target, list) else target.setdefault(part, {})
+                if not isinstance(target, dict | list):
+                    break
+            else:
+                last = path[-1]
+                value = rng.choice(ODD_VALUES)
+                if isinstance(target, list) and target:
+                    target[0] = value
+                elif isinstance(target, dict):
+                    target[last] = value
+        cases.append(case)
+    return cases
+
+
+async def _fuzz(base: str, path: str, cases: list[dict[str, Any]]) -> int:
+    """Post every case; return how many were answered 200."""
+    ok = 0
+    async with httpx.AsyncClient(base_url=base, timeout=DEADLINE_S) as http:
+        for case in cases:
+            resp = await http.post(path, headers=HEADERS, content=json.dumps(case, allow_nan=True).encode())
+            assert resp.status_code < 500, (path, case, resp.text)
+            if resp.status_code == 200:
+                ok += 1
+                continue
+            payload = resp.json()
+            assert payload["type"] == "error" and set(payload["error"]) == {"type", "message"}, payload
+    return ok
+
+
+async def test_fuzzed_messages_never_fail_the_server(stack: Stack) -> None:  # noqa: F811
+    cases = fuzz_cases(seed=14, n=300)
+    ok = await _fuzz(stack.base, "/v1/messages", cases)
+    assert len(cases) > 500 and 0 < ok < len(cases)
+
+
+async def test_fuzzed_count_tokens_never_fail_the_server(counting: tuple[str, Counter]) -> None:
+    cases = [{k: v for k, v in case.items() if k not in ("max_tokens", "stream")} for case in fuzz_cases(7, 300)]
+    ok = await _fuzz(counting[0], "/v1/messages/count_tokens", cases)
+    assert 0 < ok < len(cases)
