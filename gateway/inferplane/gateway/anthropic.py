@@ -236,10 +236,9 @@ def caller_metadata(headers: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
 class MessageEncoder:
     """One request's ``message`` object and stream events; id and model from the router's first message."""
 
-    def __init__(self, first: router_pb2.GenerateResponse, stop_sequences: list[str] | None) -> None:
+    def __init__(self, first: router_pb2.GenerateResponse) -> None:
         self.id = f"msg_{first.request_id}"
         self.model = first.model
-        self.stop_sequences = stop_sequences or []
 
     def stop(self, msg: router_pb2.GenerateResponse, finish: str) -> tuple[str, str | None]:
         """Anthropic's ``stop_reason`` and ``stop_sequence`` of the final message."""
@@ -310,12 +309,15 @@ async def _until_final(call: GenerateCall, msg: router_pb2.GenerateResponse) -> 
 async def _message(call: GenerateCall, first: router_pb2.GenerateResponse, enc: MessageEncoder,
                    headers: dict[str, str]) -> JSONResponse:
     parts: list[str] = []
-    async for msg, finish in _until_final(call, first):
+    end: tuple[router_pb2.GenerateResponse, str] | None = None
+    async for msg, finish in _until_final(call, first):  # to the call's end: its status is read too
         parts.append(msg.text)
         if finish is not None:
-            body = enc.envelope("".join(parts), enc.stop(msg, finish), usage_of(msg))
-            return JSONResponse(body, headers={**headers, **cost_headers(msg)})
-    raise AssertionError("unreachable: _until_final ends after a finish")
+            end = msg, finish
+    assert end is not None, "_until_final ends with the finish message or raises"
+    last, finish = end
+    body = enc.envelope("".join(parts), enc.stop(last, finish), usage_of(last))
+    return JSONResponse(body, headers={**headers, **cost_headers(last)})
 
 
 async def _events(call: GenerateCall, first: router_pb2.GenerateResponse, enc: MessageEncoder) -> AsyncIterator[bytes]:
@@ -395,7 +397,7 @@ async def _messages(request: Request) -> Response:
     try:
         first = await _unless_gone(request, opened.first())
         headers = forwarded_headers(await opened.initial_metadata())
-        enc = MessageEncoder(first, body.stop_sequences)
+        enc = MessageEncoder(first)
         if body.stream:
             stream = StreamingResponse(_events(opened, first, enc), media_type="text/event-stream",
                                        headers={**headers, **STREAM_HEADERS})
