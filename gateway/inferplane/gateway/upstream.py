@@ -48,6 +48,9 @@ class RouterApi(Protocol):
 
     async def list_models(self, *, metadata: Metadata) -> router_pb2.ListModelsResponse: ...
 
+    async def count_tokens(self, request: router_pb2.CountTokensRequest, *,
+                           metadata: Metadata) -> router_pb2.CountTokensResponse: ...
+
     async def serving(self) -> bool:
         """Whether the router reports SERVING (its health service's answer, or its own state in process)."""
 
@@ -112,6 +115,13 @@ class GrpcRouter:
         try:
             return await self._stub.ListModels(router_pb2.ListModelsRequest(), metadata=metadata,
                                                timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    async def count_tokens(self, request: router_pb2.CountTokensRequest, *,
+                           metadata: Metadata) -> router_pb2.CountTokensResponse:
+        try:
+            return await self._stub.CountTokens(request, metadata=metadata, timeout=self._timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from None
 

@@ -52,6 +52,11 @@ class RouterServiceStub:
                 request_serializer=inferplane_dot_v1_dot_router__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=inferplane_dot_v1_dot_router__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.CountTokens = channel.unary_unary(
+                '/inferplane.v1.RouterService/CountTokens',
+                request_serializer=inferplane_dot_v1_dot_router__pb2.CountTokensRequest.SerializeToString,
+                response_deserializer=inferplane_dot_v1_dot_router__pb2.CountTokensResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServiceServicer:
@@ -81,6 +86,13 @@ class RouterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CountTokens(self, request, context):
+        """Count the prompt tokens of a chat conversation (the chat template applied) without generating.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -98,6 +110,11 @@ def add_RouterServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=inferplane_dot_v1_dot_router__pb2.ListModelsRequest.FromString,
                     response_serializer=inferplane_dot_v1_dot_router__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'CountTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.CountTokens,
+                    request_deserializer=inferplane_dot_v1_dot_router__pb2.CountTokensRequest.FromString,
+                    response_serializer=inferplane_dot_v1_dot_router__pb2.CountTokensResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -184,6 +201,33 @@ class RouterService:
             '/inferplane.v1.RouterService/ListModels',
             inferplane_dot_v1_dot_router__pb2.ListModelsRequest.SerializeToString,
             inferplane_dot_v1_dot_router__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CountTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inferplane.v1.RouterService/CountTokens',
+            inferplane_dot_v1_dot_router__pb2.CountTokensRequest.SerializeToString,
+            inferplane_dot_v1_dot_router__pb2.CountTokensResponse.FromString,
             options,
             channel_credentials,
             insecure,
