@@ -137,21 +137,19 @@ def test_grpc_bad_key_is_unauthenticated(stack: LocalStack) -> None:
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-def _usage(stack: LocalStack, request_id: str) -> list[metering_pb2.UsageRecord]:
+def _usage(stack: LocalStack, request_ids: set[str]) -> list[metering_pb2.UsageRecord]:
+    """The ledger's records of ``request_ids``, once each has one (the router's outbox delivers in batches, a
+    fraction of a second after the response): a generous deadline, then whatever is there."""
+    admin = (("authorization", f"Bearer {stack.create_admin_key()}"),)
+    deadline = time.monotonic() + 30
     with grpc.insecure_channel(f"127.0.0.1:{stack.ports['metering']}") as channel:
         stub = metering_pb2_grpc.MeteringServiceStub(channel)
-        records = stub.ListUsage(metering_pb2.ListUsageRequest(limit=1000), timeout=10,
-                                 metadata=(("authorization", f"Bearer {stack.create_admin_key()}"),)).records
-    return [r for r in records if r.request_id == request_id]
-
-
-def _usage_delivered(stack: LocalStack, request_id: str, timeout: float = 30.0) -> list[metering_pb2.UsageRecord]:
-    """The request's usage records once the router's outbox has delivered them (it sends in batches, off the
-    request's path, after a short linger: a read right after the response can come first)."""
-    deadline = time.monotonic() + timeout
-    while not (records := _usage(stack, request_id)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return records
+        while True:
+            records = [r for r in stub.ListUsage(metering_pb2.ListUsageRequest(limit=1000), timeout=10,
+                                                 metadata=admin).records if r.request_id in request_ids]
+            if {r.request_id for r in records} == request_ids or time.monotonic() > deadline:
+                return records
+            time.sleep(0.2)
 
 
 def test_each_request_leaves_one_usage_record_matching_the_client(stack: LocalStack, api_key: str) -> None:
@@ -168,8 +166,11 @@ def test_each_request_leaves_one_usage_record_matching_the_client(stack: LocalSt
         again = http.post("/chat/completions", headers={"x-request-id": "e2e-usage-0"},
                           json={"model": MODEL, "messages": MESSAGES, "max_tokens": 3, "temperature": 0})
         assert again.status_code == 200
+    _usage(stack, set(told))
+    time.sleep(1.0)  # a second record of e2e-usage-0, had anything kept one, would have been delivered by now
+    ledger = _usage(stack, set(told))
     for rid, usage in told.items():
-        records = _usage_delivered(stack, rid)
+        records = [r for r in ledger if r.request_id == rid]
         assert len(records) == 1, rid
         assert (records[0].prompt_tokens, records[0].completion_tokens) == (usage["prompt_tokens"],
                                                                             usage["completion_tokens"])

@@ -54,3 +54,10 @@ def test_any_split_gives_the_same_answer_as_whole_text(seed):
     idx = [i for i in (text.find(s) for s in stops) if i >= 0]
     expected = (text[: min(idx)], True) if idx else (text, False)
     assert run(stops, deltas) == expected
+
+
+def test_which_stop_matched_is_the_earliest_in_the_text():
+    m = StopMatcher(["world", "lo"])
+    assert m.feed("hello world") == "hel"
+    assert m.which == "lo"
+    assert StopMatcher(["x"]).which is None

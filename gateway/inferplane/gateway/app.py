@@ -30,6 +30,7 @@ from inferplane.common import wire
 from inferplane.common.metrics import LATENCY_BUCKETS
 from inferplane.common.server import client_channel
 from inferplane.gateway.admin import admin_router
+from inferplane.gateway.anthropic import count_tokens_route, messages_route
 from inferplane.gateway.auth import key_metadata
 from inferplane.gateway.embeddings import EmbeddingRequest, embeddings_body
 from inferplane.gateway.errors import (
@@ -271,6 +272,8 @@ def create_app(settings: GatewaySettings, *, tracer_provider: trace.TracerProvid
     for path in GENERATION_ROUTES:
         app.add_api_route(path, generation_route, methods=["POST"])
     app.add_api_route("/v1/embeddings", embeddings, methods=["POST"])
+    app.add_api_route("/v1/messages", messages_route, methods=["POST"])  # Anthropic's Messages API
+    app.add_api_route("/v1/messages/count_tokens", count_tokens_route, methods=["POST"])
     app.add_api_route("/v1/models", list_models, methods=["GET"])
     app.add_api_route("/tokenize", tokenize_route, methods=["POST"])  # vLLM's paths: no /v1
     app.add_api_route("/detokenize", detokenize_route, methods=["POST"])

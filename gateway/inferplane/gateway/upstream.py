@@ -54,6 +54,9 @@ class RouterApi(Protocol):
     async def detokenize(self, request: router_pb2.DetokenizeRequest, *, metadata: Metadata
                          ) -> router_pb2.DetokenizeResponse: ...
 
+    async def count_tokens(self, request: router_pb2.CountTokensRequest, *,
+                           metadata: Metadata) -> router_pb2.CountTokensResponse: ...
+
     async def serving(self) -> bool:
         """Whether the router reports SERVING (its health service's answer, or its own state in process)."""
 
@@ -132,6 +135,13 @@ class GrpcRouter:
                          ) -> router_pb2.DetokenizeResponse:
         try:
             return await self._stub.Detokenize(request, metadata=metadata, timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    async def count_tokens(self, request: router_pb2.CountTokensRequest, *,
+                           metadata: Metadata) -> router_pb2.CountTokensResponse:
+        try:
+            return await self._stub.CountTokens(request, metadata=metadata, timeout=self._timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from None
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from inferplane.v1 import common_pb2 as inferplane_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ainferplane/v1/router.proto\x12\rinferplane.v1\x1a\x1ainferplane/v1/common.proto\"9\n\tChatInput\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.inferplane.v1.ChatMessage\"\xe3\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x18.inferplane.v1.ChatInputH\x00\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12/\n\x08sampling\x18\x05 \x01(\x0b\x32\x1d.inferplane.v1.SamplingParams\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x15\n\rinclude_usage\x18\x07 \x01(\x08\x42\x07\n\x05inputB\r\n\x0b_max_tokens\"\xd1\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x13\n\x0btoken_count\x18\x03 \x01(\x05\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.inferplane.v1.FinishReason\x12(\n\x05usage\x18\x05 \x01(\x0b\x32\x14.inferplane.v1.UsageH\x00\x88\x01\x01\x12\x0f\n\x07\x63reated\x18\x06 \x01(\x03\x12\r\n\x05model\x18\x07 \x01(\tB\x08\n\x06_usage\"-\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\"\x85\x01\n\rEmbedResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\nembeddings\x18\x02 \x03(\x0b\x32\x18.inferplane.v1.Embedding\x12#\n\x05usage\x18\x03 \x01(\x0b\x32\x14.inferplane.v1.Usage\x12\r\n\x05model\x18\x04 \x01(\t\"\x13\n\x11ListModelsRequest\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.inferplane.v1.ModelInfo\"\x9d\x01\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x18.inferplane.v1.ChatInputH\x00\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x04 \x01(\x08H\x01\x88\x01\x01\x42\x07\n\x05inputB\x15\n\x13_add_special_tokens\"9\n\x10TokenizeResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\x03\x12\x15\n\rmax_model_len\x18\x02 \x01(\x05\"2\n\x11\x44\x65tokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x03\"$\n\x12\x44\x65tokenizeResponse\x12\x0e\n\x06prompt\x18\x01 \x01(\t2\x95\x03\n\rRouterService\x12M\n\x08Generate\x12\x1e.inferplane.v1.GenerateRequest\x1a\x1f.inferplane.v1.GenerateResponse0\x01\x12\x42\n\x05\x45mbed\x12\x1b.inferplane.v1.EmbedRequest\x1a\x1c.inferplane.v1.EmbedResponse\x12Q\n\nListModels\x12 .inferplane.v1.ListModelsRequest\x1a!.inferplane.v1.ListModelsResponse\x12K\n\x08Tokenize\x12\x1e.inferplane.v1.TokenizeRequest\x1a\x1f.inferplane.v1.TokenizeResponse\x12Q\n\nDetokenize\x12 .inferplane.v1.DetokenizeRequest\x1a!.inferplane.v1.DetokenizeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ainferplane/v1/router.proto\x12\rinferplane.v1\x1a\x1ainferplane/v1/common.proto\"9\n\tChatInput\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.inferplane.v1.ChatMessage\"\xe3\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x18.inferplane.v1.ChatInputH\x00\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12/\n\x08sampling\x18\x05 \x01(\x0b\x32\x1d.inferplane.v1.SamplingParams\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x15\n\rinclude_usage\x18\x07 \x01(\x08\x42\x07\n\x05inputB\r\n\x0b_max_tokens\"\xff\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x13\n\x0btoken_count\x18\x03 \x01(\x05\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.inferplane.v1.FinishReason\x12(\n\x05usage\x18\x05 \x01(\x0b\x32\x14.inferplane.v1.UsageH\x00\x88\x01\x01\x12\x0f\n\x07\x63reated\x18\x06 \x01(\x03\x12\r\n\x05model\x18\x07 \x01(\t\x12\x1a\n\rstop_sequence\x18\x08 \x01(\tH\x01\x88\x01\x01\x42\x08\n\x06_usageB\x10\n\x0e_stop_sequence\"-\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\"\x85\x01\n\rEmbedResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\nembeddings\x18\x02 \x03(\x0b\x32\x18.inferplane.v1.Embedding\x12#\n\x05usage\x18\x03 \x01(\x0b\x32\x14.inferplane.v1.Usage\x12\r\n\x05model\x18\x04 \x01(\t\"\x13\n\x11ListModelsRequest\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.inferplane.v1.ModelInfo\"\x9d\x01\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x18.inferplane.v1.ChatInputH\x00\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x04 \x01(\x08H\x01\x88\x01\x01\x42\x07\n\x05inputB\x15\n\x13_add_special_tokens\"9\n\x10TokenizeResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\x03\x12\x15\n\rmax_model_len\x18\x02 \x01(\x05\"2\n\x11\x44\x65tokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x03\"$\n\x12\x44\x65tokenizeResponse\x12\x0e\n\x06prompt\x18\x01 \x01(\t\"K\n\x12\x43ountTokensRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x18.inferplane.v1.ChatInput\":\n\x13\x43ountTokensResponse\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x05\x12\r\n\x05model\x18\x02 \x01(\t2\xeb\x03\n\rRouterService\x12M\n\x08Generate\x12\x1e.inferplane.v1.GenerateRequest\x1a\x1f.inferplane.v1.GenerateResponse0\x01\x12\x42\n\x05\x45mbed\x12\x1b.inferplane.v1.EmbedRequest\x1a\x1c.inferplane.v1.EmbedResponse\x12Q\n\nListModels\x12 .inferplane.v1.ListModelsRequest\x1a!.inferplane.v1.ListModelsResponse\x12K\n\x08Tokenize\x12\x1e.inferplane.v1.TokenizeRequest\x1a\x1f.inferplane.v1.TokenizeResponse\x12Q\n\nDetokenize\x12 .inferplane.v1.DetokenizeRequest\x1a!.inferplane.v1.DetokenizeResponse\x12T\n\x0b\x43ountTokens\x12!.inferplane.v1.CountTokensRequest\x1a\".inferplane.v1.CountTokensResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,23 +37,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_start=133
   _globals['_GENERATEREQUEST']._serialized_end=360
   _globals['_GENERATERESPONSE']._serialized_start=363
-  _globals['_GENERATERESPONSE']._serialized_end=572
-  _globals['_EMBEDREQUEST']._serialized_start=574
-  _globals['_EMBEDREQUEST']._serialized_end=619
-  _globals['_EMBEDRESPONSE']._serialized_start=622
-  _globals['_EMBEDRESPONSE']._serialized_end=755
-  _globals['_LISTMODELSREQUEST']._serialized_start=757
-  _globals['_LISTMODELSREQUEST']._serialized_end=776
-  _globals['_LISTMODELSRESPONSE']._serialized_start=778
-  _globals['_LISTMODELSRESPONSE']._serialized_end=840
-  _globals['_TOKENIZEREQUEST']._serialized_start=843
-  _globals['_TOKENIZEREQUEST']._serialized_end=1000
-  _globals['_TOKENIZERESPONSE']._serialized_start=1002
-  _globals['_TOKENIZERESPONSE']._serialized_end=1059
-  _globals['_DETOKENIZEREQUEST']._serialized_start=1061
-  _globals['_DETOKENIZEREQUEST']._serialized_end=1111
-  _globals['_DETOKENIZERESPONSE']._serialized_start=1113
-  _globals['_DETOKENIZERESPONSE']._serialized_end=1149
-  _globals['_ROUTERSERVICE']._serialized_start=1152
-  _globals['_ROUTERSERVICE']._serialized_end=1557
+  _globals['_GENERATERESPONSE']._serialized_end=618
+  _globals['_EMBEDREQUEST']._serialized_start=620
+  _globals['_EMBEDREQUEST']._serialized_end=665
+  _globals['_EMBEDRESPONSE']._serialized_start=668
+  _globals['_EMBEDRESPONSE']._serialized_end=801
+  _globals['_LISTMODELSREQUEST']._serialized_start=803
+  _globals['_LISTMODELSREQUEST']._serialized_end=822
+  _globals['_LISTMODELSRESPONSE']._serialized_start=824
+  _globals['_LISTMODELSRESPONSE']._serialized_end=886
+  _globals['_TOKENIZEREQUEST']._serialized_start=889
+  _globals['_TOKENIZEREQUEST']._serialized_end=1046
+  _globals['_TOKENIZERESPONSE']._serialized_start=1048
+  _globals['_TOKENIZERESPONSE']._serialized_end=1105
+  _globals['_DETOKENIZEREQUEST']._serialized_start=1107
+  _globals['_DETOKENIZEREQUEST']._serialized_end=1157
+  _globals['_DETOKENIZERESPONSE']._serialized_start=1159
+  _globals['_DETOKENIZERESPONSE']._serialized_end=1195
+  _globals['_COUNTTOKENSREQUEST']._serialized_start=1197
+  _globals['_COUNTTOKENSREQUEST']._serialized_end=1272
+  _globals['_COUNTTOKENSRESPONSE']._serialized_start=1274
+  _globals['_COUNTTOKENSRESPONSE']._serialized_end=1332
+  _globals['_ROUTERSERVICE']._serialized_start=1335
+  _globals['_ROUTERSERVICE']._serialized_end=1826
 # @@protoc_insertion_point(module_scope)

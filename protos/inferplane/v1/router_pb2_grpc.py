@@ -62,6 +62,11 @@ class RouterServiceStub:
                 request_serializer=inferplane_dot_v1_dot_router__pb2.DetokenizeRequest.SerializeToString,
                 response_deserializer=inferplane_dot_v1_dot_router__pb2.DetokenizeResponse.FromString,
                 _registered_method=True)
+        self.CountTokens = channel.unary_unary(
+                '/inferplane.v1.RouterService/CountTokens',
+                request_serializer=inferplane_dot_v1_dot_router__pb2.CountTokensRequest.SerializeToString,
+                response_deserializer=inferplane_dot_v1_dot_router__pb2.CountTokensResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServiceServicer:
@@ -105,6 +110,13 @@ class RouterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CountTokens(self, request, context):
+        """Count the prompt tokens of a chat conversation (the chat template applied) without generating.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -132,6 +144,11 @@ def add_RouterServiceServicer_to_server(servicer, server):
                     servicer.Detokenize,
                     request_deserializer=inferplane_dot_v1_dot_router__pb2.DetokenizeRequest.FromString,
                     response_serializer=inferplane_dot_v1_dot_router__pb2.DetokenizeResponse.SerializeToString,
+            ),
+            'CountTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.CountTokens,
+                    request_deserializer=inferplane_dot_v1_dot_router__pb2.CountTokensRequest.FromString,
+                    response_serializer=inferplane_dot_v1_dot_router__pb2.CountTokensResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -272,6 +289,33 @@ class RouterService:
             '/inferplane.v1.RouterService/Detokenize',
             inferplane_dot_v1_dot_router__pb2.DetokenizeRequest.SerializeToString,
             inferplane_dot_v1_dot_router__pb2.DetokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CountTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inferplane.v1.RouterService/CountTokens',
+            inferplane_dot_v1_dot_router__pb2.CountTokensRequest.SerializeToString,
+            inferplane_dot_v1_dot_router__pb2.CountTokensResponse.FromString,
             options,
             channel_credentials,
             insecure,

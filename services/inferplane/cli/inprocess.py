@@ -206,5 +206,11 @@ class InProcessRouter:
             "Detokenize", lambda ctx: self._servicer.Detokenize(request, ctx.grpc), metadata)
         return resp
 
+    async def count_tokens(self, request: router_pb2.CountTokensRequest, *,
+                           metadata: Metadata) -> router_pb2.CountTokensResponse:
+        resp: router_pb2.CountTokensResponse = await self._unary(
+            "CountTokens", lambda ctx: self._servicer.CountTokens(request, ctx.grpc), metadata)
+        return resp
+
     async def serving(self) -> bool:
         return self._serving()

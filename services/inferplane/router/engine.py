@@ -144,6 +144,14 @@ class GenerationEngine:
                      request_id=request_id, operation=operation, clock=clock, prompt_tokens=prompt_tokens,
                      max_tokens=max_tokens)
 
+    async def count_tokens(self, model_id: str, messages: list[common_pb2.ChatMessage], *,
+                           deadline: float | None = None) -> int:
+        """The prompt tokens ``generate`` would count for this conversation: no admission, no executor, no usage."""
+        model = self.model(model_id)
+        validate(GenerationInput(model=model_id, messages=messages), model)
+        encoded = await self.tokenizer.encode_chat(model.id, messages, timeout=self.clock(model, deadline).left())
+        return len(encoded.token_ids)
+
     async def generate(self, inp: GenerationInput, *, key: KeyInfo, request_id: str,
                        deadline: float | None = None,
                        on_admitted: Callable[[Metadata], Awaitable[None]] | None = None) -> AsyncGenerator[Delta]:
@@ -196,7 +204,7 @@ class GenerationEngine:
                     lease.finish = STOP
         # The lease has left its usage record (stored, for a finished request): the last message carries the cost.
         yield Delta("", text.unsent(lease.completion_tokens), lease.finish_pb, lease.prompt_tokens,
-                    lease.completion_tokens, lease.cost)
+                    lease.completion_tokens, lease.cost, text.stop_sequence)
 
     async def drain(self) -> None:
         """Wait for usage records still being written (at shutdown)."""

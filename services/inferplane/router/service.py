@@ -84,6 +84,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                     msg.usage.total_tokens = delta.prompt_tokens + delta.completion_tokens
                     if delta.cost_nanodollars is not None:
                         msg.usage.cost_nanodollars = delta.cost_nanodollars
+                    if delta.stop_sequence is not None:
+                        msg.stop_sequence = delta.stop_sequence
                 yield msg
 
     async def Embed(self, request: router_pb2.EmbedRequest,
@@ -101,6 +103,16 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             embeddings=[common_pb2.Embedding(values=v) for v in result.vectors],
             usage=common_pb2.Usage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens,
                                    cost_nanodollars=result.cost_nanodollars))
+
+    async def CountTokens(self, request: router_pb2.CountTokensRequest,
+                          context: grpc.aio.ServicerContext) -> router_pb2.CountTokensResponse:
+        metadata = context.invocation_metadata()
+        context.set_trailing_metadata(((wire.REQUEST_ID, request_id_from(metadata)),))
+        await self._keys.verify(caller_key(metadata))
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        count = await self._engine.count_tokens(request.model, list(request.chat.messages), deadline=deadline)
+        return router_pb2.CountTokensResponse(input_tokens=count, model=request.model)
 
     async def ListModels(self, request: router_pb2.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> router_pb2.ListModelsResponse:

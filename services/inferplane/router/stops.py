@@ -16,6 +16,7 @@ class StopMatcher:
         self._held = ""
         self._longest = max((len(s) for s in stops), default=0)
         self.matched = False
+        self.which: str | None = None  # the stop sequence that matched (the earliest in the text)
 
     def feed(self, text: str) -> str:
         if self.matched:
@@ -23,9 +24,9 @@ class StopMatcher:
         if not self._stops:
             return text
         buf = self._held + text
-        cut = min((i for i in (buf.find(s) for s in self._stops) if i >= 0), default=-1)
-        if cut >= 0:
-            self.matched = True
+        cut, which = min(((i, s) for s in self._stops if (i := buf.find(s)) >= 0), default=(-1, None))
+        if which is not None:
+            self.matched, self.which = True, which
             self._held = ""
             return buf[:cut]
         keep = self._partial_suffix(buf)

@@ -25,6 +25,8 @@ class Delta:
     completion_tokens: int = 0
     # On the final message: what the request cost (None: the model is not priced).
     cost_nanodollars: int | None = None
+    # On the final message: the stop sequence that ended the generation (None: none matched).
+    stop_sequence: str | None = None
 
 
 class ExecutorStream:
@@ -90,6 +92,11 @@ class TextOut:
     def stopped(self) -> bool:
         """A stop sequence matched (the text ends before it)."""
         return self._stops.matched
+
+    @property
+    def stop_sequence(self) -> str | None:
+        """The stop sequence that matched, if one did."""
+        return self._stops.which
 
     async def push(self, token_ids: Sequence[int]) -> Delta | None:
         self.received += len(token_ids)
