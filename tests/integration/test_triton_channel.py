@@ -209,3 +209,25 @@ async def test_an_open_for_a_channel_the_instance_does_not_hold_fails_only_that_
     assert isinstance(sink.ended["stray"].error, Unavailable)
     assert "unknown channel" in str(sink.ended["stray"].error)
     assert sink.ended["b"].reason == "length" and sink.tokens_of["b"] == sink.tokens_of["a"]
+
+
+async def test_a_stream_is_retired_after_its_share_of_sequences_and_none_is_lost(triton: TritonProcess,
+                                                                                 tok: Tokenizer) -> None:
+    """Recycling (tritonserver keeps memory per request of a stream until the stream ends): a stream takes
+    ``sequences_per_stream`` opens, the next open starts another, the old one ends with its last sequence."""
+    backend, sink = TritonStepBackend(triton.grpc_url, sequences_per_stream=4), RecordingSink()
+    params = GenerateParams(tok.encode(TEXTS[0]).ids, 6)
+    try:
+        for wave in range(3):  # 3 waves of 5 concurrent sequences: every wave crosses a stream's share
+            keys = range(wave * 5, wave * 5 + 5)
+            for i in keys:
+                backend.open(i, "llm", params, f"r{i}", sink)
+            await sink.wait_ended(keys)
+        assert backend.streams_opened >= 4, backend.streams_opened
+        assert len(backend._streams) == 1  # the retired streams are gone once their sequences ended
+        await wait_slots_free(triton)
+    finally:
+        await backend.close()
+    assert all(sink.ended[i].reason == "length" and sink.ended[i].completion_tokens == 6 for i in range(15))
+    assert len({tuple(sink.tokens_of[i]) for i in range(15)}) == 1  # greedy: the same tokens on every stream
+    assert sink.after_end == []

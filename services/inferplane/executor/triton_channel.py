@@ -107,14 +107,20 @@ class _ModelStream:
         self.cancels: list[int] = []  # to write as one cancel request, after the opens
         self.wake = asyncio.Event()
         self.broken = False
+        self.retiring = False  # takes no more opens; ends with its last live sequence
         self.call: Any = None
         self.reader: asyncio.Future[Any] | None = None
         self.writer = spawn(self._write())
+        backend.streams_opened += 1
 
     # ------------------------------------------------------------------ the event loop's callers
 
     def open(self, key: Hashable, params: GenerateParams, request_id: str, sink: SequenceSink) -> None:
         seq, self.next_seq = self.next_seq, self.next_seq + 1
+        if self.next_seq >= self.backend.sequences_per_stream and not self.retiring:
+            # Retire this stream: the next open starts another, and this one ends once its sequences have.
+            self.retiring = True
+            self.backend._forget(self)
         req = build_request(self.model, params, str(seq))  # the id names the open in Triton's errors
         _add_input(req, LLMChannel.CHANNEL.name, LLMChannel.CHANNEL.datatype, [1], self._channel_raw)
         _add_input(req, LLMChannel.SEQ.name, LLMChannel.SEQ.datatype, [1], seq.to_bytes(8, "little", signed=True))
@@ -237,11 +243,9 @@ class _ModelStream:
     def _on_error(self, request_id: str, message: str) -> None:
         """An error message on the stream: an open Triton or the model refused (that sequence), else the channel's."""
         seq = int(request_id) if request_id.isdigit() else None
-        entry = self.live.pop(seq, None) if seq is not None else None
+        entry = self._end(seq) if seq is not None else None
         if entry is None:
             raise Unavailable(f"triton: the channel of {self.model!r} failed: {message}")
-        del self.seq_of[entry.key]
-        self.backend._where.pop(entry.key, None)
         entry.sink.failed(entry.key, Unavailable(f"triton refused the open: {message}"))
 
     def _dispatch(self, response: service_pb2.ModelInferResponse) -> None:
@@ -281,7 +285,15 @@ class _ModelStream:
         if entry is not None:
             del self.seq_of[entry.key]
             self.backend._where.pop(entry.key, None)
+            if self.retiring and not self.live:
+                loop = asyncio.get_running_loop()  # after this frame's other events have been dispatched
+                loop.call_soon(self._retire)
         return entry
+
+    def _retire(self) -> None:
+        """A retired stream whose last sequence ended: close it (cancels the attach; nothing is live on it)."""
+        if self.retiring and not self.live and not self.opens:
+            self.fail(Unavailable("retired"))
 
     # ------------------------------------------------------------------ the end
 
@@ -304,6 +316,12 @@ class _ModelStream:
             self.reader.cancel()
 
 
+# A model's stream takes this many opens, then the next open starts a new stream and the old one ends with its last
+# sequence. tritonserver keeps some memory for every request of a stream until the stream ends (measured: a 10-minute
+# soak on one stream grew its RSS by ~3.4 KB per request, 64 -> 126 MB); recycling bounds it.
+SEQUENCES_PER_STREAM = 1000
+
+
 def _sampled() -> bool:
     return bool(trace.get_current_span().get_span_context().trace_flags.sampled)
 
@@ -320,8 +338,11 @@ class TritonStepBackend:
     others, and every request without tracing, take the step path.
     """
 
-    def __init__(self, url: str, *, fallback: GenerationBackend | None = None) -> None:
+    def __init__(self, url: str, *, fallback: GenerationBackend | None = None,
+                 sequences_per_stream: int = SEQUENCES_PER_STREAM) -> None:
         self.url = url
+        self.sequences_per_stream = sequences_per_stream
+        self.streams_opened = 0  # Triton streams this backend has opened (recycling included)
         self._grpc = grpc.aio.insecure_channel(url, options=[("grpc.max_send_message_length", 64 << 20),
                                                             ("grpc.max_receive_message_length", 64 << 20)])
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._grpc)
