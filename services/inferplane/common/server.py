@@ -187,7 +187,8 @@ def reflection_pool(service_names: Iterable[str]) -> descriptor_pool.DescriptorP
 
     Reflection answers from a pool; the default one holds every message this process imported (the router
     imports the executor's, metering's and tokenizer's stubs as a client), so a reflection client could describe
-    internal services by name. This pool knows only what the server serves.
+    internal services by name. This pool knows only what the server serves. A service without a descriptor (a
+    generic handler, as in tests) is listed by name but cannot be described.
     """
     default = descriptor_pool.Default()
     pool = descriptor_pool.DescriptorPool()
@@ -204,7 +205,11 @@ def reflection_pool(service_names: Iterable[str]) -> descriptor_pool.DescriptorP
         added.add(file.name)
 
     for name in service_names:
-        add(default.FindServiceByName(name).file)
+        try:
+            service = default.FindServiceByName(name)
+        except KeyError:
+            continue
+        add(service.file)
     return pool
 
 
