@@ -113,11 +113,20 @@ class HeadOrRecord(Sampler):
 
 
 class KeptSpanProcessor(BatchSpanProcessor):
-    """The batch processor behind ``TailKeeper``: it exports every span it is handed, sampled flag or not (the
-    SDK's own drops a recorded-only span; ``TailKeeper`` already chose)."""
+    """The batch processor behind ``TailKeeper``: it exports every span it is handed. ``TailKeeper`` already chose,
+    so a recorded-only span goes out as a copy flagged sampled (the SDK's processors drop unsampled spans)."""
 
     def on_end(self, span: ReadableSpan) -> None:
-        self._batch_processor.emit(span)
+        ctx = span.get_span_context()
+        if ctx is not None and not ctx.trace_flags.sampled:
+            span = ReadableSpan(
+                name=span.name, context=trace.SpanContext(ctx.trace_id, ctx.span_id, is_remote=False,
+                                                          trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED),
+                                                          trace_state=ctx.trace_state),
+                parent=span.parent, resource=span.resource, attributes=span.attributes, events=span.events,
+                links=span.links, kind=span.kind, status=span.status, start_time=span.start_time,
+                end_time=span.end_time, instrumentation_scope=span.instrumentation_scope)
+        super().on_end(span)
 
 
 def _failed(span: ReadableSpan) -> bool:
