@@ -19,10 +19,8 @@ from fastapi.responses import JSONResponse, Response
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
-from pydantic import BaseModel, ValidationError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -38,10 +36,9 @@ from inferplane.gateway.errors import (
     SERVER_ERROR,
     GatewayError,
     body_too_large,
-    from_validation_error,
     install_handlers,
 )
-from inferplane.gateway.generation import GENERATION_ROUTES, GenerationEndpoint, client_gone
+from inferplane.gateway.generation import GENERATION_ROUTES, GenerationEndpoint, client_gone, parse_body
 from inferplane.gateway.protocol import models_body
 from inferplane.gateway.settings import GatewaySettings
 from inferplane.gateway.tokenize import detokenize_route, tokenize_route
@@ -159,7 +156,6 @@ class EdgeMiddleware:
 
 # --- routes -------------------------------------------------------------------------------------------
 
-ParsedT = TypeVar("ParsedT", bound=BaseModel)
 WorkT = TypeVar("WorkT")
 
 
@@ -171,17 +167,6 @@ def _router(request: Request) -> RouterApi:
 def _metadata(request: Request) -> tuple[tuple[str, str], ...]:
     """The caller's API key (401 before any router call when absent or ill-formed) and the request id."""
     return (*key_metadata(request.headers), (wire.REQUEST_ID, request.state.request_id))
-
-
-async def _parse(request: Request, model: type[ParsedT]) -> ParsedT:
-    try:
-        raw = await request.body()  # the middleware's receive enforces the byte limit
-    except ClientDisconnect:
-        raise client_gone() from None
-    try:
-        return model.model_validate_json(raw)
-    except ValidationError as exc:
-        raise from_validation_error(exc) from None
 
 
 async def _until_disconnect(request: Request) -> None:
@@ -216,7 +201,7 @@ GENERATION_ROUTE_OBJECTS = {path: Route(path, generation_route, methods=["POST"]
 
 async def embeddings(request: Request) -> Response:
     metadata = _metadata(request)
-    body = await _parse(request, EmbeddingRequest)
+    body = await parse_body(request, EmbeddingRequest)
     if body.dimensions is not None:
         raise GatewayError(400, "This model does not support the 'dimensions' parameter.", param="dimensions")
     resp = await _unless_gone(request, _router(request).embed(body.to_embed_request(), metadata=metadata))

@@ -15,14 +15,15 @@ import json
 import logging
 from collections.abc import Callable
 from contextlib import aclosing
-from typing import Any
+from typing import Any, TypeVar
 
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 from prometheus_client import Counter
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect, Request
 from starlette.types import Message, Receive, Scope, Send
 
 from inferplane.common import wire
@@ -64,6 +65,22 @@ class ClientGone(Exception):
 
 def client_gone() -> GatewayError:
     return GatewayError(CLIENT_CLOSED_REQUEST, "The client closed the connection.", code="request_cancelled")
+
+
+ParsedT = TypeVar("ParsedT", bound=BaseModel)
+
+
+async def parse_body(request: Request, model: type[ParsedT]) -> ParsedT:
+    """The request's JSON body as ``model`` (the edge middleware's receive enforces the byte limit): a client that
+    left is ``client_gone``, an invalid body an OpenAI-shaped 400 naming the field."""
+    try:
+        raw = await request.body()
+    except ClientDisconnect:
+        raise client_gone() from None
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from None
 
 
 def _no_finish() -> GatewayError:

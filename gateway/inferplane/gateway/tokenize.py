@@ -9,23 +9,20 @@ are not served here are refused by name, never ignored.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, BeforeValidator, Field, ValidationError, model_validator
-from starlette.requests import ClientDisconnect
+from pydantic import BaseModel, BeforeValidator, Field, model_validator
 
 from inferplane.common import wire
 from inferplane.gateway.auth import key_metadata
-from inferplane.gateway.errors import from_validation_error
-from inferplane.gateway.generation import client_gone
+from inferplane.gateway.generation import parse_body
 from inferplane.gateway.protocol import INT32_MAX, REQUEST_CONFIG, ChatMessageParam
 from inferplane.gateway.upstream import RouterApi
 from inferplane.v1 import router_pb2
 
 TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
-ParsedT = TypeVar("ParsedT", bound=BaseModel)
 
 
 def _must_be(value: Any, wanted: Any, why: str) -> Any:
@@ -89,17 +86,6 @@ def tokenize_body(resp: router_pb2.TokenizeResponse) -> dict[str, Any]:
     return {"count": len(tokens), "max_model_len": resp.max_model_len, "tokens": tokens, "token_strs": None}
 
 
-async def _parse(request: Request, model: type[ParsedT]) -> ParsedT:
-    try:
-        raw = await request.body()  # the edge middleware's receive enforces the byte limit
-    except ClientDisconnect:
-        raise client_gone() from None
-    try:
-        return model.model_validate_json(raw)
-    except ValidationError as exc:
-        raise from_validation_error(exc) from None
-
-
 def _call(request: Request) -> tuple[RouterApi, tuple[tuple[str, str], ...]]:
     """The router, and the caller's key (401 before any call when absent or ill-formed) with the request id."""
     router: RouterApi = request.app.state.router
@@ -108,12 +94,12 @@ def _call(request: Request) -> tuple[RouterApi, tuple[tuple[str, str], ...]]:
 
 async def tokenize_route(request: Request) -> Response:
     router, metadata = _call(request)
-    body = await _parse(request, TokenizeRequest)
+    body = await parse_body(request, TokenizeRequest)
     return JSONResponse(tokenize_body(await router.tokenize(body.to_pb(), metadata=metadata)))
 
 
 async def detokenize_route(request: Request) -> Response:
     router, metadata = _call(request)
-    body = await _parse(request, DetokenizeRequest)
+    body = await parse_body(request, DetokenizeRequest)
     resp = await router.detokenize(body.to_pb(), metadata=metadata)
     return JSONResponse({"prompt": resp.prompt})
