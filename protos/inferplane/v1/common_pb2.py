@@ -24,29 +24,43 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ainferplane/v1/common.proto\x12\rinferplane.v1\"\x92\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\x83\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\x12\x1d\n\x10\x63ost_nanodollars\x18\x04 \x01(\x03H\x00\x88\x01\x01\x42\x13\n\x11_cost_nanodollars\"\xa9\x01\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08owned_by\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\x12\'\n\x05tasks\x18\x04 \x03(\x0e\x32\x18.inferplane.v1.ModelTask\x12\x16\n\x0e\x63ontext_length\x18\x05 \x01(\x05\x12,\n\x07pricing\x18\x06 \x01(\x0b\x32\x1b.inferplane.v1.ModelPricing\"\x8f\x01\n\x0cModelPricing\x12%\n\x1dinput_per_million_nanodollars\x18\x01 \x01(\x03\x12&\n\x1eoutput_per_million_nanodollars\x18\x02 \x01(\x03\x12\x1f\n\x17per_request_nanodollars\x18\x03 \x01(\x03\x12\x0f\n\x07version\x18\x04 \x01(\x03\"H\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x11\n\x04name\x18\x03 \x01(\tH\x00\x88\x01\x01\x42\x07\n\x05_name\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02*\x95\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04*\xcb\x03\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12 \n\x1c\x45RROR_REASON_MODEL_NOT_FOUND\x10\x01\x12 \n\x1c\x45RROR_REASON_INVALID_API_KEY\x10\x02\x12#\n\x1f\x45RROR_REASON_INSUFFICIENT_QUOTA\x10\x03\x12\x1d\n\x19\x45RROR_REASON_RATE_LIMITED\x10\x04\x12\x1b\n\x17\x45RROR_REASON_OVERLOADED\x10\x05\x12 \n\x1c\x45RROR_REASON_INVALID_REQUEST\x10\x06\x12\"\n\x1e\x45RROR_REASON_PERMISSION_DENIED\x10\x07\x12\x1a\n\x16\x45RROR_REASON_NOT_FOUND\x10\x08\x12(\n$ERROR_REASON_CONTEXT_LENGTH_EXCEEDED\x10\t\x12\x1c\n\x18\x45RROR_REASON_UNAVAILABLE\x10\n\x12\x18\n\x14\x45RROR_REASON_TIMEOUT\x10\x0b\x12\x1a\n\x16\x45RROR_REASON_CANCELLED\x10\x0c\x12\x19\n\x15\x45RROR_REASON_INTERNAL\x10\r*q\n\tModelTask\x12\x1a\n\x16MODEL_TASK_UNSPECIFIED\x10\x00\x12\x13\n\x0fMODEL_TASK_CHAT\x10\x01\x12\x19\n\x15MODEL_TASK_COMPLETION\x10\x02\x12\x18\n\x14MODEL_TASK_EMBEDDING\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ainferplane/v1/common.proto\x12\rinferplane.v1\"\xe4\x03\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x08 \x01(\x05H\x07\x88\x01\x01\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12@\n\nlogit_bias\x18\n \x03(\x0b\x32,.inferplane.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\r\n\x0b_min_tokens\"c\n\nConstraint\x12\x15\n\x0bjson_object\x18\x01 \x01(\x08H\x00\x12\x15\n\x0bjson_schema\x18\x02 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x0e\n\x04lark\x18\x04 \x01(\tH\x00\x42\x06\n\x04kind\"M\n\nTopLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05\x62ytes\x18\x03 \x01(\x0c\x12\x10\n\x08token_id\x18\x04 \x01(\x03\"\x80\x01\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05\x62ytes\x18\x03 \x01(\x0c\x12/\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x19.inferplane.v1.TopLogprob\x12\x10\n\x08token_id\x18\x05 \x01(\x03\"U\n\x0c\x46unctionTool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\x12\x0e\n\x06strict\x18\x04 \x01(\x08\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"\x83\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\x12\x1d\n\x10\x63ost_nanodollars\x18\x04 \x01(\x03H\x00\x88\x01\x01\x42\x13\n\x11_cost_nanodollars\"\xa9\x01\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08owned_by\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\x12\'\n\x05tasks\x18\x04 \x03(\x0e\x32\x18.inferplane.v1.ModelTask\x12\x16\n\x0e\x63ontext_length\x18\x05 \x01(\x05\x12,\n\x07pricing\x18\x06 \x01(\x0b\x32\x1b.inferplane.v1.ModelPricing\"\x8f\x01\n\x0cModelPricing\x12%\n\x1dinput_per_million_nanodollars\x18\x01 \x01(\x03\x12&\n\x1eoutput_per_million_nanodollars\x18\x02 \x01(\x03\x12\x1f\n\x17per_request_nanodollars\x18\x03 \x01(\x03\x12\x0f\n\x07version\x18\x04 \x01(\x03\"\xa1\x01\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x11\n\x04name\x18\x03 \x01(\tH\x00\x88\x01\x01\x12+\n\ntool_calls\x18\x04 \x03(\x0b\x32\x17.inferplane.v1.ToolCall\x12\x19\n\x0ctool_call_id\x18\x05 \x01(\tH\x01\x88\x01\x01\x42\x07\n\x05_nameB\x0f\n\r_tool_call_id\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02*\x95\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04*\xcb\x03\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12 \n\x1c\x45RROR_REASON_MODEL_NOT_FOUND\x10\x01\x12 \n\x1c\x45RROR_REASON_INVALID_API_KEY\x10\x02\x12#\n\x1f\x45RROR_REASON_INSUFFICIENT_QUOTA\x10\x03\x12\x1d\n\x19\x45RROR_REASON_RATE_LIMITED\x10\x04\x12\x1b\n\x17\x45RROR_REASON_OVERLOADED\x10\x05\x12 \n\x1c\x45RROR_REASON_INVALID_REQUEST\x10\x06\x12\"\n\x1e\x45RROR_REASON_PERMISSION_DENIED\x10\x07\x12\x1a\n\x16\x45RROR_REASON_NOT_FOUND\x10\x08\x12(\n$ERROR_REASON_CONTEXT_LENGTH_EXCEEDED\x10\t\x12\x1c\n\x18\x45RROR_REASON_UNAVAILABLE\x10\n\x12\x18\n\x14\x45RROR_REASON_TIMEOUT\x10\x0b\x12\x1a\n\x16\x45RROR_REASON_CANCELLED\x10\x0c\x12\x19\n\x15\x45RROR_REASON_INTERNAL\x10\r*q\n\tModelTask\x12\x1a\n\x16MODEL_TASK_UNSPECIFIED\x10\x00\x12\x13\n\x0fMODEL_TASK_CHAT\x10\x01\x12\x19\n\x15MODEL_TASK_COMPLETION\x10\x02\x12\x18\n\x14MODEL_TASK_EMBEDDING\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'inferplane.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=750
-  _globals['_FINISHREASON']._serialized_end=899
-  _globals['_ERRORREASON']._serialized_start=902
-  _globals['_ERRORREASON']._serialized_end=1361
-  _globals['_MODELTASK']._serialized_start=1363
-  _globals['_MODELTASK']._serialized_end=1476
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_FINISHREASON']._serialized_start=1633
+  _globals['_FINISHREASON']._serialized_end=1782
+  _globals['_ERRORREASON']._serialized_start=1785
+  _globals['_ERRORREASON']._serialized_end=2244
+  _globals['_MODELTASK']._serialized_start=2246
+  _globals['_MODELTASK']._serialized_end=2359
   _globals['_SAMPLINGPARAMS']._serialized_start=46
-  _globals['_SAMPLINGPARAMS']._serialized_end=192
-  _globals['_USAGE']._serialized_start=195
-  _globals['_USAGE']._serialized_end=326
-  _globals['_MODELINFO']._serialized_start=329
-  _globals['_MODELINFO']._serialized_end=498
-  _globals['_MODELPRICING']._serialized_start=501
-  _globals['_MODELPRICING']._serialized_end=644
-  _globals['_CHATMESSAGE']._serialized_start=646
-  _globals['_CHATMESSAGE']._serialized_end=718
-  _globals['_EMBEDDING']._serialized_start=720
-  _globals['_EMBEDDING']._serialized_end=747
+  _globals['_SAMPLINGPARAMS']._serialized_end=530
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=356
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=404
+  _globals['_CONSTRAINT']._serialized_start=532
+  _globals['_CONSTRAINT']._serialized_end=631
+  _globals['_TOPLOGPROB']._serialized_start=633
+  _globals['_TOPLOGPROB']._serialized_end=710
+  _globals['_TOKENLOGPROB']._serialized_start=713
+  _globals['_TOKENLOGPROB']._serialized_end=841
+  _globals['_FUNCTIONTOOL']._serialized_start=843
+  _globals['_FUNCTIONTOOL']._serialized_end=928
+  _globals['_TOOLCALL']._serialized_start=930
+  _globals['_TOOLCALL']._serialized_end=985
+  _globals['_USAGE']._serialized_start=988
+  _globals['_USAGE']._serialized_end=1119
+  _globals['_MODELINFO']._serialized_start=1122
+  _globals['_MODELINFO']._serialized_end=1291
+  _globals['_MODELPRICING']._serialized_start=1294
+  _globals['_MODELPRICING']._serialized_end=1437
+  _globals['_CHATMESSAGE']._serialized_start=1440
+  _globals['_CHATMESSAGE']._serialized_end=1601
+  _globals['_EMBEDDING']._serialized_start=1603
+  _globals['_EMBEDDING']._serialized_end=1630
 # @@protoc_insertion_point(module_scope)

@@ -72,14 +72,32 @@ class LLM:
     TOP_K: Final = TensorSpec("top_k", "INT32", (1,), optional=True)  # 0 or absent = off
     SEED: Final = TensorSpec("seed", "INT64", (1,), optional=True)  # absent = random
     STOP_TOKEN_IDS: Final = TensorSpec("stop_token_ids", "INT64", (-1,), optional=True)  # added to the eos ids
-    INPUTS: Final = (INPUT_IDS, MAX_TOKENS, TEMPERATURE, TOP_P, TOP_K, SEED, STOP_TOKEN_IDS)
+    REPETITION_PENALTY: Final = TensorSpec("repetition_penalty", "FP32", (1,), optional=True)  # > 0; 1 = off
+    PRESENCE_PENALTY: Final = TensorSpec("presence_penalty", "FP32", (1,), optional=True)  # [-2, 2]; 0 = off
+    FREQUENCY_PENALTY: Final = TensorSpec("frequency_penalty", "FP32", (1,), optional=True)  # [-2, 2]; 0 = off
+    MIN_TOKENS: Final = TensorSpec("min_tokens", "INT32", (1,), optional=True)  # no stop before this many
+    IGNORE_EOS: Final = TensorSpec("ignore_eos", "INT32", (1,), optional=True)  # 1: the eos ids do not stop
+    LOGIT_BIAS_IDS: Final = TensorSpec("logit_bias_ids", "INT64", (-1,), optional=True)  # with LOGIT_BIAS
+    LOGIT_BIAS: Final = TensorSpec("logit_bias", "FP32", (-1,), optional=True)  # added to those ids' logits
+    TOP_LOGPROBS: Final = TensorSpec("top_logprobs", "INT32", (1,), optional=True)  # k alternatives per token
+    # The grammar the text must follow, JSON: {"json_object": true} | {"json_schema": "<schema text>"} |
+    # {"regex": "..."} | {"lark": "..."} (``inferplane.modeling.constrained``); absent: free.
+    CONSTRAINT: Final = TensorSpec("constraint", "BYTES", (1,), optional=True)
+    INPUTS: Final = (INPUT_IDS, MAX_TOKENS, TEMPERATURE, TOP_P, TOP_K, SEED, STOP_TOKEN_IDS, REPETITION_PENALTY,
+                     PRESENCE_PENALTY, FREQUENCY_PENALTY, MIN_TOKENS, IGNORE_EOS, LOGIT_BIAS_IDS, LOGIT_BIAS,
+                     TOP_LOGPROBS, CONSTRAINT)
 
     TOKEN_IDS: Final = TensorSpec("token_ids", "INT64", (-1,))
     LOGPROBS: Final = TensorSpec("logprobs", "FP32", (-1,))  # the model's log-probability of each token
     FINISH_REASON: Final = TensorSpec("finish_reason", "BYTES", (1,))  # one of FINISH_REASONS, UTF-8
     PROMPT_TOKENS: Final = TensorSpec("prompt_tokens", "INT32", (1,))
     COMPLETION_TOKENS: Final = TensorSpec("completion_tokens", "INT32", (1,))  # stop tokens included
-    OUTPUTS: Final = (TOKEN_IDS, LOGPROBS, FINISH_REASON, PROMPT_TOKENS, COMPLETION_TOKENS)
+    # With TOP_LOGPROBS k: k candidate ids per token of TOKEN_IDS (most likely first), and their log-probabilities
+    TOP_TOKEN_IDS: Final = TensorSpec("top_token_ids", "INT64", (-1,))
+    TOP_LOGPROB_VALUES: Final = TensorSpec("top_logprob_values", "FP32", (-1,))
+    OUTPUTS: Final = (TOKEN_IDS, LOGPROBS, FINISH_REASON, PROMPT_TOKENS, COMPLETION_TOKENS, TOP_TOKEN_IDS,
+                      TOP_LOGPROB_VALUES)
+    MAX_TOP_LOGPROBS: Final = 20
 
     # "length": max_tokens or the context's end; "cancelled": the client left or the model unloaded
     FINISH_REASONS: Final = ("stop", "length", "cancelled")
