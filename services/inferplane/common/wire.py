@@ -115,7 +115,9 @@ ERROR: Final = "error"
 FINISH_REASONS: Final = (STOP, LENGTH, CANCELLED, ERROR)
 FINISH_TO_PB: Final = {STOP: common_pb2.FINISH_REASON_STOP, LENGTH: common_pb2.FINISH_REASON_LENGTH,
                        CANCELLED: common_pb2.FINISH_REASON_CANCELLED, ERROR: common_pb2.FINISH_REASON_ERROR}
-FINISH_FROM_PB: Final = {v: k for k, v in FINISH_TO_PB.items()}
+# OpenAI's finish reason of a choice that ended with tool calls: public only (the usage record says "stop").
+TOOL_CALLS: Final = "tool_calls"
+FINISH_FROM_PB: Final = {**{v: k for k, v in FINISH_TO_PB.items()}, common_pb2.FINISH_REASON_TOOL_CALLS: TOOL_CALLS}
 
 # --- budgets -----------------------------------------------------------------------------------------------
 
