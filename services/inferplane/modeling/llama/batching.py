@@ -14,6 +14,12 @@ per layer, see ``KVCache``). Each step:
 4. samples every row (greedy rows with one batched argmax, sampled rows each with its own
    ``torch.Generator``) and finishes sequences on a stop id, max_tokens or the context end.
 
+Per row, before sampling (only for sequences that ask, so a plain batch pays nothing): logit bias, the
+repetition / presence / frequency penalties, ``min_tokens`` (the stop ids masked until then) and a grammar's token
+mask (``inferplane.modeling.constrained``: constrained and free sequences share the batch). Reported
+log-probabilities (and the ``top_logprobs`` alternatives) are always the model's own distribution, before any of
+these.
+
 ``step()`` returns the events of that step in order: ``TokenEvent`` per produced token and one
 ``FinishEvent`` per sequence that left. A stop token is not sent, but counts in ``completion_tokens``
 (as in ``generate()``). ``add`` and ``cancel`` may be called from any thread; ``step`` from one thread.
@@ -25,8 +31,9 @@ from __future__ import annotations
 import heapq
 import threading
 from collections import deque
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -40,6 +47,37 @@ class RequestRefused(ValueError):
     """A request the scheduler cannot serve (the message says why); nothing was queued."""
 
 
+class TokenMatcher(Protocol):
+    """One sequence's grammar state (``inferplane.modeling.constrained.Matcher``)."""
+
+    def accept(self, token_id: int) -> None: ...
+
+    def is_finished(self) -> bool: ...
+
+
+
+
+@dataclass(frozen=True, slots=True)
+class Shaping:
+    """What changes a sequence's logits before sampling (OpenAI's and vLLM's request fields); the defaults are off."""
+
+    repetition_penalty: float = 1.0  # > 0: seen tokens' positive logits divided by it, negative multiplied
+    presence_penalty: float = 0.0  # subtracted once from every token already in the completion
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the completion
+    min_tokens: int = 0  # the stop ids are masked until this many tokens were produced
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.repetition_penalty != 1.0 or self.presence_penalty or self.frequency_penalty
+                    or self.min_tokens > 0 or self.logit_bias)
+
+
+NO_SHAPING = Shaping()
+# Sets each row's disallowed tokens to -inf in place: (logits [R, V], [(row, matcher)]).
+MaskFn = Callable[[Tensor, list[tuple[int, TokenMatcher]]], None]
+
+
 @dataclass(frozen=True, slots=True)
 class SequenceRequest:
     id: Hashable
@@ -47,6 +85,9 @@ class SequenceRequest:
     max_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop_ids: frozenset[int] = frozenset()
+    shaping: Shaping = NO_SHAPING
+    top_logprobs: int = 0  # alternatives reported per token (0 to 20)
+    matcher: TokenMatcher | None = None  # a grammar the output must follow (a fresh state per sequence)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +95,8 @@ class TokenEvent:
     id: Hashable
     token_id: int
     logprob: float
+    # The top_logprobs most likely (token id, log-probability) at this position, most likely first.
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +126,7 @@ class _Sequence:
     generator: torch.Generator | None
     pos: int = 0  # absolute position of the pending token (the one the next decode feeds)
     completion_tokens: int = 0
+    produced: dict[int, int] | None = None  # completion token id -> count, kept only when shaping needs it
 
 
 class BatchScheduler:
@@ -90,8 +134,10 @@ class BatchScheduler:
 
     def __init__(
         self, model: LlamaForCausalLM, *, max_sequences: int = 32, max_context: int | None = None,
-        prefill_token_budget: int = 2048,
+        prefill_token_budget: int = 2048, apply_masks: MaskFn | None = None,
     ) -> None:
+        """``apply_masks``: ``inferplane.modeling.constrained.apply_masks`` (needed only by requests with a matcher)."""
+        self._apply_masks = apply_masks
         max_pos = model.config.max_position_embeddings
         max_context = max_context or max_pos
         assert max_sequences >= 1, f"max_sequences must be >= 1, got {max_sequences}"
@@ -131,6 +177,10 @@ class BatchScheduler:
             )
         if req.max_tokens < 1:
             raise RequestRefused(f"max_tokens must be >= 1, got {req.max_tokens}")
+        if req.matcher is not None and self._apply_masks is None:
+            raise RequestRefused("this model instance has no constrained decoding")
+        if any(not 0 <= t < vocab for t in req.shaping.logit_bias):
+            raise RequestRefused(f"logit_bias token ids must be in [0, {vocab})")
 
     def add(self, req: SequenceRequest) -> None:
         """Queue a request (FIFO); it joins the batch at the next step with a free slot."""
@@ -207,7 +257,8 @@ class BatchScheduler:
         seqs: list[_Sequence] = []
         for req in admitted:
             budget = min(req.max_tokens, self.max_context - len(req.prompt_ids))
-            seq = _Sequence(req, heapq.heappop(self._free), budget, make_generator(req.sampling, device))
+            seq = _Sequence(req, heapq.heappop(self._free), budget, make_generator(req.sampling, device),
+                            produced={} if req.shaping.active else None)
             seq.pos = len(req.prompt_ids)
             with self._lock:
                 self._active[req.id] = seq
@@ -219,50 +270,98 @@ class BatchScheduler:
         slots = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=device)  # [n]
         lengths = torch.tensor([s.pos for s in seqs], dtype=torch.long, device=device)  # [n]
         logits = self.model.prefill_slots(idx, slots, lengths - 1)  # [n, V]
-        tokens, chosen = self._sample(logits, list(enumerate(seqs)))  # [n], [n]
+        tokens, chosen, top = self._sample(logits, list(enumerate(seqs)))  # [n], [n]
         self._tokens[slots] = tokens
         self._positions[slots] = lengths
         self._live[slots] = 1
         ids, lps = tokens.tolist(), chosen.tolist()
         for i, seq in enumerate(seqs):
-            self._advance(seq, ids[i], lps[i], events)
+            self._advance(seq, ids[i], lps[i], events, top.get(i, ()))
 
     def _decode(self, events: list[Event]) -> None:
         active = list(self._active.values())
         hi = max(s.slot for s in active) + 1  # rows [0, hi); free rows below hi are holes
         end = max(s.pos for s in active) + 1  # keys any row may read
         logits = self.model.decode_rows(self._tokens[:hi], self._positions[:hi], end)  # [hi, V]
-        tokens, chosen = self._sample(logits, [(s.slot, s) for s in active])  # [hi], [hi]
+        tokens, chosen, top = self._sample(logits, [(s.slot, s) for s in active])  # [hi], [hi]
         self._tokens[:hi] = tokens
         self._positions[:hi] += self._live[:hi]  # holes stay at position 0
         ids, lps = tokens.tolist(), chosen.tolist()  # the step's one host sync
         for seq in active:
             seq.pos += 1
-            self._advance(seq, ids[seq.slot], lps[seq.slot], events)
+            self._advance(seq, ids[seq.slot], lps[seq.slot], events, top.get(seq.slot, ()))
 
-    @staticmethod
-    def _sample(logits: Tensor, rows: list[tuple[int, _Sequence]]) -> tuple[Tensor, Tensor]:
-        """logits: [R, V]; rows: (row, sequence) pairs. Returns each row's token [R] and its logprob [R].
+    def _sample(self, logits: Tensor, rows: list[tuple[int, _Sequence]]) -> tuple[Tensor, Tensor, dict[int, list]]:
+        """logits: [R, V]; rows: (row, sequence) pairs. Returns each row's token [R], its logprob [R], and per row
+        that asked for them its top alternatives [(id, logprob)].
 
         Greedy rows share one argmax; a sampled row draws from its own generator, so a seeded request gets
-        the same tokens whatever else runs. Logprobs are of the unmodified distribution (as OpenAI reports).
+        the same tokens whatever else runs. Logprobs are of the unmodified distribution (as OpenAI reports);
+        shaping and grammar masks change only what is chosen.
         """
         logits = logits.float()
         logprobs = torch.log_softmax(logits, dim=-1)  # [R, V]
-        tokens = torch.argmax(logits, dim=-1)  # [R]
+        chosen_from = logits
+        shaped = [(row, seq) for row, seq in rows if seq.req.shaping.active]
+        constrained = [(row, seq.req.matcher) for row, seq in rows if seq.req.matcher is not None]
+        if shaped or constrained:
+            chosen_from = logits.clone()
+            for row, seq in shaped:
+                self._shape(chosen_from[row], seq)
+            if constrained:
+                assert self._apply_masks is not None, "validate() refuses a matcher without apply_masks"
+                self._apply_masks(chosen_from, constrained)
+        tokens = torch.argmax(chosen_from, dim=-1)  # [R]
         for row, seq in rows:
             if not seq.req.sampling.greedy:
-                probs = logits_to_probs(logits[row], seq.req.sampling)  # [V]
+                probs = logits_to_probs(chosen_from[row], seq.req.sampling)  # [V]
                 tokens[row] = torch.multinomial(probs, 1, generator=seq.generator)[0]
-        return tokens, logprobs.gather(1, tokens[:, None])[:, 0]
+        top: dict[int, list] = {}
+        wanting = [(row, seq.req.top_logprobs) for row, seq in rows if seq.req.top_logprobs > 0]
+        if wanting:
+            k = max(n for _, n in wanting)
+            idx = torch.tensor([row for row, _ in wanting], dtype=torch.long, device=logits.device)
+            values, ids = torch.topk(logprobs[idx], k, dim=-1)  # [W, k]
+            for (row, n), vs, ts in zip(wanting, values.tolist(), ids.tolist(), strict=True):
+                top[row] = list(zip(ts[:n], vs[:n], strict=True))
+        return tokens, logprobs.gather(1, tokens[:, None])[:, 0], top
 
-    def _advance(self, seq: _Sequence, token: int, logprob: float, events: list[Event]) -> None:
-        """Account one produced token: stop (not sent), send it, then maybe finish on length."""
+    def _shape(self, row: Tensor, seq: _Sequence) -> None:
+        """One row's logits [V], in place: logit bias, penalties, and the stop ids masked before min_tokens."""
+        shaping = seq.req.shaping
+        if shaping.logit_bias:
+            ids = torch.tensor(list(shaping.logit_bias), dtype=torch.long, device=row.device)
+            row[ids] += torch.tensor(list(shaping.logit_bias.values()), dtype=row.dtype, device=row.device)
+        produced = seq.produced or {}
+        if shaping.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(seq.req.prompt_ids) | produced.keys()), dtype=torch.long,
+                                device=row.device)
+            vals = row[seen]
+            row[seen] = torch.where(vals > 0, vals / shaping.repetition_penalty, vals * shaping.repetition_penalty)
+        if produced and (shaping.presence_penalty or shaping.frequency_penalty):
+            ids = torch.tensor(list(produced), dtype=torch.long, device=row.device)
+            counts = torch.tensor(list(produced.values()), dtype=row.dtype, device=row.device)
+            row[ids] -= shaping.presence_penalty + shaping.frequency_penalty * counts
+        if seq.completion_tokens < shaping.min_tokens and seq.req.stop_ids:
+            stop = [t for t in seq.req.stop_ids if 0 <= t < row.shape[-1]]
+            row[torch.tensor(stop, dtype=torch.long, device=row.device)] = float("-inf")
+
+    def _advance(self, seq: _Sequence, token: int, logprob: float, events: list[Event],
+                 top: Sequence[tuple[int, float]] = ()) -> None:
+        """Account one produced token: stop (not sent), send it, then maybe finish on length or a complete grammar."""
         seq.completion_tokens += 1
         if token in seq.req.stop_ids:
             self._finish(seq, "stop", events)
             return
-        events.append(TokenEvent(seq.req.id, token, logprob))
+        events.append(TokenEvent(seq.req.id, token, logprob, tuple(top)))
+        if seq.produced is not None:
+            seq.produced[token] = seq.produced.get(token, 0) + 1
+        matcher = seq.req.matcher
+        if matcher is not None:
+            matcher.accept(token)
+            if matcher.is_finished():
+                self._finish(seq, "stop", events)
+                return
         if seq.completion_tokens >= seq.budget:
             self._finish(seq, "length", events)
 
