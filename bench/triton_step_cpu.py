@@ -78,7 +78,8 @@ class CountingSink:
         self.count, self.ended, self.errors, self.expected = 0, 0, 0, expected
         self.done = asyncio.Event()
 
-    def tokens(self, key: Hashable, token_ids: Sequence[int], logprobs: Sequence[float]) -> None:
+    def tokens(self, key: Hashable, token_ids: Sequence[int], logprobs: Sequence[float], top_k: int = 0,
+               top_ids: Sequence[int] = (), top_logprobs: Sequence[float] = ()) -> None:
         self.count += len(token_ids)
 
     def finished(self, key: Hashable, reason: str, prompt_tokens: int, completion_tokens: int) -> None:

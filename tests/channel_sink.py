@@ -42,7 +42,8 @@ class RecordingSink:
         self._flush_pending = False
         self.frames += 1
 
-    def tokens(self, key: Hashable, token_ids: Sequence[int], logprobs: Sequence[float]) -> None:
+    def tokens(self, key: Hashable, token_ids: Sequence[int], logprobs: Sequence[float], top_k: int = 0,
+               top_ids: Sequence[int] = (), top_logprobs: Sequence[float] = ()) -> None:
         self._event(key)
         assert token_ids and len(token_ids) == len(logprobs), (key, token_ids, logprobs)
         self.tokens_of.setdefault(key, []).extend(token_ids)

@@ -140,8 +140,8 @@ async def test_coalesce_batches_what_arrived_while_the_reader_was_busy() -> None
         yield TritonChunk([], finish_reason="length", prompt_tokens=2, completion_tokens=10)
 
     out = []
-    async for ids, final in coalesce(chunks()):
-        out.append((ids, final))
+    async for tokens, final in coalesce(chunks()):
+        out.append((tokens.token_ids, final))
         await asyncio.sleep(0.01)  # a slow reader
     assert [t for ids, _ in out for t in ids] == list(range(10))
     assert len(out) < 11  # tokens that queued up went out together
@@ -155,11 +155,11 @@ async def test_coalesce_with_a_stream_interval_sends_the_first_token_alone_then_
             yield TritonChunk([i])
         yield TritonChunk([], finish_reason="length", prompt_tokens=2, completion_tokens=10)
 
-    out = [(ids, final) async for ids, final in coalesce(chunks(), 4)]
+    out = [(tokens.token_ids, final) async for tokens, final in coalesce(chunks(), 4)]
     assert [ids for ids, _ in out] == [[0], [1, 2, 3, 4], [5, 6, 7, 8], [9]]  # the last: what is left, at once
     assert [final is not None for _, final in out] == [False, False, False, True]
     # interval 1 (the default): every token in a message of its own when the reader keeps up
-    assert [ids for ids, _ in [x async for x in coalesce(chunks(), 1)]] == [[i] for i in range(10)]
+    assert [t.token_ids for t, _ in [x async for x in coalesce(chunks(), 1)]] == [[i] for i in range(10)]
 
 
 async def test_coalesce_lets_a_finished_stream_end_by_itself() -> None:

@@ -29,8 +29,10 @@ from inferplane.executor.triton_client import GenerateParams
 class SequenceSink(Protocol):
     """Receives the events of the sequences opened with it (one per channel)."""
 
-    def tokens(self, key: Hashable, token_ids: Sequence[int], logprobs: Sequence[float]) -> None:
-        """New tokens of ``key``, in order (``logprobs``: the model's log-probability of each, or empty)."""
+    def tokens(self, key: Hashable, token_ids: Sequence[int], logprobs: Sequence[float], top_k: int = 0,
+               top_ids: Sequence[int] = (), top_logprobs: Sequence[float] = ()) -> None:
+        """New tokens of ``key``, in order (``logprobs``: the model's log-probability of each, or empty; with
+        ``top_k``, ``top_k`` alternatives per token, most likely first, in ``top_ids``/``top_logprobs``)."""
 
     def finished(self, key: Hashable, reason: str, prompt_tokens: int, completion_tokens: int) -> None:
         """``key`` ended: ``reason`` is "stop", "length" or "cancelled"; the counts are the model's."""

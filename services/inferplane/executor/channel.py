@@ -59,17 +59,24 @@ class FrameBuilder:
     def _reset(self) -> None:
         self._tokens: dict[int, list[int]] = {}  # seq -> new ids, in arrival order of the sequences
         self._logprobs: dict[int, list[float]] = {}
+        self._top: dict[int, tuple[int, list[int], list[float]]] = {}  # seq -> (k, ids, logprobs)
         self._ended: list[executor_pb2.SequenceEnd] = []
         self._failed: list[executor_pb2.SequenceFailure] = []
 
     def __bool__(self) -> bool:
         return bool(self._tokens or self._ended or self._failed)
 
-    def tokens(self, seq: int, token_ids: Sequence[int], logprobs: Sequence[float]) -> None:
+    def tokens(self, seq: int, token_ids: Sequence[int], logprobs: Sequence[float], top_k: int = 0,
+               top_ids: Sequence[int] = (), top_logprobs: Sequence[float] = ()) -> None:
         self._tokens.setdefault(seq, []).extend(token_ids)
         if logprobs:
             assert len(logprobs) == len(token_ids), "one log-probability per token id"
             self._logprobs.setdefault(seq, []).extend(logprobs)
+        if top_k:
+            assert len(top_ids) == len(top_logprobs) == top_k * len(token_ids), "top_k alternatives per token"
+            _, ids, lps = self._top.setdefault(seq, (top_k, [], []))
+            ids.extend(top_ids)
+            lps.extend(top_logprobs)
 
     def finish(self, seq: int, reason: str, prompt_tokens: int, completion_tokens: int) -> None:
         usage = common_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
@@ -89,6 +96,12 @@ class FrameBuilder:
         if self._logprobs:  # a sequence without them gets NaN, so that the column stays aligned with token_ids
             frame.logprobs.extend(p for s, ids in self._tokens.items()
                                   for p in self._logprobs.get(s, [float("nan")] * len(ids)))
+        if self._top:  # k per seq entry (0: none), then the alternatives of those that have them, in seq order
+            frame.top_counts.extend(self._top[s][0] if s in self._top else 0 for s in self._tokens)
+            for s in self._tokens:
+                if s in self._top:
+                    frame.top_token_ids.extend(self._top[s][1])
+                    frame.top_logprobs.extend(self._top[s][2])
         if heartbeat is not None:
             frame.heartbeat.active.extend(heartbeat)
         self._reset()
@@ -259,7 +272,8 @@ class ChannelSession(SequenceSink):
 
     # --- SequenceSink: called by the backend -------------------------------------------------------------
 
-    def tokens(self, key: Hashable, token_ids: Sequence[int], logprobs: Sequence[float]) -> None:
+    def tokens(self, key: Hashable, token_ids: Sequence[int], logprobs: Sequence[float], top_k: int = 0,
+               top_ids: Sequence[int] = (), top_logprobs: Sequence[float] = ()) -> None:
         assert isinstance(key, LiveSequence)
         if self._live.get(key.seq) is not key:
             return  # already ended: the backend broke its contract, the frame must not
@@ -267,7 +281,7 @@ class ChannelSession(SequenceSink):
             key.queued = False
             QUEUE_DEPTH.dec()
         if not self._closed:
-            self._frame.tokens(key.seq, token_ids, logprobs)
+            self._frame.tokens(key.seq, token_ids, logprobs, top_k, top_ids, top_logprobs)
             self._wake.set()
 
     def finished(self, key: Hashable, reason: str, prompt_tokens: int, completion_tokens: int) -> None:
@@ -365,7 +379,7 @@ class PerRequestBackend(GenerationBackend):
             async for chunk in chunks:
                 if chunk.token_ids:
                     produced += len(chunk.token_ids)
-                    sink.tokens(key, chunk.token_ids, ())
+                    sink.tokens(key, chunk.token_ids, chunk.logprobs, chunk.top_k, chunk.top_ids, chunk.top_logprobs)
                 if chunk.finish_reason is not None:
                     # Ended: a cancel from now on is a no-op (it must not cancel the finished Triton stream).
                     self._tasks.pop(key, None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING
@@ -22,6 +23,7 @@ from inferplane.common.errors import FailedPrecondition, InvalidArgument
 from inferplane.common.tasks import keep
 from inferplane.common.wire import FINISH_TO_PB
 from inferplane.executor.triton_client import GenerateParams, TritonChunk, TritonLLMClient
+from inferplane.modeling.contract import LLM
 from inferplane.v1 import common_pb2, executor_pb2, executor_pb2_grpc
 
 if TYPE_CHECKING:
@@ -34,6 +36,8 @@ def params_from_pb(req: executor_pb2.ExecutorGenerateRequest) -> GenerateParams:
         raise InvalidArgument("prompt_token_ids must not be empty", param="prompt")
     if req.max_tokens < 1:
         raise InvalidArgument("max_tokens must be at least 1", param="max_tokens")
+    if not 0 <= req.top_logprobs <= LLM.MAX_TOP_LOGPROBS:
+        raise InvalidArgument(f"top_logprobs must be in [0, {LLM.MAX_TOP_LOGPROBS}]", param="top_logprobs")
     s = req.sampling
     return GenerateParams(
         prompt_token_ids=list(req.prompt_token_ids),
@@ -43,11 +47,29 @@ def params_from_pb(req: executor_pb2.ExecutorGenerateRequest) -> GenerateParams:
         top_k=s.top_k if s.HasField("top_k") else None,
         seed=s.seed if s.HasField("seed") else None,
         stop_token_ids=list(req.stop_token_ids),
+        repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else None,
+        presence_penalty=s.presence_penalty if s.HasField("presence_penalty") else None,
+        frequency_penalty=s.frequency_penalty if s.HasField("frequency_penalty") else None,
+        min_tokens=s.min_tokens if s.HasField("min_tokens") else None,
+        ignore_eos=s.ignore_eos,
+        logit_bias=dict(s.logit_bias),
+        top_logprobs=req.top_logprobs,
+        constraint=constraint_spec(req.constraint) if req.HasField("constraint") else None,
     )
 
 
-def chunk_to_pb(token_ids: list[int], final: TritonChunk | None) -> executor_pb2.ExecutorGenerateResponse:
-    msg = executor_pb2.ExecutorGenerateResponse(token_ids=token_ids)
+def constraint_spec(c: common_pb2.Constraint) -> str | None:
+    """The contract's grammar spec (JSON) of a ``Constraint``; None when no kind is set."""
+    kind = c.WhichOneof("kind")
+    if kind is None:
+        return None
+    value = getattr(c, kind)
+    return json.dumps({kind: value})
+
+
+def chunk_to_pb(chunk: TritonChunk, final: TritonChunk | None) -> executor_pb2.ExecutorGenerateResponse:
+    msg = executor_pb2.ExecutorGenerateResponse(token_ids=chunk.token_ids, logprobs=chunk.logprobs,
+                                               top_token_ids=chunk.top_ids, top_logprobs=chunk.top_logprobs)
     if final is not None:
         msg.finish_reason = FINISH_TO_PB.get(final.finish_reason or "", common_pb2.FINISH_REASON_ERROR)
         msg.usage.prompt_tokens = final.prompt_tokens
@@ -57,9 +79,10 @@ def chunk_to_pb(token_ids: list[int], final: TritonChunk | None) -> executor_pb2
 
 
 async def coalesce(chunks: AsyncIterator[TritonChunk],
-                   interval: int = 1) -> AsyncIterator[tuple[list[int], TritonChunk | None]]:
-    """Yield (token ids, final or None); all ids that arrived while the consumer was busy come together. With
-    ``interval`` > 1, every message after the first holds at least that many ids (the final one: what is left)."""
+                   interval: int = 1) -> AsyncIterator[tuple[TritonChunk, TritonChunk | None]]:
+    """Yield (tokens, final or None): every token (with its log-probabilities) that arrived while the consumer was
+    busy comes in one chunk. With ``interval`` > 1, every message after the first holds at least that many ids (the
+    final one: what is left)."""
     queue: asyncio.Queue[TritonChunk | BaseException] = asyncio.Queue()
 
     async def pump() -> None:
@@ -74,21 +97,21 @@ async def coalesce(chunks: AsyncIterator[TritonChunk],
     want = 1  # ids a message waits for: the first token goes out at once, then ``interval`` at a time
     try:
         while True:
-            ids: list[int] = []
+            tokens = TritonChunk(token_ids=[])
             while True:
                 item = await queue.get()
                 if isinstance(item, BaseException):
-                    if ids:
-                        yield ids, None
+                    if tokens.token_ids:
+                        yield tokens, None
                     raise item
-                ids.extend(item.token_ids)
+                tokens.extend(item)
                 if item.finish_reason is not None:
                     ended = True
-                    yield ids, item
+                    yield tokens, item
                     return
-                if len(ids) >= want and queue.empty():
+                if len(tokens.token_ids) >= want and queue.empty():
                     break
-            yield ids, None
+            yield tokens, None
             want = max(1, interval)
     finally:
         if ended:
@@ -134,14 +157,14 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         QUEUE_DEPTH.inc()
         queued, finished = True, False
         try:
-            async for ids, final in coalesce(self._client.generate(request.model, params,
+            async for tokens, final in coalesce(self._client.generate(request.model, params,
                                                                    request_id=request.request_id),
                                              request.stream_interval):
                 if queued:
                     queued = False
                     QUEUE_DEPTH.dec()
                 finished = final is not None
-                yield chunk_to_pb(ids, final)
+                yield chunk_to_pb(tokens, final)
         finally:
             self.active -= 1
             ACTIVE.dec()

@@ -49,6 +49,8 @@ _STATUS = {INVALID_ARG: grpc.StatusCode.INVALID_ARGUMENT, INTERNAL: grpc.StatusC
            UNAVAILABLE: grpc.StatusCode.UNAVAILABLE}
 _SEQS, _COUNTS, _TOKEN_IDS, _LOGPROBS = (LLMChannel.SEQS.name, LLMChannel.COUNTS.name, LLM.TOKEN_IDS.name,
                                          LLM.LOGPROBS.name)
+_TOP_COUNTS, _TOP_IDS, _TOP_VALUES = (LLMChannel.TOP_COUNTS.name, LLM.TOP_TOKEN_IDS.name,
+                                     LLM.TOP_LOGPROB_VALUES.name)
 _ENDED, _REASONS = LLMChannel.ENDED.name, LLMChannel.ENDED_REASONS.name
 _PROMPTS, _COMPLETIONS = LLMChannel.ENDED_PROMPT_TOKENS.name, LLMChannel.ENDED_COMPLETION_TOKENS.name
 _FAILED, _CODES, _MESSAGES = LLMChannel.FAILED.name, LLMChannel.FAILED_CODES.name, LLMChannel.FAILED_MESSAGES.name
@@ -256,13 +258,19 @@ class _ModelStream:
         if raw is not None:
             ids = np.frombuffer(cols[_TOKEN_IDS], dtype=_I64).tolist()
             logprobs = np.frombuffer(cols[_LOGPROBS], dtype=_F32).tolist()
-            at = 0
-            for seq, n in zip(np.frombuffer(raw, dtype=_I64).tolist(),
-                              np.frombuffer(cols[_COUNTS], dtype=_I32).tolist(), strict=True):
+            counts = np.frombuffer(cols[_COUNTS], dtype=_I32).tolist()
+            top_raw = cols.get(_TOP_COUNTS)
+            tops = np.frombuffer(top_raw, dtype=_I32).tolist() if top_raw is not None else [0] * len(counts)
+            top_ids = np.frombuffer(cols[_TOP_IDS], dtype=_I64).tolist() if top_raw is not None else []
+            top_lps = np.frombuffer(cols[_TOP_VALUES], dtype=_F32).tolist() if top_raw is not None else []
+            at = top_at = 0
+            for seq, n, k in zip(np.frombuffer(raw, dtype=_I64).tolist(), counts, tops, strict=True):
                 entry = live.get(seq)
                 if entry is not None:
-                    entry.sink.tokens(entry.key, ids[at:at + n], logprobs[at:at + n])
+                    entry.sink.tokens(entry.key, ids[at:at + n], logprobs[at:at + n], k,
+                                      top_ids[top_at:top_at + n * k], top_lps[top_at:top_at + n * k])
                 at += n
+                top_at += n * k
         raw = cols.get(_ENDED)
         if raw is not None:
             for seq, reason, prompt, completion in zip(

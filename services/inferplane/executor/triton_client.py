@@ -39,16 +39,37 @@ class GenerateParams:
     top_k: int | None = None
     seed: int | None = None
     stop_token_ids: list[int] = field(default_factory=list)
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool = False
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    top_logprobs: int = 0
+    constraint: str | None = None  # the grammar spec, JSON (contract ``LLM.CONSTRAINT``)
 
 
 @dataclass(slots=True)
 class TritonChunk:
-    """One Triton response: new token ids, or the final summary."""
+    """One Triton response: new token ids (with their log-probabilities), or the final summary."""
 
     token_ids: list[int]
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list[float] = field(default_factory=list)
+    top_k: int = 0  # alternatives per token in top_ids / top_logprobs
+    top_ids: list[int] = field(default_factory=list)
+    top_logprobs: list[float] = field(default_factory=list)
+
+    def extend(self, other: TritonChunk) -> None:
+        """Append ``other``'s tokens (and their log-probabilities) to this chunk's."""
+        self.token_ids.extend(other.token_ids)
+        self.logprobs.extend(other.logprobs)
+        if other.top_k:
+            self.top_k = other.top_k
+            self.top_ids.extend(other.top_ids)
+            self.top_logprobs.extend(other.top_logprobs)
 
 
 def _input(name: str, array: np.ndarray, dtype: str) -> InferInput:
@@ -59,7 +80,9 @@ def _input(name: str, array: np.ndarray, dtype: str) -> InferInput:
 
 # (name, KServe datatype, numpy dtype) of each LLM input, resolved once: built for every generation
 _INPUTS = {spec.name: (spec.name, spec.datatype, np.dtype(spec.numpy_dtype)) for spec in LLM.INPUTS}
-_OPTIONAL_SCALARS = tuple((_INPUTS[spec.name], spec.name) for spec in (LLM.TEMPERATURE, LLM.TOP_P, LLM.TOP_K, LLM.SEED))
+_OPTIONAL_SCALARS = tuple((_INPUTS[spec.name], spec.name) for spec in (
+    LLM.TEMPERATURE, LLM.TOP_P, LLM.TOP_K, LLM.SEED, LLM.REPETITION_PENALTY, LLM.PRESENCE_PENALTY,
+    LLM.FREQUENCY_PENALTY, LLM.MIN_TOKENS))
 assert {name for _, name in _OPTIONAL_SCALARS} <= set(GenerateParams.__dataclass_fields__), "fields named as inputs"
 _INPUT_IDS, _MAX_TOKENS = _INPUTS[LLM.INPUT_IDS.name], _INPUTS[LLM.MAX_TOKENS.name]
 _STOP_TOKEN_IDS = _INPUTS[LLM.STOP_TOKEN_IDS.name]
@@ -76,7 +99,22 @@ def request_tensors(params: GenerateParams) -> list[tuple[str, str, np.ndarray]]
     if params.stop_token_ids:
         name, datatype, dtype = _STOP_TOKEN_IDS
         tensors.append((name, datatype, np.asarray(params.stop_token_ids, dtype=dtype)))
+    if params.ignore_eos:
+        tensors.append(_tensor(LLM.IGNORE_EOS, [1]))
+    if params.top_logprobs:
+        tensors.append(_tensor(LLM.TOP_LOGPROBS, [params.top_logprobs]))
+    if params.logit_bias:
+        tensors.append(_tensor(LLM.LOGIT_BIAS_IDS, list(params.logit_bias)))
+        tensors.append(_tensor(LLM.LOGIT_BIAS, list(params.logit_bias.values())))
+    if params.constraint is not None:
+        tensors.append((LLM.CONSTRAINT.name, LLM.CONSTRAINT.datatype,
+                        np.array([params.constraint.encode()], dtype=np.object_)))
     return tensors
+
+
+def _tensor(spec: Any, values: list[Any]) -> tuple[str, str, np.ndarray]:
+    name, datatype, dtype = _INPUTS[spec.name]
+    return name, datatype, np.asarray(values, dtype=dtype)
 
 
 def build_inputs(params: GenerateParams) -> list[InferInput]:
@@ -91,12 +129,16 @@ def build_request(model: str, params: GenerateParams, request_id: str = "") -> s
         tensor = req.inputs.add()
         tensor.name, tensor.datatype = name, datatype
         tensor.shape.extend(array.shape)
-        req.raw_input_contents.append(array.tobytes())
+        if datatype == "BYTES":  # KServe's raw BYTES: each item as a 4-byte little-endian length, then its bytes
+            req.raw_input_contents.append(b"".join(len(x).to_bytes(4, "little") + x for x in array.reshape(-1)))
+        else:
+            req.raw_input_contents.append(array.tobytes())
     return req
 
 
 # The output names, bound once: parse_response runs for every streamed response.
-_TOKEN_IDS, _FINISH_REASON = LLM.TOKEN_IDS.name, LLM.FINISH_REASON.name
+_TOKEN_IDS, _FINISH_REASON, _LOGPROBS = LLM.TOKEN_IDS.name, LLM.FINISH_REASON.name, LLM.LOGPROBS.name
+_TOP_IDS, _TOP_VALUES = LLM.TOP_TOKEN_IDS.name, LLM.TOP_LOGPROB_VALUES.name
 _PROMPT_TOKENS, _COMPLETION_TOKENS = LLM.PROMPT_TOKENS.name, LLM.COMPLETION_TOKENS.name
 _INTS = {datatype: NUMPY_DTYPES[datatype] for datatype in ("INT64", "INT32")}
 
@@ -107,6 +149,12 @@ def parse_response(resp: service_pb2.ModelInferResponse) -> TritonChunk:
     for out, raw in zip(resp.outputs, resp.raw_output_contents, strict=False):
         if out.name == _TOKEN_IDS:
             chunk.token_ids = np.frombuffer(raw, dtype=_INTS[out.datatype]).tolist()
+        elif out.name == _LOGPROBS:
+            chunk.logprobs = np.frombuffer(raw, dtype="<f4").tolist()
+        elif out.name == _TOP_IDS:
+            chunk.top_ids = np.frombuffer(raw, dtype=_INTS[out.datatype]).tolist()
+        elif out.name == _TOP_VALUES:
+            chunk.top_logprobs = np.frombuffer(raw, dtype="<f4").tolist()
         elif out.name == _FINISH_REASON:  # BYTES: a 4-byte little-endian length, then the bytes
             size = int.from_bytes(raw[:4], "little")
             chunk.finish_reason = raw[4:4 + size].decode()
@@ -114,6 +162,8 @@ def parse_response(resp: service_pb2.ModelInferResponse) -> TritonChunk:
             chunk.prompt_tokens = int(np.frombuffer(raw, dtype=_INTS[out.datatype])[0])
         elif out.name == _COMPLETION_TOKENS:
             chunk.completion_tokens = int(np.frombuffer(raw, dtype=_INTS[out.datatype])[0])
+    if chunk.top_ids and chunk.token_ids:
+        chunk.top_k = len(chunk.top_ids) // len(chunk.token_ids)
     return chunk
 
 

@@ -64,6 +64,9 @@ class _News:
 
     ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_k: int = 0  # alternatives per token in top_ids / top_logprobs
+    top_ids: list[int] = field(default_factory=list)
+    top_logprobs: list[float] = field(default_factory=list)
     end: tuple[str, int, int] | None = None  # (reason, prompt_tokens, completion_tokens)
     fail: tuple[str, str] | None = None  # (TritonError code, message)
 
@@ -196,12 +199,18 @@ class ChannelHub:
             news = channel.news[key.seq] = _News()
         return news
 
-    def tokens(self, key: SeqKey, ids: list[int], logprobs: list[float]) -> None:
+    def tokens(self, key: SeqKey, ids: list[int], logprobs: list[float], top_k: int = 0,
+               top_ids: list[int] | None = None, top_logprobs: list[float] | None = None) -> None:
+        """New tokens; with ``top_k``, ``top_k`` alternatives per token in ``top_ids``/``top_logprobs``."""
         with self._lock:
             news = self._news(key)
             if news is not None:
                 news.ids += ids
                 news.logprobs += logprobs
+                if top_k:
+                    news.top_k = top_k
+                    news.top_ids += top_ids or []
+                    news.top_logprobs += top_logprobs or []
 
     def finished(self, key: SeqKey, reason: str, prompt_tokens: int, completion_tokens: int) -> None:
         with self._lock:
@@ -258,6 +267,7 @@ class ChannelHub:
     def _frame(self, news: dict[int, _News]) -> Any:
         """One response with the columns of ``LLMChannel.OUTPUTS`` (a group only when it has rows)."""
         seqs, counts, ids, logprobs = [], [], [], []
+        top_counts, top_ids, top_logprobs = [], [], []
         ended, reasons, prompts, completions = [], [], [], []
         failed, codes, messages = [], [], []
         for seq, item in news.items():
@@ -266,6 +276,9 @@ class ChannelHub:
                 counts.append(len(item.ids))
                 ids += item.ids
                 logprobs += item.logprobs
+                top_counts.append(item.top_k)
+                top_ids += item.top_ids
+                top_logprobs += item.top_logprobs
             if item.fail is not None:
                 failed.append(seq)
                 codes.append(item.fail[0])
@@ -281,6 +294,10 @@ class ChannelHub:
                     tensor(LLMChannel.COUNTS.name, np.array(counts, dtype=_INT32)),
                     tensor(LLM.TOKEN_IDS.name, np.array(ids, dtype=_INT64)),
                     tensor(LLM.LOGPROBS.name, np.array(logprobs, dtype=_FP32))]
+            if top_ids:
+                out += [tensor(LLMChannel.TOP_COUNTS.name, np.array(top_counts, dtype=_INT32)),
+                        tensor(LLM.TOP_TOKEN_IDS.name, np.array(top_ids, dtype=_INT64)),
+                        tensor(LLM.TOP_LOGPROB_VALUES.name, np.array(top_logprobs, dtype=_FP32))]
         if ended:
             out += [tensor(LLMChannel.ENDED.name, np.array(ended, dtype=_INT64)),
                     tensor(LLMChannel.ENDED_REASONS.name, _bytes(reasons)),

@@ -124,6 +124,8 @@ class LLMChannel:
       once like an open.
     Frame columns (outputs of the attach's responses), each group absent when empty:
     - ``SEQS`` [n], ``COUNTS`` [n]; ``LLM.TOKEN_IDS``/``LLM.LOGPROBS`` [sum(COUNTS)]: the new tokens, in SEQS order;
+      ``TOP_COUNTS`` [n] with ``LLM.TOP_TOKEN_IDS``/``LLM.TOP_LOGPROB_VALUES`` [sum(COUNTS * TOP_COUNTS)] when a
+      sequence of the frame asked for top log-probabilities;
     - ``ENDED`` [e], ``ENDED_REASONS`` [e] (``LLM.FINISH_REASONS``), ``ENDED_PROMPT_TOKENS`` [e],
       ``ENDED_COMPLETION_TOKENS`` [e]: the sequences that finished (after their last tokens in the same frame);
     - ``FAILED`` [f], ``FAILED_CODES`` [f] (the TritonError code names above), ``FAILED_MESSAGES`` [f].
@@ -136,6 +138,7 @@ class LLMChannel:
 
     SEQS: Final = TensorSpec("seqs", "INT64", (-1,))
     COUNTS: Final = TensorSpec("counts", "INT32", (-1,))
+    TOP_COUNTS: Final = TensorSpec("top_counts", "INT32", (-1,))  # k per SEQS entry, with LLM.TOP_TOKEN_IDS
     ENDED: Final = TensorSpec("ended_seqs", "INT64", (-1,))
     ENDED_REASONS: Final = TensorSpec("ended_reasons", "BYTES", (-1,))
     ENDED_PROMPT_TOKENS: Final = TensorSpec("ended_prompt_tokens", "INT32", (-1,))
@@ -143,7 +146,7 @@ class LLMChannel:
     FAILED: Final = TensorSpec("failed_seqs", "INT64", (-1,))
     FAILED_CODES: Final = TensorSpec("failed_codes", "BYTES", (-1,))
     FAILED_MESSAGES: Final = TensorSpec("failed_messages", "BYTES", (-1,))
-    OUTPUTS: Final = (SEQS, COUNTS, ENDED, ENDED_REASONS, ENDED_PROMPT_TOKENS, ENDED_COMPLETION_TOKENS,
+    OUTPUTS: Final = (SEQS, COUNTS, TOP_COUNTS, ENDED, ENDED_REASONS, ENDED_PROMPT_TOKENS, ENDED_COMPLETION_TOKENS,
                       FAILED, FAILED_CODES, FAILED_MESSAGES)
 
     TRACEPARENT: Final = "traceparent"  # an open's request parameter (string): the caller's sampled span

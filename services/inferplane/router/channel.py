@@ -24,6 +24,7 @@ import contextvars
 import itertools
 import logging
 import math
+from collections.abc import Sequence
 from types import TracebackType
 
 import grpc
@@ -88,6 +89,9 @@ class ChannelSequence:
         self._want = 1
         self._interval = max(1, interval)
         self._ids: list[int] = []
+        self._logprobs: list[float] = []  # of _ids, when the frames carry them
+        self._top_ids: list[int] = []  # top_k per id of _ids, when asked
+        self._top_logprobs: list[float] = []
         self._final: executor_pb2.SequenceEnd | None = None
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
@@ -97,8 +101,12 @@ class ChannelSequence:
 
     # --- from the link's reader ------------------------------------------------------------------------
 
-    def push(self, token_ids: list[int]) -> None:
+    def push(self, token_ids: Sequence[int], logprobs: Sequence[float] = (), top_ids: Sequence[int] = (),
+             top_logprobs: Sequence[float] = ()) -> None:
         self._ids.extend(token_ids)  # merged with what the consumer has not taken yet
+        self._logprobs.extend(logprobs)
+        self._top_ids.extend(top_ids)
+        self._top_logprobs.extend(top_logprobs)
         self._wake()
 
     def finish(self, end: executor_pb2.SequenceEnd) -> None:
@@ -142,8 +150,12 @@ class ChannelSequence:
             raise StopAsyncIteration
         while not (len(self._ids) >= self._want or self.ended):
             await self._wait()
-        msg = Message(token_ids=self._ids) if self._ids else Message()
-        self._ids = []
+        if self._ids:
+            msg = Message(token_ids=self._ids, logprobs=self._logprobs, top_token_ids=self._top_ids,
+                          top_logprobs=self._top_logprobs)
+            self._ids, self._logprobs, self._top_ids, self._top_logprobs = [], [], [], []
+        else:
+            msg = Message()
         self._want = self._interval
         if self._final is not None:
             msg.finish_reason = self._final.finish_reason
@@ -241,14 +253,22 @@ class _Link:
         FRAMES.inc()
         ids = frame.token_ids
         TOKENS.inc(len(ids))
-        at = 0
-        for seq, count in zip(frame.seq, frame.count, strict=True):
+        lps = frame.logprobs
+        tops = frame.top_counts or itertools.repeat(0)
+        at = top_at = 0
+        for seq, count, k in zip(frame.seq, frame.count, tops, strict=False):  # tops: as long as seq, or endless
             sequence = self.sequences.get(seq)
             if sequence is not None:
-                sequence.push(ids[at:at + count])
+                if not lps:
+                    sequence.push(ids[at:at + count])
+                else:
+                    top_end = top_at + count * k
+                    sequence.push(ids[at:at + count], lps[at:at + count], frame.top_token_ids[top_at:top_end],
+                                  frame.top_logprobs[top_at:top_end])
             else:
                 LATE.inc()
             at += count
+            top_at += count * k
         for end in frame.ended:
             if (sequence := self._ended(end.seq)) is not None:
                 sequence.finish(end)

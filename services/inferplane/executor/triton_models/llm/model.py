@@ -3,11 +3,16 @@
 Contract (the executor depends on it):
 - inputs: ``input_ids`` INT64 [-1]; ``max_tokens`` INT32 [1]; optional ``temperature`` FP32 [1] (0 = greedy),
   ``top_p`` FP32 [1], ``top_k`` INT32 [1] (0 = off), ``seed`` INT64 [1] (absent = random),
-  ``stop_token_ids`` INT64 [-1] (added to the checkpoint's eos ids).
-- responses with ``token_ids`` [n >= 1] and ``logprobs`` [n] (the model's log-probability of each token), in
-  order, as the tokens are produced: one token per response while the stream keeps up, the tokens that
-  queued up meanwhile in one response when it does not (coalescing under backpressure). A stop token ends
-  the stream and is not sent, but counts in ``completion_tokens``.
+  ``stop_token_ids`` INT64 [-1] (added to the checkpoint's eos ids, unless ``ignore_eos`` is 1: then they alone
+  stop), ``repetition_penalty`` / ``presence_penalty`` / ``frequency_penalty`` FP32 [1], ``min_tokens`` INT32 [1],
+  ``logit_bias_ids`` INT64 [-1] with ``logit_bias`` FP32 [-1], ``top_logprobs`` INT32 [1] (0 to 20) and
+  ``constraint`` BYTES [1] (a grammar, ``inferplane.modeling.constrained``: compiled here, refused with
+  INVALID_ARG when it does not compile).
+- responses with ``token_ids`` [n >= 1] and ``logprobs`` [n] (the model's log-probability of each token; with
+  ``top_logprobs`` k also ``top_token_ids`` and ``top_logprob_values`` [n * k]), in order, as the tokens are
+  produced: one token per response while the stream keeps up, the tokens that queued up meanwhile in one
+  response when it does not (coalescing under backpressure). A stop token ends the stream and is not sent, but
+  counts in ``completion_tokens``.
 - then exactly one response flagged ``TRITONSERVER_RESPONSE_COMPLETE_FINAL`` with ``token_ids`` and
   ``logprobs`` empty, ``finish_reason`` ("stop" | "length" | "cancelled"), ``prompt_tokens`` and
   ``completion_tokens``. "length" covers both max_tokens and the context end (prompt + completion =
@@ -59,13 +64,16 @@ from inferplane.modeling.contract import CHECKPOINT_DIR, DTYPE, INTERNAL, INVALI
 from inferplane.modeling.instance import instance_device, int_param, param
 from inferplane.modeling.llama import LlamaForCausalLM, SamplingParams, load_model
 from inferplane.modeling.llama.batching import (
+    NO_SHAPING,
     BatchScheduler,
     Event,
     FinishEvent,
     RequestRefused,
     SchedulerStats,
     SequenceRequest,
+    Shaping,
     TokenEvent,
+    TokenMatcher,
 )
 
 IDLE_WAIT_S = 0.05  # both threads wake at least this often to notice finalize()
@@ -115,6 +123,18 @@ def _array(request: Any, name: str) -> list[int] | None:
     return None if tensor is None else tensor.as_numpy().reshape(-1).astype(np.int64).tolist()
 
 
+def _floats(request: Any, name: str) -> list[float] | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy().reshape(-1).astype(np.float64).tolist()
+
+
+def _apply_masks(logits: torch.Tensor, rows: list[tuple[int, TokenMatcher]]) -> None:
+    """The grammar masks (``inferplane.modeling.constrained``, imported at the first constrained step)."""
+    from inferplane.modeling.constrained import apply_masks
+
+    apply_masks(logits, rows)
+
+
 @dataclass(slots=True)
 class _Stream:
     """One decoupled request: its Triton request (for is_cancelled) and response sender."""
@@ -132,6 +152,9 @@ class _Outgoing:
 
     ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_k: int = 0  # alternatives per token in top_ids / top_logprobs
+    top_ids: list[int] = field(default_factory=list)
+    top_logprobs: list[float] = field(default_factory=list)
     finish: FinishEvent | None = None
     error: tuple[str, str] | None = None  # (message, TritonError code): ends the stream instead of a finish
 
@@ -192,7 +215,9 @@ class TritonPythonModel:
         max_pos = self.model.config.max_position_embeddings
         self.max_context = min(int_param(config, LLM.MAX_CONTEXT, 0) or max_pos, max_pos)
         max_sequences = int_param(config, LLM.MAX_SEQUENCES, 0) or 32
-        self.scheduler = BatchScheduler(self.model, max_sequences=max_sequences, max_context=self.max_context)
+        self.scheduler = BatchScheduler(self.model, max_sequences=max_sequences, max_context=self.max_context,
+                                        apply_masks=_apply_masks)
+        self._compiler: Any = None  # the grammar compiler, made at the first constrained request
         self.ipc_duty = float(param(config, LLM.IPC_DUTY, "") or IPC_DUTY)
         assert 0 < self.ipc_duty <= 1, f"ipc_duty must be in (0, 1], got {self.ipc_duty}"
         self.streams: dict[Hashable, _Stream] = {}  # live requests; the IPC thread removes a finished one
@@ -270,11 +295,60 @@ class TritonPythonModel:
         if top_k < 0:
             raise RequestError(f"top_k must be >= 0, got {top_k}")
         seed = _scalar(request, LLM.SEED.name)
-        stop_ids = self.eos_ids | frozenset(_array(request, LLM.STOP_TOKEN_IDS.name) or [])
+        explicit_stops = frozenset(_array(request, LLM.STOP_TOKEN_IDS.name) or [])
+        ignore_eos = bool(_scalar(request, LLM.IGNORE_EOS.name) or 0)
+        stop_ids = explicit_stops if ignore_eos else self.eos_ids | explicit_stops
         sampling = SamplingParams(
             temperature=temperature, top_k=top_k, top_p=top_p, seed=None if seed is None else int(seed)
         )
-        return SequenceRequest(rid, input_ids, int(max_tokens), sampling, stop_ids)
+        top_logprobs = int(_scalar(request, LLM.TOP_LOGPROBS.name) or 0)
+        if not 0 <= top_logprobs <= LLM.MAX_TOP_LOGPROBS:
+            raise RequestError(f"top_logprobs must be in [0, {LLM.MAX_TOP_LOGPROBS}], got {top_logprobs}")
+        return SequenceRequest(rid, input_ids, int(max_tokens), sampling, stop_ids, self._shaping(request),
+                               top_logprobs, self._matcher(request))
+
+    def _shaping(self, request: Any) -> Shaping:
+        def number(spec: Any, default: float) -> float:
+            value = _scalar(request, spec.name)
+            return default if value is None else float(value)
+
+        repetition = number(LLM.REPETITION_PENALTY, 1.0)
+        presence, frequency = number(LLM.PRESENCE_PENALTY, 0.0), number(LLM.FREQUENCY_PENALTY, 0.0)
+        min_tokens = int(number(LLM.MIN_TOKENS, 0))
+        if not repetition > 0:
+            raise RequestError(f"repetition_penalty must be > 0, got {repetition}")
+        for name, value in (("presence_penalty", presence), ("frequency_penalty", frequency)):
+            if not -2 <= value <= 2:
+                raise RequestError(f"{name} must be in [-2, 2], got {value}")
+        if min_tokens < 0:
+            raise RequestError(f"min_tokens must be >= 0, got {min_tokens}")
+        bias_ids = _array(request, LLM.LOGIT_BIAS_IDS.name) or []
+        bias = _floats(request, LLM.LOGIT_BIAS.name) or []
+        if len(bias_ids) != len(bias):
+            raise RequestError(f"logit_bias_ids and logit_bias differ in length ({len(bias_ids)}, {len(bias)})")
+        if any(not -100 <= b <= 100 for b in bias):
+            raise RequestError("logit_bias values must be in [-100, 100]")
+        shaping = Shaping(repetition, presence, frequency, min_tokens, dict(zip(bias_ids, bias, strict=True)))
+        return shaping if shaping.active else NO_SHAPING
+
+    def _matcher(self, request: Any) -> TokenMatcher | None:
+        """A fresh grammar state for the request's ``constraint`` (compiled grammars are cached by the compiler)."""
+        tensor = pb_utils.get_input_tensor_by_name(request, LLM.CONSTRAINT.name)
+        if tensor is None:
+            return None
+        values = tensor.as_numpy().reshape(-1)
+        if values.size != 1:
+            raise RequestError(f"{LLM.CONSTRAINT.name} must hold one value, got {values.size}")
+        raw = values[0]
+        spec = raw.decode() if isinstance(raw, bytes) else str(raw)
+        from inferplane.modeling.constrained import ConstraintError, GrammarCompiler
+
+        if self._compiler is None:
+            self._compiler = GrammarCompiler(self.checkpoint_dir, self.model.config.vocab_size, self.eos_ids)
+        try:
+            return self._compiler.compile(spec).matcher()
+        except ConstraintError as e:
+            raise RequestError(f"constraint: {e}") from None
 
     # ------------------------------------------------------------------ the scheduler thread
 
@@ -313,6 +387,11 @@ class TritonPythonModel:
                 if isinstance(ev, TokenEvent):
                     out.ids.append(ev.token_id)
                     out.logprobs.append(ev.logprob)
+                    if ev.top:
+                        out.top_k = len(ev.top)
+                        for tid, lp in ev.top:
+                            out.top_ids.append(tid)
+                            out.top_logprobs.append(lp)
                 else:
                     out.finish = ev
             self._outbox_ready.notify()
@@ -331,7 +410,7 @@ class TritonPythonModel:
         for rid in [*self.streams, *self.hub.live_keys()]:
             self._post_error(rid, message, INTERNAL)
         self.scheduler = BatchScheduler(self.model, max_sequences=self.scheduler.max_sequences,
-                                        max_context=self.max_context)
+                                        max_context=self.max_context, apply_masks=_apply_masks)
 
     # ------------------------------------------------------------------ the IPC thread
 
@@ -361,7 +440,7 @@ class TritonPythonModel:
         for rid, out in box.items():
             if type(rid) is SeqKey:  # a channel's sequence: into its channel's next frame
                 if out.ids:
-                    hub.tokens(rid, out.ids, out.logprobs)
+                    hub.tokens(rid, out.ids, out.logprobs, out.top_k, out.top_ids, out.top_logprobs)
                 if out.error is not None:
                     hub.failed(rid, out.error[1], out.error[0])
                 elif out.finish is not None:
@@ -371,10 +450,13 @@ class TritonPythonModel:
             if stream is None:
                 continue
             if out.ids:
-                response = pb_utils.InferenceResponse(output_tensors=[
-                    pb_utils.Tensor(TOKEN_IDS, np.array(out.ids, dtype=TOKEN_DTYPE)),
-                    pb_utils.Tensor(LOGPROBS, np.array(out.logprobs, dtype=LOGPROB_DTYPE)),
-                ])
+                tensors = [pb_utils.Tensor(TOKEN_IDS, np.array(out.ids, dtype=TOKEN_DTYPE)),
+                           pb_utils.Tensor(LOGPROBS, np.array(out.logprobs, dtype=LOGPROB_DTYPE))]
+                if out.top_ids:
+                    tensors += [pb_utils.Tensor(LLM.TOP_TOKEN_IDS.name, np.array(out.top_ids, dtype=TOKEN_DTYPE)),
+                                pb_utils.Tensor(LLM.TOP_LOGPROB_VALUES.name,
+                                                np.array(out.top_logprobs, dtype=LOGPROB_DTYPE))]
+                response = pb_utils.InferenceResponse(output_tensors=tensors)
                 try:
                     stream.sender.send(response)
                     self.counter.count("request")
