@@ -25,7 +25,9 @@ from inferplane.modeling.contract import LLM, STREAM_ERRORS_AS_STATUS
 
 PARAMS = [
     GenerateParams([1, 2, 3], 16),
-    GenerateParams([5] * 300, 1, temperature=0.7, top_p=0.9, top_k=40, seed=2**40 + 3, stop_token_ids=[7, 8]),
+    GenerateParams([5] * 300, 1, temperature=0.7, top_p=0.9, top_k=40, seed=2**40 + 3, stop_token_ids=[7, 8],
+                   repetition_penalty=1.2, presence_penalty=0.5, frequency_penalty=-0.5, min_tokens=1, ignore_eos=True,
+                   logit_bias={5: -3.0, 9: 2.5}, top_logprobs=3, constraint='{"json_object": true}'),
 ]
 
 

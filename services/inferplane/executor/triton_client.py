@@ -86,6 +86,7 @@ _OPTIONAL_SCALARS = tuple((_INPUTS[spec.name], spec.name) for spec in (
 assert {name for _, name in _OPTIONAL_SCALARS} <= set(GenerateParams.__dataclass_fields__), "fields named as inputs"
 _INPUT_IDS, _MAX_TOKENS = _INPUTS[LLM.INPUT_IDS.name], _INPUTS[LLM.MAX_TOKENS.name]
 _STOP_TOKEN_IDS = _INPUTS[LLM.STOP_TOKEN_IDS.name]
+_ORDER = {spec.name: i for i, spec in enumerate(LLM.INPUTS)}
 
 
 def request_tensors(params: GenerateParams) -> list[tuple[str, str, np.ndarray]]:
@@ -109,6 +110,7 @@ def request_tensors(params: GenerateParams) -> list[tuple[str, str, np.ndarray]]
     if params.constraint is not None:
         tensors.append((LLM.CONSTRAINT.name, LLM.CONSTRAINT.datatype,
                         np.array([params.constraint.encode()], dtype=np.object_)))
+    tensors.sort(key=lambda t: _ORDER[t[0]])  # in the contract's order
     return tensors
 
 

@@ -8,6 +8,9 @@ record belong to its ``Lease`` (``lease.py``); the executor replica, its load co
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import math
 import re
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -19,10 +22,13 @@ from inferplane.common.errors import InvalidArgument, NotFound, Unavailable
 from inferplane.common.wire import (
     ERROR,
     FINISH_FROM_PB,
+    FINISH_TO_PB,
+    LENGTH,
     REASON_CONTEXT_LENGTH_EXCEEDED,
     REASON_MODEL_NOT_FOUND,
     STOP,
 )
+from inferplane.router import tools
 from inferplane.router.admission import Admission, Metadata
 from inferplane.router.capacity import Capacity
 from inferplane.router.channel import ChannelSequence, sampled_traceparent
@@ -33,11 +39,13 @@ from inferplane.router.replicas import Replica, ReplicaSet
 from inferplane.router.streaming import Delta, ExecutorStream, TextOut
 from inferplane.router.usage import UsageRecorder
 from inferplane.tokenization import Tokenizer
-from inferplane.v1 import common_pb2, executor_pb2
+from inferplane.v1 import common_pb2, executor_pb2, router_pb2
 
 __all__ = ["Delta", "GenerationEngine", "GenerationInput", "completion_budget", "validate"]
 
 MAX_STOP_SEQUENCES = 4
+MAX_CHOICES = 128  # OpenAI's limit on n
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(slots=True)
@@ -53,6 +61,19 @@ class GenerationInput:
     top_k: int | None = None
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool = False
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    n: int = 1
+    logprobs: bool = False
+    top_logprobs: int = 0
+    constraint: common_pb2.Constraint | None = None
+    tools: list[common_pb2.FunctionTool] = field(default_factory=list)
+    tool_choice: router_pb2.ToolChoice = field(default_factory=router_pb2.ToolChoice)
+    parallel_tool_calls: bool = True
 
 
 def validate(inp: GenerationInput, model: CatalogModel) -> None:
@@ -78,6 +99,26 @@ def validate(inp: GenerationInput, model: CatalogModel) -> None:
         raise InvalidArgument("'top_k' must be >= 0.", param="top_k")
     if len(inp.stop) > MAX_STOP_SEQUENCES or any(not s for s in inp.stop):
         raise InvalidArgument(f"'stop' takes up to {MAX_STOP_SEQUENCES} non-empty strings.", param="stop")
+    if not 1 <= inp.n <= MAX_CHOICES:
+        raise InvalidArgument(f"'n' must be between 1 and {MAX_CHOICES}.", param="n")
+    if not 0 <= inp.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise InvalidArgument(f"'top_logprobs' must be between 0 and {MAX_TOP_LOGPROBS}.", param="top_logprobs")
+    if inp.top_logprobs and not inp.logprobs:
+        raise InvalidArgument("'top_logprobs' needs 'logprobs' to be true.", param="top_logprobs")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(inp, name)
+        if value is not None and not -2.0 <= value <= 2.0:
+            raise InvalidArgument(f"'{name}' must be between -2 and 2.", param=name)
+    if inp.repetition_penalty is not None and not 0 < inp.repetition_penalty <= 100:
+        raise InvalidArgument("'repetition_penalty' must be greater than 0 (1 is off).", param="repetition_penalty")
+    if inp.min_tokens is not None and inp.min_tokens < 0:
+        raise InvalidArgument("'min_tokens' must be >= 0.", param="min_tokens")
+    if inp.min_tokens and inp.max_tokens is not None and inp.min_tokens > inp.max_tokens:
+        raise InvalidArgument("'min_tokens' must not exceed 'max_tokens'.", param="min_tokens")
+    if any(not -100 <= b <= 100 or math.isnan(b) for b in inp.logit_bias.values()):
+        raise InvalidArgument("'logit_bias' values must be between -100 and 100.", param="logit_bias")
+    if (inp.tools or inp.tool_choice.mode) and inp.messages is None:
+        raise InvalidArgument("'tools' are only supported with chat messages.", param="tools")
 
 
 def completion_budget(prompt_tokens: int, max_tokens: int | None, model: CatalogModel) -> int:
@@ -155,20 +196,74 @@ class GenerationEngine:
     async def generate(self, inp: GenerationInput, *, key: KeyInfo, request_id: str,
                        deadline: float | None = None,
                        on_admitted: Callable[[Metadata], Awaitable[None]] | None = None) -> AsyncGenerator[Delta]:
-        """``on_admitted`` receives the rate-limit headers of an admitted request, before any work."""
+        """``on_admitted`` receives the rate-limit headers of an admitted request, before any work.
+
+        Yields each choice's deltas (``n`` choices run at once, interleaved), then each choice's final delta (its
+        finish reason), the last of them with the usage of all (``Delta.last``)."""
         model = self.model(inp.model)
         validate(inp, model)
         clock = self.clock(model, deadline)
         operation = "chat" if inp.messages is not None else "text_completion"
         trace_request(operation, model.id, request_id, key)
         _trace_sampling(inp)
-        if inp.messages is not None:
-            encoded = await self.tokenizer.encode_chat(model.id, inp.messages, timeout=clock.left())
+        constraint = inp.constraint
+        mode: tools.Mode = "none"
+        messages = inp.messages
+        if messages is not None and (inp.tools or inp.tool_choice.mode or _has_tool_turns(messages)):
+            tools.validate_tools(inp.tools)
+            mode = tools.resolve_mode(inp.tools, inp.tool_choice)
+            messages = tools.render_messages(messages, inp.tools, inp.tool_choice, parallel=inp.parallel_tool_calls)
+            forced = tools.constraint_for(inp.tools, inp.tool_choice, inp.parallel_tool_calls)
+            if forced is not None:
+                if constraint is not None:
+                    raise InvalidArgument("'response_format' cannot be combined with a tool_choice that forces a "
+                                          "function call.", param="response_format")
+                constraint = common_pb2.Constraint(json_schema=forced)
+        if messages is not None:
+            encoded = await self.tokenizer.encode_chat(model.id, messages, timeout=clock.left())
         else:
             encoded = await self.tokenizer.encode_text(model.id, inp.prompt or "", timeout=clock.left())
         prompt_tokens = len(encoded.token_ids)
         max_tokens = completion_budget(prompt_tokens, inp.max_tokens, model)
-        req = executor_request(inp, model, request_id, encoded.token_ids, encoded.stop_token_ids, max_tokens)
+        req = executor_request(inp, model, request_id, encoded.token_ids,
+                               [] if inp.ignore_eos else encoded.stop_token_ids, max_tokens, constraint)
+        choices = [_Choice(i, tools.parser_for(inp.tools, inp.tool_choice, inp.parallel_tool_calls)
+                           if mode != "none" else None, mode) for i in range(inp.n)]
+
+        async with self.admit(key, model, request_id=request_id, operation=operation, clock=clock,
+                              prompt_tokens=prompt_tokens, max_tokens=max_tokens * inp.n) as lease:
+            if on_admitted is not None:
+                await on_admitted(lease.headers)
+
+            def settle() -> None:
+                """Once every choice has its finish: the request's (for the usage record, even if the caller leaves
+                before the last message goes out)."""
+                if any(c.finish is None for c in choices):
+                    return
+                failed = [c.finish or ERROR for c in choices if c.finish not in (STOP, LENGTH)]
+                ran_out = any(c.finish == LENGTH for c in choices)
+                lease.finished(failed[0] if failed else LENGTH if ran_out else STOP,
+                               prompt_tokens=choices[0].prompt_tokens or prompt_tokens,
+                               completion_tokens=sum(c.completion_tokens or c.received for c in choices))
+
+            runs = [self._choice(choice, _for_choice(req, choice.index), inp, model, lease, clock, request_id,
+                                 settle) for choice in choices]
+            async with contextlib.aclosing(runs[0] if len(runs) == 1 else _merged(runs)) as deltas:
+                async for delta in deltas:
+                    yield delta
+        # The lease has left its usage record (stored, for a finished request): the last message carries the cost.
+        for choice in choices:
+            final = choice.final()
+            if choice is choices[-1]:
+                final.last = True
+                final.prompt_tokens, final.completion_tokens = lease.prompt_tokens, lease.completion_tokens
+                final.cost_nanodollars = lease.cost
+            yield final
+
+    async def _choice(self, choice: _Choice, req: executor_pb2.ExecutorGenerateRequest, inp: GenerationInput,
+                      model: CatalogModel, lease: Lease, clock: Clock, request_id: str,
+                      settle: Callable[[], None]) -> AsyncGenerator[Delta]:
+        """One choice's generation on an executor: its text deltas (with logprobs and tool calls) as they come."""
 
         async def start(replica: Replica) -> ChannelSequence | ExecutorStream:  # each attempt, on the replica picked
             lease.began()
@@ -176,35 +271,55 @@ class GenerationEngine:
                 return await replica.link.open(req, timeout=clock.left(), traceparent=sampled_traceparent())
             return await ExecutorStream.open(replica.stub.Generate(req, timeout=clock.left()))
 
-        async with self.admit(key, model, request_id=request_id, operation=operation, clock=clock,
-                              prompt_tokens=prompt_tokens, max_tokens=max_tokens) as lease:
-            if on_admitted is not None:
-                await on_admitted(lease.headers)
-            async with (TextOut(self.tokenizer.decoder(model.id, timeout=clock.left()), inp.stop) as text,
-                        self.executors.open(model.triton_model, start, request_id=request_id) as stream, stream):
-                async for msg in stream:
-                    if msg.token_ids:
-                        lease.tokens(len(msg.token_ids))
-                        if delta := await text.push(msg.token_ids):
-                            yield delta
-                        if text.stopped:
-                            lease.finish = STOP
-                            break
-                    if msg.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
-                        # The model's own counts of what it consumed and produced are authoritative.
-                        lease.finished(FINISH_FROM_PB.get(msg.finish_reason, ERROR),
-                                       prompt_tokens=msg.usage.prompt_tokens,
-                                       completion_tokens=msg.usage.completion_tokens)
+        async with (TextOut(self.tokenizer.decoder(model.id, timeout=clock.left()), inp.stop) as text,
+                    self.executors.open(model.triton_model, start, request_id=request_id) as stream, stream):
+            choice.text = text
+            async for msg in stream:
+                if msg.token_ids:
+                    lease.tokens(len(msg.token_ids))
+                    choice.received += len(msg.token_ids)
+                    if inp.logprobs:
+                        choice.pending_logprobs += await self._token_logprobs(model.id, msg, req.top_logprobs, clock)
+                    if (delta := await text.push(msg.token_ids)) and (shaped := choice.shape(delta)):
+                        yield shaped
+                    if text.stopped:
+                        choice.finish = STOP
+                        settle()
                         break
-                if lease.finish is None:
-                    raise Unavailable("the executor ended the stream before the generation finished")
-                if tail := await text.flush():
-                    yield tail
-                if text.stopped:
-                    lease.finish = STOP
-        # The lease has left its usage record (stored, for a finished request): the last message carries the cost.
-        yield Delta("", text.unsent(lease.completion_tokens), lease.finish_pb, lease.prompt_tokens,
-                    lease.completion_tokens, lease.cost, text.stop_sequence)
+                if msg.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+                    # The model's own counts of what it consumed and produced are authoritative.
+                    choice.finish = FINISH_FROM_PB.get(msg.finish_reason, ERROR)
+                    choice.prompt_tokens = msg.usage.prompt_tokens
+                    choice.completion_tokens = msg.usage.completion_tokens
+                    settle()
+                    break
+            if choice.finish is None:
+                raise Unavailable("the executor ended the stream before the generation finished")
+            if (tail := await text.flush()) and (shaped := choice.shape(tail)):
+                yield shaped
+            if text.stopped:
+                choice.finish = STOP
+            if not choice.completion_tokens:  # stopped here (a stop sequence): the tokens received
+                choice.completion_tokens = choice.received
+            settle()
+
+    async def _token_logprobs(self, model_id: str, msg: executor_pb2.ExecutorGenerateResponse, k: int,
+                              clock: Clock) -> list[common_pb2.TokenLogprob]:
+        """OpenAI's logprobs entries of a message's tokens: text and bytes of each token and of its alternatives."""
+        ids = list(msg.token_ids)
+        top_ids = list(msg.top_token_ids) if k else []
+        raw = await self.tokenizer.token_bytes(model_id, ids + top_ids, timeout=clock.left())
+        lps = list(msg.logprobs) or [math.nan] * len(ids)
+        out = []
+        for i, token_id in enumerate(ids):
+            entry = common_pb2.TokenLogprob(token=raw[i].decode(errors="replace"), logprob=lps[i], bytes=raw[i],
+                                            token_id=token_id)
+            for j in range(i * k, (i + 1) * k if top_ids else 0):
+                b = raw[len(ids) + j]
+                entry.top_logprobs.add(token=b.decode(errors="replace"), logprob=msg.top_logprobs[j], bytes=b,
+                                       token_id=top_ids[j])
+            out.append(entry)
+        return out
 
     async def drain(self) -> None:
         """Wait for usage records still being written (at shutdown)."""
@@ -212,20 +327,123 @@ class GenerationEngine:
 
 
 def executor_request(inp: GenerationInput, model: CatalogModel, request_id: str, prompt_token_ids: list[int],
-                     stop_token_ids: list[int], max_tokens: int) -> executor_pb2.ExecutorGenerateRequest:
+                     stop_token_ids: list[int], max_tokens: int,
+                     constraint: common_pb2.Constraint | None = None) -> executor_pb2.ExecutorGenerateRequest:
     req = executor_pb2.ExecutorGenerateRequest(
         model=model.triton_model, prompt_token_ids=prompt_token_ids, max_tokens=max_tokens,
-        stop_token_ids=stop_token_ids, request_id=request_id, stream_interval=model.stream_interval)
-    for name in ("temperature", "top_p", "top_k", "seed"):
+        stop_token_ids=stop_token_ids, request_id=request_id, stream_interval=model.stream_interval,
+        top_logprobs=inp.top_logprobs if inp.logprobs else 0)
+    for name in ("temperature", "top_p", "top_k", "seed", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty", "min_tokens"):
         value = getattr(inp, name)
         if value is not None:
             setattr(req.sampling, name, value)
+    if inp.ignore_eos:
+        req.sampling.ignore_eos = True
+    for token_id, bias in inp.logit_bias.items():
+        req.sampling.logit_bias[token_id] = bias
+    if constraint is not None:
+        req.constraint.CopyFrom(constraint)
     return req
+
+
+def _for_choice(req: executor_pb2.ExecutorGenerateRequest, index: int) -> executor_pb2.ExecutorGenerateRequest:
+    """Choice ``index``'s request: choice 0 is ``req``; the others draw from their own seed (seed + index), so that
+    seeded choices differ from each other and each is reproducible."""
+    if index == 0:
+        return req
+    out = executor_pb2.ExecutorGenerateRequest()
+    out.CopyFrom(req)
+    if out.sampling.HasField("seed"):
+        out.sampling.seed = (out.sampling.seed + index + 2**63) % 2**64 - 2**63
+    return out
+
+
+def _has_tool_turns(messages: list[common_pb2.ChatMessage]) -> bool:
+    return any(m.tool_calls or m.role == "tool" for m in messages)
+
+
+class _Choice:
+    """One choice's state: its text (stop sequences), logprobs not yet sent, tool-call parser and counts."""
+
+    def __init__(self, index: int, parser: tools.ToolCallParser | None, mode: tools.Mode) -> None:
+        self.index = index
+        self.parser = parser
+        self.mode = mode
+        self.text: TextOut | None = None
+        self.pending_logprobs: list[common_pb2.TokenLogprob] = []
+        self.carry = 0  # tokens of deltas that left nothing to send (text held by the tool parser)
+        self.finish: str | None = None
+        self.prompt_tokens = 0
+        self.completion_tokens = 0  # the model's count once it finished (else, after a stop sequence, received)
+        self.received = 0  # token ids that arrived
+
+    def shape(self, delta: Delta) -> Delta | None:
+        """The delta as sent: its choice index, its tokens' logprobs, the tool parser's content and call deltas."""
+        delta.index = self.index
+        delta.token_count += self.carry
+        self.carry = 0
+        if self.pending_logprobs:
+            delta.logprobs = self.pending_logprobs[:delta.token_count]
+            del self.pending_logprobs[:delta.token_count]
+        if self.parser is not None:
+            delta.text, calls = self.parser.feed(delta.text)
+            delta.tool_calls = list(calls)
+        if not (delta.text or delta.tool_calls or delta.logprobs):
+            self.carry = delta.token_count
+            return None
+        return delta
+
+    def final(self) -> Delta:
+        """The choice's last delta: what is still held, and its finish reason."""
+        assert self.text is not None and self.finish is not None
+        delta = Delta("", self.text.unsent(self.completion_tokens) + self.carry, index=self.index,
+                      stop_sequence=self.text.stop_sequence, logprobs=self.pending_logprobs)
+        reason: int = FINISH_TO_PB[self.finish]
+        if self.parser is not None:
+            delta.text, calls, made = self.parser.finish()
+            delta.tool_calls = list(calls)
+            reason = tools.finish_reason(self.mode, made, reason)
+        delta.finish_reason = reason
+        return delta
+
+
+async def _merged(runs: list[AsyncGenerator[Delta]]) -> AsyncGenerator[Delta]:
+    """The choices' deltas as they come; the first failure cancels the other choices and is raised."""
+    queue: asyncio.Queue[Delta | BaseException | None] = asyncio.Queue()
+
+    async def pump(run: AsyncGenerator[Delta]) -> None:
+        try:
+            async with contextlib.aclosing(run):
+                async for delta in run:
+                    queue.put_nowait(delta)
+            queue.put_nowait(None)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            queue.put_nowait(exc)
+
+    tasks = [asyncio.ensure_future(pump(run)) for run in runs]
+    try:
+        left = len(tasks)
+        while left:
+            item = await queue.get()
+            if item is None:
+                left -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _trace_sampling(inp: GenerationInput) -> None:
     span = trace.get_current_span()
     for attr, value in (("gen_ai.request.max_tokens", inp.max_tokens), ("gen_ai.request.temperature",
-                        inp.temperature), ("gen_ai.request.top_p", inp.top_p), ("gen_ai.request.seed", inp.seed)):
+                        inp.temperature), ("gen_ai.request.top_p", inp.top_p), ("gen_ai.request.seed", inp.seed),
+                        ("gen_ai.request.choice.count", inp.n if inp.n > 1 else None)):
         if value is not None:
             span.set_attribute(attr, value)

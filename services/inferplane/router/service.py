@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
@@ -37,16 +38,33 @@ def input_from_pb(req: router_pb2.GenerateRequest) -> GenerationInput:
     if which is None:
         raise InvalidArgument("either 'prompt' or 'messages' is required", param="messages")
     s = req.sampling
+
+    def opt(msg: Any, name: str) -> Any:
+        return getattr(msg, name) if msg.HasField(name) else None
+
     return GenerationInput(
         model=req.model,
         prompt=req.prompt if which == "prompt" else None,
         messages=list(req.chat.messages) if which == "chat" else None,
-        max_tokens=req.max_tokens if req.HasField("max_tokens") else None,
-        temperature=s.temperature if s.HasField("temperature") else None,
-        top_p=s.top_p if s.HasField("top_p") else None,
-        top_k=s.top_k if s.HasField("top_k") else None,
-        seed=s.seed if s.HasField("seed") else None,
+        max_tokens=opt(req, "max_tokens"),
+        temperature=opt(s, "temperature"),
+        top_p=opt(s, "top_p"),
+        top_k=opt(s, "top_k"),
+        seed=opt(s, "seed"),
         stop=list(req.stop),
+        repetition_penalty=opt(s, "repetition_penalty"),
+        presence_penalty=opt(s, "presence_penalty"),
+        frequency_penalty=opt(s, "frequency_penalty"),
+        min_tokens=opt(s, "min_tokens"),
+        ignore_eos=s.ignore_eos,
+        logit_bias=dict(s.logit_bias),
+        n=req.n if req.HasField("n") and req.n != 0 else 1,
+        logprobs=req.logprobs,
+        top_logprobs=req.top_logprobs if req.HasField("top_logprobs") else 0,
+        constraint=req.constraint if req.HasField("constraint") and req.constraint.WhichOneof("kind") else None,
+        tools=list(req.tools),
+        tool_choice=req.tool_choice,
+        parallel_tool_calls=req.parallel_tool_calls if req.HasField("parallel_tool_calls") else True,
     )
 
 
@@ -77,15 +95,17 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             async for delta in deltas:
                 msg = router_pb2.GenerateResponse(request_id=request_id, text=delta.text, token_count=delta.token_count,
                                                   created=created, model=request.model,
-                                                  finish_reason=delta.finish_reason)  # type: ignore[arg-type]
-                if delta.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+                                                  finish_reason=delta.finish_reason,  # type: ignore[arg-type]
+                                                  index=delta.index, logprobs=delta.logprobs,
+                                                  tool_calls=delta.tool_calls)
+                if delta.last:
                     msg.usage.prompt_tokens = delta.prompt_tokens
                     msg.usage.completion_tokens = delta.completion_tokens
                     msg.usage.total_tokens = delta.prompt_tokens + delta.completion_tokens
                     if delta.cost_nanodollars is not None:
                         msg.usage.cost_nanodollars = delta.cost_nanodollars
-                    if delta.stop_sequence is not None:
-                        msg.stop_sequence = delta.stop_sequence
+                if delta.stop_sequence is not None:
+                    msg.stop_sequence = delta.stop_sequence
                 yield msg
 
     async def Embed(self, request: router_pb2.EmbedRequest,

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
 from inferplane.common.server import close_stream
 from inferplane.router.stops import StopMatcher
 from inferplane.tokenization import TextDecoder
-from inferplane.v1 import common_pb2, executor_pb2
+from inferplane.v1 import common_pb2, executor_pb2, router_pb2
 
 Message = executor_pb2.ExecutorGenerateResponse
 
@@ -27,6 +27,14 @@ class Delta:
     cost_nanodollars: int | None = None
     # On the final message: the stop sequence that ended the generation (None: none matched).
     stop_sequence: str | None = None
+    # The choice (0 to n - 1) this delta belongs to.
+    index: int = 0
+    # With logprobs: one entry per token of this delta.
+    logprobs: list[common_pb2.TokenLogprob] = field(default_factory=list)
+    # Tool calls (parts of them) made in this delta.
+    tool_calls: list[router_pb2.ToolCallDelta] = field(default_factory=list)
+    # The request's last delta: it carries the usage of all choices (and the cost).
+    last: bool = False
 
 
 class ExecutorStream:

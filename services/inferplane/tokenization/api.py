@@ -66,6 +66,11 @@ class Tokenizer(Protocol):
         vocabulary is an ``InvalidArgument``."""
         ...
 
+    async def token_bytes(self, model: str, token_ids: Sequence[int], *, timeout: float | None) -> list[bytes]:
+        """Each id's own bytes (logprobs' ``token`` and ``bytes``): exact in process; through the tokenizer
+        service, each id's decoded text (a token holding part of a UTF-8 character reads as U+FFFD there)."""
+        ...
+
 
 class SplitTokenizer:
     """Encodes with one implementation and decodes with another (``tokenize: local``, ``detokenize: remote``)."""
@@ -90,3 +95,6 @@ class SplitTokenizer:
 
     async def decode(self, model: str, token_ids: Sequence[int], *, timeout: float | None) -> str:
         return await self._decoder.decode(model, token_ids, timeout=timeout)
+
+    async def token_bytes(self, model: str, token_ids: Sequence[int], *, timeout: float | None) -> list[bytes]:
+        return await self._decoder.token_bytes(model, token_ids, timeout=timeout)

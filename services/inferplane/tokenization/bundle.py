@@ -106,6 +106,25 @@ def _pick_chat_template(value: Any, source: Path) -> str | None:
     raise ValueError(f"{source}: chat_template must be a string or a list of {{name, template}}")
 
 
+def _gpt2_byte_alphabet() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map, which byte-level BPE vocabularies are written in."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(printable, chars, strict=True)}
+
+
+def _is_byte_level(tokenizer: Tokenizer) -> bool:
+    """Whether the tokenizer's decoder is (or contains) ByteLevel."""
+    decoder = json.loads(tokenizer.to_str()).get("decoder") or {}
+    parts = [decoder, *(decoder.get("decoders") or [])]
+    return any(isinstance(d, dict) and d.get("type") == "ByteLevel" for d in parts)
+
+
 def _as_id_list(value: Any) -> list[int]:
     if isinstance(value, int):
         return [value]
@@ -143,6 +162,7 @@ class TokenizerBundle:
     stop_token_ids: list[int] = field(init=False)
     vocab_size: int = field(init=False)  # one past the highest id: valid ids are [0, vocab_size)
     _template: jinja2.Template | None = field(init=False, default=None, repr=False)
+    _bytes_table: list[bytes] | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
         vocab = self.tokenizer.get_vocab(with_added_tokens=True)
@@ -237,6 +257,37 @@ class TokenizerBundle:
         if self.add_bos_token and bos is not None and (not ids or ids[0] != bos):
             ids.insert(0, bos)  # the tokenizer wants a BOS and the template did not write one
         return ids, rendered
+
+    def token_bytes(self, ids: Sequence[int]) -> list[bytes]:
+        """Each id's own bytes (a byte-level BPE token may hold part of a UTF-8 character): what OpenAI's logprobs
+        ``bytes`` list. Ids outside the vocabulary are an ``InvalidArgument``."""
+        self.check_ids(ids)
+        table = self._token_bytes_table()
+        return [table[i] for i in ids]
+
+    def _token_bytes_table(self) -> list[bytes]:
+        """Every id's bytes, built once: byte-level tokens map back through GPT-2's byte alphabet, ``<0xNN>``
+        byte-fallback tokens are their byte, SentencePiece's ``▁`` is a space, added tokens are their content."""
+        if self._bytes_table is not None:
+            return self._bytes_table
+        byte_level = _is_byte_level(self.tokenizer)
+        alphabet = {c: b for b, c in _gpt2_byte_alphabet().items()}
+        added = {t.content for t in self.tokenizer.get_added_tokens_decoder().values()}
+        table: list[bytes] = []
+        for i in range(self.vocab_size):
+            token = self.tokenizer.id_to_token(i)
+            if token is None:
+                table.append(b"")
+            elif token in added:
+                table.append(token.encode())
+            elif byte_level and all(c in alphabet for c in token):
+                table.append(bytes(alphabet[c] for c in token))
+            elif len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+                table.append(bytes([int(token[3:5], 16)]))
+            else:
+                table.append(token.replace("\u2581", " ").encode())
+        self._bytes_table = table
+        return table
 
     def check_ids(self, ids: Sequence[int]) -> None:
         if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):

@@ -124,3 +124,6 @@ class LocalTokenizer:
 
     async def decode(self, model: str, token_ids: Sequence[int], *, timeout: float | None) -> str:
         return self.registry.get(model).decode(token_ids, skip_special_tokens=False)
+
+    async def token_bytes(self, model: str, token_ids: Sequence[int], *, timeout: float | None) -> list[bytes]:
+        return self.registry.get(model).token_bytes(token_ids)

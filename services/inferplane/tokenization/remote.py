@@ -43,6 +43,7 @@ class GrpcTokenizer:
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self._stub = tokenizer_pb2_grpc.TokenizerServiceStub(channel)
+        self._token_bytes: dict[str, dict[int, bytes]] = {}  # model -> id -> its decoded text
 
     async def encode_text(self, model: str, text: str, *, timeout: float | None) -> Encoded:
         return await self._encode(tokenizer_pb2.EncodeRequest(model=model, text=text), timeout)
@@ -67,6 +68,15 @@ class GrpcTokenizer:
         except grpc.aio.AioRpcError as exc:
             raise_domain_error(exc)
         return [list(e.ids) for e in resp.encodings]
+
+    async def token_bytes(self, model: str, token_ids: Sequence[int], *, timeout: float | None) -> list[bytes]:
+        """Each id decoded on its own (one Decode per id not seen before; a vocabulary is finite, so the cache is
+        bounded by it)."""
+        cache = self._token_bytes.setdefault(model, {})
+        for token_id in dict.fromkeys(token_ids):
+            if token_id not in cache:
+                cache[token_id] = (await self.decode(model, [token_id], timeout=timeout)).encode()
+        return [cache[t] for t in token_ids]
 
     def decoder(self, model: str, *, timeout: float | None) -> StreamingDecoder:
         return StreamingDecoder(self._stub.DecodeStream(timeout=timeout), model)
