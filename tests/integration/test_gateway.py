@@ -461,7 +461,9 @@ async def test_unknown_model(stack: Stack, http: httpx.AsyncClient) -> None:
     ({"max_tokens": -1}, "max_tokens", True),  # the spec sets no minimum on chat max_tokens; OpenAI refuses
     ({"max_tokens": 0}, "max_tokens", True),
     ({"max_completion_tokens": 0}, "max_completion_tokens", True),
-    ({"n": 2}, "n", True),  # valid for OpenAI; this gateway serves one choice
+    ({"n": 129}, "n", False),
+    ({"audio": {"voice": "alloy", "format": "wav"}}, "audio", True),  # valid for OpenAI; no audio here
+    ({"frobnicate": 1}, "frobnicate", True),  # the spec allows more properties; a typo is refused, not ignored
     ({"temperature": 3}, "temperature", False),
     ({"top_p": 0}, "top_p", True),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop", False),

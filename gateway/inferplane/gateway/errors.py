@@ -4,7 +4,8 @@ Every failure the gateway reports is a ``GatewayError``. ``from_rpc_error`` maps
 call by its typed reason first (the ``google.rpc.ErrorInfo`` in ``grpc-status-details-bin``, see
 ``inferplane.common.wire``) and its status code second, through ``REASON_ERRORS`` (a registry, one row per
 reason); ``from_validation_error`` maps pydantic errors to 400 with the offending field as ``param``, and
-``install_handlers`` makes FastAPI's own 404/405/422 use the same shape.
+an unknown field (pydantic's ``extra_forbidden``) is OpenAI's "Unknown parameter: 'x'.", code
+``unknown_parameter``; ``install_handlers`` makes FastAPI's own 404/405/422 use the same shape.
 """
 
 from __future__ import annotations
@@ -150,6 +151,9 @@ def _validation(errors: list[Any]) -> GatewayError:
     msg = msg.removeprefix("Value error, ")
     if first.get("type") == "missing":
         msg = f"Missing required parameter: '{param}'."
+    elif first.get("type") == "extra_forbidden":  # as OpenAI answers a field it does not know
+        return GatewayError(400, f"Unknown parameter: '{param}'.", param=param,
+                            code="unknown_parameter")
     elif param:
         msg = f"Invalid '{param}': {msg}"
     return GatewayError(400, msg, param=param)

@@ -1,11 +1,12 @@
 """``POST /v1/chat/completions`` and ``/v1/completions`` as one raw ASGI endpoint: the token path's last hop.
 
 ``EdgeMiddleware`` calls ``GenerationEndpoint`` directly (no routing, no ``StreamingResponse``, no exception
-middleware wrapping every ``send``). A stream writes each router message as one SSE frame with one ``send``
-(the opening chunk goes out with the first text), and the end (last text, finish, usage, ``[DONE]``) in one
-``send`` that also ends the response. An error before the first byte is a plain JSON error with its status;
-after it, one ``data: {"error": ...}`` frame. A caller that disconnects cancels the router call at once (a
-watcher task per request, not per message), which cancels the executor and records the tokens generated.
+middleware wrapping every ``send``). A stream writes each router message as one SSE frame with one ``send`` (the
+opening chunks go out with the first text), and the end (last text, finish, usage, ``[DONE]``) in one ``send`` that
+also ends the response; with ``n`` choices their messages interleave, tagged with ``index``. An error before the
+first byte is a plain JSON error with its status; after it, one ``data: {"error": ...}`` frame. A caller that
+disconnects cancels the router call at once (a watcher task per request, not per message), which cancels the
+executor and records the tokens generated.
 """
 
 from __future__ import annotations
@@ -181,7 +182,7 @@ class GenerationEndpoint:
     async def _answer(self, call: GenerateCall, body: GenerationRequest, answer: _Answer) -> None:
         first = await call.first()
         headers = forwarded_headers(await call.initial_metadata())
-        enc = body.encoder(first, include_usage=body.include_usage)
+        enc = body.make_encoder(first)
         if body.stream:
             await _stream(call, first, enc, answer, headers)
             return
@@ -215,39 +216,43 @@ async def _until_gone(receive: Receive, work: Any) -> None:
 
 
 async def _complete(call: GenerateCall, first: router_pb2.GenerateResponse, enc: ResponseEncoder) -> dict[str, Any]:
-    parts = [first.text]
-    finish = finish_reason(first)
-    usage = usage_dict(first)
-    async for msg in call.messages():
-        if finish is not None:
-            continue  # nothing counts after the finish message; read on to the call's status
-        parts.append(msg.text)
-        finish = finish_reason(msg)
-        usage = usage_dict(msg)
-    if finish is None:
+    """The whole answer: every choice's messages kept until the last choice's finish (which has the usage)."""
+    usage: dict[str, Any] | None = None
+    msg: router_pb2.GenerateResponse | None = first
+    async with aclosing(call.messages()) as messages:
+        while msg is not None:
+            if not enc.done:  # nothing counts after the last finish; read on to the call's status
+                enc.add(msg, finish_reason(msg))
+                usage = usage_dict(msg) or usage
+            msg = await anext(messages, None)
+    if not enc.done:
         raise _no_finish()
-    return enc.body("".join(parts), finish, usage)
+    return enc.body(usage)
 
 
 async def _stream(call: GenerateCall, first: router_pb2.GenerateResponse, enc: ResponseEncoder, answer: _Answer,
                   headers: dict[str, str]) -> None:
-    """SSE frames; an error after the first byte ends the stream with one ``data: {"error": ...}`` frame."""
+    """SSE frames; an error after the first byte ends the stream with one ``data: {"error": ...}`` frame.
+
+    The choices' messages interleave; each choice's finish chunk follows its last text, and the usage chunk and
+    ``[DONE]`` follow the last choice's finish (n = 1: one message, one send, as before)."""
     await answer.start(200, [*SSE_HEADERS, *_raw_headers(answer.request_id, headers)])
     send = answer.send
-    # Frames not sent yet: the opening chunk goes out with the first text; an error frame goes after them.
+    # Frames not sent yet: the opening chunks go out with the first text; an error frame goes after them.
     pending = b"".join(sse_frame(chunk) for chunk in enc.opening())
     try:
         async with aclosing(call.messages()) as messages:
             msg: router_pb2.GenerateResponse | None = first
             while msg is not None:
-                if msg.text:
-                    pending += enc.text_frame(msg.text)
+                pending += enc.frames(msg)
                 finish = finish_reason(msg)
-                if finish is not None:  # the end: last text, finish, usage and [DONE] in one send
-                    pending += sse_frame(enc.finish_chunk(finish))
+                enc.add_finish(msg, finish)
+                if finish is not None:
+                    pending += sse_frame(enc.finish_chunk(finish, msg.index))
+                if enc.done:  # the end: last text, finish, usage and [DONE] in one send
                     usage = sse_frame(enc.usage_chunk(usage_dict(msg))) if enc.include_usage else b""
                     async for _ in messages:
-                        pass  # nothing counts after the finish message; read on to the call's status
+                        pass  # nothing counts after the last finish message; read on to the call's status
                     SSE_WRITES.inc()
                     await send({"type": "http.response.body", "body": pending + usage + DONE_FRAME,
                                 "more_body": False})
