@@ -132,7 +132,7 @@ def _apply_masks(logits: torch.Tensor, rows: list[tuple[int, TokenMatcher]]) -> 
     """The grammar masks (``inferplane.modeling.constrained``, imported at the first constrained step)."""
     from inferplane.modeling.constrained import apply_masks
 
-    apply_masks(logits, rows)
+    apply_masks(logits, rows)  # type: ignore[arg-type]  # the scheduler holds only the compiler's matchers
 
 
 @dataclass(slots=True)
