@@ -145,3 +145,18 @@ def test_a_matcher_masks_its_row_only_and_ends_the_sequence(model: LlamaForCausa
     assert [ev.token_id for ev in tokens["c"]] == matcher.seen and len(matcher.seen) == 3
     assert finish["c"].reason == "stop" and finish["c"].completion_tokens == 3
     assert any(ev.token_id % 2 for ev in tokens["f"])  # the free row was not masked
+
+
+def test_a_prompt_admitted_twice_is_prefilled_once(model: LlamaForCausalLM, prompt: list[int]) -> None:
+    def req(rid: str, seed: int) -> SequenceRequest:
+        return SequenceRequest(rid, prompt, 12, SamplingParams(temperature=1.0, seed=seed), EOS)
+
+    alone = BatchScheduler(model, max_sequences=4, max_context=128)
+    solo = {rid: run(alone, req(rid, seed))[0][rid] for rid, seed in (("a", 1), ("b", 2))}
+    assert alone.prefills_shared == 0
+    shared = BatchScheduler(model, max_sequences=4, max_context=128)
+    together, _ = run(shared, req("a", 1), req("b", 2))
+    assert shared.prefills_shared == 1  # b's slot got a's keys
+    for rid in ("a", "b"):  # the same tokens and logprobs as each alone
+        assert [ev.token_id for ev in together[rid]] == [ev.token_id for ev in solo[rid]]
+        assert [ev.logprob for ev in together[rid]] == pytest.approx([ev.logprob for ev in solo[rid]], abs=1e-4)

@@ -138,6 +138,7 @@ class BatchScheduler:
     ) -> None:
         """``apply_masks``: ``inferplane.modeling.constrained.apply_masks`` (needed only by requests with a matcher)."""
         self._apply_masks = apply_masks
+        self.prefills_shared = 0  # sequences whose prompt was prefilled once for another sequence of the step
         max_pos = model.config.max_position_embeddings
         max_context = max_context or max_pos
         assert max_sequences >= 1, f"max_sequences must be >= 1, got {max_sequences}"
@@ -264,12 +265,27 @@ class BatchScheduler:
                 self._active[req.id] = seq
             self._slots[seq.slot] = seq
             seqs.append(seq)
-        longest = max(s.pos for s in seqs)
-        padded = [list(s.req.prompt_ids) + [0] * (longest - s.pos) for s in seqs]
-        idx = torch.tensor(padded, dtype=torch.long, device=device)  # [n, S] right-padded prompts
+        # A prompt admitted several times in this step (the n choices of one request) is prefilled once; its
+        # keys are copied to the other slots and its logits shared (each sequence still samples on its own).
+        firsts: dict[tuple[int, ...], int] = {}
+        source = [firsts.setdefault(tuple(s.req.prompt_ids), i) for i, s in enumerate(seqs)]  # [n] -> unique row
+        unique = [seqs[i] for i in firsts.values()]
+        longest = max(s.pos for s in unique)
+        padded = [list(s.req.prompt_ids) + [0] * (longest - s.pos) for s in unique]
+        idx = torch.tensor(padded, dtype=torch.long, device=device)  # [u, S] right-padded prompts
+        unique_slots = torch.tensor([s.slot for s in unique], dtype=torch.long, device=device)  # [u]
+        unique_lengths = torch.tensor([s.pos for s in unique], dtype=torch.long, device=device)  # [u]
+        logits = self.model.prefill_slots(idx, unique_slots, unique_lengths - 1)  # [u, V]
         slots = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=device)  # [n]
         lengths = torch.tensor([s.pos for s in seqs], dtype=torch.long, device=device)  # [n]
-        logits = self.model.prefill_slots(idx, slots, lengths - 1)  # [n, V]
+        if len(unique) < len(seqs):
+            row_of = {first: row for row, first in enumerate(firsts.values())}
+            rows = [row_of[source[i]] for i in range(len(seqs))]
+            copies = [(seqs[source[i]].slot, s.slot, s.pos) for i, s in enumerate(seqs) if source[i] != i]
+            for src, dst, length in copies:
+                self.model.copy_slots(torch.tensor([src], device=device), torch.tensor([dst], device=device), length)
+            logits = logits[torch.tensor(rows, dtype=torch.long, device=device)]  # [n, V]
+            self.prefills_shared += len(copies)
         tokens, chosen, top = self._sample(logits, list(enumerate(seqs)))  # [n], [n]
         self._tokens[slots] = tokens
         self._positions[slots] = lengths

@@ -358,6 +358,15 @@ class LlamaForCausalLM(nn.Module):
         x = x[torch.arange(bsz, device=idx.device), last]  # [B, C]
         return self.lm_head(self.model.norm(x))  # [B, V]
 
+    def copy_slots(self, src: Tensor, dst: Tensor, length: int) -> None:
+        """Copy cache rows ``src`` [N] to rows ``dst`` [N], positions [0, length), in every layer: a prompt
+        prefilled once serves several sequences (the choices of one request)."""
+        for layer in self.model.layers:
+            assert isinstance(layer, LlamaDecoderLayer) and layer.self_attn.kv_cache is not None
+            cache = layer.self_attn.kv_cache
+            cache.k[dst, :, :length] = cache.k[src, :, :length]
+            cache.v[dst, :, :length] = cache.v[src, :, :length]
+
     def decode_rows(self, idx: Tensor, positions: Tensor, end: int) -> Tensor:
         """One decode step of cache rows [0, B): row b takes token ``idx[b]`` at position ``positions[b]``.
 
