@@ -706,7 +706,7 @@ async def create_response(request: Request) -> Response:
             await call.close()
 
 
-async def _stored(request: Request, response_id: str) -> tuple[str, ResponseStore]:
+async def _stored(request: Request) -> tuple[str, ResponseStore]:
     """The caller's store name, once the router has accepted its key (a revoked key reads nothing)."""
     metadata = (*key_metadata(request.headers), (wire.REQUEST_ID, request.state.request_id))
     router: RouterApi = request.app.state.router
@@ -716,7 +716,7 @@ async def _stored(request: Request, response_id: str) -> tuple[str, ResponseStor
 
 async def get_response(request: Request, response_id: str) -> Response:
     """``GET /v1/responses/{response_id}``: a stored response of the caller's key."""
-    owner, store = await _stored(request, response_id)
+    owner, store = await _stored(request)
     entry = store.get(owner, response_id)
     if entry is None:
         raise GatewayError(404, f"Response with id '{response_id}' not found.")
@@ -725,7 +725,7 @@ async def get_response(request: Request, response_id: str) -> Response:
 
 async def delete_response(request: Request, response_id: str) -> Response:
     """``DELETE /v1/responses/{response_id}``."""
-    owner, store = await _stored(request, response_id)
+    owner, store = await _stored(request)
     if not store.delete(owner, response_id):
         raise GatewayError(404, f"Response with id '{response_id}' not found.")
     return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
