@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,7 +21,8 @@ from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
 from inferplane.gateway.errors import GatewayError
-from inferplane.gateway.responses import ResponseBuilder, ResponseStore, parse_request, sse
+from inferplane.gateway.responses import ResponseBuilder, ResponseStore, sse
+from inferplane.gateway.responses_protocol import parse_request
 from inferplane.v1 import common_pb2, router_pb2
 from tests.integration.test_gateway import (  # noqa: F401 (the fixture)
     API_KEY,
@@ -332,8 +334,8 @@ async def test_router_failures_before_the_first_byte(stack: Stack, model: str, s
     async with httpx.AsyncClient(base_url=stack.base, timeout=10, headers=HEADERS) as http:
         for stream in (False, True):
             resp = await http.post("/v1/responses", json=body(model, stream=stream))
-            err = assert_error(resp, status, param={"bad-param": "max_tokens", "no-such-model": "model"}.get(model),
-                               code=code)
+            param = {"bad-param": "max_output_tokens", "no-such-model": "model"}.get(model)  # the router's names
+            err = assert_error(resp, status, param=param, code=code)
             assert "SECRET" not in err["message"]
             if model == "limited":
                 assert resp.headers["retry-after"] == "7"
@@ -488,3 +490,58 @@ def test_store_is_per_key_and_bounded() -> None:
     store.put("bob", {"id": "huge", "output": []}, [common_pb2.ChatMessage(content="x" * 20_000)])
     assert store.get("bob", "huge") is None  # larger than the whole store: not kept
     assert store.delete("bob", "b1") and not store.delete("bob", "b1")
+
+
+# --- a seeded fuzz of the body: never a 5xx, every refusal an OpenAI error ---------------------------------------
+
+ODD_VALUES: list[Any] = [None, True, 0, -1, 1.5, 2**31, 2**63, 10**30, float("-inf"), "", "x" * 5000, "\u0000\ud7ff💥",
+                         [], [None], [{}], {}, {"type": "function"}, {"type": "message"}, [[1]], {"a": {"b": [1]}}]
+FIELDS = ["model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "text", "tools",
+          "tool_choice", "parallel_tool_calls", "stream", "store", "previous_response_id", "metadata", "user",
+          "reasoning", "unknown_field"]
+NESTED = ["input.0.role", "input.0.content", "input.0.content.0", "input.0.content.0.text", "input.0.type",
+          "input.1.call_id", "input.1.arguments", "input.2.output", "tools.0.name", "tools.0.parameters",
+          "tools.0.strict", "tools.0.type", "text.format", "text.format.type", "text.format.schema", "metadata.k"]
+
+
+def fuzz_cases(seed: int, n: int) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    cases = [{**body(), name: value} for name in FIELDS for value in ODD_VALUES]
+    for _ in range(n):
+        case = body(input=[{"role": "user", "content": [{"type": "input_text", "text": "hi"}]},
+                           {"type": "function_call", "call_id": "c", "name": "weather", "arguments": "{}"},
+                           {"type": "function_call_output", "call_id": "c", "output": "1"}],
+                    tools=[dict(WEATHER)], metadata={"k": "v"},
+                    text={"format": {"type": "json_schema", "name": "n", "schema": {"type": "object"}}})
+        for _ in range(rng.randint(1, 3)):
+            *path, last = rng.choice(NESTED + FIELDS).split(".")
+            target: Any = case
+            for part in path:
+                target = target[int(part)] if isinstance(target, list) else target.get(part)
+                if not isinstance(target, dict | list):
+                    break
+            else:
+                value = rng.choice(ODD_VALUES)
+                if isinstance(target, list):
+                    target[int(last) if last.isdigit() and int(last) < len(target) else 0:][:1] = [value]
+                elif isinstance(target, dict):
+                    target[last] = value
+        cases.append(case)
+    return cases
+
+
+async def test_fuzzed_bodies_never_fail_the_server(stack: Stack) -> None:  # noqa: F811
+    cases = fuzz_cases(seed=5, n=300)
+    raw = [json.dumps(case, allow_nan=True).encode() for case in cases]
+    raw += [b'{"model": "tiny", "input": "a\\ud800b"}', b'{"model": "tiny", "input": "x", "temperature": NaN}',
+            b'{"model": "tiny", "input": "x", "tools": [{"type": "function", "name": "f", "parameters": {"a": NaN}}]}']
+    ok = 0
+    async with httpx.AsyncClient(base_url=stack.base, timeout=DEADLINE_S, headers=HEADERS) as http:
+        for content in raw:
+            resp = await http.post("/v1/responses", content=content)
+            assert resp.status_code < 500, (content[:300], resp.text)
+            if resp.status_code == 200:
+                ok += 1
+            else:
+                assert_error(resp, resp.status_code, param=resp.json()["error"]["param"])
+    assert len(raw) > 600 and 20 < ok < len(raw) - 100, ok
