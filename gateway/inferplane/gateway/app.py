@@ -40,6 +40,7 @@ from inferplane.gateway.errors import (
 )
 from inferplane.gateway.generation import GENERATION_ROUTES, GenerationEndpoint, client_gone, parse_body
 from inferplane.gateway.protocol import models_body
+from inferplane.gateway.responses import ResponseStore, create_response, delete_response, get_response
 from inferplane.gateway.settings import GatewaySettings
 from inferplane.gateway.tokenize import detokenize_route, tokenize_route
 from inferplane.gateway.upstream import GrpcRouter, RouterApi
@@ -259,6 +260,10 @@ def create_app(settings: GatewaySettings, *, tracer_provider: trace.TracerProvid
     app.add_api_route("/v1/embeddings", embeddings, methods=["POST"])
     app.add_api_route("/v1/messages", messages_route, methods=["POST"])  # Anthropic's Messages API
     app.add_api_route("/v1/messages/count_tokens", count_tokens_route, methods=["POST"])
+    app.state.responses = ResponseStore()  # OpenAI's Responses API, its stored responses in this process
+    app.add_api_route("/v1/responses", create_response, methods=["POST"])
+    app.add_api_route("/v1/responses/{response_id}", get_response, methods=["GET"])
+    app.add_api_route("/v1/responses/{response_id}", delete_response, methods=["DELETE"])
     app.add_api_route("/v1/models", list_models, methods=["GET"])
     app.add_api_route("/tokenize", tokenize_route, methods=["POST"])  # vLLM's paths: no /v1
     app.add_api_route("/detokenize", detokenize_route, methods=["POST"])
