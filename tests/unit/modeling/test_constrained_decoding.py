@@ -176,8 +176,11 @@ def test_a_bad_spec_raises_constraint_error_saying_why(compiler: GrammarCompiler
 def test_accept_of_a_disallowed_token_raises(compiler: GrammarCompiler, tokenizer: Tokenizer) -> None:
     matcher = compiler.compile(spec_of(regex="[0-9]{2}")).matcher()
     assert token_id(tokenizer, "{") not in allowed_ids(matcher, compiler.vocab_size)
+    assert matcher.error is None
     with pytest.raises(ConstraintError, match="not allowed"):
         matcher.accept(token_id(tokenizer, "{"))
+    assert matcher.error and matcher.is_finished()  # dead: its masks allow only the end
+    assert allowed_ids(matcher, compiler.vocab_size) == EOS_IDS
     eos_early = compiler.compile(spec_of(regex="[0-9]{2}")).matcher()
     with pytest.raises(ConstraintError):
         eos_early.accept(1)  # the grammar cannot end before two digits
