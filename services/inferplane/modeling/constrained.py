@@ -22,9 +22,10 @@ without ``maxItems`` may run until ``max_tokens`` (finish "length", the output t
 
 Per step the scheduler calls ``apply_masks(logits, rows)`` and, once a token is chosen, ``Matcher.accept``.
 ``apply_masks`` allocates one int32 bitmask ``[N, ceil(V/32)]`` on the CPU for the N constrained rows, has
-llguidance's executor fill the rows in parallel on its own thread pool (the GIL released), moves it to the
-logits' device, expands it to ``[N, V]`` booleans and writes ``-inf`` into the disallowed logits with one
-indexed ``masked_fill``. The eos ids are allowed exactly where the grammar may end (llguidance sets every
+llguidance's executor fill the rows in parallel on its own thread pool (the GIL released), expands it to
+``[N, V]`` booleans (numpy on the CPU; for an accelerator the packed words are copied and expanded there) and
+writes ``-inf`` into the disallowed logits with one ``masked_fill`` (indexed when only some rows are
+constrained). The eos ids are allowed exactly where the grammar may end (llguidance sets every
 eos id given to the tokenizer). Free rows are never touched.
 
 Costs (``python -m bench.constrained``; figures in docs/structured-output.md): with tiny-llama's 4096 tokens,
@@ -230,6 +231,7 @@ def apply_masks(logits: torch.Tensor, rows: list[tuple[int, Matcher]]) -> None:
     n, vocab = len(rows), logits.shape[1]
     first = rows[0][1]
     assert vocab == first.vocab_size, f"logits width {vocab} != the compiler's vocab_size {first.vocab_size}"
+    assert all(matcher._executor is first._executor for _, matcher in rows), "matchers of several compilers"
     words = (vocab + 31) // 32
     bitmask = np.zeros((n, words), dtype=np.int32)  # [N, W]: bit j of word w = token 32w + j
     llguidance_rows = [(matcher._matcher, i) for i, (_, matcher) in enumerate(rows)]
