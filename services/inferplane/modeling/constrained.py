@@ -22,28 +22,31 @@ without ``maxItems`` may run until ``max_tokens`` (finish "length", the output t
 
 Per step the scheduler calls ``apply_masks(logits, rows)`` and, once a token is chosen, ``Matcher.accept``.
 ``apply_masks`` allocates one int32 bitmask ``[N, ceil(V/32)]`` on the CPU for the N constrained rows, has
-llguidance's executor fill the rows in parallel on its own thread pool (the GIL released), moves it to the
-logits' device, expands it to ``[N, V]`` booleans and writes ``-inf`` into the disallowed logits with one
-indexed ``masked_fill``. The eos ids are allowed exactly where the grammar may end (llguidance sets every
+llguidance's executor fill the rows in parallel on its own thread pool (the GIL released), expands it to
+``[N, V]`` booleans (numpy on the CPU; for an accelerator the packed words are copied and expanded there) and
+writes ``-inf`` into the disallowed logits with one ``masked_fill`` (indexed when only some rows are
+constrained). The eos ids are allowed exactly where the grammar may end (llguidance sets every
 eos id given to the tokenizer). Free rows are never touched.
 
-Costs (measured by ``python -m bench.constrained``, figures in docs/structured-output.md): compiling a small
-schema takes about a millisecond against a 4096-token vocabulary, a ``matcher()`` copy a few microseconds;
-a mask costs tens of microseconds per row and token, mostly inside llguidance's lexer/parser, and is
-computed on the CPU while the model's next forward waits for it (no overlap). Memory: a bitmask row is
-V/8 bytes; a matcher holds its parser state (a few kB).
+Costs (``python -m bench.constrained``; figures in docs/structured-output.md): with tiny-llama's 4096 tokens,
+compiling a small schema takes under a millisecond, a ``matcher()`` copy about a microsecond, ``accept`` 1-3 µs,
+and a mask 8-22 µs per row at batch 32 (65 µs for a lone row), of which llguidance's fill is the smaller part:
+the rest is unpacking the bits and ``masked_fill``, both linear in V. The mask is computed on the CPU while the
+next forward waits for it (no overlap). The bitmask is V/8 bytes a row, allocated per call.
 """
 
 from __future__ import annotations
 
 import json
 import pathlib
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import llguidance
+import numpy as np
 import torch
 
 if TYPE_CHECKING:
@@ -133,8 +136,16 @@ class Matcher:
             raise ConstraintError(f"token {token_id} is not allowed by the constraint here: {reason}")
 
     def is_finished(self) -> bool:
-        """The grammar is complete and cannot be extended: only an eos id may follow."""
+        """The grammar is complete and cannot be extended: only an eos id may follow.
+
+        Also true once the matcher is in error (see ``error``): its masks then allow only the eos ids.
+        """
         return self._matcher.is_stopped()
+
+    @property
+    def error(self) -> str | None:
+        """Why the matcher is dead (a disallowed token, or a parser limit hit while computing a mask), or None."""
+        return (self._matcher.get_error() or "unknown error") if self._matcher.is_error() else None
 
     def is_accepting(self) -> bool:
         """The output so far is complete (an eos id is allowed), though it may also go on."""
@@ -163,6 +174,7 @@ class GrammarCompiler:
         assert eos_ids, "constrained decoding needs at least one eos id (the grammar's end)"
         assert all(0 <= i < vocab_size for i in eos_ids), f"eos ids {sorted(eos_ids)} outside [0, {vocab_size})"
         assert cache_size >= 1, f"cache_size must be >= 1, got {cache_size}"
+        assert sys.byteorder == "little", "apply_masks reads llguidance's u32 mask words as little-endian bytes"
         text = (pathlib.Path(tokenizer_dir) / "tokenizer.json").read_text(encoding="utf-8")
         try:
             # n_vocab widens the token table to the logits width; llguidance refuses a narrower one.
@@ -195,6 +207,18 @@ class GrammarCompiler:
         return grammar
 
 
+def unpack_bits(bitmask: np.ndarray, vocab: int) -> np.ndarray:
+    """[N, W] int32 words -> [N, vocab] uint8 0/1; numpy's one C loop, several times faster than torch's ops."""
+    return np.unpackbits(bitmask.view(np.uint8), axis=1, count=vocab, bitorder="little")
+
+
+def unpack_bits_torch(bits: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The same on any device: [N, W] int32 -> [N, vocab] int32 0/1."""
+    n, words = bits.shape
+    shifts = torch.arange(32, dtype=torch.int32, device=bits.device)  # [32]
+    return ((bits.unsqueeze(-1) >> shifts) & 1).view(n, words * 32)[:, :vocab]  # [N, V]
+
+
 def apply_masks(logits: torch.Tensor, rows: list[tuple[int, Matcher]]) -> None:
     """Set to -inf, in place, every logit that row's matcher does not allow at this step.
 
@@ -207,14 +231,21 @@ def apply_masks(logits: torch.Tensor, rows: list[tuple[int, Matcher]]) -> None:
     n, vocab = len(rows), logits.shape[1]
     first = rows[0][1]
     assert vocab == first.vocab_size, f"logits width {vocab} != the compiler's vocab_size {first.vocab_size}"
+    assert all(matcher._executor is first._executor for _, matcher in rows), "matchers of several compilers"
     words = (vocab + 31) // 32
-    bitmask = torch.zeros((n, words), dtype=torch.int32)  # [N, W] on the CPU, bit j of word w = token 32w+j
+    bitmask = np.zeros((n, words), dtype=np.int32)  # [N, W]: bit j of word w = token 32w + j
     llguidance_rows = [(matcher._matcher, i) for i, (_, matcher) in enumerate(rows)]
-    first._executor.unsafe_compute_mask_ptr(llguidance_rows, bitmask.data_ptr(), words * 4, n)
+    first._executor.unsafe_compute_mask_ptr(llguidance_rows, bitmask.ctypes.data, words * 4, n)
 
     device = logits.device
-    bits = bitmask.to(device, non_blocking=True)  # [N, W]
-    shifts = torch.arange(32, dtype=torch.int32, device=device)  # [32]
-    allowed = ((bits.unsqueeze(-1) >> shifts) & 1).view(n, words * 32)[:, :vocab]  # [N, V]
-    index = torch.tensor([row for row, _ in rows], dtype=torch.long, device=device)  # [N]
-    logits[index] = logits[index].masked_fill(allowed == 0, float("-inf"))
+    if device.type == "cpu":
+        disallowed = torch.from_numpy(unpack_bits(bitmask, vocab) == 0)  # [N, V]
+    else:
+        # An accelerator gets the packed words (V/8 bytes a row) and expands them where the logits are.
+        disallowed = unpack_bits_torch(torch.from_numpy(bitmask).to(device), vocab) == 0
+    indices = [row for row, _ in rows]
+    if indices == list(range(logits.shape[0])):  # every row constrained, in order: no gather/scatter
+        logits.masked_fill_(disallowed, float("-inf"))
+        return
+    index = torch.tensor(indices, dtype=torch.long, device=device)  # [N]
+    logits[index] = logits[index].masked_fill(disallowed, float("-inf"))

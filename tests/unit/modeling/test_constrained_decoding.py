@@ -6,12 +6,20 @@ import json
 import re
 
 import jsonschema
+import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer
 
 from inferplane.assets import TINY_LLAMA
-from inferplane.modeling.constrained import ConstraintError, GrammarCompiler, Matcher, apply_masks
+from inferplane.modeling.constrained import (
+    ConstraintError,
+    GrammarCompiler,
+    Matcher,
+    apply_masks,
+    unpack_bits,
+    unpack_bits_torch,
+)
 from inferplane.modeling.llama import LlamaForCausalLM, load_model
 
 EOS_IDS = frozenset({1, 6})
@@ -118,8 +126,8 @@ def test_json_object_output_that_stops_parses_to_a_dict(
     # Nothing bounds an arbitrary object (its strings have no maxLength): this docstring-trained model often
     # writes prose into a key until max_tokens. What did stop must be a whole JSON object.
     grammar = compiler.compile(spec_of(json_object=True))
-    prompt = tokenizer.encode("Return a JSON object.").ids
-    results = sample_constrained(model, prompt, [grammar.matcher() for _ in range(32)], max_tokens=200)
+    prompt = tokenizer.encode("Return a dict.").ids
+    results = sample_constrained(model, prompt, [grammar.matcher() for _ in range(16)], max_tokens=120)
     stopped = [tokenizer.decode(tokens) for tokens, finish in results if finish == "stop"]
     assert len(stopped) >= 2, results
     for text in stopped:
@@ -168,8 +176,11 @@ def test_a_bad_spec_raises_constraint_error_saying_why(compiler: GrammarCompiler
 def test_accept_of_a_disallowed_token_raises(compiler: GrammarCompiler, tokenizer: Tokenizer) -> None:
     matcher = compiler.compile(spec_of(regex="[0-9]{2}")).matcher()
     assert token_id(tokenizer, "{") not in allowed_ids(matcher, compiler.vocab_size)
+    assert matcher.error is None
     with pytest.raises(ConstraintError, match="not allowed"):
         matcher.accept(token_id(tokenizer, "{"))
+    assert matcher.error and matcher.is_finished()  # dead: its masks allow only the end
+    assert allowed_ids(matcher, compiler.vocab_size) == EOS_IDS
     eos_early = compiler.compile(spec_of(regex="[0-9]{2}")).matcher()
     with pytest.raises(ConstraintError):
         eos_early.accept(1)  # the grammar cannot end before two digits
@@ -225,3 +236,12 @@ def test_the_grammar_cache_is_bounded() -> None:
     small.compile(spec_of(regex="c"))  # evicts "b", the least recently used
     assert small.compile(spec_of(regex="a")) is first
     assert small.compile(spec_of(regex="b")) is not second
+
+
+def test_the_accelerator_unpacking_agrees_with_numpys() -> None:
+    # apply_masks unpacks with numpy for CPU logits and with torch ops on an accelerator; same bits, same order.
+    words = np.random.default_rng(0).integers(-(2**31), 2**31, size=(5, 129), dtype=np.int32)  # [N, W]
+    expected = unpack_bits(words, 4100)  # [N, V]
+    assert expected.shape == (5, 4100) and 0 < expected.mean() < 1
+    assert np.array_equal(unpack_bits_torch(torch.from_numpy(words), 4100).numpy(), expected)
+    assert expected[0, 0] == words[0, 0] & 1 and expected[1, 33] == (words[1, 1] >> 1) & 1  # bit j of word w
