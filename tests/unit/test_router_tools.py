@@ -17,6 +17,7 @@ from inferplane.common.errors import InvalidArgument
 from inferplane.router.tools import (
     CALL_CLOSE,
     CALL_OPEN,
+    GUIDANCE,
     ToolCallParser,
     constraint_for,
     finish_reason,
@@ -197,7 +198,7 @@ def test_named_function_is_decoded_under_its_parameters() -> None:
     assert not v.is_valid({"unit": "c"})
     assert not v.is_valid([{"city": "Paris"}])
     empty = schema_of(TOOLS, named("ping"))
-    assert empty.schema == {"type": "object"}
+    assert empty.schema == {"type": "object", "x-guidance": GUIDANCE}
     assert empty.is_valid({}) and not empty.is_valid("x")
 
 
@@ -206,8 +207,8 @@ def test_strict_tool_allows_no_other_properties_at_any_depth() -> None:
     assert v.is_valid({"city": "Paris", "where": {"lat": 1.5}})
     assert not v.is_valid({"city": "Paris", "extra": 1})
     assert not v.is_valid({"city": "Paris", "where": {"lat": 1.5, "lon": 2}})
-    assert schema_of([tool("ping", strict=True)], named("ping")).schema == {"type": "object",
-                                                                          "additionalProperties": False}
+    assert schema_of([tool("ping", strict=True)], named("ping")).schema == {
+        "type": "object", "additionalProperties": False, "x-guidance": GUIDANCE}
 
 
 def test_required_is_an_array_of_known_calls() -> None:
@@ -270,6 +271,9 @@ def test_llguidance_compiles_the_constraints_and_decodes_what_the_parser_reads(
     weather = constraint_for(tools, named("get_weather"), True)
     assert weather is not None
     assert decodes(lltokenizer, weather, '{"city": "Oslo"}') and not decodes(lltokenizer, weather, '{"unit": "c"}')
+    # no free whitespace: a small model cannot spend its tokens on blanks (it did, before "x-guidance")
+    assert not decodes(lltokenizer, weather, '{"city":  "Oslo"}')
+    assert not decodes(lltokenizer, required, "[ " + ok[1:])
     _, _, calls = run(ToolCallParser("required", tools), [ok])
     assert call_dicts(calls) == [("get_weather", {"city": "Paris"})]
 

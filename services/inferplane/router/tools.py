@@ -58,6 +58,11 @@ _NAME_MAX = 64
 _ID_ALPHABET = string.ascii_letters + string.digits
 _COMPACT = (",", ":")
 
+# llguidance reads its JSON options from the schema's "x-guidance" (JSON Schema ignores unknown keywords): without
+# this, its default allows any run of whitespace between tokens, and a small model fills max_tokens with spaces
+# ("[" then 200 blanks, seen with the shipped tiny-llama). Fixed separators give json.dumps's own layout.
+GUIDANCE: Final[Mapping[str, Any]] = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
 _MODES: Final[Mapping[int, Mode]] = {
     ToolChoice.MODE_NONE: "none",
     ToolChoice.MODE_AUTO: "auto",
@@ -298,13 +303,16 @@ def constraint_for(tools: Sequence[FunctionTool], choice: ToolChoice, parallel: 
 
     named: the function's ``parameters`` (the output is the arguments object). required: an array of
     ``{"name": <const>, "arguments": <that function's parameters>}`` (``anyOf`` over the tools), at least one,
-    at most one when ``parallel`` is false. A tool schema with local ``$ref``s is moved under the root's
-    ``$defs`` and its refs rewritten, so that they still resolve inside the array.
+    at most one when ``parallel`` is false. The root carries llguidance's options (``GUIDANCE``: no free
+    whitespace, ``", "`` and ``": "`` between items and after keys). A tool schema with local ``$ref``s is
+    moved under the root's ``$defs`` and its refs rewritten, so that they still resolve inside the array.
     """
     schemas = validate_tools(tools)
     mode = resolve_mode(tools, choice)
     if mode == "named":
-        return json.dumps(schemas[choice.function_name], ensure_ascii=False)
+        schema = {**schemas[choice.function_name]}
+        schema.setdefault("x-guidance", dict(GUIDANCE))  # a caller's own llguidance options win
+        return json.dumps(schema, ensure_ascii=False)
     if mode != "required":
         return None
     defs: dict[str, Any] = {}
@@ -319,7 +327,7 @@ def constraint_for(tools: Sequence[FunctionTool], choice: ToolChoice, parallel: 
             "required": ["name", "arguments"],
             "additionalProperties": False,
         })
-    root: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": options}}
+    root: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": options}, "x-guidance": dict(GUIDANCE)}
     if not parallel:
         root["maxItems"] = 1
     if defs:
