@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+import jsonschema
 import openai
 import pytest
 from openai.types.responses import Response
@@ -25,7 +27,7 @@ def client(stack: LocalStack, api_key: str) -> openai.OpenAI:
 
 
 def _checked(response: Response) -> Response:
-    validate(response.model_dump(mode="json", exclude_unset=True), "Response")
+    validate(response.model_dump(mode="json", exclude_unset=True, by_alias=True), "Response")
     return response
 
 
@@ -107,3 +109,46 @@ def test_each_response_is_metered_as_a_chat(client: openai.OpenAI, stack: LocalS
     records = _usage(stack, set(told))
     assert {r.request_id: (r.prompt_tokens, r.completion_tokens) for r in records} == told
     assert all(r.model == MODEL for r in records)
+
+
+WEATHER_PARAMS = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 16},
+                                                   "unit": {"type": "string", "enum": ["c", "f"]}},
+                  "required": ["city", "unit"], "additionalProperties": False}
+WEATHER_TOOL: Any = {"type": "function", "name": "get_weather", "description": "The weather in a city.",
+                     "parameters": WEATHER_PARAMS, "strict": True}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_forced_function_call_comes_back_as_a_function_call_item(client: openai.OpenAI, stream: bool) -> None:
+    kw: dict[str, Any] = dict(model=MODEL, input="Weather in Paris?", tools=[WEATHER_TOOL], tool_choice="required",
+                              max_output_tokens=120, store=False, **GREEDY)
+    if stream:
+        with client.responses.stream(**kw) as events:
+            for event in events:
+                validate(event.model_dump(mode="json", exclude_unset=True), "ResponseStreamEvent")
+            response = _checked(events.get_final_response())
+    else:
+        response = _checked(client.responses.create(**kw))
+    calls = [o for o in response.output if o.type == "function_call"]
+    assert calls and all(c.name == "get_weather" and c.call_id for c in calls)
+    for call in calls:
+        jsonschema.validate(json.loads(call.arguments), WEATHER_PARAMS)
+    # the call and its output go back as input: the conversation continues
+    follow = _checked(client.responses.create(
+        model=MODEL, tools=[WEATHER_TOOL], max_output_tokens=16, store=False, **GREEDY,
+        input=[{"role": "user", "content": "Weather in Paris?"},
+               {"type": "function_call", "call_id": calls[0].call_id, "name": calls[0].name,
+                "arguments": calls[0].arguments},
+               {"type": "function_call_output", "call_id": calls[0].call_id, "output": "18 C, clear"}]))
+    assert follow.status in ("completed", "incomplete")
+
+
+def test_text_format_json_schema_validates(client: openai.OpenAI) -> None:
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+              "required": ["name", "age"], "additionalProperties": False}
+    response = _checked(client.responses.create(
+        model=MODEL, input="A person, as JSON.", max_output_tokens=80, store=False, temperature=1,
+        text={"format": {"type": "json_schema", "name": "person", "schema": schema, "strict": True}}))
+    assert response.status == "completed"
+    jsonschema.validate(json.loads(response.output_text), schema)

@@ -13,7 +13,7 @@ from inferplane.executor.repository import MODELING, TEMPLATES
 from inferplane.modeling.contract import LLM, NUMPY_DTYPES, Embedding
 from inferplane.modeling.llama.generate import FinishReason
 
-THIRD_PARTY = {"torch", "numpy", "safetensors"}
+THIRD_PARTY = {"torch", "numpy", "safetensors", "llguidance"}
 MODEL_FILES = sorted(MODELING.rglob("*.py"))
 TRITON_MODELS = sorted(TEMPLATES.glob("*/model.py"))
 

@@ -358,7 +358,8 @@ class BatchScheduler:
             ids = torch.tensor(list(produced), dtype=torch.long, device=row.device)
             counts = torch.tensor(list(produced.values()), dtype=row.dtype, device=row.device)
             row[ids] -= shaping.presence_penalty + shaping.frequency_penalty * counts
-        if seq.completion_tokens < shaping.min_tokens and seq.req.stop_ids:
+        # min_tokens yields to a grammar: where only the end is allowed, masking it would leave no token at all
+        if seq.completion_tokens < shaping.min_tokens and seq.req.stop_ids and seq.req.matcher is None:
             stop = [t for t in seq.req.stop_ids if 0 <= t < row.shape[-1]]
             row[torch.tensor(stop, dtype=torch.long, device=row.device)] = float("-inf")
 
