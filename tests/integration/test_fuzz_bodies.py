@@ -1,13 +1,14 @@
 """A hypothesis fuzz of the JSON bodies of ``/v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``,
-``/tokenize`` and ``/detokenize`` against the real gateway (uvicorn on a port) in front of a real ``Router`` and real
-metering.
+``/v1/responses``, ``/v1/messages`` (Anthropic's), ``/tokenize`` and ``/detokenize`` against the real gateway
+(uvicorn on a port) in front of a real ``Router`` and real metering.
 
 Bodies are built field by field: each field is either a value of its own type or anything JSON (wrong types,
 huge and negative integers, floats past float64 and the NaN/Infinity literals, long and unicode strings, lone
-surrogate escapes). The contract: no answer is a 5xx, and every 4xx is OpenAI's error shape, with a ``param``
-when the body was refused field by field. No executor listens, so a body that passes every check ends at the
-router's 503 ``service_unavailable`` (the one 5xx allowed, and only with that code): it was accepted, which is all
-this test is about. The bodies of the generation routes are sent in both stream modes.
+surrogate escapes). The contract: no answer is a 5xx, and every 4xx is OpenAI's error shape (Anthropic's on
+``/v1/messages``), with a ``param`` when the body was refused field by field. No executor listens, so a body that
+passes every check ends at the router's 503 ``service_unavailable`` (the one 5xx allowed, and only with that
+code): it was accepted, which is all this test is about. The bodies of the generation routes are sent in both
+stream modes.
 """
 
 from __future__ import annotations
@@ -33,7 +34,11 @@ from tests.integration.test_admission import Metering, metering  # noqa: F401  (
 from tests.openai_schema import validate
 
 EXAMPLES = 200  # per route: 1,000 requests, well under a minute on two cores
-ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/tokenize", "/detokenize")
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages", "/tokenize",
+          "/detokenize")
+ANTHROPIC_ROUTES = ("/v1/messages",)
+# The same answer in Anthropic's words (its "service unavailable" is 529 overloaded_error).
+ANTHROPIC_ACCEPTED = (529, "overloaded_error")
 # The router's answer when no executor serves the model: the body passed every check.
 ACCEPTED = (503, "service_unavailable")
 
@@ -91,16 +96,60 @@ wild = number | any_json | unicode_text
 text_parts = st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": unicode_text}), min_size=1, max_size=3)
 message = st.fixed_dictionaries({"role": st.sampled_from(["system", "developer", "user", "assistant", "tool"]),
                                  "content": unicode_text | text_parts}, optional={"name": unicode_text})
+# A JSON Schema of a few properties (valid ones and odd ones: the executor compiles it, none listens here).
+small_schema = st.fixed_dictionaries({"type": st.just("object"), "properties": st.dictionaries(
+    st.text(min_size=1, max_size=8), st.sampled_from([{"type": "string"}, {"type": "integer"}, {"enum": ["a", 1]},
+                                                      {"type": "array", "items": {"type": "boolean"}}]), max_size=3)},
+    optional={"additionalProperties": st.booleans(), "required": st.lists(st.text(max_size=8), max_size=2)})
+function_tool = st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
+    {"name": st.from_regex(r"[a-z_]{1,12}", fullmatch=True)},
+    optional={"description": unicode_text, "parameters": small_schema, "strict": st.booleans()})})
+response_format = (st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object"])})
+                   | st.fixed_dictionaries({"type": st.just("json_schema"), "json_schema": st.fixed_dictionaries(
+                       {"name": st.from_regex(r"[a-z]{1,8}", fullmatch=True)},
+                       optional={"schema": small_schema, "strict": st.booleans()})}))
 generation_fields: dict[str, st.SearchStrategy[Any]] = {
     "max_tokens": st.integers(1, 64), "temperature": st.floats(0, 2), "top_p": st.floats(0.01, 1),
-    "seed": st.integers(-(2**63), 2**63 - 1), "n": st.just(1), "stop": st.lists(unicode_text, max_size=4),
-    "stream": st.booleans(), "user": unicode_text}
+    "seed": st.integers(-(2**63), 2**63 - 1), "n": st.integers(1, 4), "stop": st.lists(unicode_text, max_size=4),
+    "stream": st.booleans(), "user": unicode_text, "presence_penalty": st.floats(-2, 2),
+    "frequency_penalty": st.floats(-2, 2), "logit_bias": st.dictionaries(st.integers(0, 5000).map(str),
+                                                                         st.floats(-100, 100), max_size=3),
+    "response_format": response_format, "top_k": st.integers(-1, 50), "min_tokens": st.integers(0, 4),
+    "ignore_eos": st.booleans(), "repetition_penalty": st.floats(0.1, 2)}
+chat_fields: dict[str, st.SearchStrategy[Any]] = {
+    **generation_fields, "max_completion_tokens": st.integers(1, 64), "logprobs": st.booleans(),
+    "top_logprobs": st.integers(0, 20), "tools": st.lists(function_tool, max_size=3),
+    "tool_choice": st.sampled_from(["none", "auto", "required"]) | st.fixed_dictionaries(
+        {"type": st.just("function"), "function": st.fixed_dictionaries({"name": st.from_regex(r"[a-z_]{1,12}",
+                                                                                                fullmatch=True)})}),
+    "parallel_tool_calls": st.booleans()}
+response_input = unicode_text | st.lists(
+    st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "developer", "assistant"]),
+                           "content": unicode_text})
+    | st.fixed_dictionaries({"type": st.just("function_call_output"), "call_id": unicode_text,
+                             "output": unicode_text}), min_size=1, max_size=3)
+anthropic_message = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant"]),
+                                           "content": unicode_text | st.lists(st.fixed_dictionaries(
+                                               {"type": st.just("text"), "text": unicode_text}), max_size=2)})
 ENDPOINTS: dict[str, tuple[dict[str, st.SearchStrategy[Any]], dict[str, st.SearchStrategy[Any]]]] = {
     # route: (required fields, optional fields), each with its valid values
     "/v1/chat/completions": ({"model": st.just("tiny-llama"), "messages": st.lists(message, min_size=1, max_size=3)},
-                             {**generation_fields, "max_completion_tokens": st.integers(1, 64)}),
+                             chat_fields),
     "/v1/completions": ({"model": st.just("tiny-llama"), "prompt": unicode_text | st.lists(unicode_text, max_size=1)},
-                        generation_fields),
+                        {**generation_fields, "logprobs": st.integers(0, 5)}),
+    "/v1/responses": ({"model": st.just("tiny-llama"), "input": response_input},
+                      {"instructions": unicode_text, "max_output_tokens": st.integers(16, 64),
+                       "temperature": st.floats(0, 2), "top_p": st.floats(0.01, 1), "stream": st.booleans(),
+                       "store": st.just(False), "tools": st.lists(function_tool.map(
+                           lambda t: {"type": "function", **t["function"]}), max_size=2),
+                       "tool_choice": st.sampled_from(["none", "auto", "required"]),
+                       "text": st.fixed_dictionaries({"format": st.fixed_dictionaries(
+                           {"type": st.sampled_from(["text", "json_object"])})})}),
+    "/v1/messages": ({"model": st.just("tiny-llama"), "max_tokens": st.integers(1, 64),
+                      "messages": st.lists(anthropic_message, min_size=1, max_size=3)},
+                     {"system": unicode_text, "temperature": st.floats(0, 1), "top_p": st.floats(0.01, 1),
+                      "top_k": st.integers(0, 50), "stop_sequences": st.lists(unicode_text, max_size=3),
+                      "stream": st.booleans()}),
     "/v1/embeddings": ({"model": st.just("all-minilm-l6-v2"),
                         "input": st.text(min_size=1, max_size=50) | st.lists(st.text(min_size=1), min_size=1,
                                                                             max_size=4)},
@@ -120,8 +169,11 @@ OTHER_FIELDS = ["top_logprobs", "logprobs", "dimensions", "max_completion_tokens
 _SAMPLING_NUMBERS = ["max_tokens", "temperature", "top_p", "seed", "n", "top_logprobs", "logprobs",
                      "presence_penalty", "frequency_penalty"]
 # The fields a boundary number is put in, per route (its own numbers, and a few it does not define).
-NUMERIC_FIELDS = {"/v1/chat/completions": [*_SAMPLING_NUMBERS, "max_completion_tokens"],
+NUMERIC_FIELDS = {"/v1/chat/completions": [*_SAMPLING_NUMBERS, "max_completion_tokens", "min_tokens", "top_k",
+                                           "repetition_penalty"],
                   "/v1/completions": _SAMPLING_NUMBERS, "/v1/embeddings": ["dimensions", "max_tokens"],
+                  "/v1/responses": ["max_output_tokens", "temperature", "top_p", "top_logprobs"],
+                  "/v1/messages": ["max_tokens", "temperature", "top_p", "top_k"],
                   "/tokenize": ["add_special_tokens", "max_tokens"], "/detokenize": ["tokens", "max_tokens"]}
 
 
@@ -156,10 +208,16 @@ def render(body: Any) -> bytes:
 def check(route: str, body: Any, response: httpx.Response, seen: dict[int, int]) -> None:
     seen[response.status_code] = seen.get(response.status_code, 0) + 1
     status = response.status_code
-    assert status < 500 or status == ACCEPTED[0], f"{status} for {render(body)[:500]!r}: {response.text[:500]}"
+    accepted = ANTHROPIC_ACCEPTED if route in ANTHROPIC_ROUTES else ACCEPTED
+    assert status < 500 or status == accepted[0], f"{status} for {render(body)[:500]!r}: {response.text[:500]}"
     if status == 200:  # cannot happen without an executor; kept honest should one be added
         return
     payload = response.json()
+    if route in ANTHROPIC_ROUTES:  # Anthropic's error shape: {"type": "error", "error": {"type", "message"}}
+        assert payload["type"] == "error" and isinstance(payload["error"]["type"], str), response.text
+        assert isinstance(payload["error"]["message"], str) and payload["error"]["message"], response.text
+        assert status < 500 or payload["error"]["type"] == accepted[1], response.text
+        return
     validate(payload, "ErrorResponse")
     error = payload["error"]
     if status >= 500:
