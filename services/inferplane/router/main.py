@@ -9,13 +9,13 @@ import grpc
 
 from inferplane.common import loop
 from inferplane.common.catalog import Catalog, load_catalog
+from inferplane.common.catalog_watch import CatalogWatcher
 from inferplane.common.logs import setup_logging
 from inferplane.common.server import GrpcServer, client_channel
 from inferplane.common.settings import service_arguments, settings_from_args
 from inferplane.common.telemetry import setup_tracing
 from inferplane.router.admission import Admission, PriceBook
 from inferplane.router.auth import KeyVerifier
-from inferplane.router.catalog_watch import CatalogWatcher
 from inferplane.router.clients import MeteringClient
 from inferplane.router.engine import GenerationEngine
 from inferplane.router.outbox import UsageOutbox, batch_sender
@@ -75,7 +75,7 @@ class Router:
         # served over gRPC, and called in process by a REST edge in this process (``inferplane.cli.edge``)
         self.servicer = RouterServicer(self.engine, KeyVerifier(metering, ttl=settings.key_cache_ttl_s,
                                                                         stale_ttl=settings.key_stale_ttl_s))
-        self.catalog_watch = CatalogWatcher(metering, settings.catalog.parent, self._apply_catalog,
+        self.catalog_watch = CatalogWatcher(metering.list_catalog, settings.catalog.parent, self._apply_catalog,
                                             interval_s=settings.catalog_poll_s)
         self._prices = prices
         self.server = GrpcServer(

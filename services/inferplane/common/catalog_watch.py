@@ -1,11 +1,12 @@
-"""The router's view of metering's model catalog: polled by version, swapped in whole when it moved.
+"""A service's view of metering's model catalog (the router's, the tokenizer service's): polled by version,
+swapped in whole when it moved.
 
 Every ``interval_s`` the watcher asks metering ``ListCatalog(if_newer_than=<the version it has>)``: one cheap
 read while nothing changes. When the version moved, it builds a new ``Catalog`` from metering's entries (paths
-resolved against the router's own catalog file's folder, as the file's are) and hands it to ``apply``, which
-swaps it in (``GenerationEngine.swap_catalog``): a request in flight keeps the ``CatalogModel`` it started with,
-a new request sees the new catalog. While metering cannot be reached the last catalog stays in force; a catalog
-metering never seeded (version 0) leaves the file's in force.
+resolved against the service's own catalog file's folder, as the file's are) and hands it to ``apply``, which
+swaps it in (the router: ``GenerationEngine.swap_catalog``; a request in flight keeps the ``CatalogModel`` it
+started with, a new request sees the new catalog). While metering cannot be reached the last catalog stays in
+force; a catalog metering never seeded (version 0) leaves the file's in force.
 """
 
 from __future__ import annotations
@@ -13,15 +14,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
 import grpc
 from pydantic import ValidationError
 
 from inferplane.common.catalog import Catalog, catalog_from_data
-from inferplane.router.clients import MeteringClient
-from inferplane.v1 import metering_pb2
+from inferplane.v1 import metering_pb2, metering_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +33,26 @@ def catalog_from_pb(models: Iterable[metering_pb2.CatalogModel], base: Path) -> 
     return catalog_from_data({"models": entries}, base)
 
 
+Fetch = Callable[..., Awaitable[metering_pb2.ListCatalogResponse]]
+
+
+def list_catalog_of(channel: grpc.aio.Channel) -> Fetch:
+    """``fetch`` for a ``CatalogWatcher`` over a channel to metering."""
+    stub = metering_pb2_grpc.MeteringServiceStub(channel)
+
+    async def fetch(*, if_newer_than: int, timeout: float) -> metering_pb2.ListCatalogResponse:
+        return await stub.ListCatalog(metering_pb2.ListCatalogRequest(if_newer_than=if_newer_than), timeout=timeout)
+
+    return fetch
+
+
 class CatalogWatcher:
-    def __init__(self, metering: MeteringClient, base: Path, apply: Callable[[Catalog], None], *,
+    """``fetch(if_newer_than=, timeout=)``: metering's ListCatalog (``MeteringClient.list_catalog`` or
+    ``list_catalog_of(channel)``)."""
+
+    def __init__(self, fetch: Fetch, base: Path, apply: Callable[[Catalog], None], *,
                  interval_s: float = 2.0, timeout_s: float = 2.0) -> None:
-        self._metering = metering
+        self._fetch = fetch
         self._base = base
         self._apply = apply
         self.interval_s = interval_s
@@ -47,7 +63,7 @@ class CatalogWatcher:
 
     async def poll_once(self) -> bool:
         """Ask metering once; True when a new catalog was applied. Raises ``grpc.aio.AioRpcError``."""
-        resp = await self._metering.list_catalog(if_newer_than=self.version, timeout=self._timeout_s)
+        resp = await self._fetch(if_newer_than=self.version, timeout=self._timeout_s)
         if resp.unchanged or resp.version <= self.version:
             return False
         try:
