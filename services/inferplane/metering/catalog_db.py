@@ -72,7 +72,7 @@ def version(session: Session) -> int:
 
 
 def list_models(session: Session, *, include_deleted: bool = False) -> list[ModelEntry]:
-    query = select(CatalogModelRow).order_by(CatalogModelRow.model)
+    query = select(CatalogModelRow).order_by(CatalogModelRow.position, CatalogModelRow.model)
     if not include_deleted:
         query = query.where(CatalogModelRow.deleted_at.is_(None))
     return [_entry(r) for r in session.scalars(query)]
@@ -110,16 +110,17 @@ def create(session: Session, model_id: str, spec: Mapping[str, Any], versions: M
     check(model_id, spec, versions, serving)
     values = dict(spec=json.dumps(dict(spec), sort_keys=True),
                   versions=json.dumps({str(k): v for k, v in sorted(versions.items())}), serving_version=serving,
-                  source=source, updated_at=now, deleted_at=None)
+                  source=source, updated_at=now, deleted_at=None, created_at=now)
+    new_version = bump(session)
     if row is None:
-        row = CatalogModelRow(model=model_id, created_at=now, **values)
+        row = CatalogModelRow(model=model_id, position=new_version, **values)
         session.add(row)
     else:
         for key, value in values.items():
             setattr(row, key, value)
-        row.created_at = now
+        row.position = new_version
     session.flush()
-    return _entry(row), bump(session)
+    return _entry(row), new_version
 
 
 def update_model(session: Session, model_id: str, *, spec: Mapping[str, Any] | None = None,

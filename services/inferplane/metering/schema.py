@@ -189,6 +189,8 @@ class CatalogModelRow(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
     deleted_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    # The catalog version that added it: models are listed in the order they were added (the file's order first).
+    position: Mapped[int] = mapped_column(BigInteger)
 
 
 class CatalogStateRow(Base):
