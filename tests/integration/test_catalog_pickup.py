@@ -175,3 +175,21 @@ async def test_requests_in_flight_keep_their_model_when_it_is_deleted(stack: tup
     assert (model.id, model.triton_model) == ("tiny-llama", "tiny-llama")
     with pytest.raises(NotFound):
         router.engine.model("tiny-llama")  # a new request: 404
+
+
+async def test_a_catalog_the_router_cannot_build_leaves_the_one_in_force(stack: tuple[httpx.AsyncClient, Router],
+                                                                         metering: Metering) -> None:  # noqa: F811
+    _, router = stack
+    await eventually(lambda: _true(router.catalog_watch.version == metering.store.catalog_version()), POLL_S + 2)
+    # valid for metering (a path is a path), but this router has no such package to find the tokenizer in
+    _, bad = metering.store.create_model("elsewhere", {"tokenizer": "package:no_such_package_here/tok"},
+                                         {1: "tiny-llama"})
+    await eventually(lambda: _true(router.catalog_watch.version == bad), POLL_S + 2)
+    assert router.engine.catalog.get("elsewhere") is None and router.engine.catalog.get("tiny-llama") is not None
+    metering.store.delete_model("elsewhere")  # the next good version is taken
+    await eventually(lambda: _true(router.catalog_watch.version == bad + 1), POLL_S + 2)
+    assert [m.id for m in router.engine.catalog.models] == ["tiny-llama", "all-minilm-l6-v2"]
+
+
+async def _true(value: bool) -> bool:
+    return value
