@@ -43,8 +43,8 @@ def seeded(database_url: str) -> Iterator[MeteringStore]:
 def test_the_first_start_seeds_every_model_of_the_file_and_a_second_changes_nothing(seeded: MeteringStore) -> None:
     version, models = seeded.catalog()
     assert version == 2  # one change per model
-    assert [m.id for m in models] == ["all-minilm-l6-v2", "tiny-llama"]
-    tiny = models[1]
+    assert [m.id for m in models] == ["tiny-llama", "all-minilm-l6-v2"]  # the file's order
+    tiny = models[0]
     assert (tiny.versions, tiny.version, tiny.source) == ({1: "tiny-llama"}, 1, "catalog")
     assert tiny.spec["tokenizer"] == "models/tiny-llama"  # as written: each router resolves it itself
     assert "prices" not in tiny.spec  # prices live in the price table, seeded as before
