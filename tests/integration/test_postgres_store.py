@@ -17,6 +17,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
 from tests.conftest import require
+from tests.unit.test_metering_catalog import *  # noqa: F403  (the catalog tests, collected here again)
 from tests.unit.test_metering_ledger import *  # noqa: F403  (the ledger tests, collected here again)
 from tests.unit.test_metering_migrations import *  # noqa: F403  (the migration tests, collected here again)
 

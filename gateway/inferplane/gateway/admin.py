@@ -1,4 +1,5 @@
-"""Usage and admin REST routes: ``GET /v1/usage`` for the caller's own key, ``/admin/*`` for admin keys.
+"""Usage and admin REST routes: ``GET /v1/usage`` for the caller's own key, ``/admin/*`` for admin keys (the model
+catalog's, ``/admin/models``, are in ``admin_models.py``).
 
 Thin: each route converts the query or body, calls metering's gRPC API with the caller's key as
 ``authorization`` metadata, and converts back. Metering decides who may see what (an admin key sees every
@@ -32,6 +33,7 @@ from inferplane.common.wire import (
     BUDGET_SCOPES,
     DEFAULT_BUDGET_PERIOD,
 )
+from inferplane.gateway.admin_models import add_model_routes
 from inferplane.gateway.auth import key_metadata
 from inferplane.gateway.errors import GatewayError, from_rpc_error, from_validation_error
 from inferplane.v1 import metering_pb2, metering_pb2_grpc
@@ -274,4 +276,6 @@ def admin_router(metering_addr: str, *, timeout_s: float = 10.0) -> APIRouter:
                                             period=BUDGET_PERIODS[body.period])
         return JSONResponse(budget_dict(await call(request, "SetBudget", req)))
 
+    add_model_routes(router, call, parse=_parse, require_admin=require_admin, nanos=_nanos, price_dict=price_dict,
+                     iso=_iso)
     return router

@@ -68,7 +68,7 @@ class VerifyKeyResponse(_message.Message):
     def __init__(self, key_id: _Optional[str] = ..., name: _Optional[str] = ..., tenant_id: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., scopes: _Optional[_Iterable[str]] = ..., requests_per_minute: _Optional[int] = ..., tokens_per_minute: _Optional[int] = ..., has_budget: _Optional[bool] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class UsageRecord(_message.Message):
-    __slots__ = ("request_id", "key_id", "model", "prompt_tokens", "completion_tokens", "finish_reason", "latency_ms", "time_to_first_token_ms", "created_at", "tenant_id", "cost_nanodollars", "price_version", "reservation_id", "cached", "cancelled")
+    __slots__ = ("request_id", "key_id", "model", "prompt_tokens", "completion_tokens", "finish_reason", "latency_ms", "time_to_first_token_ms", "created_at", "tenant_id", "cost_nanodollars", "price_version", "reservation_id", "cached", "cancelled", "model_version")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +84,7 @@ class UsageRecord(_message.Message):
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     CACHED_FIELD_NUMBER: _ClassVar[int]
     CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     key_id: str
     model: str
@@ -99,7 +100,8 @@ class UsageRecord(_message.Message):
     reservation_id: str
     cached: bool
     cancelled: bool
-    def __init__(self, request_id: _Optional[str] = ..., key_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ..., latency_ms: _Optional[int] = ..., time_to_first_token_ms: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., tenant_id: _Optional[str] = ..., cost_nanodollars: _Optional[int] = ..., price_version: _Optional[int] = ..., reservation_id: _Optional[str] = ..., cached: _Optional[bool] = ..., cancelled: _Optional[bool] = ...) -> None: ...
+    model_version: int
+    def __init__(self, request_id: _Optional[str] = ..., key_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ..., latency_ms: _Optional[int] = ..., time_to_first_token_ms: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., tenant_id: _Optional[str] = ..., cost_nanodollars: _Optional[int] = ..., price_version: _Optional[int] = ..., reservation_id: _Optional[str] = ..., cached: _Optional[bool] = ..., cancelled: _Optional[bool] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class RecordUsageRequest(_message.Message):
     __slots__ = ("record",)
@@ -384,3 +386,114 @@ class ListBudgetsResponse(_message.Message):
     BUDGETS_FIELD_NUMBER: _ClassVar[int]
     budgets: _containers.RepeatedCompositeFieldContainer[Budget]
     def __init__(self, budgets: _Optional[_Iterable[_Union[Budget, _Mapping]]] = ...) -> None: ...
+
+class PriceAmounts(_message.Message):
+    __slots__ = ("input_per_million_nanodollars", "output_per_million_nanodollars", "per_request_nanodollars")
+    INPUT_PER_MILLION_NANODOLLARS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_PER_MILLION_NANODOLLARS_FIELD_NUMBER: _ClassVar[int]
+    PER_REQUEST_NANODOLLARS_FIELD_NUMBER: _ClassVar[int]
+    input_per_million_nanodollars: int
+    output_per_million_nanodollars: int
+    per_request_nanodollars: int
+    def __init__(self, input_per_million_nanodollars: _Optional[int] = ..., output_per_million_nanodollars: _Optional[int] = ..., per_request_nanodollars: _Optional[int] = ...) -> None: ...
+
+class CatalogModel(_message.Message):
+    __slots__ = ("id", "spec_json", "versions", "version", "price", "source", "created_at", "updated_at")
+    class VersionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: str
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[str] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PRICE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    spec_json: str
+    versions: _containers.ScalarMap[int, str]
+    version: int
+    price: Price
+    source: str
+    created_at: _timestamp_pb2.Timestamp
+    updated_at: _timestamp_pb2.Timestamp
+    def __init__(self, id: _Optional[str] = ..., spec_json: _Optional[str] = ..., versions: _Optional[_Mapping[int, str]] = ..., version: _Optional[int] = ..., price: _Optional[_Union[Price, _Mapping]] = ..., source: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ListCatalogRequest(_message.Message):
+    __slots__ = ("if_newer_than",)
+    IF_NEWER_THAN_FIELD_NUMBER: _ClassVar[int]
+    if_newer_than: int
+    def __init__(self, if_newer_than: _Optional[int] = ...) -> None: ...
+
+class ListCatalogResponse(_message.Message):
+    __slots__ = ("version", "unchanged", "models")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    UNCHANGED_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    unchanged: bool
+    models: _containers.RepeatedCompositeFieldContainer[CatalogModel]
+    def __init__(self, version: _Optional[int] = ..., unchanged: _Optional[bool] = ..., models: _Optional[_Iterable[_Union[CatalogModel, _Mapping]]] = ...) -> None: ...
+
+class CreateModelRequest(_message.Message):
+    __slots__ = ("id", "spec_json", "versions", "version", "price")
+    class VersionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: str
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[str] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PRICE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    spec_json: str
+    versions: _containers.ScalarMap[int, str]
+    version: int
+    price: PriceAmounts
+    def __init__(self, id: _Optional[str] = ..., spec_json: _Optional[str] = ..., versions: _Optional[_Mapping[int, str]] = ..., version: _Optional[int] = ..., price: _Optional[_Union[PriceAmounts, _Mapping]] = ...) -> None: ...
+
+class UpdateModelRequest(_message.Message):
+    __slots__ = ("id", "spec_json", "versions", "remove_versions", "version", "price")
+    class VersionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: str
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[str] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    REMOVE_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PRICE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    spec_json: str
+    versions: _containers.ScalarMap[int, str]
+    remove_versions: _containers.RepeatedScalarFieldContainer[int]
+    version: int
+    price: PriceAmounts
+    def __init__(self, id: _Optional[str] = ..., spec_json: _Optional[str] = ..., versions: _Optional[_Mapping[int, str]] = ..., remove_versions: _Optional[_Iterable[int]] = ..., version: _Optional[int] = ..., price: _Optional[_Union[PriceAmounts, _Mapping]] = ...) -> None: ...
+
+class DeleteModelRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class ModelChange(_message.Message):
+    __slots__ = ("model", "catalog_version")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CATALOG_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model: CatalogModel
+    catalog_version: int
+    def __init__(self, model: _Optional[_Union[CatalogModel, _Mapping]] = ..., catalog_version: _Optional[int] = ...) -> None: ...

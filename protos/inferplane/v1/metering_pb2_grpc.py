@@ -30,8 +30,9 @@ class MeteringServiceStub:
 
     The router's calls (VerifyKey, Reserve, Release, ListPrices, RecordUsage, RecordUsageBatch) are mesh-internal
     and carry no credentials. The admin calls (CreateKey, ListKeys, RevokeKey, SetPrice, SetBudget, ListBudgets)
-    need "authorization: Bearer <key with the admin scope>" metadata; GetUsageSummary and ListUsage take any valid
-    key and answer only that key's usage unless the key is an admin key.
+    need "authorization: Bearer <key with the admin scope>" metadata, as do CreateModel, UpdateModel and
+    DeleteModel; GetUsageSummary and ListUsage take any valid key and answer only that key's usage unless the
+    key is an admin key.
     """
 
     def __init__(self, channel):
@@ -115,6 +116,26 @@ class MeteringServiceStub:
                 request_serializer=inferplane_dot_v1_dot_metering__pb2.ListBudgetsRequest.SerializeToString,
                 response_deserializer=inferplane_dot_v1_dot_metering__pb2.ListBudgetsResponse.FromString,
                 _registered_method=True)
+        self.ListCatalog = channel.unary_unary(
+                '/inferplane.v1.MeteringService/ListCatalog',
+                request_serializer=inferplane_dot_v1_dot_metering__pb2.ListCatalogRequest.SerializeToString,
+                response_deserializer=inferplane_dot_v1_dot_metering__pb2.ListCatalogResponse.FromString,
+                _registered_method=True)
+        self.CreateModel = channel.unary_unary(
+                '/inferplane.v1.MeteringService/CreateModel',
+                request_serializer=inferplane_dot_v1_dot_metering__pb2.CreateModelRequest.SerializeToString,
+                response_deserializer=inferplane_dot_v1_dot_metering__pb2.ModelChange.FromString,
+                _registered_method=True)
+        self.UpdateModel = channel.unary_unary(
+                '/inferplane.v1.MeteringService/UpdateModel',
+                request_serializer=inferplane_dot_v1_dot_metering__pb2.UpdateModelRequest.SerializeToString,
+                response_deserializer=inferplane_dot_v1_dot_metering__pb2.ModelChange.FromString,
+                _registered_method=True)
+        self.DeleteModel = channel.unary_unary(
+                '/inferplane.v1.MeteringService/DeleteModel',
+                request_serializer=inferplane_dot_v1_dot_metering__pb2.DeleteModelRequest.SerializeToString,
+                response_deserializer=inferplane_dot_v1_dot_metering__pb2.ModelChange.FromString,
+                _registered_method=True)
 
 
 class MeteringServiceServicer:
@@ -122,8 +143,9 @@ class MeteringServiceServicer:
 
     The router's calls (VerifyKey, Reserve, Release, ListPrices, RecordUsage, RecordUsageBatch) are mesh-internal
     and carry no credentials. The admin calls (CreateKey, ListKeys, RevokeKey, SetPrice, SetBudget, ListBudgets)
-    need "authorization: Bearer <key with the admin scope>" metadata; GetUsageSummary and ListUsage take any valid
-    key and answer only that key's usage unless the key is an admin key.
+    need "authorization: Bearer <key with the admin scope>" metadata, as do CreateModel, UpdateModel and
+    DeleteModel; GetUsageSummary and ListUsage take any valid key and answer only that key's usage unless the
+    key is an admin key.
     """
 
     def VerifyKey(self, request, context):
@@ -232,6 +254,35 @@ class MeteringServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListCatalog(self, request, context):
+        """The model catalog with its version (mesh-internal, as ListPrices: routers poll it and swap their catalog
+        when the version moved).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateModel(self, request, context):
+        """Admin: add a model to the catalog (FAILED_PRECONDITION when the id is in use).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateModel(self, request, context):
+        """Admin: change a model's settings, versions, served version or price (NOT_FOUND when unknown).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteModel(self, request, context):
+        """Admin: take a model out of the catalog (its prices and usage stay; NOT_FOUND when unknown).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MeteringServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -310,6 +361,26 @@ def add_MeteringServiceServicer_to_server(servicer, server):
                     request_deserializer=inferplane_dot_v1_dot_metering__pb2.ListBudgetsRequest.FromString,
                     response_serializer=inferplane_dot_v1_dot_metering__pb2.ListBudgetsResponse.SerializeToString,
             ),
+            'ListCatalog': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCatalog,
+                    request_deserializer=inferplane_dot_v1_dot_metering__pb2.ListCatalogRequest.FromString,
+                    response_serializer=inferplane_dot_v1_dot_metering__pb2.ListCatalogResponse.SerializeToString,
+            ),
+            'CreateModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateModel,
+                    request_deserializer=inferplane_dot_v1_dot_metering__pb2.CreateModelRequest.FromString,
+                    response_serializer=inferplane_dot_v1_dot_metering__pb2.ModelChange.SerializeToString,
+            ),
+            'UpdateModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateModel,
+                    request_deserializer=inferplane_dot_v1_dot_metering__pb2.UpdateModelRequest.FromString,
+                    response_serializer=inferplane_dot_v1_dot_metering__pb2.ModelChange.SerializeToString,
+            ),
+            'DeleteModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteModel,
+                    request_deserializer=inferplane_dot_v1_dot_metering__pb2.DeleteModelRequest.FromString,
+                    response_serializer=inferplane_dot_v1_dot_metering__pb2.ModelChange.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'inferplane.v1.MeteringService', rpc_method_handlers)
@@ -323,8 +394,9 @@ class MeteringService:
 
     The router's calls (VerifyKey, Reserve, Release, ListPrices, RecordUsage, RecordUsageBatch) are mesh-internal
     and carry no credentials. The admin calls (CreateKey, ListKeys, RevokeKey, SetPrice, SetBudget, ListBudgets)
-    need "authorization: Bearer <key with the admin scope>" metadata; GetUsageSummary and ListUsage take any valid
-    key and answer only that key's usage unless the key is an admin key.
+    need "authorization: Bearer <key with the admin scope>" metadata, as do CreateModel, UpdateModel and
+    DeleteModel; GetUsageSummary and ListUsage take any valid key and answer only that key's usage unless the
+    key is an admin key.
     """
 
     @staticmethod
@@ -722,6 +794,114 @@ class MeteringService:
             '/inferplane.v1.MeteringService/ListBudgets',
             inferplane_dot_v1_dot_metering__pb2.ListBudgetsRequest.SerializeToString,
             inferplane_dot_v1_dot_metering__pb2.ListBudgetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCatalog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inferplane.v1.MeteringService/ListCatalog',
+            inferplane_dot_v1_dot_metering__pb2.ListCatalogRequest.SerializeToString,
+            inferplane_dot_v1_dot_metering__pb2.ListCatalogResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inferplane.v1.MeteringService/CreateModel',
+            inferplane_dot_v1_dot_metering__pb2.CreateModelRequest.SerializeToString,
+            inferplane_dot_v1_dot_metering__pb2.ModelChange.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inferplane.v1.MeteringService/UpdateModel',
+            inferplane_dot_v1_dot_metering__pb2.UpdateModelRequest.SerializeToString,
+            inferplane_dot_v1_dot_metering__pb2.ModelChange.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inferplane.v1.MeteringService/DeleteModel',
+            inferplane_dot_v1_dot_metering__pb2.DeleteModelRequest.SerializeToString,
+            inferplane_dot_v1_dot_metering__pb2.ModelChange.FromString,
             options,
             channel_credentials,
             insecure,

@@ -149,7 +149,8 @@ def stack_settings(cfg: StackConfig, ports: dict[str, int]) -> dict[str, Any]:
         "metering": {"server": server("metering"), "telemetry": telemetry,
                      "database_url": f"sqlite:///{state / 'metering.db'}",
                      "secret_file": str(state / "metering-secret"), "catalog": str(cfg.catalog)},
-        "tokenizer": {"server": server("tokenizer"), "telemetry": telemetry, "catalog": str(cfg.catalog)},
+        "tokenizer": {"server": server("tokenizer"), "telemetry": telemetry, "catalog": str(cfg.catalog),
+                      "metering_addr": addr["metering"]},
         **{name: executor(name) for name in replicas},
         "router": {"server": server("router"), "telemetry": telemetry, "catalog": str(cfg.catalog),
                    "tokenizer_addr": addr["tokenizer"], "metering_addr": addr["metering"],
@@ -465,7 +466,7 @@ def up(args: argparse.Namespace) -> int:
         env_file = stack.write_env(key, admin_key)
         print(f"\ninferplane is ready in {time.monotonic() - started:.1f}s\n"
               f"  base URL   {stack.base_url}\n  gRPC       {stack.grpc_addr}\n  API key    {key}\n"
-              f"  admin key  {admin_key}  (INFERPLANE_ADMIN_KEY: /admin/*, inferplane keys|prices|budgets)\n"
+              f"  admin key  {admin_key}  (INFERPLANE_ADMIN_KEY: /admin/*, inferplane keys|prices|budgets|models)\n"
               f"  env file   {env_file}\n  logs       {stack.state / 'logs'}\n"
               f"  metrics    {stack.metrics_url('launcher')}  (restarts of crashed services)\n\n"
               f"Try it:\n  curl {stack.base_url}/chat/completions \\\n"

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 
 from inferplane.common.money import MoneyError, PriceNanos, format_usd, usd_to_nanos
 
@@ -80,6 +80,19 @@ class CatalogModel(BaseModel):
     triton_parameters: dict[str, str] = Field(default_factory=dict)
     # Seed price (metering's price table is the source of truth once seeded); None: not priced.
     prices: ModelPrices | None = None
+    # Versions (metering's catalog, docs/catalog.md): version number -> model name in Triton's repository, and
+    # the version served (its Triton model is ``triton_model``). Empty: one version, 1, of ``triton_model``.
+    versions: dict[int, str] = Field(default_factory=dict)
+    version: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _served_version(self) -> CatalogModel:
+        if not self.versions:
+            self.versions = {self.version: self.triton_model}
+        elif self.versions.get(self.version) != self.triton_model:
+            raise ValueError(f"version {self.version} is not served by triton_model {self.triton_model!r} "
+                             f"(versions: {self.versions})")
+        return self
 
     @field_validator("prices")
     @classmethod
@@ -134,13 +147,24 @@ def resolve_path(value: str | Path, base: Path) -> Path:
 def load_catalog(path: Path) -> Catalog:
     """Read the catalog; relative paths are resolved against the catalog file's folder."""
     path = Path(path)
-    data = yaml.safe_load(path.read_text()) or {}
-    for m in data.get("models", []):  # keep package: paths as text until resolved below
+    return catalog_from_data(yaml.safe_load(path.read_text()) or {}, path.parent)
+
+
+def read_entries(path: Path) -> list[dict[str, Any]]:
+    """The catalog file's entries as written (paths unresolved): what metering seeds its catalog with."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    return [dict(m) for m in data.get("models", [])]
+
+
+def catalog_from_data(data: dict[str, Any], base: Path) -> Catalog:
+    """A catalog from its entries as written (the file's, or metering's), relative paths against ``base``."""
+    data = {**data, "models": [dict(m) for m in data.get("models", [])]}
+    for m in data["models"]:  # keep package: paths as text until resolved below
         for key in ("tokenizer", "checkpoint", "triton_template"):
             if isinstance(m.get(key), str) and m[key].startswith(PACKAGE_PREFIX):
-                m[key] = str(resolve_path(m[key], path.parent))
+                m[key] = str(resolve_path(m[key], base))
     catalog = Catalog.model_validate(data)
-    base = path.resolve().parent
+    base = Path(base).resolve()
     for m in catalog.models:
         m.tokenizer = resolve_path(m.tokenizer, base)
         if m.checkpoint is not None:

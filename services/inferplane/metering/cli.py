@@ -24,6 +24,7 @@ from inferplane.common.errors import InferplaneError, InvalidArgument
 from inferplane.common.money import MoneyError, PriceNanos, format_usd, usd_to_nanos
 from inferplane.common.settings import load_settings
 from inferplane.metering.main import open_store
+from inferplane.metering.models_cli import register as register_models
 from inferplane.metering.settings import MeteringSettings
 from inferplane.metering.store import DEFAULT_USAGE_LIMIT, MeteringStore
 
@@ -97,6 +98,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     fmt.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
     fmt.add_argument("--csv", action="store_true", help="print CSV instead of a table")
     usage.set_defaults(func=_command(_usage))
+    register_models(subparsers)  # the model catalog's commands: models_cli.py
 
 
 def _command(handler: Handler) -> Callable[[argparse.Namespace], int]:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
+from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from inferplane.common import wire
 from inferplane.common.errors import InvalidArgument
+from inferplane.common.money import MoneyError, PriceNanos
+from inferplane.metering.catalog_db import ModelEntry
 from inferplane.metering.store import BudgetInfo, KeyInfo, PriceInfo, SummaryRow, UsageRow
 from inferplane.v1 import metering_pb2
 
@@ -32,6 +36,7 @@ def usage_from_pb(pb: metering_pb2.UsageRecord) -> UsageRow:
         time_to_first_token_ms=pb.time_to_first_token_ms if pb.HasField("time_to_first_token_ms") else None,
         tenant_id=pb.tenant_id, cost_nanos=pb.cost_nanodollars if pb.HasField("cost_nanodollars") else None,
         price_version=pb.price_version, reservation_id=pb.reservation_id, cached=pb.cached,
+        model_version=pb.model_version,
     )
 
 
@@ -41,7 +46,7 @@ def usage_to_pb(row: UsageRow) -> metering_pb2.UsageRecord:
         completion_tokens=row.completion_tokens, finish_reason=row.finish_reason, latency_ms=row.latency_ms,
         time_to_first_token_ms=row.time_to_first_token_ms, tenant_id=row.tenant_id,
         cost_nanodollars=row.cost_nanos, price_version=row.price_version, cached=row.cached,
-        cancelled=row.cancelled,
+        cancelled=row.cancelled, model_version=row.model_version,
     )
     pb.created_at.FromDatetime(row.created_at)
     return pb
@@ -105,3 +110,33 @@ def period_name(value: int) -> str:
         return wire.BUDGET_PERIOD_NAMES[value]  # type: ignore[index]
     except KeyError:
         raise InvalidArgument("unknown budget period", param="period") from None
+
+
+def model_to_pb(entry: ModelEntry, price: PriceInfo | None) -> metering_pb2.CatalogModel:
+    pb = metering_pb2.CatalogModel(id=entry.id, spec_json=json.dumps(entry.spec, sort_keys=True),
+                                   versions=entry.versions, version=entry.version, source=entry.source,
+                                   created_at=ts(entry.created_at), updated_at=ts(entry.updated_at))
+    if price is not None:
+        pb.price.CopyFrom(price_to_pb(price))
+    return pb
+
+
+def spec_from_json(text: str) -> dict[str, Any]:
+    """A model's settings from the wire: a JSON object (empty text: none)."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise InvalidArgument("spec_json is not JSON", param="spec") from None
+    if not isinstance(value, dict):
+        raise InvalidArgument("spec_json must be a JSON object", param="spec")
+    return value
+
+
+def amounts_from_pb(pb: metering_pb2.PriceAmounts) -> PriceNanos:
+    try:
+        return PriceNanos(pb.input_per_million_nanodollars, pb.output_per_million_nanodollars,
+                          pb.per_request_nanodollars)
+    except MoneyError as exc:
+        raise InvalidArgument(str(exc), param="price") from None

@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 
 from inferplane.common import loop
-from inferplane.common.catalog import load_catalog
+from inferplane.common.catalog import load_catalog, read_entries
 from inferplane.common.logs import setup_logging
 from inferplane.common.server import GrpcServer
 from inferplane.common.settings import service_arguments, settings_from_args
@@ -46,11 +46,25 @@ def seed_prices(store: MeteringStore, catalog_path: Path | None) -> None:
         log.info("price of %s from the catalog: version %d", info.model, info.price.version)
 
 
+def seed_catalog(store: MeteringStore, catalog_path: Path | None) -> None:
+    """Seed the model catalog from the file (see ``catalog_db.seed``): at the first start every model; later,
+    models new in the file and edits of models no admin has changed."""
+    if catalog_path is None or not Path(catalog_path).exists():
+        log.info("no catalog at %s: the model catalog is not seeded", catalog_path)
+        return
+    load_catalog(catalog_path)  # the whole file is valid, or nothing of it is taken
+    changed = store.seed_catalog(read_entries(catalog_path))
+    if changed:
+        log.info("catalog models from %s: %s (catalog version %d)", catalog_path, ", ".join(changed),
+                 store.catalog_version())
+
+
 def build_server(settings: MeteringSettings, *, store: MeteringStore | None = None) -> GrpcServer:
     """The metering gRPC server (not started); opens the store from ``settings`` unless one is given, and
     seeds prices from the catalog."""
     store = store if store is not None else open_store(settings)
     seed_prices(store, settings.catalog)
+    seed_catalog(store, settings.catalog)
     servicer = MeteringServicer(store)
 
     def register(server: grpc.aio.Server) -> None:

@@ -116,6 +116,8 @@ class UsageRecord(Base):
     price_version: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     cached: Mapped[bool] = mapped_column(Boolean, server_default=false())
     cancelled: Mapped[bool] = mapped_column(Boolean, server_default=false())
+    # The catalog version number of the model that served the request (NULL: from before model versions).
+    model_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class PriceRow(Base):
@@ -167,3 +169,35 @@ class ReservationRow(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
     # A crashed router's reservations are given back after this time (so budget is not leaked).
     expires_at: Mapped[datetime] = mapped_column(UtcDateTime(), index=True)
+
+
+class CatalogModelRow(Base):
+    """One model of the catalog (``inferplane.common.catalog``). A deleted model keeps its row (``deleted_at``),
+    so the YAML seed does not bring it back at the next start; creating the id again revives it."""
+
+    __tablename__ = "catalog_models"
+
+    model: Mapped[str] = mapped_column(String(MAX_MODEL_LENGTH), primary_key=True)
+    # JSON object: the catalog entry's settings (catalog.yaml's keys) but id, triton_model, versions, prices.
+    spec: Mapped[str] = mapped_column(Text)
+    # JSON object: version number (as text) -> model name in Triton's repository.
+    versions: Mapped[str] = mapped_column(Text)
+    # The version requests are served by.
+    serving_version: Mapped[int] = mapped_column(Integer)
+    # "catalog" (seeded from catalog.yaml: a later edit of the file is taken) or "admin" (the file no longer is).
+    source: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    deleted_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    # The catalog version that added it: models are listed in the order they were added (the file's order first).
+    position: Mapped[int] = mapped_column(BigInteger)
+
+
+class CatalogStateRow(Base):
+    """One row (id 1): the catalog's version, raised by one in the transaction of every catalog change, so a
+    router that saw version N knows whether anything changed since with one cheap read."""
+
+    __tablename__ = "catalog_state"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    version: Mapped[int] = mapped_column(BigInteger)

@@ -18,13 +18,17 @@ from inferplane.common import wire
 from inferplane.common.errors import InvalidArgument, PermissionDenied
 from inferplane.common.money import MoneyError, PriceNanos
 from inferplane.common.server import caller_key
+from inferplane.metering.catalog_db import ModelEntry
 from inferplane.metering.convert import (
+    amounts_from_pb,
     budget_to_pb,
     dt,
     key_to_pb,
+    model_to_pb,
     period_name,
     price_to_pb,
     scope_name,
+    spec_from_json,
     summary_to_pb,
     ts,
     usage_from_pb,
@@ -230,6 +234,49 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         scope = None if request.scope == metering_pb2.BUDGET_SCOPE_UNSPECIFIED else scope_name(request.scope)
         return metering_pb2.ListBudgetsResponse(
             budgets=[budget_to_pb(b) for b in await asyncio.to_thread(self._store.list_budgets, scope)])
+
+    # -- the model catalog --
+
+    async def ListCatalog(self, request: metering_pb2.ListCatalogRequest,
+                          context: grpc.aio.ServicerContext) -> metering_pb2.ListCatalogResponse:
+        version = await asyncio.to_thread(self._store.catalog_version)
+        if request.if_newer_than and version <= request.if_newer_than:  # the routers' poll: one cheap read
+            return metering_pb2.ListCatalogResponse(version=version, unchanged=True)
+        version, models = await asyncio.to_thread(self._store.catalog)
+        prices = await asyncio.to_thread(self._store.current_prices)
+        return metering_pb2.ListCatalogResponse(version=version,
+                                                models=[model_to_pb(m, prices.get(m.id)) for m in models])
+
+    async def CreateModel(self, request: metering_pb2.CreateModelRequest,
+                          context: grpc.aio.ServicerContext) -> metering_pb2.ModelChange:
+        await self._admin(context)
+        price = amounts_from_pb(request.price) if request.HasField("price") else None
+        entry, version = await asyncio.to_thread(self._store.create_model, request.id,
+                                                 spec_from_json(request.spec_json), dict(request.versions),
+                                                 request.version, price)
+        return await self._change(entry, version)
+
+    async def UpdateModel(self, request: metering_pb2.UpdateModelRequest,
+                          context: grpc.aio.ServicerContext) -> metering_pb2.ModelChange:
+        await self._admin(context)
+        price = amounts_from_pb(request.price) if request.HasField("price") else None
+        entry, version = await asyncio.to_thread(
+            lambda: self._store.update_model(request.id, spec=spec_from_json(request.spec_json),
+                                             versions=dict(request.versions),
+                                             remove_versions=tuple(request.remove_versions),
+                                             serving=request.version if request.HasField("version") else None,
+                                             price=price))
+        return await self._change(entry, version)
+
+    async def DeleteModel(self, request: metering_pb2.DeleteModelRequest,
+                          context: grpc.aio.ServicerContext) -> metering_pb2.ModelChange:
+        await self._admin(context)
+        entry, version = await asyncio.to_thread(self._store.delete_model, request.id)
+        return await self._change(entry, version)
+
+    async def _change(self, entry: ModelEntry, version: int) -> metering_pb2.ModelChange:
+        price = await asyncio.to_thread(self._store.current_price, entry.id)
+        return metering_pb2.ModelChange(model=model_to_pb(entry, price), catalog_version=version)
 
 
 def _observe(rows: list[UsageRow], created: list[bool]) -> None:

@@ -37,7 +37,8 @@ from inferplane.common.errors import (
     Unavailable,
 )
 from inferplane.common.money import MoneyError, PriceNanos, format_usd
-from inferplane.metering import budgets
+from inferplane.metering import budgets, catalog_db
+from inferplane.metering.catalog_db import ModelEntry
 from inferplane.metering.db import SQLITE_BUSY_TIMEOUT_S, make_engine, migrate
 from inferplane.metering.schema import (
     DEFAULT_TENANT,
@@ -128,6 +129,8 @@ class UsageRow:
     # The reservation this record settles; empty: none.
     reservation_id: str = ""
     cached: bool = False
+    # The catalog version number of the model that served it; 0: not known.
+    model_version: int = 0
 
     def __post_init__(self) -> None:
         _require_text("request_id", self.request_id, MAX_REQUEST_ID_LENGTH)
@@ -139,7 +142,7 @@ class UsageRow:
         if len(self.reservation_id) > MAX_REQUEST_ID_LENGTH:
             raise InvalidArgument("reservation_id is too long", param="reservation_id")
         for name in ("prompt_tokens", "completion_tokens", "latency_ms", "time_to_first_token_ms", "cost_nanos",
-                     "price_version"):
+                     "price_version", "model_version"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise InvalidArgument(f"{name} must not be negative (got {value})", param=name)
@@ -232,13 +235,24 @@ def _usage_row(row: UsageRecord) -> UsageRow:
         completion_tokens=row.completion_tokens, finish_reason=row.finish_reason, latency_ms=row.latency_ms,
         created_at=row.created_at, time_to_first_token_ms=row.time_to_first_token_ms,
         recorded_at=row.recorded_at, tenant_id=row.tenant_id, cost_nanos=row.cost_nanos,
-        price_version=row.price_version or 0, cached=row.cached,
+        price_version=row.price_version or 0, cached=row.cached, model_version=row.model_version or 0,
     )
 
 
 def _price_info(row: PriceRow) -> PriceInfo:
     return PriceInfo(row.model, PriceNanos(row.input_per_million_nanos, row.output_per_million_nanos,
                                            row.per_request_nanos, row.id), row.source, row.created_at)
+
+
+def _price_row(model: str, price: PriceNanos, source: str) -> PriceRow:
+    _require_text("model", model, MAX_MODEL_LENGTH)
+    try:
+        price = PriceNanos(price.input_per_million, price.output_per_million, price.per_request)
+    except MoneyError as exc:
+        raise InvalidArgument(str(exc), param="price") from None
+    return PriceRow(model=model, input_per_million_nanos=price.input_per_million,
+                    output_per_million_nanos=price.output_per_million, per_request_nanos=price.per_request,
+                    source=source, created_at=_now())
 
 
 def _budget_info(row: BudgetRow) -> BudgetInfo:
@@ -405,14 +419,7 @@ class MeteringStore:
 
     def set_price(self, model: str, price: PriceNanos, *, source: str = "admin") -> PriceInfo:
         """A new price version for ``model`` (history is kept: earlier records keep their version)."""
-        _require_text("model", model, MAX_MODEL_LENGTH)
-        try:
-            price = PriceNanos(price.input_per_million, price.output_per_million, price.per_request)
-        except MoneyError as exc:
-            raise InvalidArgument(str(exc), param="price") from None
-        row = PriceRow(model=model, input_per_million_nanos=price.input_per_million,
-                       output_per_million_nanos=price.output_per_million, per_request_nanos=price.per_request,
-                       source=source, created_at=_now())
+        row = _price_row(model, price, source)
         with self._write() as session:
             session.add(row)
             session.flush()
@@ -461,6 +468,54 @@ class MeteringStore:
         history = history if history is not None else self.price_history()
         in_force = [p for p in history if p.model == model and p.effective_at <= at]
         return in_force[-1] if in_force else None
+
+    # -- the model catalog (catalog_db.py) --
+
+    def catalog(self) -> tuple[int, list[ModelEntry]]:
+        """The catalog's version and its models, read together."""
+        with self._session() as session, session.begin():
+            return catalog_db.version(session), catalog_db.list_models(session)
+
+    def catalog_version(self) -> int:
+        with self._session() as session:
+            return catalog_db.version(session)
+
+    def seed_catalog(self, entries: list[dict[str, Any]]) -> list[str]:
+        """Models from the catalog file (see ``catalog_db.seed``); the ids added or changed."""
+        with self._write() as session:
+            return catalog_db.seed(session, entries, now=_now())
+
+    def create_model(self, model_id: str, spec: dict[str, Any], versions: dict[int, str], serving: int = 0,
+                     price: PriceNanos | None = None) -> tuple[ModelEntry, int]:
+        """Add a model (settings left out are copied from the model that serves the same Triton model, if one
+        does); with ``price``, its first price version. The entry and the catalog's new version."""
+        serving = serving or max(versions, default=1)
+        price_row = _price_row(model_id, price, "admin") if price is not None else None
+        with self._write() as session:  # the model and its price in one transaction: no router sees one alone
+            base = next((m for m in catalog_db.list_models(session)
+                         if versions.get(serving) and m.triton_model == versions[serving]), None)
+            spec = {**(base.spec if base is not None else {}), **spec}
+            result = catalog_db.create(session, model_id, spec, versions, serving, now=_now())
+            if price_row is not None:
+                session.add(price_row)
+        return result
+
+    def update_model(self, model_id: str, *, spec: dict[str, Any] | None = None,
+                     versions: dict[int, str] | None = None, remove_versions: tuple[int, ...] = (),
+                     serving: int | None = None, price: PriceNanos | None = None) -> tuple[ModelEntry, int]:
+        price_row = _price_row(model_id, price, "admin") if price is not None else None
+        with self._write() as session:
+            entry, version = catalog_db.update_model(session, model_id, spec=spec, versions=versions,
+                                                     remove_versions=remove_versions, serving=serving, now=_now())
+            if price_row is not None:
+                session.add(price_row)
+                version = catalog_db.bump(session)  # a new price is a catalog change: routers look again
+        return entry, version
+
+    def delete_model(self, model_id: str) -> tuple[ModelEntry, int]:
+        """Take a model out of the catalog; its prices and usage records stay."""
+        with self._write() as session:
+            return catalog_db.delete(session, model_id, now=_now())
 
     # -- budgets --
 
@@ -562,7 +617,7 @@ class MeteringStore:
                 # The key's tenant as metering knows it wins over what a record claims.
                 tenant_id=tenants.get(r.key_id) or r.tenant_id or DEFAULT_TENANT, cost_nanos=cost,
                 price_version=price.price.version if price is not None else None, cached=r.cached,
-                cancelled=r.cancelled)
+                cancelled=r.cancelled, model_version=r.model_version or None)
         reservations = {r.request_id: r.reservation_id for r in recs if r.reservation_id}
         insert = (postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert)(UsageRecord)
         statement = insert.on_conflict_do_nothing(index_elements=["request_id"]).returning(UsageRecord.request_id)

@@ -84,6 +84,11 @@ class PriceBook:
         self._fresh_until = 0.0
         self._lock = asyncio.Lock()
 
+    def reseed(self, catalog: Catalog) -> None:
+        """The catalog changed: take its seed prices and ask metering again at the next look."""
+        self._seeds = {m.id: m.prices.nanos() for m in catalog.models if m.prices is not None}
+        self._fresh_until = 0.0
+
     def peek(self, model_id: str) -> PriceNanos | None:
         """The price known now, without asking metering (for ``ListModels``)."""
         return self._prices.get(model_id) or self._seeds.get(model_id)

@@ -141,6 +141,12 @@ class Capacity:
                 queue_timeout_s=self._queue_timeout_s(model))
         return gate
 
+    def refresh(self) -> None:
+        """Re-read every gate's queue settings (the catalog changed) and let waiters in."""
+        for model, gate in self._gates.items():
+            gate.max_queue, gate.queue_timeout_s = self._max_queue(model), self._queue_timeout_s(model)
+            gate.wake()
+
     def wake_all(self) -> None:
         for gate in self._gates.values():
             gate.wake()

@@ -83,3 +83,8 @@ class MeteringClient:
     async def list_prices(self, *, timeout: float = 5.0) -> list[metering_pb2.Price]:
         resp = await self._stub.ListPrices(metering_pb2.ListPricesRequest(), timeout=timeout)
         return list(resp.prices)
+
+    async def list_catalog(self, *, if_newer_than: int = 0, timeout: float = 5.0) -> metering_pb2.ListCatalogResponse:
+        """Metering's catalog with its version (``unchanged`` and no models when not above ``if_newer_than``)."""
+        return await self._stub.ListCatalog(metering_pb2.ListCatalogRequest(if_newer_than=if_newer_than),
+                                            timeout=timeout)

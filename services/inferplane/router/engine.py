@@ -157,12 +157,30 @@ class GenerationEngine:
         self.request_timeout_s = request_timeout_s
         self.admission = admission
         self.usage = UsageRecorder(metering, outbox)
+        # Models taken out of the catalog while requests of theirs may still hold a slot of their gate.
+        self._retired: dict[str, CatalogModel] = {}
         self.capacity = Capacity(
-            lambda mid: executors.serving_count(self.model(mid).triton_model),
-            per_replica=lambda mid: self.model(mid).concurrency_per_replica,
-            max_queue=lambda mid: self.model(mid).max_queue,
-            queue_timeout_s=lambda mid: self.model(mid).queue_timeout_s)
+            lambda mid: executors.serving_count(self._known(mid).triton_model),
+            per_replica=lambda mid: self._known(mid).concurrency_per_replica,
+            max_queue=lambda mid: self._known(mid).max_queue,
+            queue_timeout_s=lambda mid: self._known(mid).queue_timeout_s)
         executors.on_change = self.capacity.wake_all
+
+    def swap_catalog(self, catalog: Catalog) -> None:
+        """Serve ``catalog`` from now on (metering's changed: ``catalog_watch.py``). One assignment in the event
+        loop: a request looks its model up once, at its start, and keeps that ``CatalogModel`` to its end; a
+        request that starts after this sees the new catalog (a removed model: 404 ``model_not_found``)."""
+        for old in self.catalog.models:
+            if catalog.get(old.id) is None:
+                self._retired[old.id] = old
+        for new in catalog.models:
+            self._retired.pop(new.id, None)
+        self.catalog = catalog
+        self.capacity.refresh()
+
+    def _known(self, model_id: str) -> CatalogModel:
+        """The model in the catalog, else as it was when it left (its requests in flight release their slots)."""
+        return self.catalog.get(model_id) or self._retired.get(model_id) or self.model(model_id)
 
     def model(self, model_id: str) -> CatalogModel:
         model = self.catalog.get(model_id)

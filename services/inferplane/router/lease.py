@@ -149,6 +149,7 @@ class Lease:
     def _settled_record(self) -> metering_pb2.UsageRecord:
         record = usage_record(self.request_id, self.key, self.model.id, self.prompt_tokens, self.completion_tokens,
                               self.finish or ERROR, self.clock.started, self.first_token_at, self.clock.created_at)
+        record.model_version = self.model.version  # the version that served it (its catalog entry's, at the start)
         if self.ticket is not None and self._admission is not None:
             cost = self._admission.settle(self.ticket, self.prompt_tokens, self.completion_tokens)
             stamp(record, self.ticket, cost)  # the record settles the reservation in metering, exactly once

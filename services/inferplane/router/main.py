@@ -9,6 +9,7 @@ import grpc
 
 from inferplane.common import loop
 from inferplane.common.catalog import Catalog, load_catalog
+from inferplane.common.catalog_watch import CatalogWatcher
 from inferplane.common.logs import setup_logging
 from inferplane.common.server import GrpcServer, client_channel
 from inferplane.common.settings import service_arguments, settings_from_args
@@ -42,6 +43,12 @@ def build_tokenizer(settings: RouterSettings, catalog: Catalog) -> tuple[Tokeniz
     return (encoder if encoder is decoder else SplitTokenizer(encoder=encoder, decoder=decoder)), channel
 
 
+def _local_registries(tokenizer: Tokenizer) -> list[TokenizerRegistry]:
+    """The in-process tokenizer registries behind ``tokenizer`` (the remote tokenizer service has its own)."""
+    parts = tokenizer.parts if isinstance(tokenizer, SplitTokenizer) else (tokenizer,)
+    return [p.registry for p in parts if isinstance(p, LocalTokenizer)]
+
+
 class Router:
     """The router's server and its outbound channels, started and stopped together."""
 
@@ -58,7 +65,8 @@ class Router:
         metering = MeteringClient(metering_channel)
         self.limiter: RateLimiter = (RedisRateLimiter(settings.redis_url, on_error=settings.ratelimit_on_redis_error)
                                      if settings.redis_url else LocalRateLimiter())
-        admission = Admission(metering, self.limiter, PriceBook(metering, catalog, ttl_s=settings.price_ttl_s))
+        prices = PriceBook(metering, catalog, ttl_s=settings.price_ttl_s)
+        admission = Admission(metering, self.limiter, prices)
         self.outbox = UsageOutbox(settings.outbox_path, batch_sender(metering))
         self.engine = GenerationEngine(catalog=catalog, tokenizer=self.tokenizer,
                                        executors=self.replicas, metering=metering,
@@ -67,12 +75,29 @@ class Router:
         # served over gRPC, and called in process by a REST edge in this process (``inferplane.cli.edge``)
         self.servicer = RouterServicer(self.engine, KeyVerifier(metering, ttl=settings.key_cache_ttl_s,
                                                                         stale_ttl=settings.key_stale_ttl_s))
+        self.catalog_watch = CatalogWatcher(metering.list_catalog, settings.catalog.parent, self._apply_catalog,
+                                            interval_s=settings.catalog_poll_s)
+        self._prices = prices
         self.server = GrpcServer(
             settings.server, service_names=["inferplane.v1.RouterService"],
             register=lambda s: router_pb2_grpc.add_RouterServiceServicer_to_server(self.servicer, s))
 
+    def _apply_catalog(self, catalog: Catalog) -> None:
+        """Metering's catalog changed: every part of the router that reads the catalog takes the new one."""
+        self.engine.swap_catalog(catalog)
+        for registry in _local_registries(self.tokenizer):
+            registry.set_paths({m.id: m.tokenizer for m in catalog.models})
+        self._prices.reseed(catalog)
+
     async def start(self) -> int:
         self.outbox.start()  # replays what a previous run left first
+        if self.settings.catalog_poll_s > 0:
+            try:  # start with metering's catalog when it answers (else the file's, until a poll gets through)
+                await self.catalog_watch.poll_once()
+            except grpc.aio.AioRpcError as exc:
+                log.warning("catalog not read from metering at start (%s): the file's is in force",
+                            exc.code().name)
+            self.catalog_watch.start()
         await self.replicas.start()
         if not await self.replicas.wait_any_serving(timeout=10.0):
             log.warning("no executor replica is serving yet; requests get UNAVAILABLE until one is")
@@ -83,6 +108,7 @@ class Router:
         await self.close()
 
     async def close(self) -> None:
+        await self.catalog_watch.stop()
         await self.engine.drain()
         await self.outbox.stop()  # sends what it can; the rest stays in the file for the next start
         if isinstance(self.limiter, RedisRateLimiter):

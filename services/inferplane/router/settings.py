@@ -55,6 +55,9 @@ class RouterSettings(BaseSettings):
     outbox_path: Path = Path(".inferplane/router-outbox.db")
     # Seconds the price table from metering is kept before it is asked again.
     price_ttl_s: float = 10.0
+    # Seconds between polls of metering's catalog version (a change is picked up within this time, without a
+    # restart: docs/catalog.md); 0: the catalog file is the catalog, never polled.
+    catalog_poll_s: float = 2.0
 
     def channel_silence(self) -> float | None:
         """The ``ReplicaSet``'s ``channel_silence_s``: None when requests use per-request ``Generate`` calls."""

@@ -79,6 +79,11 @@ class SplitTokenizer:
         self._encoder = encoder
         self._decoder = decoder
 
+    @property
+    def parts(self) -> tuple[Tokenizer, Tokenizer]:
+        """The encoder and the decoder."""
+        return self._encoder, self._decoder
+
     async def encode_text(self, model: str, text: str, *, timeout: float | None) -> Encoded:
         return await self._encoder.encode_text(model, text, timeout=timeout)
 

@@ -54,6 +54,15 @@ class TokenizerRegistry:
     def from_catalog_file(cls, path: Path) -> TokenizerRegistry:
         return cls.from_catalog(load_catalog(path))
 
+    def set_paths(self, paths: Mapping[str, Path]) -> None:
+        """Serve these models from now on (the catalog changed); a model whose folder moved loads again."""
+        for model_id, path in paths.items():
+            if self._paths.get(model_id) != path:
+                self._bundles.pop(model_id, None)
+        for model_id in set(self._paths) - set(paths):
+            self._bundles.pop(model_id, None)
+        self._paths = dict(paths)
+
     @property
     def model_ids(self) -> list[str]:
         return list(dict.fromkeys([*self._bundles, *self._paths]))

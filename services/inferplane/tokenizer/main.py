@@ -6,8 +6,9 @@ import argparse
 import logging
 
 from inferplane.common import loop
+from inferplane.common.catalog_watch import CatalogWatcher, list_catalog_of
 from inferplane.common.logs import setup_logging
-from inferplane.common.server import GrpcServer
+from inferplane.common.server import GrpcServer, client_channel
 from inferplane.common.settings import service_arguments, settings_from_args
 from inferplane.common.telemetry import setup_tracing
 from inferplane.tokenization.local import TokenizerRegistry
@@ -31,11 +32,24 @@ def build_server(settings: TokenizerSettings, registry: TokenizerRegistry | None
 
 async def run(settings: TokenizerSettings) -> None:
     provider = setup_tracing("tokenizer", settings.telemetry)
-    server = build_server(settings)
+    registry = TokenizerRegistry.from_catalog_file(settings.catalog)
+    server = build_server(settings, registry)
     await server.start()
+    channel = client_channel(settings.metering_addr) if settings.metering_addr and settings.catalog_poll_s > 0 \
+        else None
+    watch = None
+    if channel is not None:  # models registered at run time get their tokenizer here too (loaded on first use)
+        watch = CatalogWatcher(list_catalog_of(channel), settings.catalog.parent,
+                               lambda catalog: registry.set_paths({m.id: m.tokenizer for m in catalog.models}),
+                               interval_s=settings.catalog_poll_s)
+        watch.start()
     try:
         await server.serve_until_signal()
     finally:
+        if watch is not None:
+            await watch.stop()
+        if channel is not None:
+            await channel.close(None)
         provider.shutdown()
 
 

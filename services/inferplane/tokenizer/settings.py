@@ -17,3 +17,7 @@ class TokenizerSettings(BaseSettings):
     telemetry: TelemetrySettings = TelemetrySettings()
     # The model catalog; each model's ``tokenizer`` folder is loaded at start.
     catalog: Path = CATALOG
+    # Metering, whose catalog (models added and deleted at run time: docs/catalog.md) is polled every
+    # ``catalog_poll_s``; None (or 0 s): the catalog file is the catalog.
+    metering_addr: str | None = None
+    catalog_poll_s: float = 2.0
