@@ -6,6 +6,7 @@ import argparse
 import logging
 
 import grpc
+from tritonclient.grpc import service_pb2_grpc
 
 from inferplane.common import loop
 from inferplane.common.catalog import Catalog, load_catalog
@@ -17,6 +18,8 @@ from inferplane.router.admission import Admission, PriceBook
 from inferplane.router.auth import KeyVerifier
 from inferplane.router.clients import MeteringClient
 from inferplane.router.engine import GenerationEngine
+from inferplane.router.kserve import SERVICE as KSERVE_SERVICE
+from inferplane.router.kserve import KServeServicer
 from inferplane.router.outbox import UsageOutbox, batch_sender
 from inferplane.router.ratelimit import LocalRateLimiter, RateLimiter, RedisRateLimiter
 from inferplane.router.replicas import ReplicaSet
@@ -65,11 +68,16 @@ class Router:
                                        request_timeout_s=settings.request_timeout_s,
                                        admission=admission, outbox=self.outbox)
         # served over gRPC, and called in process by a REST edge in this process (``inferplane.cli.edge``)
-        self.servicer = RouterServicer(self.engine, KeyVerifier(metering, ttl=settings.key_cache_ttl_s,
-                                                                        stale_ttl=settings.key_stale_ttl_s))
+        keys = KeyVerifier(metering, ttl=settings.key_cache_ttl_s, stale_ttl=settings.key_stale_ttl_s)
+        self.servicer = RouterServicer(self.engine, keys)
+        # the KServe v2 protocol for raw Triton models (``tritonclient``), on the same port
+        self.kserve = KServeServicer(self.engine, keys)
         self.server = GrpcServer(
-            settings.server, service_names=["inferplane.v1.RouterService"],
-            register=lambda s: router_pb2_grpc.add_RouterServiceServicer_to_server(self.servicer, s))
+            settings.server, service_names=["inferplane.v1.RouterService", KSERVE_SERVICE], register=self._register)
+
+    def _register(self, server: grpc.aio.Server) -> None:
+        router_pb2_grpc.add_RouterServiceServicer_to_server(self.servicer, server)
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.kserve, server)
 
     async def start(self) -> int:
         self.outbox.start()  # replays what a previous run left first
