@@ -72,8 +72,8 @@ class ScriptedKServe(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ServerLive(self, request: service_pb2.ServerLiveRequest,
                          context: grpc.aio.ServicerContext) -> service_pb2.ServerLiveResponse:
-        return service_pb2.ServerLiveResponse(live=dict(context.invocation_metadata()).get("authorization") ==
-                                              AUTH["authorization"])
+        sent = dict(context.invocation_metadata() or ())
+        return service_pb2.ServerLiveResponse(live=sent.get("authorization") == AUTH["authorization"])
 
 
 @dataclass

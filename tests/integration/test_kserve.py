@@ -144,7 +144,7 @@ async def test_refusals_over_grpc_leave_no_record(executor: Executor, router: Ro
 
     async def refused(**kw: object) -> InferenceServerException:
         with pytest.raises(InferenceServerException) as caught:
-            await client.infer(**kw)  # type: ignore[arg-type]
+            await client.infer(**kw)
         return caught.value
 
     try:
