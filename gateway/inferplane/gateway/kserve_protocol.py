@@ -149,13 +149,20 @@ def _json_tensor(data: object, datatype: str, count: int, where: str) -> bytes:
             raise bad(f"'{where}' holds BOOL: each element must be true or false.")
     elif any(isinstance(v, bool) or not isinstance(v, int | float) for v in values):
         raise bad(f"'{where}' holds {datatype}: each element must be a number.")
-    try:
-        array = np.array(values, dtype=NUMPY_DTYPES[datatype])
-    except (OverflowError, ValueError):
-        raise bad(f"'{where}': a value does not fit {datatype}.") from None
-    if datatype.startswith(("INT", "UINT")) and any(isinstance(v, float) for v in values):
-        raise bad(f"'{where}' holds {datatype}: each element must be an integer.")
-    return array.tobytes()
+    dtype = np.dtype(NUMPY_DTYPES[datatype])
+    if dtype.kind in "iu":
+        if any(isinstance(v, float) for v in values):
+            raise bad(f"'{where}' holds {datatype}: each element must be an integer.")
+        limits = np.iinfo(dtype)
+        if any(not limits.min <= v <= limits.max for v in values):  # numpy would wrap them silently
+            raise bad(f"'{where}': a value does not fit {datatype} ({limits.min} to {limits.max}).")
+        return np.array(values, dtype=dtype).tobytes()
+    array = np.array(values, dtype=np.float64)
+    with np.errstate(over="ignore"):  # an overflow becomes ±inf, refused just below
+        narrowed = array.astype(dtype)
+    if not np.isfinite(array).all() or not np.isfinite(narrowed).all():  # NaN, ±inf, or too large for the type
+        raise bad(f"'{where}': a value does not fit {datatype} (finite numbers only).")
+    return narrowed.tobytes()
 
 
 def infer_call(body: bytes, header_length: str | None, *, model: str, version: str = "") -> InferCall:
