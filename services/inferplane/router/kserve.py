@@ -32,6 +32,7 @@ from inferplane.router.clients import KeyInfo
 from inferplane.router.engine import GenerationEngine
 from inferplane.router.lease import trace_request
 from inferplane.router.replicas import Replica
+from inferplane.router.service import request_id_from
 
 SERVICE = "inference.GRPCInferenceService"
 INFER_TASK = "infer"
@@ -104,10 +105,7 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def _caller(self, context: grpc.aio.ServicerContext) -> tuple[KeyInfo, str, float | None]:
         """The verified key, the request id (also sent back as trailing metadata) and the monotonic deadline."""
         metadata = context.invocation_metadata()
-        value = wire.metadata_value(metadata, wire.REQUEST_ID)
-        request_id = wire.new_request_id() if value is None else wire.text(value)
-        if not wire.valid_request_id(request_id):
-            raise InvalidArgument(wire.BAD_REQUEST_ID, param=wire.REQUEST_ID)
+        request_id = request_id_from(metadata)
         context.set_trailing_metadata(((wire.REQUEST_ID, request_id),))
         key = await self._keys.verify(caller_key(metadata))
         remaining = context.time_remaining()
