@@ -63,7 +63,7 @@ def test_tritonclient_grpc_and_http_infer_through_the_edge_billed_per_request(st
     assert over_grpc.is_model_ready(MODEL, headers=auth)
 
     over_http = httpclient.InferenceServerClient(edge_host(stack))
-    result = over_http.infer(MODEL, inputs(httpclient), headers=auth)
+    result = over_http.infer(MODEL, inputs(httpclient), headers=dict(auth))  # it writes into the dict it is given
     np.testing.assert_array_equal(result.as_numpy("embedding"), want)
     assert result.get_response()["model_name"] == MODEL
     assert over_http.get_model_metadata(MODEL, headers=auth)["inputs"][0]["name"] == "input_ids"
@@ -87,5 +87,5 @@ def test_no_key_and_unknown_models_are_refused_through_the_edge(stack: LocalStac
              (over_http, httpclient, auth, "no-such-model", "404")]
     for client, module, headers, model, status in cases:
         with pytest.raises(InferenceServerException) as caught:
-            client.infer(model, inputs(module), headers=headers)
+            client.infer(model, inputs(module), headers=dict(headers))
         assert caught.value.status() == status, caught.value
