@@ -16,7 +16,9 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from inferplane.v1 import executor_pb2, metering_pb2, tokenizer_pb2  # noqa: F401
 
 ROUTER_SERVICE = "inferplane.v1.RouterService"
-PUBLIC_SERVICES = {ROUTER_SERVICE, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
+# the KServe v2 protocol's service is public too (tritonclient.grpc; grpcurl describes ModelInfer)
+KSERVE_SERVICE = "inference.GRPCInferenceService"
+PUBLIC_SERVICES = {ROUTER_SERVICE, KSERVE_SERVICE, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
 INTERNAL_SYMBOLS = ("inferplane.v1.TokenizerService", "inferplane.v1.ExecutorService",
                     "inferplane.v1.MeteringService", "inferplane.v1.EncodeRequest")
 
@@ -25,6 +27,7 @@ INTERNAL_SYMBOLS = ("inferplane.v1.TokenizerService", "inferplane.v1.ExecutorSer
 class Discovered:
     services: set[str]
     router_methods: dict[str, tuple[str, str, bool]]  # name -> (input type, output type, server streaming)
+    kserve_methods: set[str]
     internal_found: list[str]  # internal symbols reflection would describe (must stay empty)
     health: int  # HealthCheckResponse.ServingStatus of the whole server ("")
     router_health: int  # ... of inferplane.v1.RouterService
@@ -39,6 +42,7 @@ def discover(address: str, *, timeout: float = 30.0) -> Discovered:
         router = pool.FindServiceByName(ROUTER_SERVICE)
         methods = {m.name: (m.input_type.full_name, m.output_type.full_name, m.server_streaming)
                    for m in router.methods}
+        kserve = {m.name for m in pool.FindServiceByName(KSERVE_SERVICE).methods}
         internal = []
         for symbol in INTERNAL_SYMBOLS:
             try:
@@ -49,7 +53,7 @@ def discover(address: str, *, timeout: float = 30.0) -> Discovered:
         health = health_pb2_grpc.HealthStub(channel)
         overall = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout).status
         own = health.Check(health_pb2.HealthCheckRequest(service=ROUTER_SERVICE), timeout=timeout).status
-    return Discovered(services, methods, internal, overall, own)
+    return Discovered(services, methods, kserve, internal, overall, own)
 
 
 def assert_public_api_discovered(found: Discovered) -> None:
@@ -57,5 +61,6 @@ def assert_public_api_discovered(found: Discovered) -> None:
     assert found.router_methods["Generate"] == ("inferplane.v1.GenerateRequest", "inferplane.v1.GenerateResponse",
                                                 True)
     assert {"Generate", "Embed", "ListModels", "Tokenize", "Detokenize"} <= set(found.router_methods)
+    assert {"ModelInfer", "ModelMetadata", "ServerLive"} <= found.kserve_methods
     assert found.internal_found == [], found.internal_found
     assert found.health == found.router_health == health_pb2.HealthCheckResponse.SERVING

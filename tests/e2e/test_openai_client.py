@@ -32,7 +32,7 @@ def test_local_env_file_names_the_stack(stack: LocalStack, api_key: str) -> None
 
 def test_models_list_shows_the_catalog(client: openai.OpenAI) -> None:
     models = client.models.list()
-    assert [m.id for m in models.data] == [MODEL, "all-minilm-l6-v2"]
+    assert [m.id for m in models.data] == [MODEL, "all-minilm-l6-v2", "minilm-raw"]  # minilm-raw: KServe v2 only
     validate(models.model_dump(), "ListModelsResponse")
 
 

@@ -33,9 +33,10 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from inferplane.common.server import reflection_pool
-from inferplane.edge.envoy import ROUTER_SERVICE, EdgeSettings, EnvoyProcess, envoy_binary
+from inferplane.edge.envoy import KSERVE_SERVICE, ROUTER_SERVICE, EdgeSettings, EnvoyProcess, envoy_binary
 from inferplane.gateway.main import GatewayServer, GatewaySettings
 from inferplane.v1 import common_pb2, router_pb2, router_pb2_grpc
 from tests.conftest import require
@@ -65,6 +66,15 @@ def free_port() -> int:
 
 
 # --- the scripted router ------------------------------------------------------------------------------
+
+class ScriptedKServe(service_pb2_grpc.GRPCInferenceServiceServicer):
+    """The router's KServe v2 service, as far as routing needs: ``ServerLive`` answers, with the key it was sent."""
+
+    async def ServerLive(self, request: service_pb2.ServerLiveRequest,
+                         context: grpc.aio.ServicerContext) -> service_pb2.ServerLiveResponse:
+        sent = dict(context.invocation_metadata() or ())
+        return service_pb2.ServerLiveResponse(live=sent.get("authorization") == AUTH["authorization"])
+
 
 @dataclass
 class ScriptedRouter(router_pb2_grpc.RouterServiceServicer):
@@ -186,11 +196,12 @@ async def edge(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Edge]:
     collected = Collected()
     server = grpc.aio.server()
     router_pb2_grpc.add_RouterServiceServicer_to_server(router, server)
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(ScriptedKServe(), server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     collector, add_collector = _collector_servicer(collected)
     add_collector(collector, server)  # the same server doubles as the OTLP collector
-    reflected = [ROUTER_SERVICE, "grpc.health.v1.Health", reflection.SERVICE_NAME]
+    reflected = [ROUTER_SERVICE, KSERVE_SERVICE, "grpc.health.v1.Health", reflection.SERVICE_NAME]
     reflection.enable_server_reflection(reflected, server, pool=reflection_pool(reflected))  # as GrpcServer does
     router_port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -290,8 +301,8 @@ async def test_a_silent_stream_is_cut_by_the_stream_idle_timeout_and_never_retri
 
 # --- routes -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("path", ["/v2/health/ready", "/v2/models/tiny-llama/infer", "/metrics", "/",
-                                  "/v1/../v2/health/ready", "/inferplane.v1.TokenizerService/Encode"])
+@pytest.mark.parametrize("path", ["/v2x/models/tiny-llama/infer", "/v3/health/ready", "/metrics", "/",
+                                  "/v1/../metrics", "/inferplane.v1.TokenizerService/Encode"])
 async def test_only_public_paths_are_routable(edge: Edge, path: str) -> None:
     async with httpx.AsyncClient(base_url=edge.envoy.base, timeout=10) as client:
         resp = await client.get(path) if "infer" not in path else await client.post(path, json={})
@@ -301,13 +312,26 @@ async def test_only_public_paths_are_routable(edge: Edge, path: str) -> None:
 
 @pytest.mark.parametrize("method", [
     "/inferplane.v1.TokenizerService/Encode", "/inferplane.v1.ExecutorService/Generate",
-    "/inferplane.v1.MeteringService/VerifyKey", "/inference.GRPCInferenceService/ServerReady",
+    "/inferplane.v1.MeteringService/VerifyKey",
     "/opentelemetry.proto.collector.trace.v1.TraceService/Export"])
 async def test_internal_grpc_services_are_unimplemented_at_the_edge(edge: Edge, method: str) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{edge.envoy.settings.port}") as channel:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await channel.unary_unary(method)(b"", timeout=10)
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_the_kserve_protocol_reaches_the_router_over_grpc_and_the_gateway_over_http(edge: Edge) -> None:
+    """``inference.GRPCInferenceService`` goes to the router with the caller's metadata; ``/v2/`` to the gateway,
+    which calls the router's service of the same name (the key travels on)."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{edge.envoy.settings.port}") as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        assert (await stub.ServerLive(service_pb2.ServerLiveRequest(), metadata=tuple(AUTH.items()),
+                                      timeout=10)).live
+    async with httpx.AsyncClient(base_url=edge.envoy.base, timeout=10) as client:
+        assert (await client.get("/v2/health/live", headers=AUTH)).status_code == 200
+        refused = await client.get("/v2/health/live")  # no key: the gateway's 401, in the protocol's shape
+        assert refused.status_code == 401 and isinstance(refused.json()["error"], str)
 
 
 async def test_reflection_and_health_answer_at_the_edge(edge: Edge) -> None:

@@ -294,10 +294,12 @@ def test_only_the_gateway_and_the_public_router_service_are_routed() -> None:
     matches = {json.dumps(r["match"], sort_keys=True): r["route"]["cluster"] for r in routes}
     assert matches == {
         '{"grpc": {}, "prefix": "/inferplane.v1.RouterService/"}': "router",
+        '{"grpc": {}, "prefix": "/inference.GRPCInferenceService/"}': "router",  # the router's KServe v2 service
         '{"grpc": {}, "prefix": "/grpc.reflection.v1.ServerReflection/"}': "router",
         '{"grpc": {}, "prefix": "/grpc.reflection.v1alpha.ServerReflection/"}': "router",
         '{"grpc": {}, "prefix": "/grpc.health.v1.Health/"}': "router",
-        '{"prefix": "/v1/"}': "gateway", '{"prefix": "/admin/"}': "gateway", '{"path": "/healthz"}': "gateway",
+        '{"prefix": "/v1/"}': "gateway", '{"prefix": "/v2/"}': "gateway", '{"path": "/v2"}': "gateway",
+        '{"prefix": "/admin/"}': "gateway", '{"path": "/healthz"}': "gateway",
         '{"path": "/tokenize"}': "gateway", '{"path": "/detokenize"}': "gateway"}
     clusters = {c["name"] for c in envoy_config(EdgeSettings())["static_resources"]["clusters"]}
     assert clusters == {"gateway", "router"}

@@ -113,9 +113,12 @@ def test_catalog_refuses_bad_prices(prices: dict[str, object]) -> None:
         CatalogModel.model_validate(_model(**prices))
 
 
-def test_the_shipped_catalog_prices_both_models(tmp_path: Path) -> None:
+def test_the_shipped_catalog_prices_every_model(tmp_path: Path) -> None:
     catalog = load_catalog(CATALOG)
-    assert {m.id for m in catalog.models if m.prices is not None} == {"tiny-llama", "all-minilm-l6-v2"}
+    assert {m.id for m in catalog.models if m.prices is not None} == {"tiny-llama", "all-minilm-l6-v2", "minilm-raw"}
+    raw_model = catalog.get("minilm-raw")
+    assert raw_model is not None and raw_model.prices is not None
+    assert raw_model.prices.nanos().per_request == 1_000  # $0.000001 a request, nothing per token
     raw = yaml.safe_load((CATALOG).read_text())
     for entry in raw["models"]:
         assert all(isinstance(v, str) for v in entry["prices"].values()), "quote prices: they are decimal strings"

@@ -39,6 +39,7 @@ from inferplane.gateway.errors import (
     install_handlers,
 )
 from inferplane.gateway.generation import GENERATION_ROUTES, GenerationEndpoint, client_gone, parse_body
+from inferplane.gateway.kserve import kserve_router
 from inferplane.gateway.protocol import models_body
 from inferplane.gateway.responses import ResponseStore, create_response, delete_response, get_response
 from inferplane.gateway.settings import GatewaySettings
@@ -270,6 +271,7 @@ def create_app(settings: GatewaySettings, *, tracer_provider: trace.TracerProvid
     app.add_api_route("/healthz", healthz, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
     app.include_router(admin_router(settings.metering_addr))  # /v1/usage and /admin/*
+    app.include_router(kserve_router(_unless_gone))  # /v2: the KServe v2 protocol (tritonclient.http)
     install_handlers(app)
     app.add_middleware(EdgeMiddleware, max_body_bytes=settings.max_body_bytes,
                        tracer=trace.get_tracer(TRACER_NAME, tracer_provider=tracer_provider),

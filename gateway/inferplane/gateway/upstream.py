@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.grpc import service_pb2_grpc
 
 from inferplane.common import wire
 from inferplane.common.server import close_stream
@@ -56,6 +57,9 @@ class RouterApi(Protocol):
 
     async def count_tokens(self, request: router_pb2.CountTokensRequest, *,
                            metadata: Metadata) -> router_pb2.CountTokensResponse: ...
+
+    async def kserve(self, method: str, request: Any, *, metadata: Metadata) -> Any:
+        """The router's ``inference.GRPCInferenceService`` method ``method`` (the KServe v2 protocol, ``/v2``)."""
 
     async def serving(self) -> bool:
         """Whether the router reports SERVING (its health service's answer, or its own state in process)."""
@@ -101,6 +105,7 @@ class GrpcRouter:
 
     def __init__(self, channel: grpc.aio.Channel, timeout_s: float) -> None:
         self._stub = router_pb2_grpc.RouterServiceStub(channel)
+        self._kserve = service_pb2_grpc.GRPCInferenceServiceStub(channel)
         self._health = health_pb2_grpc.HealthStub(channel)
         self._timeout_s = timeout_s
 
@@ -142,6 +147,16 @@ class GrpcRouter:
                            metadata: Metadata) -> router_pb2.CountTokensResponse:
         try:
             return await self._stub.CountTokens(request, metadata=metadata, timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    async def kserve(self, method: str, request: Any, *, metadata: Metadata) -> Any:
+        call = getattr(self._kserve, method)(request, metadata=metadata, timeout=self._timeout_s)
+        try:
+            return await call
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from None
 

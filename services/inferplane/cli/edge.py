@@ -39,7 +39,7 @@ class RouterWithEdge:
         self.serving = False
         self.gateway_provider = tracer_provider("gateway", gateway_settings.telemetry)
         api = InProcessRouter(self.router.servicer, timeout_s=gateway_settings.request_timeout_s,
-                              serving=lambda: self.serving)
+                              serving=lambda: self.serving, kserve=self.router.kserve)
         self.gateway = GatewayServer(gateway_settings, handle_signals=False, router=api,
                                      tracer_provider=self.gateway_provider)
         self._gateway_task: asyncio.Task[None] | None = None

@@ -23,9 +23,12 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from inferplane.common import wire
+from inferplane.common.errors import Unimplemented
 from inferplane.common.metrics import RPC_HANDLED, RPC_SECONDS
 from inferplane.common.server import failure_of
 from inferplane.gateway.errors import INTERNAL_MESSAGE, SERVER_ERROR, GatewayError, forwarded_headers, from_status
+from inferplane.router.kserve import SERVICE as KSERVE_SERVICE
+from inferplane.router.kserve import KServeServicer
 from inferplane.router.service import RouterServicer
 from inferplane.v1 import router_pb2
 
@@ -81,17 +84,18 @@ def gateway_error(exc: Exception, context: LocalContext) -> GatewayError:
 class _Rpc:
     """One call's SERVER span and its RPC metrics (what the interceptors do for a gRPC call)."""
 
-    __slots__ = ("_method", "_started", "span")
+    __slots__ = ("_method", "_service", "_started", "span")
 
-    def __init__(self, method: str) -> None:
+    def __init__(self, method: str, service: str = SERVICE) -> None:
         self._method = method
+        self._service = service
         self._started = time.perf_counter()
-        self.span = TRACER.start_span(f"/{SERVICE}/{method}", kind=SpanKind.SERVER, attributes={
-            "rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": method})
+        self.span = TRACER.start_span(f"/{service}/{method}", kind=SpanKind.SERVER, attributes={
+            "rpc.system": "grpc", "rpc.service": service, "rpc.method": method})
 
     def end(self, code: grpc.StatusCode, message: str | None = None) -> None:
-        RPC_HANDLED.labels(SERVICE, self._method, code.name).inc()
-        RPC_SECONDS.labels(SERVICE, self._method).observe(time.perf_counter() - self._started)
+        RPC_HANDLED.labels(self._service, self._method, code.name).inc()
+        RPC_SECONDS.labels(self._service, self._method).observe(time.perf_counter() - self._started)
         self.span.set_attribute("rpc.grpc.status_code", code.value[0])
         if code != grpc.StatusCode.OK:
             self.span.set_status(Status(StatusCode.ERROR, message))
@@ -157,8 +161,11 @@ class InProcessGenerateCall:
 class InProcessRouter:
     """``RouterApi`` over the router's servicer in this process; ``serving`` is the router's own state."""
 
-    def __init__(self, servicer: RouterServicer, *, timeout_s: float, serving: Callable[[], bool]) -> None:
+    def __init__(self, servicer: RouterServicer, *, timeout_s: float, serving: Callable[[], bool],
+                 kserve: KServeServicer | None = None) -> None:
+        """``kserve``: the router's ``inference.GRPCInferenceService`` (None: ``/v2`` answers UNIMPLEMENTED)."""
         self._servicer = servicer
+        self._kserve = kserve
         self._timeout_s = timeout_s
         self._serving = serving
 
@@ -168,9 +175,10 @@ class InProcessRouter:
     def generate(self, request: router_pb2.GenerateRequest, *, metadata: Metadata) -> InProcessGenerateCall:
         return InProcessGenerateCall(self._servicer, request, self._context(metadata))
 
-    async def _unary(self, method: str, call: Callable[[LocalContext], Any], metadata: Metadata) -> Any:
+    async def _unary(self, method: str, call: Callable[[LocalContext], Any], metadata: Metadata,
+                     service: str = SERVICE) -> Any:
         context = self._context(metadata)
-        rpc = _Rpc(method)
+        rpc = _Rpc(method, service)
         try:
             with trace.use_span(rpc.span, record_exception=False, set_status_on_exception=False):
                 resp = await call(context)
@@ -211,6 +219,13 @@ class InProcessRouter:
         resp: router_pb2.CountTokensResponse = await self._unary(
             "CountTokens", lambda ctx: self._servicer.CountTokens(request, ctx.grpc), metadata)
         return resp
+
+    async def kserve(self, method: str, request: Any, *, metadata: Metadata) -> Any:
+        async def unimplemented(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            raise Unimplemented(f"{KSERVE_SERVICE} is not served by this router.")
+
+        handler = getattr(self._kserve, method) if self._kserve is not None else unimplemented
+        return await self._unary(method, lambda ctx: handler(request, ctx.grpc), metadata, KSERVE_SERVICE)
 
     async def serving(self) -> bool:
         return self._serving()

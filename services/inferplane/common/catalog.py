@@ -24,7 +24,8 @@ from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_va
 
 from inferplane.common.money import MoneyError, PriceNanos, format_usd, usd_to_nanos
 
-Task = Literal["chat", "completion", "embedding"]
+# "infer": a raw Triton model, reached through the KServe v2 protocol (docs/api-kserve.md), priced per request.
+Task = Literal["chat", "completion", "embedding", "infer"]
 
 
 class ModelPrices(BaseModel):

@@ -91,3 +91,7 @@ class DeadlineExceeded(InferplaneError):
 
 class FailedPrecondition(InferplaneError):
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Unimplemented(InferplaneError):
+    code = grpc.StatusCode.UNIMPLEMENTED

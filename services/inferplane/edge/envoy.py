@@ -1,11 +1,12 @@
 """The Envoy edge: ``envoy.yaml`` generated from the same settings file that starts the mesh.
 
 One listener serves HTTP/1.1 and HTTP/2 (h2c, or TLS with ALPN when a certificate is configured).
-It routes ``/v1/``, ``/admin/``, ``/healthz``, ``/tokenize`` and ``/detokenize`` to the REST gateway and gRPC
-calls of the public ``inferplane.v1.RouterService``, of gRPC health and of server reflection to the router (whose
-reflection describes only its public files); nothing else is routable, so the internal services
-(tokenizer, executor, metering, Triton) cannot be reached through the edge (404, or UNIMPLEMENTED for
-gRPC). Responses stream: no route timeout, a stream idle timeout instead. Envoy's own error replies to
+It routes ``/v1/``, ``/v2/`` (the KServe v2 protocol over HTTP), ``/admin/``, ``/healthz``, ``/tokenize`` and
+``/detokenize`` to the REST gateway and gRPC calls of the public ``inferplane.v1.RouterService``, of the router's
+``inference.GRPCInferenceService`` (KServe v2 over gRPC, for ``tritonclient``), of gRPC health and of server
+reflection to the router (whose reflection describes only its public files); nothing else is routable, so the
+internal services (tokenizer, executor, metering, Triton) cannot be reached through the edge (404, or
+UNIMPLEMENTED for gRPC). Responses stream: no route timeout, a stream idle timeout instead. Envoy's own error replies to
 REST callers are OpenAI-shaped (``{"error": {...}}``).
 
     python -m inferplane.edge.envoy --config .inferplane/stack.yaml --out envoy.yaml   # section ``edge``
@@ -33,6 +34,8 @@ from inferplane.common.settings import load_settings
 from inferplane.common.supervisor import ChildSpec, Supervisor
 
 ROUTER_SERVICE = "inferplane.v1.RouterService"
+# The KServe v2 / Open Inference Protocol, answered by the router (Triton's own ports are never routed).
+KSERVE_SERVICE = "inference.GRPCInferenceService"
 # Answered by the router too, so gRPC users find the API as they expect: grpcurl's list/describe (reflection v1,
 # then v1alpha) and health checks (grpc.health.v1: the router's own status).
 ROUTER_DISCOVERY_SERVICES = ("grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection",
@@ -232,9 +235,13 @@ def _routes(s: EdgeSettings) -> list[dict[str, Any]]:
     return [
         {"name": "router-grpc", "match": {"prefix": f"/{ROUTER_SERVICE}/", "grpc": {}},
          "route": grpc_action, "typed_per_filter_config": unbuffered},
+        {"name": "router-kserve", "match": {"prefix": f"/{KSERVE_SERVICE}/", "grpc": {}},
+         "route": grpc_action, "typed_per_filter_config": unbuffered},
         *({"name": f"router-{service}", "match": {"prefix": f"/{service}/", "grpc": {}}, "route": grpc_action,
            "typed_per_filter_config": unbuffered} for service in ROUTER_DISCOVERY_SERVICES),
         {"name": "gateway-v1", "match": {"prefix": "/v1/"}, "route": _route_action(GATEWAY_CLUSTER, s)},
+        {"name": "gateway-v2", "match": {"prefix": "/v2/"}, "route": _route_action(GATEWAY_CLUSTER, s)},
+        {"name": "gateway-v2-metadata", "match": {"path": "/v2"}, "route": _route_action(GATEWAY_CLUSTER, s)},
         {"name": "gateway-admin", "match": {"prefix": "/admin/"}, "route": _route_action(GATEWAY_CLUSTER, s)},
         {"name": "gateway-health", "match": {"path": "/healthz"}, "route": _route_action(GATEWAY_CLUSTER, s),
          "typed_per_filter_config": unbuffered},

@@ -15,6 +15,8 @@ import os
 import signal
 import time
 
+import grpc
+
 from inferplane.common import loop
 from inferplane.common.catalog import load_catalog
 from inferplane.common.logs import setup_logging
@@ -23,6 +25,7 @@ from inferplane.common.settings import service_arguments, settings_from_args
 from inferplane.common.supervisor import Event, RestartPolicy
 from inferplane.common.telemetry import head_sampled, setup_tracing
 from inferplane.executor.channel import ChannelService, PerRequestBackend
+from inferplane.executor.kserve import passthrough
 from inferplane.executor.otlp_receiver import OtlpFileReceiver
 from inferplane.executor.repository import render_repository
 from inferplane.executor.service import ExecutorServicer
@@ -54,8 +57,7 @@ class Executor:
         self.channels = ChannelService(TritonStepBackend(url, fallback=self.per_request))
         self.servicer = ExecutorServicer(self.client, self.triton_models, self.channels)
         self.server = GrpcServer(
-            settings.server, service_names=["inferplane.v1.ExecutorService"],
-            register=lambda s: executor_pb2_grpc.add_ExecutorServiceServicer_to_server(self.servicer, s),
+            settings.server, service_names=["inferplane.v1.ExecutorService"], register=self._register,
             readiness=self._not_yet)
         self.process: TritonProcess | None = None
         self.receiver: OtlpFileReceiver | None = None
@@ -68,6 +70,11 @@ class Executor:
         # The process's exit status: 1 once Triton's supervisor gave up on it.
         self.exit_code = 0
         self._stopping = False
+
+    def _register(self, server: grpc.aio.Server) -> None:
+        executor_pb2_grpc.add_ExecutorServiceServicer_to_server(self.servicer, server)
+        # the router's raw ``infer`` models: Triton's own service, passed through (executor/kserve.py)
+        server.add_generic_rpc_handlers((passthrough(self.client.channel),))
 
     @staticmethod
     async def _not_yet() -> bool:

@@ -214,6 +214,11 @@ class TritonLLMClient:
                                                                ("grpc.max_receive_message_length", 64 << 20)])
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
 
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        """The channel to Triton (the KServe pass-through forwards on it too)."""
+        return self._channel
+
     async def close(self) -> None:
         await self._client.close()
         await self._channel.close(None)

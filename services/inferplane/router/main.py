@@ -6,6 +6,7 @@ import argparse
 import logging
 
 import grpc
+from tritonclient.grpc import service_pb2_grpc
 
 from inferplane.common import loop
 from inferplane.common.catalog import Catalog, load_catalog
@@ -18,6 +19,8 @@ from inferplane.router.admission import Admission, PriceBook
 from inferplane.router.auth import KeyVerifier
 from inferplane.router.clients import MeteringClient
 from inferplane.router.engine import GenerationEngine
+from inferplane.router.kserve import SERVICE as KSERVE_SERVICE
+from inferplane.router.kserve import KServeServicer
 from inferplane.router.outbox import UsageOutbox, batch_sender
 from inferplane.router.ratelimit import LocalRateLimiter, RateLimiter, RedisRateLimiter
 from inferplane.router.replicas import ReplicaSet
@@ -73,14 +76,19 @@ class Router:
                                        request_timeout_s=settings.request_timeout_s,
                                        admission=admission, outbox=self.outbox)
         # served over gRPC, and called in process by a REST edge in this process (``inferplane.cli.edge``)
-        self.servicer = RouterServicer(self.engine, KeyVerifier(metering, ttl=settings.key_cache_ttl_s,
-                                                                        stale_ttl=settings.key_stale_ttl_s))
+        keys = KeyVerifier(metering, ttl=settings.key_cache_ttl_s, stale_ttl=settings.key_stale_ttl_s)
+        self.servicer = RouterServicer(self.engine, keys)
+        # the KServe v2 protocol for raw Triton models (``tritonclient``), on the same port
+        self.kserve = KServeServicer(self.engine, keys)
         self.catalog_watch = CatalogWatcher(metering.list_catalog, settings.catalog.parent, self._apply_catalog,
                                             interval_s=settings.catalog_poll_s)
         self._prices = prices
         self.server = GrpcServer(
-            settings.server, service_names=["inferplane.v1.RouterService"],
-            register=lambda s: router_pb2_grpc.add_RouterServiceServicer_to_server(self.servicer, s))
+            settings.server, service_names=["inferplane.v1.RouterService", KSERVE_SERVICE], register=self._register)
+
+    def _register(self, server: grpc.aio.Server) -> None:
+        router_pb2_grpc.add_RouterServiceServicer_to_server(self.servicer, server)
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.kserve, server)
 
     def _apply_catalog(self, catalog: Catalog) -> None:
         """Metering's catalog changed: every part of the router that reads the catalog takes the new one."""

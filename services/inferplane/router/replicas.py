@@ -280,8 +280,8 @@ class ReplicaSet:
         return choose(serving, self._rng)
 
     @contextlib.asynccontextmanager
-    async def open(self, model: str, start: Callable[[Replica], Awaitable[T]], *,
-                   request_id: str = "") -> AsyncIterator[T]:
+    async def open(self, model: str, start: Callable[[Replica], Awaitable[T]], *, request_id: str = "",
+                   faults: frozenset[grpc.StatusCode] | None = None) -> AsyncIterator[T]:
         """Start a request for ``model`` on a replica; the block runs while the replica holds it.
 
         ``start(replica)`` is the part of the work that may be retried, because nothing of it has reached the
@@ -289,16 +289,17 @@ class ReplicaSet:
         A replica fault meanwhile (``replica_fault``) ejects the replica and starts again once, on another
         replica, within the retry budget; any other failure (the deadline, a bad request, the caller leaving)
         is the request's own and is raised as it is. The replica counts the request as outstanding (the load
-        ``pick`` compares) from ``start`` until the block exits.
+        ``pick`` compares) from ``start`` until the block exits. ``faults``: the statuses that say the replica is at
+        fault (None: ``REPLICA_FAULTS``; a raw Triton model's own INTERNAL is the request's, not the replica's).
         """
-        replica, opened = await self._start(model, start, request_id)
+        replica, opened = await self._start(model, start, request_id, faults or REPLICA_FAULTS)
         try:
             yield opened
         finally:
             replica.outstanding -= 1
 
-    async def _start(self, model: str, start: Callable[[Replica], Awaitable[T]],
-                     request_id: str) -> tuple[Replica, T]:
+    async def _start(self, model: str, start: Callable[[Replica], Awaitable[T]], request_id: str,
+                     faults: frozenset[grpc.StatusCode]) -> tuple[Replica, T]:
         tried: set[str] = set()
         self.budget.on_request()
         while True:
@@ -309,7 +310,7 @@ class ReplicaSet:
                 opened = await start(replica)
             except BaseException as exc:
                 replica.outstanding -= 1
-                if not replica_fault(exc):
+                if not replica_fault(exc, faults):
                     raise
                 assert isinstance(exc, grpc.aio.AioRpcError)
                 self.failed(replica, exc)
@@ -334,6 +335,6 @@ REPLICA_FAULTS = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN
                             grpc.StatusCode.ABORTED})
 
 
-def replica_fault(exc: BaseException) -> bool:
+def replica_fault(exc: BaseException, faults: frozenset[grpc.StatusCode] = REPLICA_FAULTS) -> bool:
     """Whether a failed call says the replica is unhealthy (so retrying elsewhere may succeed)."""
-    return isinstance(exc, grpc.aio.AioRpcError) and exc.code() in REPLICA_FAULTS
+    return isinstance(exc, grpc.aio.AioRpcError) and exc.code() in faults

@@ -142,7 +142,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             await prices.ensure_fresh()
         return router_pb2.ListModelsResponse(models=[
             common_pb2.ModelInfo(id=m.id, owned_by=m.owned_by, created=m.created,
-                                 tasks=[TASKS[t] for t in m.tasks], context_length=m.context_length,
+                                 # "infer" has no ModelTask value: such a model lists no task here
+                                 tasks=[TASKS[t] for t in m.tasks if t in TASKS], context_length=m.context_length,
                                  pricing=prices.pricing_pb(m.id) if prices is not None else None)
             for m in self._engine.catalog.models
         ])
