@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from inferplane.assets import CATALOG
+from inferplane.common.catalog import load_catalog
 from tests.integration.test_metering_admin import cli, config  # noqa: F401  (fixture)
 
 
@@ -18,7 +20,7 @@ def listed(capsys: pytest.CaptureFixture[str], config: Path) -> dict[str, dict[s
 
 def test_register_set_price_change_and_delete(config: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
     first = listed(capsys, config)
-    assert set(first) == {"tiny-llama", "all-minilm-l6-v2"}  # seeded from the shipped catalog
+    assert set(first) == {m.id for m in load_catalog(CATALOG).models}  # seeded from the shipped catalog
     assert cli("models", "register", "my-finetune", "--triton-model", "tiny-llama", "--input", "0.20", "--output",
                "0.80", "--set", "owned_by=acme", "--config", str(config)) == 0
     assert "registered my-finetune: version 1 on Triton model tiny-llama" in capsys.readouterr().out
