@@ -242,6 +242,7 @@ class ReplicaSet:
                 replica.retiring = True
                 log.info("executor replica %s retiring (%d requests to finish)", address, replica.outstanding)
                 self._gauges()
+                self._tasks = [t for t in self._tasks if not t.done()]  # earlier retirements that ended
                 self._tasks.append(asyncio.create_task(self._retire(replica)))
 
     async def _retire(self, replica: Replica) -> None:
