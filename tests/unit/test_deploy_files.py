@@ -230,12 +230,23 @@ def test_router_finds_executors_through_the_headless_service(rendered: tuple[str
     assert stack["router"]["executor_addrs"] == [f"dns:///executor-headless.{namespace}.svc.cluster.local:{port}"]
 
 
-def test_executors_scale_on_queue_depth(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+def test_executors_scale_on_the_autoscalers_metrics(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    from inferplane.cli.autoscale import EXECUTOR_DEMAND_METRICS, AutoscaleSettings
+
     _, docs = rendered
     hpa = _one(docs, "HorizontalPodAutoscaler", "executor")
     assert hpa["spec"]["scaleTargetRef"]["name"] == "executor"
-    (metric,) = hpa["spec"]["metrics"]
-    assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == "inferplane_executor_queue_depth"
+    metrics = hpa["spec"]["metrics"]
+    assert {m["type"] for m in metrics} == {"Pods"}
+    # the metric names `inferplane up --autoscale` sums, and its target per replica on the active sequences
+    by_name = {m["pods"]["metric"]["name"]: m["pods"]["target"] for m in metrics}
+    assert set(by_name) == set(EXECUTOR_DEMAND_METRICS)
+    assert float(by_name["inferplane_executor_active_requests"]["averageValue"]) == AutoscaleSettings.target
+    behavior = hpa["spec"]["behavior"]
+    assert behavior["scaleUp"]["stabilizationWindowSeconds"] == 0  # up at once (the panic window's role)
+    assert behavior["scaleDown"]["stabilizationWindowSeconds"] == AutoscaleSettings.stable_window_s
+    grace = _one(docs, "Deployment", "executor")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace >= 60, "a removed executor needs time to drain its streams"
 
 
 def test_database_and_redis_come_from_secrets(rendered: tuple[str, list[dict[str, Any]]]) -> None:

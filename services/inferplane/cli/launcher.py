@@ -13,6 +13,9 @@ once it has been ready a child that exits is restarted with backoff (the router 
 each restart is printed and counted (``inferplane_supervisor_restarts_total{child}`` on the launcher's own
 metrics port, ``launcher_metrics``). A child that crashes 5 times within a minute stops the stack. Before
 starting anything every port is checked free: a taken one fails fast with one line naming it.
+
+With ``--autoscale MIN:MAX`` the stack starts MIN executors, the router follows the executors file
+(``.inferplane/executors``) and ``inferplane.cli.autoscale`` adds and removes executors on their load.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from inferplane.assets import CATALOG
+from inferplane.cli.autoscale import AutoscaleSettings, ExecutorScaler
 from inferplane.common.metrics import start_metrics_server
 from inferplane.common.ports import free_port
 from inferplane.common.supervisor import ChildSpec, Event, RestartPolicy, Supervisor, last_line
@@ -101,9 +105,13 @@ class StackConfig:
     restart: RestartPolicy | None = field(default_factory=RestartPolicy)
     # Where the REST edge runs (``EDGE_MODES``).
     edge_mode: str = DEFAULT_EDGE_MODE
+    # Executors that follow the load (``inferplane.cli.autoscale``); None: ``executors`` of them, fixed.
+    autoscale: AutoscaleSettings | None = None
 
     def __post_init__(self) -> None:
         assert self.edge_mode in EDGE_MODES, f"edge_mode must be one of {EDGE_MODES}, not {self.edge_mode!r}"
+        if self.autoscale is not None:
+            self.executors = self.autoscale.min_replicas
 
     def resolved_ports(self) -> dict[str, int]:
         """Every component's port; a 0 becomes a free port no other component of this stack was given (two
@@ -131,30 +139,20 @@ def stack_settings(cfg: StackConfig, ports: dict[str, int]) -> dict[str, Any]:
         return {"host": cfg.host, "port": ports[name], "grace_seconds": 5.0,
                 "metrics_port": ports[f"{name}_metrics"]}
 
-    def executor(replica: str) -> dict[str, Any]:
-        def p(key: str) -> int:
-            return ports[replica_port_key(key, replica)]
-
-        return {"server": {"host": cfg.host, "port": p("executor"), "grace_seconds": 5.0,
-                           "metrics_port": p("executor_metrics")},
-                "telemetry": telemetry, "catalog": str(cfg.catalog),
-                "triton": {"grpc_port": p("triton_grpc"), "http_port": p("triton_http"),
-                           "metrics_port": p("triton_metrics"), "work_dir": str(state / replica),
-                           # one torch thread per model on small machines: two fight the services for 2 cores
-                           "torch_threads": 1 if (os.cpu_count() or 1) <= 2 else 0}}
-
     addr = {name: f"{cfg.host}:{ports[name]}" for name in ("router", "tokenizer", "metering")}
     replicas = replica_names(cfg.executors)
+    executor_addrs = ([f"file://{state / 'executors'}"] if cfg.autoscale is not None else
+                      [f"{cfg.host}:{ports[replica_port_key('executor', r)]}" for r in replicas])
     return {
         "metering": {"server": server("metering"), "telemetry": telemetry,
                      "database_url": f"sqlite:///{state / 'metering.db'}",
                      "secret_file": str(state / "metering-secret"), "catalog": str(cfg.catalog)},
         "tokenizer": {"server": server("tokenizer"), "telemetry": telemetry, "catalog": str(cfg.catalog),
                       "metering_addr": addr["metering"]},
-        **{name: executor(name) for name in replicas},
+        **{name: executor_section(cfg, ports, name) for name in replicas},
         "router": {"server": server("router"), "telemetry": telemetry, "catalog": str(cfg.catalog),
                    "tokenizer_addr": addr["tokenizer"], "metering_addr": addr["metering"],
-                   "executor_addrs": [f"{cfg.host}:{ports[replica_port_key('executor', r)]}" for r in replicas],
+                   "executor_addrs": executor_addrs,
                    "outbox_path": str(state / "router-outbox.db"), **cfg.router},
         "gateway": {"host": cfg.host, "port": ports["gateway"], "router_addr": addr["router"],
                     "metering_addr": addr["metering"],
@@ -163,6 +161,24 @@ def stack_settings(cfg: StackConfig, ports: dict[str, int]) -> dict[str, Any]:
                  "gateway_addr": f"{cfg.host}:{ports['gateway']}", "router_addr": addr["router"],
                  "access_log_path": str(state / "logs" / "edge-access.log"), **cfg.edge},
     }
+
+
+def executor_section(cfg: StackConfig, ports: dict[str, int], replica: str) -> dict[str, Any]:
+    """The settings of one executor replica (``executor``, ``executor_2``, ...)."""
+    state = cfg.state_dir.resolve()
+
+    def p(key: str) -> int:
+        return ports[replica_port_key(key, replica)]
+
+    return {"server": {"host": cfg.host, "port": p("executor"), "grace_seconds": 5.0,
+                       "metrics_port": p("executor_metrics")},
+            "telemetry": {"exporter": cfg.trace_exporter, "file_path": str(state / "traces.jsonl"),
+                          "sample_ratio": cfg.trace_sample_ratio},
+            "catalog": str(cfg.catalog),
+            "triton": {"grpc_port": p("triton_grpc"), "http_port": p("triton_http"),
+                       "metrics_port": p("triton_metrics"), "work_dir": str(state / replica),
+                       # one torch thread per model on small machines: two fight the services for 2 cores
+                       "torch_threads": 1 if (os.cpu_count() or 1) <= 2 else 0}}
 
 
 def grpc_serving(target: str, timeout: float = 1.0) -> bool:
@@ -202,6 +218,7 @@ class LocalStack:
                                      reap_orphans=reap_orphans)
         self._metrics_started = False
         self._starting: set[str] = set()
+        self.scaler: ExecutorScaler | None = None
 
     @property
     def procs(self) -> dict[str, subprocess.Popen[bytes]]:
@@ -321,13 +338,68 @@ class LocalStack:
         self.check_ports()
         self.state.mkdir(parents=True, exist_ok=True)
         (self.state / "logs").mkdir(exist_ok=True)
-        self.settings_file.write_text(yaml.safe_dump(self.settings, sort_keys=False))
+        self.write_settings()
         write_envoy_yaml(edge_settings(self.settings_file), self.envoy_file, source=str(self.settings_file))
         if not self._metrics_started:  # the supervisor's restart counter (and the launcher's process metrics)
             self.ports["launcher_metrics"] = start_metrics_server(self.cfg.host, self.ports["launcher_metrics"])
             self._metrics_started = True
+        if self.cfg.autoscale is not None:  # the router reads it at start: the MIN executors, ready before it
+            self.write_executors_file([self.executor_addr(n) for n in replica_names(self.cfg.executors)])
         for name in self.start_order:
             self.spawn(name)
+        if self.cfg.autoscale is not None:
+            self.scaler = ExecutorScaler(self, self.cfg.autoscale, log=self.log)
+            self.scaler.start()
+
+    def write_settings(self) -> None:
+        """``stack.yaml``, replaced whole (a child restarting meanwhile never reads half of it)."""
+        tmp = self.settings_file.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump(self.settings, sort_keys=False))
+        tmp.replace(self.settings_file)
+
+    # --- executor replicas (the autoscaler's) ---------------------------------------------------------
+
+    @property
+    def executors_file(self) -> Path:
+        """The executor addresses every router follows under ``--autoscale`` (one ``host:port`` a line)."""
+        return self.state / "executors"
+
+    @property
+    def executor_names(self) -> list[str]:
+        return [n for n in self.settings if n == "executor" or n.startswith("executor_")]
+
+    def executor_addr(self, name: str) -> str:
+        return f"{self.cfg.host}:{self.ports[replica_port_key('executor', name)]}"
+
+    def write_executors_file(self, addresses: list[str]) -> None:
+        tmp = self.executors_file.with_suffix(".tmp")
+        tmp.write_text("# executor replicas (inferplane up --autoscale); routers re-read this file\n"
+                       + "".join(f"{a}\n" for a in addresses))
+        tmp.replace(self.executors_file)
+
+    def add_executor_section(self) -> str:
+        """A new replica's name (the lowest free ``executor_N``), free ports and settings section."""
+        i = 2
+        while f"executor_{i}" in self.settings:
+            i += 1
+        name = f"executor_{i}"
+        taken = set(self.ports.values())
+        for key in REPLICA_PORTS:
+            port = free_port()
+            while port in taken:
+                port = free_port()
+            taken.add(port)
+            self.ports[replica_port_key(key, name)] = port
+        self.settings[name] = executor_section(self.cfg, self.ports, name)
+        self.write_settings()
+        return name
+
+    def remove_executor_section(self, name: str) -> None:
+        assert name != "executor", "the first executor stays"
+        self.settings.pop(name, None)
+        for key in REPLICA_PORTS:
+            self.ports.pop(replica_port_key(key, name), None)
+        self.write_settings()
 
     def _wait(self, name: str) -> None:
         started = time.monotonic()
@@ -364,7 +436,11 @@ class LocalStack:
 
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM every component's process group, the edge first; SIGKILL what is left after ``timeout``."""
+        if self.scaler is not None:
+            self.scaler.close(timeout=1.0)  # no new decision; an executor it is starting is stopped below
         self.supervisor.stop_all(timeout=timeout)
+        if self.scaler is not None:
+            self.scaler.close()
 
     def create_demo_key(self) -> str:
         return self._local_key("INFERPLANE_API_KEY", "demo", ["inference"])
@@ -424,6 +500,15 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"the edge's port (Envoy: REST and gRPC; default {DEFAULT_PORTS['edge']}, or a free one "
                              "with --free-ports)")
     parser.add_argument("--executors", type=int, default=1, help="executor replicas, each with its own Triton")
+    parser.add_argument("--autoscale", metavar="MIN:MAX", default=None,
+                        help="executor replicas that follow the load, between MIN and MAX (replaces --executors; "
+                             "see docs/deployment.md)")
+    parser.add_argument("--autoscale-target", type=float, default=AutoscaleSettings.target, metavar="N",
+                        help="demand (active + queued sequences) per executor the autoscaler aims at "
+                             "(default %(default)s)")
+    parser.add_argument("--autoscale-windows", default=f"{AutoscaleSettings.stable_window_s:g}:"
+                        f"{AutoscaleSettings.panic_window_s:g}", metavar="STABLE:PANIC",
+                        help="the stable and the panic window in seconds (default %(default)s, Knative's)")
     parser.add_argument("--free-ports", action="store_true",
                         help="pick free ports for every component but the edge's --port when given "
                              "(several stacks side by side)")
@@ -436,6 +521,31 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
                              "separate gateway process (as compose and Kubernetes run it); see docs/deployment.md")
 
 
+def autoscale_settings(args: argparse.Namespace) -> AutoscaleSettings | None:
+    if args.autoscale is None:
+        return None
+    low, high = AutoscaleSettings.parse_bounds(args.autoscale)
+    stable, sep, panic = args.autoscale_windows.partition(":")
+    try:
+        windows = float(stable), float(panic)
+    except ValueError:
+        raise ValueError(f"--autoscale-windows takes STABLE:PANIC seconds, not {args.autoscale_windows!r}") from None
+    if not sep or not 0 < windows[1] <= windows[0]:
+        raise ValueError(f"--autoscale-windows needs 0 < PANIC <= STABLE, not {args.autoscale_windows!r}")
+    if args.autoscale_target <= 0:
+        raise ValueError("--autoscale-target must be positive")
+    return AutoscaleSettings(min_replicas=low, max_replicas=high, target=args.autoscale_target,
+                             stable_window_s=windows[0], panic_window_s=windows[1])
+
+
+def autoscale_banner(autoscale: AutoscaleSettings | None) -> str:
+    if autoscale is None:
+        return ""
+    return (f"  autoscale  {autoscale.min_replicas}..{autoscale.max_replicas} executors, target "
+            f"{autoscale.target:g} active+queued per executor, windows {autoscale.stable_window_s:g}s stable / "
+            f"{autoscale.panic_window_s:g}s panic\n")
+
+
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
@@ -444,9 +554,14 @@ def up(args: argparse.Namespace) -> int:
         ports = dict.fromkeys(DEFAULT_PORTS, 0) | ({"edge": args.port} if args.port else {})
     else:
         ports = dict(DEFAULT_PORTS, edge=args.port or DEFAULT_PORTS["edge"])
+    try:
+        autoscale = autoscale_settings(args)
+    except ValueError as exc:
+        print(f"inferplane: {exc}", file=sys.stderr, flush=True)
+        return 2
     cfg = StackConfig(state_dir=args.state_dir, catalog=args.catalog.resolve(), ports=ports,
                       ready_timeout_s=args.ready_timeout, executors=max(1, args.executors), edge_mode=args.edge,
-                      trace_sample_ratio=args.trace_sample)
+                      trace_sample_ratio=args.trace_sample, autoscale=autoscale)
     stack = LocalStack(cfg, log=lambda line: print(line, flush=True), reap_orphans=True)
     stop = stack.interrupted
     for sig in STOP_SIGNALS:
@@ -468,7 +583,9 @@ def up(args: argparse.Namespace) -> int:
               f"  base URL   {stack.base_url}\n  gRPC       {stack.grpc_addr}\n  API key    {key}\n"
               f"  admin key  {admin_key}  (INFERPLANE_ADMIN_KEY: /admin/*, inferplane keys|prices|budgets|models)\n"
               f"  env file   {env_file}\n  logs       {stack.state / 'logs'}\n"
-              f"  metrics    {stack.metrics_url('launcher')}  (restarts of crashed services)\n\n"
+              f"  metrics    {stack.metrics_url('launcher')}  (restarts of crashed services"
+              f"{', autoscaler decisions' if autoscale else ''})\n"
+              f"{autoscale_banner(autoscale)}\n"
               f"Try it:\n  curl {stack.base_url}/chat/completions \\\n"
               f"    -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\\n"
               f"    -d '{{\"model\": \"tiny-llama\", \"messages\": [{{\"role\": \"user\", "

@@ -1,4 +1,4 @@
-"""Executor replicas: discovery (static or DNS), health (gRPC health Watch), load, choice, ejection.
+"""Executor replicas: discovery (static, DNS or a file), health (gRPC health Watch), load, choice, ejection.
 
 The router keeps one ``Replica`` per executor endpoint. A replica takes requests while its health
 stream says SERVING (an executor that drains flips to NOT_SERVING and gets nothing new at once) and it
@@ -10,6 +10,13 @@ plus the executor's reported queue), among replicas that serve the model.
 With ``channel_silence_s`` set, each replica also has an ``ExecutorChannel`` (``channel.py``): the one
 long-lived ``Channel`` stream that carries all of this router's generations on that replica.
 
+Discovery: a ``host:port`` target is one replica for good; ``dns:///name:port`` is one replica per address the
+name resolves to, re-resolved every ``dns_interval_s``; ``file:///path`` is one replica per line of that file
+(``host:port``; blank lines and ``#`` comments skipped), re-read when it changes (``inferplane up --autoscale``
+writes it). A replica that leaves a DNS answer or a file *retires*: it gets no new request at once, and is
+closed once the requests it holds have ended (bounded by ``retire_timeout_s``), so removing a replica never
+cuts a stream.
+
 ``ReplicaSet.open(model, start)`` is the one way a request reaches an executor: it picks a replica, counts the
 request as outstanding there until the request is done, and retries ``start`` once on another replica when a
 replica fault happens before anything reached the caller, within the retry budget.
@@ -20,11 +27,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
 import grpc
@@ -43,6 +52,7 @@ REPLICAS = Gauge("inferplane_router_executor_replicas", "Executor replicas known
 EJECTIONS = Counter("inferplane_router_executor_ejections", "Replicas ejected after a failed call")
 RETRIES = Counter("inferplane_router_retries", "Requests retried on another replica before their first token")
 DNS_PREFIX = "dns:///"
+FILE_PREFIX = "file://"
 T = TypeVar("T")
 
 
@@ -60,9 +70,11 @@ class Replica:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     # The generations' channel to this executor; None: one Generate call per request.
     link: ExecutorChannel | None = None
+    # Gone from discovery: no new request; closed once ``outstanding`` is 0.
+    retiring: bool = False
 
     def available(self, now: float) -> bool:
-        return self.serving and now >= self.ejected_until
+        return self.serving and not self.retiring and now >= self.ejected_until
 
     def load(self) -> int:
         return self.outstanding + self.reported_active
@@ -118,7 +130,8 @@ class ReplicaSet:
     def __init__(self, targets: list[str], *, channel_factory: Callable[[str], grpc.aio.Channel],
                  status_interval_s: float = 1.0, dns_interval_s: float = 5.0, eject_base_s: float = 1.0,
                  eject_max_s: float = 30.0, retry_ratio: float = 0.2, retry_burst: float = 50.0,
-                 seed: int | None = None, channel_silence_s: float | None = None) -> None:
+                 seed: int | None = None, channel_silence_s: float | None = None, file_interval_s: float = 1.0,
+                 retire_timeout_s: float = 600.0) -> None:
         """``channel_silence_s``: generations go over one ``ExecutorChannel`` per replica, broken when it stays
         silent that long with sequences live; None: one ``Generate`` call per request."""
         if not targets:
@@ -127,9 +140,13 @@ class ReplicaSet:
         self._channel_factory = channel_factory
         self._status_interval = status_interval_s
         self._dns_interval = dns_interval_s
+        self._file_interval = file_interval_s
+        self._retire_timeout = retire_timeout_s
         self._eject_base, self._eject_max = eject_base_s, eject_max_s
         self._channel_silence_s = channel_silence_s
         self.replicas: dict[str, Replica] = {}
+        # What each DNS or file target found last.
+        self._found: dict[str, set[str]] = {}
         self.budget = RetryBudget(retry_ratio, retry_burst)
         self._rng = random.Random(seed)
         self._tasks: list[asyncio.Task[None]] = []
@@ -138,14 +155,22 @@ class ReplicaSet:
 
     # --- membership -------------------------------------------------------------------------------
 
+    @property
+    def _static(self) -> set[str]:
+        return {t for t in self._targets if not t.startswith((DNS_PREFIX, FILE_PREFIX))}
+
     async def start(self) -> None:
-        static = [t for t in self._targets if not t.startswith(DNS_PREFIX)]
-        for address in static:
-            self._add(address)
         dns = [t for t in self._targets if t.startswith(DNS_PREFIX)]
         if dns:
             await self._resolve(dns)
             self._tasks.append(asyncio.create_task(self._watch_dns(dns)))
+        for target in self._targets:
+            if target.startswith(FILE_PREFIX):  # read once now: readiness waits on the replicas it names
+                path = target[len(FILE_PREFIX):]
+                stamp = file_stamp(path)
+                self._found[target] = read_addresses(path) or set()
+                self._tasks.append(asyncio.create_task(self._watch_file(target, path, stamp)))
+        self._sync()
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -186,23 +211,66 @@ class ReplicaSet:
     async def _resolve(self, targets: list[str]) -> None:
         """``dns:///host:port`` (a Kubernetes headless Service): one replica per A/AAAA record."""
         loop = asyncio.get_running_loop()
-        found: set[str] = set()
         for target in targets:
             host, _, port = target[len(DNS_PREFIX):].rpartition(":")
             try:
                 infos = await loop.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
             except OSError as exc:
                 log.warning("cannot resolve %s: %s", target, exc)
-                found |= {a for a in self.replicas if a.endswith(f":{port}")}  # keep what we had
-                continue
+                continue  # keep what it found last
+            found = set()
             for family, _, _, _, sockaddr in infos:
                 ip = str(sockaddr[0])
                 found.add(f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}")
-        static = {t for t in self._targets if not t.startswith(DNS_PREFIX)}
-        for address in found - set(self.replicas):
-            self._add(address)
-        for address in set(self.replicas) - found - static:
-            await self._remove(address)
+            self._found[target] = found
+        self._sync()
+
+    def _sync(self) -> None:
+        """Add what discovery found that is new; retire what no target names any more."""
+        wanted = self._static.union(*self._found.values())
+        for address in sorted(wanted):
+            replica = self.replicas.get(address)
+            if replica is None:
+                self._add(address)
+            elif replica.retiring:  # named again before its retirement ended
+                replica.retiring = False
+                log.info("executor replica %s is back", address)
+                self._gauges()
+        for address in set(self.replicas) - wanted:
+            replica = self.replicas[address]
+            if not replica.retiring:
+                replica.retiring = True
+                log.info("executor replica %s retiring (%d requests to finish)", address, replica.outstanding)
+                self._gauges()
+                self._tasks = [t for t in self._tasks if not t.done()]  # earlier retirements that ended
+                self._tasks.append(asyncio.create_task(self._retire(replica)))
+
+    async def _retire(self, replica: Replica) -> None:
+        """Close a retiring replica once the requests it holds have ended (or after ``retire_timeout_s``)."""
+        deadline = time.monotonic() + self._retire_timeout
+        while replica.retiring and replica.outstanding > 0:  # polled: ``outstanding`` is a plain counter
+            if time.monotonic() >= deadline:
+                log.warning("executor replica %s closed with %d requests still on it", replica.address,
+                            replica.outstanding)
+                break
+            await asyncio.sleep(0.1)
+        if replica.retiring and self.replicas.get(replica.address) is replica:
+            await self._remove(replica.address)
+
+    async def _watch_file(self, target: str, path: str, last: tuple[int, int] | None) -> None:
+        """Re-read ``path`` when its stamp (mtime, size) moves away from ``last``, the one of the last read."""
+        while True:
+            await asyncio.sleep(self._file_interval)
+            stamp = file_stamp(path)
+            if stamp == last:
+                continue
+            last = stamp
+            found = read_addresses(path)
+            if found is None:
+                log.warning("cannot read executor addresses from %s; keeping %d", path, len(self._found[target]))
+                continue
+            self._found[target] = found
+            self._sync()
 
     async def _watch_dns(self, targets: list[str]) -> None:
         while True:
@@ -329,6 +397,23 @@ class ReplicaSet:
         backoff = replica.eject(time.monotonic(), self._eject_base, self._eject_max)
         log.warning("executor %s ejected for %.0fs after %s", replica.address, backoff, exc.code().name)
         self._gauges()
+
+
+def file_stamp(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+def read_addresses(path: str) -> set[str] | None:
+    """The ``host:port`` lines of an addresses file (blank lines and ``#`` comments skipped); None: unreadable."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return None
+    return {line.split("#", 1)[0].strip() for line in text.splitlines()} - {""}
 
 
 REPLICA_FAULTS = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
