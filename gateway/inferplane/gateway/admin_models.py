@@ -4,6 +4,8 @@ Routers pick a change up within their poll period (docs/catalog.md).
 
     POST /admin/models  {"id": "my-finetune", "triton_model": "tiny-llama",
                          "price": {"input_per_million": "0.20", "output_per_million": "0.80"}}
+    PATCH /admin/models/my-finetune  {"versions": {"2": "tiny-llama-v2"}, "traffic": {"1": 90, "2": 10}}
+    POST /admin/models/my-finetune/promote  {"version": 2}
 """
 
 from __future__ import annotations
@@ -63,12 +65,24 @@ class UpdateModelBody(BaseModel):
     remove_versions: list[int] = Field(default_factory=list)
     version: int | None = Field(None, ge=1)
     price: ModelPriceBody | None = None
+    # Canary split: version -> percent (non-negative integers summing to 100; metering checks them against the
+    # versions); null: no split, every request to the served version.
+    traffic: dict[int, Any] | None = None
+
+
+class PromoteBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # The version to serve with all the traffic.
+    version: int = Field(ge=1)
 
 
 def model_dict(m: metering_pb2.CatalogModel, price_dict: Callable[[metering_pb2.Price], dict[str, Any]],
                iso: Callable[[Any], str | None]) -> dict[str, Any]:
+    settings = json.loads(m.spec_json or "{}")
+    traffic = settings.pop("traffic", None) or {str(m.version): 100}  # no split: all to the served version
     return {"id": m.id, "object": "model", "triton_model": m.versions.get(m.version), "version": m.version,
-            "versions": {str(k): v for k, v in sorted(m.versions.items())}, "settings": json.loads(m.spec_json or "{}"),
+            "versions": {str(k): v for k, v in sorted(m.versions.items())}, "traffic": traffic, "settings": settings,
             "price": price_dict(m.price) if m.HasField("price") else None, "source": m.source,
             "created_at": iso(m.created_at), "updated_at": iso(m.updated_at)}
 
@@ -106,10 +120,18 @@ def add_model_routes(router: APIRouter, call: Call, *, parse: Callable[[Request,
             req.price.CopyFrom(amounts(body.price))
         return changed(await call(request, "CreateModel", req), 201)
 
+    @router.post("/admin/models/{model:path}/promote")
+    async def promote_model(request: Request, model: str) -> Response:
+        """All traffic to one version, served from now on (a canary's end; a rollback promotes the one before)."""
+        body: PromoteBody = await parse(request, PromoteBody)
+        req = metering_pb2.UpdateModelRequest(id=model, spec_json=json.dumps({"traffic": None}), version=body.version)
+        return changed(await call(request, "UpdateModel", req))
+
     @router.patch("/admin/models/{model:path}")
     async def update_model(request: Request, model: str) -> Response:
         body: UpdateModelBody = await parse(request, UpdateModelBody)
-        req = metering_pb2.UpdateModelRequest(id=model, spec_json=json.dumps(body.settings) if body.settings else "",
+        settings = {**body.settings, **({"traffic": body.traffic} if "traffic" in body.model_fields_set else {})}
+        req = metering_pb2.UpdateModelRequest(id=model, spec_json=json.dumps(settings) if settings else "",
                                               versions=body.versions, remove_versions=body.remove_versions,
                                               version=body.version)
         if body.price is not None:

@@ -575,7 +575,8 @@ class GenerationRequest(BaseModel):
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     logit_bias: Annotated[dict[int, Bias] | None, BeforeValidator(_logit_bias)] = None
-    # Accepted and not used: identifiers for OpenAI's abuse monitoring (nothing here reads them).
+    # An end-user id: OpenAI's abuse monitoring; here it keeps a user on one version of a model that splits its
+    # traffic (a canary, docs/catalog.md). safety_identifier is accepted and not used.
     user: str | None = None
     safety_identifier: str | None = Field(None, max_length=64)
     # vLLM's sampling extensions (what load generators send).
@@ -625,7 +626,8 @@ class GenerationRequest(BaseModel):
 
     def _generate_request(self) -> router_pb2.GenerateRequest:
         self._check()
-        req = router_pb2.GenerateRequest(model=self.model, stop=self.stop or [], include_usage=self.include_usage)
+        req = router_pb2.GenerateRequest(model=self.model, stop=self.stop or [], include_usage=self.include_usage,
+                                         user=self.user or "")
         max_tokens = self.effective_max_tokens()
         if max_tokens is not None:
             req.max_tokens = max_tokens

@@ -258,7 +258,7 @@ class ResponsesRequest(BaseModel):
     store: bool | None = None
     previous_response_id: str | None = None
     metadata: dict[MetadataKey, MetadataValue] | None = Field(None, max_length=16)
-    user: str | None = None  # accepted and unused (as on the chat route)
+    user: str | None = None  # sticky canary version (as on the chat route)
 
     def input_messages(self) -> list[common_pb2.ChatMessage]:
         """The input items as chat messages: a function call joins the assistant turn before it."""
@@ -289,7 +289,7 @@ class ResponsesRequest(BaseModel):
 
     def to_generate_request(self, history: Iterable[common_pb2.ChatMessage] = ()) -> router_pb2.GenerateRequest:
         """``history``: the conversation of ``previous_response_id`` (its instructions are not carried over)."""
-        req = router_pb2.GenerateRequest(model=self.model, include_usage=True)
+        req = router_pb2.GenerateRequest(model=self.model, include_usage=True, user=self.user or "")
         if self.instructions is not None:
             req.chat.messages.add(role="system", content=self.instructions)
         req.chat.messages.extend(history)

@@ -85,6 +85,10 @@ class CatalogModel(BaseModel):
     # the version served (its Triton model is ``triton_model``). Empty: one version, 1, of ``triton_model``.
     versions: dict[int, str] = Field(default_factory=dict)
     version: int = Field(default=1, ge=1)
+    # Canary traffic (docs/catalog.md): version number -> percent of requests, non-negative integers summing to
+    # 100, each request's version picked sticky per user (``inferplane.router.canary``). Empty: every request
+    # is served by ``version``.
+    traffic: dict[int, int] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _served_version(self) -> CatalogModel:
@@ -93,7 +97,16 @@ class CatalogModel(BaseModel):
         elif self.versions.get(self.version) != self.triton_model:
             raise ValueError(f"version {self.version} is not served by triton_model {self.triton_model!r} "
                              f"(versions: {self.versions})")
+        problem = traffic_problem(self.traffic, self.versions)
+        if problem:
+            raise ValueError(problem)
         return self
+
+    def at_version(self, version: int) -> CatalogModel:
+        """This model as served by ``version`` (its Triton model; usage records stamp the version)."""
+        if version == self.version:
+            return self
+        return self.model_copy(update={"version": version, "triton_model": self.versions[version]})
 
     @field_validator("prices")
     @classmethod
@@ -108,6 +121,20 @@ class CatalogModel(BaseModel):
     @property
     def is_embedding(self) -> bool:
         return "embedding" in self.tasks
+
+
+def traffic_problem(traffic: dict[int, int], versions: dict[int, str]) -> str | None:
+    """Why ``traffic`` is not a valid split over ``versions`` (None: it is; empty: no split)."""
+    if not traffic:
+        return None
+    unknown = sorted(set(traffic) - set(versions))
+    if unknown:
+        return f"traffic names versions {unknown} the model does not have (versions: {sorted(versions)})"
+    if any(isinstance(w, bool) or not isinstance(w, int) or w < 0 for w in traffic.values()):
+        return "traffic weights are non-negative integers (percent)"
+    if sum(traffic.values()) != 100:
+        return f"traffic weights sum to {sum(traffic.values())}, not 100"
+    return None
 
 
 class Catalog(BaseModel):

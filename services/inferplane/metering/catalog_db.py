@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from inferplane.common.catalog import CatalogModel
+from inferplane.common.catalog import CatalogModel, traffic_problem
 from inferplane.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from inferplane.metering.schema import MAX_MODEL_LENGTH, CatalogModelRow, CatalogStateRow
 
@@ -92,6 +92,9 @@ def check(model_id: str, spec: Mapping[str, Any], versions: Mapping[int, str], s
     if serving not in versions:
         raise InvalidArgument(f"version {serving} is not one of the model's versions {sorted(versions)}",
                               param="version")
+    problem = traffic_problem(_traffic(spec.get("traffic")), dict(versions))
+    if problem:
+        raise InvalidArgument(problem, param="traffic")
     try:
         CatalogModel.model_validate({**spec, "id": model_id, "triton_model": versions[serving],
                                      "versions": dict(versions), "version": serving})
@@ -101,6 +104,27 @@ def check(model_id: str, spec: Mapping[str, Any], versions: Mapping[int, str], s
         raise InvalidArgument(f"invalid model setting {where!r}: {first['msg']}", param=where) from None
 
 
+def _traffic(raw: Any) -> dict[int, int]:
+    """A traffic split as written (JSON's text keys) → version -> weight; ``InvalidArgument`` when not one."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise InvalidArgument("traffic is an object: version -> percent, e.g. {\"1\": 90, \"2\": 10}", param="traffic")
+    try:
+        return {int(k): v for k, v in raw.items()}
+    except (TypeError, ValueError):
+        raise InvalidArgument(f"traffic's keys are version numbers, got {sorted(map(str, raw))}",
+                              param="traffic") from None
+
+
+def _normal(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """``spec`` with its traffic split (if any) keyed by version numbers in order, as stored."""
+    out = dict(spec)
+    if out.get("traffic") is not None:
+        out["traffic"] = {str(k): w for k, w in sorted(_traffic(out["traffic"]).items())}
+    return out
+
+
 def create(session: Session, model_id: str, spec: Mapping[str, Any], versions: Mapping[int, str], serving: int,
            *, now: datetime, source: str = SOURCE_ADMIN) -> tuple[ModelEntry, int]:
     """Add a model (or bring back a deleted id); ``FailedPrecondition`` when the id is in use."""
@@ -108,7 +132,7 @@ def create(session: Session, model_id: str, spec: Mapping[str, Any], versions: M
     if row is not None and row.deleted_at is None:
         raise FailedPrecondition(f"model {model_id!r} already exists (change it with an update)", param="id")
     check(model_id, spec, versions, serving)
-    values = dict(spec=json.dumps(dict(spec), sort_keys=True),
+    values = dict(spec=json.dumps(_normal(spec), sort_keys=True),
                   versions=json.dumps({str(k): v for k, v in sorted(versions.items())}), serving_version=serving,
                   source=source, updated_at=now, deleted_at=None, created_at=now)
     new_version = bump(session)
@@ -146,6 +170,7 @@ def update_model(session: Session, model_id: str, *, spec: Mapping[str, Any] | N
                                   param="remove_versions")
         new_versions.pop(v, None)
     check(model_id, new_spec, new_versions, new_serving)
+    new_spec = _normal(new_spec)
     if (new_spec, new_versions, new_serving) == (before.spec, before.versions, before.version):
         return before, version(session)
     row.spec = json.dumps(new_spec, sort_keys=True)
@@ -153,6 +178,22 @@ def update_model(session: Session, model_id: str, *, spec: Mapping[str, Any] | N
     row.serving_version, row.source, row.updated_at = new_serving, source, now
     session.flush()
     return _entry(row), bump(session)
+
+
+def promote(session: Session, model_id: str, version: int | None, *, now: datetime) -> tuple[ModelEntry, int]:
+    """Serve ``version`` with all the traffic (a canary split ends); None: roll back, i.e. promote the version
+    below the one served (the highest lower number)."""
+    row = session.get(CatalogModelRow, model_id, with_for_update=True)
+    if row is None or row.deleted_at is not None:
+        raise NotFound(f"The model `{model_id}` does not exist.", param="model")
+    if version is None:
+        current = _entry(row)
+        lower = [v for v in current.versions if v < current.version]
+        if not lower:
+            raise FailedPrecondition(f"model {model_id!r} serves version {current.version}, its lowest: there is "
+                                     f"no version to roll back to", param="version")
+        version = max(lower)
+    return update_model(session, model_id, spec={"traffic": None}, serving=version, now=now)
 
 
 def delete(session: Session, model_id: str, *, now: datetime) -> tuple[ModelEntry, int]:
@@ -179,7 +220,7 @@ def seed(session: Session, entries: list[dict[str, Any]], *, now: datetime) -> l
             create(session, model_id, spec, versions, serving, now=now, source=SOURCE_CATALOG)
         elif row.source == SOURCE_CATALOG and row.deleted_at is None:
             before = _entry(row)
-            if (before.spec, before.versions, before.version) == (spec, versions, serving):
+            if (before.spec, before.versions, before.version) == (_normal(spec), versions, serving):
                 continue
             update_model(session, model_id, spec={**{k: None for k in before.spec}, **spec}, versions=versions,
                          remove_versions=tuple(v for v in before.versions if v not in versions and v != serving),

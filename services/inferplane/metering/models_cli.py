@@ -1,4 +1,5 @@
-"""``inferplane models list|register|set|set-price|delete``: the model catalog in metering's database.
+"""``inferplane models list|register|set|set-price|traffic|promote|rollback|delete``: the model catalog in
+metering's database.
 
 As the other operator commands (``cli.py``), these open the store directly; the stack need not run. A running
 router picks each change up within its ``catalog_poll_s`` (docs/catalog.md). The catalog file seeds the store first,
@@ -32,7 +33,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     common.add_argument("--config", type=Path, default=argparse.SUPPRESS,
                         help="YAML file; its 'metering' section is read (environment overrides it)")
     models = subparsers.add_parser("models", help="list, register, change and delete catalog models")
-    sub = models.add_subparsers(dest="models_command", metavar="{list,register,set,set-price,delete}", required=True)
+    sub = models.add_subparsers(dest="models_command", required=True,
+                                metavar="{list,register,set,set-price,traffic,promote,rollback,delete}")
 
     lst = sub.add_parser("list", parents=[common], help="the catalog: models, versions, prices")
     lst.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -64,6 +66,23 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     sp = sub.add_parser("set-price", parents=[common, price], help="a new price version for a model")
     sp.add_argument("model")
     sp.set_defaults(func=_command(_set_price))
+
+    tr = sub.add_parser("traffic", parents=[common],
+                        help="split a model's requests over its versions (a canary), sticky per user")
+    tr.add_argument("model")
+    tr.add_argument("weights", nargs="+", metavar="N=PERCENT",
+                    help="version N's share in percent, e.g. 1=90 2=10 (non-negative integers summing to 100)")
+    tr.set_defaults(func=_command(_traffic))
+
+    pr = sub.add_parser("promote", parents=[common], help="serve version N with all the traffic")
+    pr.add_argument("model")
+    pr.add_argument("version", type=int)
+    pr.set_defaults(func=_command(_promote))
+
+    rb = sub.add_parser("rollback", parents=[common],
+                        help="promote the version before the one served (the highest lower number)")
+    rb.add_argument("model")
+    rb.set_defaults(func=_command(_rollback))
 
     rm = sub.add_parser("delete", parents=[common], help="take a model out of the catalog (usage and prices stay)")
     rm.add_argument("model")
@@ -118,8 +137,14 @@ def _show(store: MeteringStore, entry: ModelEntry, version: int, verb: str) -> N
     priced = "unpriced" if price is None else (
         f"${format_usd(price.price.input_per_million)} / ${format_usd(price.price.output_per_million)} per million "
         f"tokens in / out, ${format_usd(price.price.per_request)} per request")
-    print(f"{verb} {entry.id}: version {entry.version} on Triton model {entry.triton_model}, {priced} "
+    split = entry.spec.get("traffic")
+    shown = f"traffic {_split(split)}, " if split else ""
+    print(f"{verb} {entry.id}: version {entry.version} on Triton model {entry.triton_model}, {shown}{priced} "
           f"(catalog version {version})")
+
+
+def _split(traffic: dict[str, int]) -> str:
+    return " ".join(f"{k}={w}" for k, w in traffic.items())
 
 
 def _list(store: MeteringStore, args: argparse.Namespace) -> int:
@@ -134,12 +159,13 @@ def _list(store: MeteringStore, args: argparse.Namespace) -> int:
                 "version": prices[m.id].price.version}} for m in models]}, indent=2))
         return 0
     rows = [[m.id, str(m.version), m.triton_model, ",".join(f"{k}={v}" for k, v in sorted(m.versions.items())),
+             _split(m.spec["traffic"]) if m.spec.get("traffic") else f"{m.version}=100",
              ",".join(m.spec.get("tasks", ["chat", "completion"])),
              *([format_usd(prices[m.id].price.input_per_million), format_usd(prices[m.id].price.output_per_million),
                 format_usd(prices[m.id].price.per_request)] if m.id in prices else ["-", "-", "-"]), m.source]
             for m in models]
-    header = ["MODEL", "SERVING", "TRITON_MODEL", "VERSIONS", "TASKS", "INPUT_PER_M", "OUTPUT_PER_M", "PER_REQUEST",
-              "SOURCE"]
+    header = ["MODEL", "SERVING", "TRITON_MODEL", "VERSIONS", "TRAFFIC", "TASKS", "INPUT_PER_M", "OUTPUT_PER_M",
+              "PER_REQUEST", "SOURCE"]
     widths = [max(len(c) for c in col) for col in zip(header, *rows, strict=False)]
     for line in [header, *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
@@ -174,6 +200,30 @@ def _set_price(store: MeteringStore, args: argparse.Namespace) -> int:
         raise InvalidArgument("give at least one of --input, --output, --per-request")
     entry, version = store.update_model(args.model, price=price)
     _show(store, entry, version, "repriced")
+    return 0
+
+
+def _traffic(store: MeteringStore, args: argparse.Namespace) -> int:
+    weights: dict[str, Any] = {}
+    for pair in args.weights:
+        number, sep, weight = pair.partition("=")
+        if not sep or not number.strip().isdigit() or not weight.strip().lstrip("-").isdigit():
+            raise InvalidArgument(f"{pair!r}: expected N=PERCENT (integers), e.g. 1=90")
+        weights[number.strip()] = int(weight)
+    entry, version = store.update_model(args.model, spec={"traffic": weights})
+    _show(store, entry, version, "split")
+    return 0
+
+
+def _promote(store: MeteringStore, args: argparse.Namespace) -> int:
+    entry, version = store.promote_model(args.model, args.version)
+    _show(store, entry, version, "promoted")
+    return 0
+
+
+def _rollback(store: MeteringStore, args: argparse.Namespace) -> int:
+    entry, version = store.promote_model(args.model, None)
+    _show(store, entry, version, "rolled back")
     return 0
 
 

@@ -494,7 +494,9 @@ class MeteringStore:
         with self._write() as session:  # the model and its price in one transaction: no router sees one alone
             base = next((m for m in catalog_db.list_models(session)
                          if versions.get(serving) and m.triton_model == versions[serving]), None)
-            spec = {**(base.spec if base is not None else {}), **spec}
+            # its settings, not its canary split (another model's versions)
+            inherited = {k: v for k, v in (base.spec if base is not None else {}).items() if k != "traffic"}
+            spec = {**inherited, **spec}
             result = catalog_db.create(session, model_id, spec, versions, serving, now=_now())
             if price_row is not None:
                 session.add(price_row)
@@ -511,6 +513,11 @@ class MeteringStore:
                 session.add(price_row)
                 version = catalog_db.bump(session)  # a new price is a catalog change: routers look again
         return entry, version
+
+    def promote_model(self, model_id: str, version: int | None) -> tuple[ModelEntry, int]:
+        """All traffic to ``version``, served from now on; None: roll back to the version below the served one."""
+        with self._write() as session:
+            return catalog_db.promote(session, model_id, version, now=_now())
 
     def delete_model(self, model_id: str) -> tuple[ModelEntry, int]:
         """Take a model out of the catalog; its prices and usage records stay."""

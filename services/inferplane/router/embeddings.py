@@ -8,6 +8,7 @@ from inferplane.common import wire
 from inferplane.common.catalog import CatalogModel
 from inferplane.common.errors import InvalidArgument
 from inferplane.common.wire import STOP
+from inferplane.router import canary
 from inferplane.router.clients import KeyInfo, embed_on
 from inferplane.router.engine import GenerationEngine
 from inferplane.router.lease import trace_request
@@ -23,7 +24,7 @@ class EmbedResult:
 
 async def embed(engine: GenerationEngine, model_id: str, inputs: list[str], *, key: KeyInfo, request_id: str,
                 deadline: float | None = None) -> EmbedResult:
-    model = engine.model(model_id)
+    model = canary.serving(engine.model(model_id), request_id)  # a canary split: the version serving it
     validate_inputs(inputs, model)
     clock = engine.clock(model, deadline)
     trace_request("embeddings", model.id, request_id, key)

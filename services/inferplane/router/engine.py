@@ -28,7 +28,7 @@ from inferplane.common.wire import (
     REASON_MODEL_NOT_FOUND,
     STOP,
 )
-from inferplane.router import tools
+from inferplane.router import canary, tools
 from inferplane.router.admission import Admission, Metadata
 from inferplane.router.capacity import Capacity
 from inferplane.router.channel import ChannelSequence, sampled_traceparent
@@ -74,6 +74,8 @@ class GenerationInput:
     tools: list[common_pb2.FunctionTool] = field(default_factory=list)
     tool_choice: router_pb2.ToolChoice = field(default_factory=router_pb2.ToolChoice)
     parallel_tool_calls: bool = True
+    # OpenAI's ``user``: a stable id of the end user; a model splitting its traffic serves one user one version.
+    user: str = ""
 
 
 def validate(inp: GenerationInput, model: CatalogModel) -> None:
@@ -218,7 +220,8 @@ class GenerationEngine:
 
         Yields each choice's deltas (``n`` choices run at once, interleaved), then each choice's final delta (its
         finish reason), the last of them with the usage of all (``Delta.last``)."""
-        model = self.model(inp.model)
+        # the version serving it (a canary split: sticky per user, else per request), kept to the request's end
+        model = canary.serving(self.model(inp.model), inp.user or request_id)
         validate(inp, model)
         clock = self.clock(model, deadline)
         operation = "chat" if inp.messages is not None else "text_completion"

@@ -27,6 +27,7 @@ from inferplane.common.catalog import CatalogModel
 from inferplane.common.errors import InvalidArgument, NotFound, PermissionDenied, Unimplemented
 from inferplane.common.server import caller_key
 from inferplane.common.wire import STOP
+from inferplane.router import canary
 from inferplane.router.auth import KeyVerifier
 from inferplane.router.clients import KeyInfo
 from inferplane.router.engine import GenerationEngine
@@ -188,7 +189,7 @@ class KServeServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                     deadline: float | None) -> service_pb2.ModelInferResponse:
         """One inference: the lease (admission, queue slot, one usage record once answered) around one call."""
         engine = self._engine
-        model = infer_model(engine, request.model_name)
+        model = canary.serving(infer_model(engine, request.model_name), request_id)  # a canary split's version
         check_infer_request(request)
         clock = engine.clock(model, deadline)
         trace_request(INFER_TASK, model.id, request_id, key)

@@ -65,6 +65,7 @@ def input_from_pb(req: router_pb2.GenerateRequest) -> GenerationInput:
         tools=list(req.tools),
         tool_choice=req.tool_choice,
         parallel_tool_calls=req.parallel_tool_calls if req.HasField("parallel_tool_calls") else True,
+        user=req.user,
     )
 
 
