@@ -46,6 +46,8 @@ class CreateModelBody(BaseModel):
     # already served by the same Triton model.
     settings: dict[str, Any] = Field(default_factory=dict)
     price: ModelPriceBody | None = None
+    # Canary split from the start: version -> percent (see UpdateModelBody); left out: all to ``version``.
+    traffic: dict[int, Any] | None = None
 
     @model_validator(mode="after")
     def _one_source_of_versions(self) -> CreateModelBody:
@@ -113,7 +115,8 @@ def add_model_routes(router: APIRouter, call: Call, *, parse: Callable[[Request,
     @router.post("/admin/models")
     async def create_model(request: Request) -> Response:
         body: CreateModelBody = await parse(request, CreateModelBody)
-        req = metering_pb2.CreateModelRequest(id=body.id, spec_json=json.dumps(body.settings),
+        settings = {**body.settings, **({"traffic": body.traffic} if body.traffic is not None else {})}
+        req = metering_pb2.CreateModelRequest(id=body.id, spec_json=json.dumps(settings),
                                               versions=body.versions or {1: body.triton_model or ""},
                                               version=body.version or 0)
         if body.price is not None:
