@@ -135,7 +135,8 @@ def test_promote_sends_all_traffic_to_the_version_and_rollback_goes_back(store: 
 
 def test_a_new_model_does_not_inherit_another_models_split(store: MeteringStore) -> None:
     store.create_model("split", {"tokenizer": "models/tiny-llama", "context_length": 300,
-                                 "traffic": {"1": 50, "2": 50}}, {1: "only-split-serves-this", 2: "tiny-llama"})
+                                 "traffic": {"1": 50, "2": 50}},
+                       {1: "only-split-serves-this", 2: "tiny-llama"}, serving=1)
     # settings left out are copied from the model served by the same Triton model: not its split
     entry, _ = store.create_model("another", {}, {1: "only-split-serves-this"})
     assert entry.spec["context_length"] == 300 and "traffic" not in entry.spec
