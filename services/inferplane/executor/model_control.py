@@ -227,6 +227,8 @@ class ModelControl:
     # --- scale to zero -----------------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Triton is ready: the idle clocks start now (not when this object was built, before Triton loaded)."""
+        self.all_loaded()
         if self._idle is None and any(self.idle_unload_s.values()):
             self._idle = asyncio.create_task(self._idle_loop())
 
