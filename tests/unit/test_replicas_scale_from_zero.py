@@ -53,7 +53,7 @@ async def scaled_to_zero(request: pytest.FixtureRequest) -> AsyncIterator[tuple[
                       states={"m": UNLOADED})
     rs.replicas[address] = replica
     yield rs, replica, loader
-    await channel.close()
+    await channel.close(None)
     await server.stop(0)
 
 
