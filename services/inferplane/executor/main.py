@@ -19,16 +19,19 @@ import grpc
 
 from inferplane.common import loop
 from inferplane.common.catalog import Catalog, load_catalog
+from inferplane.common.catalog_watch import CatalogWatcher, list_catalog_of
+from inferplane.common.errors import InferplaneError
 from inferplane.common.logs import setup_logging
 from inferplane.common.server import GrpcServer
 from inferplane.common.settings import service_arguments, settings_from_args
 from inferplane.common.supervisor import Event, RestartPolicy
+from inferplane.common.tasks import spawn
 from inferplane.common.telemetry import head_sampled, setup_tracing
 from inferplane.executor.channel import ChannelService, PerRequestBackend
 from inferplane.executor.kserve import passthrough
 from inferplane.executor.model_control import ControlledBackend, ModelControl
 from inferplane.executor.otlp_receiver import OtlpFileReceiver
-from inferplane.executor.repository import render_repository
+from inferplane.executor.repository import render_model, render_repository
 from inferplane.executor.service import ExecutorServicer
 from inferplane.executor.settings import ExecutorSettings
 from inferplane.executor.triton_channel import TritonStepBackend
@@ -49,6 +52,10 @@ class Executor:
         self.repo = t.work_dir.resolve() / "model_repository"
         self.triton_models = render_repository(self.catalog, self.repo, model_ids=settings.models or None,
                                                torch_threads=t.torch_threads)
+        # What Triton loads when it starts (--load-model) and readiness waits for; uploads join triton_models only
+        self.startup_models = list(self.triton_models)
+        self.watcher: CatalogWatcher | None = None
+        self._metering: grpc.aio.Channel | None = None
         url = t.url or f"127.0.0.1:{t.grpc_port}"
         self.client = TritonLLMClient(url)
         # The channel's sequences run on a GenerationBackend (backend.py): one Triton stream per model carrying
@@ -88,7 +95,7 @@ class Executor:
     def model_control_args(self) -> list[str]:
         """Explicit model control: Triton loads the repository's models at start (as before) and then only what
         ``LoadModel`` asks for, and unloads on ``UnloadModel`` or after a model's idle period."""
-        return ["--model-control-mode=explicit", *(f"--load-model={m}" for m in self.triton_models)]
+        return ["--model-control-mode=explicit", *(f"--load-model={m}" for m in self.startup_models)]
 
     def triton_trace_args(self) -> list[str]:
         """Triton's own OpenTelemetry tracing, into the same trace as the caller (``traceparent``)."""
@@ -121,19 +128,19 @@ class Executor:
     async def wait_triton_ready(self, timeout: float) -> None:
         started = time.monotonic()
         next_note = 0.0
-        while not await self.client.is_ready(self.triton_models):
+        while not await self.client.is_ready(self.startup_models):
             waited = time.monotonic() - started
             if self.process is not None and not self.process.running:
                 raise RuntimeError(f"tritonserver exited while loading; see {self.process.log_path}")
             if waited > timeout:
                 raise TimeoutError(f"Triton not ready after {waited:.0f}s")
             if waited >= next_note:
-                log.info("progress: Triton loading models %s (%.0fs)", ",".join(self.triton_models), waited)
+                log.info("progress: Triton loading models %s (%.0fs)", ",".join(self.startup_models), waited)
                 next_note = waited + 2.0
             await asyncio.sleep(0.25)
         self.servicer.triton_version = await self.client.server_version()
         log.info("progress: Triton %s ready with %s in %.1fs", self.servicer.triton_version,
-                 ",".join(self.triton_models), time.monotonic() - started)
+                 ",".join(self.startup_models), time.monotonic() - started)
 
     async def start(self) -> int:
         self._loop = asyncio.get_running_loop()
@@ -144,10 +151,40 @@ class Executor:
             self.process = self._spawn()
         await self.wait_triton_ready(self.settings.triton.ready_timeout_s)
         self.control.start()
+        if self.settings.metering_addr:
+            self._metering = grpc.aio.insecure_channel(self.settings.metering_addr)
+            self.watcher = CatalogWatcher(list_catalog_of(self._metering), self.settings.catalog.parent,
+                                          self._catalog_changed, interval_s=self.settings.catalog_poll_s)
+            self.watcher.start()
         await self.server.set_serving(True)
         if self.process is None:
             self._supervisor = asyncio.create_task(self._poll_external())
         return port
+
+    def _catalog_changed(self, catalog: Catalog) -> None:
+        spawn(self._adopt(catalog))
+
+    async def _adopt(self, catalog: Catalog) -> None:
+        """Render and load the models metering's catalog has and this repository lacks (uploads)."""
+        wanted = self.settings.models
+        for model in catalog.models:
+            name = model.triton_model
+            if (model.checkpoint is None or name in self.triton_models or "infer" in model.tasks
+                    or (wanted and model.id not in wanted)):
+                continue
+            try:
+                threads = self.settings.triton.torch_threads
+                await asyncio.to_thread(render_model, model, self.repo, torch_threads=threads)
+            except (OSError, AssertionError, ValueError) as exc:
+                log.error("model %s (%s) could not be rendered: %s", model.id, name, exc)
+                continue
+            self.triton_models.append(name)
+            self.control.add(name, model.idle_unload_s)
+            log.info("progress: model %s rendered into the repository as %s; loading it", model.id, name)
+            try:
+                await self.control.load(name, f"catalog: {model.id}")
+            except InferplaneError as exc:
+                log.error("model %s could not be loaded: %s", model.id, exc)
 
     def _on_triton_event(self, event: Event) -> None:
         """From the supervisor's thread: NOT_SERVING when tritonserver exits, SERVING when it is ready again."""
@@ -170,7 +207,7 @@ class Executor:
         except (RuntimeError, TimeoutError) as exc:  # died again while loading: the supervisor restarts it
             log.error("Triton restart failed: %s", exc)
             return
-        self.control.all_loaded()  # a restarted Triton loaded every model again (--load-model)
+        self.control.all_loaded(self.startup_models)  # a restarted Triton loaded its --load-model ones again
         if not self._stopping:
             await self.server.set_serving(True)
 
@@ -204,6 +241,10 @@ class Executor:
 
     async def close(self) -> None:
         await self.stop_supervising()  # a Triton that exits because we stop it is not restarted
+        if self.watcher is not None:
+            await self.watcher.stop()
+        if self._metering is not None:
+            await self._metering.close(None)
         await self.channels.close()  # the step backend (it leaves its fallback to its owner)
         await self.control.close()
         await self.per_request.close()

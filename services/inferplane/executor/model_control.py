@@ -94,12 +94,25 @@ class ModelControl:
     def loaded(self, model: str) -> bool:
         return self.state.get(model) == LOADED
 
-    def all_loaded(self) -> None:
-        """Triton (re)started: it loaded every model of the repository (``--load-model``)."""
+    def all_loaded(self, started: list[str] | None = None) -> None:
+        """Triton (re)started: it loaded the models it was started with (``--load-model``: ``started``, None: all);
+        the others (added since) are unloaded."""
         now = time.monotonic()
         for model in self.state:
-            self.state[model] = LOADED
+            self.state[model] = LOADED if started is None or model in started else UNLOADED
             self.last_used[model] = now
+
+    def add(self, model: str, idle_unload_s: float) -> None:
+        """A model newly rendered into the repository (an upload), not loaded yet."""
+        if model in self.state:
+            return
+        self.idle_unload_s[model] = idle_unload_s
+        self.state[model] = UNLOADED
+        self.live[model] = 0
+        self.last_used[model] = time.monotonic()
+        self._locks[model] = asyncio.Lock()
+        if idle_unload_s and self._idle is None:
+            self._idle = asyncio.create_task(self._idle_loop())
 
     # --- use ---------------------------------------------------------------------------------------------
 
@@ -228,7 +241,7 @@ class ModelControl:
 
     def start(self) -> None:
         """Triton is ready: the idle clocks start now (not when this object was built, before Triton loaded)."""
-        self.all_loaded()
+        self.all_loaded(self.models)
         if self._idle is None and any(self.idle_unload_s.values()):
             self._idle = asyncio.create_task(self._idle_loop())
 

@@ -1,12 +1,25 @@
-"""Scale to zero on the real launcher (``LocalStack``: metering, router, executor with its Triton, Envoy), with a
-catalog giving tiny-llama a short ``idle_unload_s``: after the idle period Triton says the model is unloaded and
-``/v1/models`` says ``unloaded``; the next request is answered (it waited while the router had the executor load
-the model: the cold start and the request's latency are printed); concurrent requests to the unloaded model
-share one load. A stack of its own, so that the session's stack (tests/e2e/conftest.py) keeps its model loaded."""
+"""Model control on the real launcher (``LocalStack``: metering, router, executor with its Triton, Envoy).
+
+Scale to zero, with a catalog giving tiny-llama a short ``idle_unload_s``: after the idle period Triton says the
+model is unloaded and ``/v1/models`` says ``unloaded``; the next request is answered (it waited while the router had
+the executor load the model: the cold start and the request's latency are printed); concurrent requests to the
+unloaded model share one load.
+
+Upload: a copy of tiny-llama as a tarball through Envoy's ``/admin/models/upload`` → checked, in the catalog with
+its price, rendered and loaded by the executor → served; a header claiming 70B parameters → 422 with the numbers; a
+tarball with ``../`` → 400 and nothing written outside its folder.
+
+A stack of its own, so that the session's stack (tests/e2e/conftest.py) keeps its model loaded and its repository
+as it was."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import io
+import json
+import shutil
+import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +30,7 @@ import tritonclient.grpc as triton_grpc
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from inferplane.assets import CATALOG
+from inferplane.assets import CATALOG, TINY_LLAMA
 from inferplane.cli.launcher import LocalStack, StackConfig
 from inferplane.common.catalog import PACKAGE_PREFIX
 
@@ -145,3 +158,98 @@ async def test_an_idle_model_scales_to_zero_and_the_next_request_is_answered(sta
     executor_log = (stack.state / "logs" / "executor.log").read_text()
     assert f"progress: model {MODEL} unloaded in" in executor_log and "idle for" in executor_log
     assert f"progress: model {MODEL} loaded in" in executor_log
+
+
+def tarball(folder: Path, arcname: str) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(folder, arcname=arcname)
+    return buf.getvalue()
+
+
+def upload(stack: LocalStack, model_id: str, body: bytes, **price: str) -> httpx.Response:
+    admin = {"Authorization": f"Bearer {stack.create_admin_key()}", "Content-Type": "application/gzip"}
+    root = stack.base_url.removesuffix("/v1")
+    return httpx.post(f"{root}/admin/models/upload", params={"id": model_id, **price}, content=body, headers=admin,
+                      timeout=300)
+
+
+def listed(stack: LocalStack) -> dict[str, dict]:
+    resp = httpx.get(f"{stack.base_url}/models", headers=headers(stack), timeout=10)
+    return {m["id"]: m for m in resp.json()["data"]}
+
+
+async def test_an_uploaded_copy_of_tiny_llama_is_checked_listed_loaded_and_served(stack: LocalStack) -> None:
+    body = tarball(TINY_LLAMA, "my-upload")
+    started = time.monotonic()
+    resp = upload(stack, "my-upload", body, input_per_million="0.30", output_per_million="1.20")
+    assert resp.status_code == 201, resp.text
+    made = resp.json()
+    up = made["upload"]
+    assert up["sha256"] == hashlib.sha256(body).hexdigest() and up["bytes"] == len(body)
+    assert up["parameters"] > 0 and up["needed_bytes"] <= up["free_bytes"]
+    assert made["triton_model"] == "my-upload" and made["price"]["input_per_million_tokens"] == "0.3"
+    assert Path(up["folder"]).is_relative_to(stack.state / "uploads")
+    deadline = time.monotonic() + 120
+    while listed(stack).get("my-upload", {}).get("state") != "loaded":  # metering -> executor: rendered, loaded
+        assert time.monotonic() < deadline, listed(stack).get("my-upload")
+        await asyncio.sleep(0.5)
+    ready_s = time.monotonic() - started
+    entry = listed(stack)["my-upload"]
+    assert entry["pricing"]["input_per_million_tokens"] == "0.3"
+    assert entry["pricing"]["output_per_million_tokens"] == "1.2"
+    async with httpx.AsyncClient(timeout=120) as http:
+        body_json = {"model": "my-upload", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8,
+                     "temperature": 0}
+        reply = await http.post(f"{stack.base_url}/chat/completions", json=body_json, headers=headers(stack))
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["model"] == "my-upload" and reply.json()["usage"]["completion_tokens"] > 0
+        # the same weights as tiny-llama: the same greedy answer
+        same = await http.post(f"{stack.base_url}/chat/completions", json={**body_json, "model": MODEL},
+                               headers=headers(stack))
+        assert same.json()["choices"][0]["message"]["content"] == reply.json()["choices"][0]["message"]["content"]
+    print(f"\nupload: {len(body)} bytes, {up['parameters']:,} parameters; listed and loaded {ready_s:.1f}s after "
+          f"the upload began")
+
+
+def test_a_header_claiming_70b_parameters_is_refused_with_the_numbers(stack: LocalStack, tmp_path: Path) -> None:
+    folder = tmp_path / "big"
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TINY_LLAMA / name, folder / name)
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192,
+              "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
+              "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192}
+    (folder / "config.json").write_text(json.dumps(config))
+    header = {"model.embed_tokens.weight": {"dtype": "BF16", "shape": [128256, 8192], "data_offsets": [0, 0]},
+              "model.layers.weights": {"dtype": "BF16", "shape": [80, 868_000_000], "data_offsets": [0, 0]}}
+    raw = json.dumps(header).encode()
+    (folder / "model.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw)
+    before = sorted(p.name for p in (stack.state / "uploads").iterdir())
+    resp = upload(stack, "too-big", tarball(folder, "too-big"))
+    assert resp.status_code == 422, resp.text
+    error = resp.json()["error"]
+    params = 128256 * 8192 + 80 * 868_000_000
+    assert error["code"] == "model_does_not_fit"
+    assert f"{params:,} parameters x 2 bytes per parameter" in error["message"]
+    assert "too many" in error["message"] and "free RAM" in error["message"]
+    assert sorted(p.name for p in (stack.state / "uploads").iterdir()) == before  # nothing kept
+    assert "too-big" not in listed(stack)
+    print(f"\n70B header: {resp.status_code} {error['message']}")
+
+
+def test_a_tarball_leaving_its_folder_is_refused_and_nothing_is_written(stack: LocalStack) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in (("evil/config.json", b"{}"), ("evil/../../escaped.txt", b"pwned")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    before = sorted(p.name for p in (stack.state / "uploads").iterdir())
+    resp = upload(stack, "evil", buf.getvalue())
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert "leaves the upload's folder" in error["message"] and error["param"] == "file"
+    assert sorted(p.name for p in (stack.state / "uploads").iterdir()) == before
+    assert list((stack.state / "uploads" / ".incoming").iterdir()) == []
+    assert not (stack.state / "escaped.txt").exists() and not (stack.state.parent / "escaped.txt").exists()
