@@ -16,6 +16,7 @@ import io
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -34,6 +35,7 @@ from inferplane.common.wire import (
     DEFAULT_BUDGET_PERIOD,
 )
 from inferplane.gateway.admin_models import add_model_routes
+from inferplane.gateway.admin_upload import add_upload_route
 from inferplane.gateway.auth import key_metadata
 from inferplane.gateway.errors import GatewayError, from_rpc_error, from_validation_error
 from inferplane.v1 import metering_pb2, metering_pb2_grpc
@@ -184,8 +186,10 @@ def _format(value: str) -> str:
     return value
 
 
-def admin_router(metering_addr: str, *, timeout_s: float = 10.0) -> APIRouter:
-    """The routes, with their own channel to metering (opened and closed with the app)."""
+def admin_router(metering_addr: str, *, timeout_s: float = 10.0, uploads_dir: Path | None = None,
+                 max_upload_bytes: int = 0) -> APIRouter:
+    """The routes, with their own channel to metering (opened and closed with the app); ``uploads_dir``: where
+    ``POST /admin/models/upload`` unpacks checkpoints (None: no upload route)."""
     state: dict[str, metering_pb2_grpc.MeteringServiceStub] = {}
 
     @asynccontextmanager
@@ -278,4 +282,7 @@ def admin_router(metering_addr: str, *, timeout_s: float = 10.0) -> APIRouter:
 
     add_model_routes(router, call, parse=_parse, require_admin=require_admin, nanos=_nanos, price_dict=price_dict,
                      iso=_iso)
+    if uploads_dir is not None:
+        add_upload_route(router, call, require_admin=require_admin, nanos=_nanos, price_dict=price_dict, iso=_iso,
+                         uploads_dir=uploads_dir, max_upload_bytes=max_upload_bytes)
     return router

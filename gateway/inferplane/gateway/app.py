@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import TypeVar
 
 from fastapi import FastAPI, Request
@@ -28,6 +29,7 @@ from inferplane.common import wire
 from inferplane.common.metrics import LATENCY_BUCKETS
 from inferplane.common.server import client_channel
 from inferplane.gateway.admin import admin_router
+from inferplane.gateway.admin_upload import UPLOAD_PATH
 from inferplane.gateway.anthropic import count_tokens_route, messages_route
 from inferplane.gateway.auth import key_metadata
 from inferplane.gateway.embeddings import EmbeddingRequest, embeddings_body
@@ -110,7 +112,7 @@ class EdgeMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.limit:
+                if received > self.limit and scope["path"] != UPLOAD_PATH:  # the upload has its own limit
                     raise _BodyTooLarge(self.limit)
             return message
 
@@ -121,7 +123,7 @@ class EdgeMiddleware:
             span.set_attributes({"http.request.method": method, "url.path": scope["path"],
                                  "inferplane.request_id": request_id})
             try:
-                early = self._refuse_early(headers, given)
+                early = self._refuse_early(headers, given, scope["path"])
                 if early is not None:
                     await early.response()(scope, receive, send_with_id)
                 elif method == "POST" and scope["path"] in GENERATION_ROUTES:
@@ -147,11 +149,11 @@ class EdgeMiddleware:
                 if status >= 500:
                     span.set_status(Status(StatusCode.ERROR))
 
-    def _refuse_early(self, headers: Headers, given_id: str | None) -> GatewayError | None:
+    def _refuse_early(self, headers: Headers, given_id: str | None, path: str) -> GatewayError | None:
         if given_id is not None and not wire.valid_request_id(given_id):
             return GatewayError(400, wire.BAD_REQUEST_ID, param=wire.REQUEST_ID)
         length = headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
+        if length is not None and length.isdigit() and int(length) > self.limit and path != UPLOAD_PATH:
             return body_too_large(self.limit)
         return None
 
@@ -270,7 +272,9 @@ def create_app(settings: GatewaySettings, *, tracer_provider: trace.TracerProvid
     app.add_api_route("/detokenize", detokenize_route, methods=["POST"])
     app.add_api_route("/healthz", healthz, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
-    app.include_router(admin_router(settings.metering_addr))  # /v1/usage and /admin/*
+    app.include_router(admin_router(  # /v1/usage and /admin/*
+        settings.metering_addr, uploads_dir=Path(settings.uploads_dir) if settings.uploads_dir else None,
+        max_upload_bytes=settings.max_upload_bytes))
     app.include_router(kserve_router(_unless_gone))  # /v2: the KServe v2 protocol (tritonclient.http)
     install_handlers(app)
     app.add_middleware(EdgeMiddleware, max_body_bytes=settings.max_body_bytes,

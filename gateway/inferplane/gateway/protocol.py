@@ -337,9 +337,16 @@ class TextCompletionEncoder(ResponseEncoder):
         return self._chunk({"index": index, "text": "", "logprobs": None, "finish_reason": finish})
 
 
+# ModelInfo.state -> the extension ``state`` of a /v1/models entry (left out while no executor has said)
+MODEL_STATES = {common_pb2.MODEL_STATE_LOADED: "loaded", common_pb2.MODEL_STATE_UNLOADED: "unloaded",
+                common_pb2.MODEL_STATE_LOADING: "loading", common_pb2.MODEL_STATE_UNLOADING: "unloading",
+                common_pb2.MODEL_STATE_FAILED: "failed"}
+
+
 def models_body(resp: router_pb2.ListModelsResponse) -> dict[str, Any]:
-    """OpenAI's ``GET /v1/models`` list, each entry with the extension ``context_length`` (prompt plus completion
-    tokens, the name vLLM's ``max_model_len`` goes by at OpenRouter and others)."""
+    """OpenAI's ``GET /v1/models`` list, each entry with the extensions ``context_length`` (prompt plus completion
+    tokens, the name vLLM's ``max_model_len`` goes by at OpenRouter and others) and ``state`` (scale to zero:
+    ``loaded``, ``loading``, ``unloaded``; docs/model-control.md)."""
     data = []
     for m in resp.models:
         entry: dict[str, Any] = {"id": m.id, "object": "model", "created": m.created,
@@ -347,6 +354,8 @@ def models_body(resp: router_pb2.ListModelsResponse) -> dict[str, Any]:
         pricing = pricing_dict(m)
         if pricing is not None:
             entry["pricing"] = pricing
+        if m.state in MODEL_STATES:
+            entry["state"] = MODEL_STATES[m.state]
         data.append(entry)
     return {"object": "list", "data": data}
 

@@ -18,6 +18,10 @@ class GatewaySettings(BaseSettings):
     metering_addr: str = "127.0.0.1:50054"
     # Largest request body accepted, counted on the bytes actually read (413 beyond).
     max_body_bytes: int = 1024 * 1024
+    # POST /admin/models/upload (docs/model-control.md): where uploaded checkpoints are unpacked (executors read
+    # them from there: the same machine, or a shared volume), "" = no upload route; its own body limit.
+    uploads_dir: str = ""
+    max_upload_bytes: int = 2 << 30
     # gRPC deadline of one router call.
     request_timeout_s: float = 600.0
     # Seconds in-flight requests (streams included) get to finish after SIGTERM.

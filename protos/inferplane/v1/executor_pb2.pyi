@@ -72,14 +72,58 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("ready_models", "active_requests", "triton_version")
+    __slots__ = ("ready_models", "active_requests", "triton_version", "models")
     READY_MODELS_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     TRITON_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
     ready_models: _containers.RepeatedScalarFieldContainer[str]
     active_requests: int
     triton_version: str
-    def __init__(self, ready_models: _Optional[_Iterable[str]] = ..., active_requests: _Optional[int] = ..., triton_version: _Optional[str] = ...) -> None: ...
+    models: _containers.RepeatedCompositeFieldContainer[ModelStatus]
+    def __init__(self, ready_models: _Optional[_Iterable[str]] = ..., active_requests: _Optional[int] = ..., triton_version: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelStatus, _Mapping]]] = ...) -> None: ...
+
+class ModelStatus(_message.Message):
+    __slots__ = ("name", "state", "reason", "idle_s", "idle_unload_s")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    IDLE_S_FIELD_NUMBER: _ClassVar[int]
+    IDLE_UNLOAD_S_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    state: _common_pb2.ModelState
+    reason: str
+    idle_s: float
+    idle_unload_s: float
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.ModelState, str]] = ..., reason: _Optional[str] = ..., idle_s: _Optional[float] = ..., idle_unload_s: _Optional[float] = ...) -> None: ...
+
+class LoadModelRequest(_message.Message):
+    __slots__ = ("model", "request_id")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    request_id: str
+    def __init__(self, model: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class LoadModelResponse(_message.Message):
+    __slots__ = ("model", "load_s")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    LOAD_S_FIELD_NUMBER: _ClassVar[int]
+    model: ModelStatus
+    load_s: float
+    def __init__(self, model: _Optional[_Union[ModelStatus, _Mapping]] = ..., load_s: _Optional[float] = ...) -> None: ...
+
+class UnloadModelRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class UnloadModelResponse(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: ModelStatus
+    def __init__(self, model: _Optional[_Union[ModelStatus, _Mapping]] = ...) -> None: ...
 
 class ChannelRequest(_message.Message):
     __slots__ = ("opens", "cancels")

@@ -55,6 +55,16 @@ class ExecutorServiceStub:
                 request_serializer=inferplane_dot_v1_dot_executor__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=inferplane_dot_v1_dot_executor__pb2.GetStatusResponse.FromString,
                 _registered_method=True)
+        self.LoadModel = channel.unary_unary(
+                '/inferplane.v1.ExecutorService/LoadModel',
+                request_serializer=inferplane_dot_v1_dot_executor__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=inferplane_dot_v1_dot_executor__pb2.LoadModelResponse.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/inferplane.v1.ExecutorService/UnloadModel',
+                request_serializer=inferplane_dot_v1_dot_executor__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=inferplane_dot_v1_dot_executor__pb2.UnloadModelResponse.FromString,
+                _registered_method=True)
 
 
 class ExecutorServiceServicer:
@@ -93,6 +103,23 @@ class ExecutorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadModel(self, request, context):
+        """Load a model of this executor's repository into Triton (Triton's explicit model control:
+        RepositoryModelLoad); returns once it is ready. Loading a loaded model is a no-op. NOT_FOUND: not in the
+        repository; FAILED_PRECONDITION: Triton could not load it (the reason in the message).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
+        """Unload a model from Triton (RepositoryModelUnload) once its live generations have ended; it stays in the
+        repository and can be loaded again. Unloading an unloaded model is a no-op.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExecutorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -115,6 +142,16 @@ def add_ExecutorServiceServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=inferplane_dot_v1_dot_executor__pb2.GetStatusRequest.FromString,
                     response_serializer=inferplane_dot_v1_dot_executor__pb2.GetStatusResponse.SerializeToString,
+            ),
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=inferplane_dot_v1_dot_executor__pb2.LoadModelRequest.FromString,
+                    response_serializer=inferplane_dot_v1_dot_executor__pb2.LoadModelResponse.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=inferplane_dot_v1_dot_executor__pb2.UnloadModelRequest.FromString,
+                    response_serializer=inferplane_dot_v1_dot_executor__pb2.UnloadModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -226,6 +263,60 @@ class ExecutorService:
             '/inferplane.v1.ExecutorService/GetStatus',
             inferplane_dot_v1_dot_executor__pb2.GetStatusRequest.SerializeToString,
             inferplane_dot_v1_dot_executor__pb2.GetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inferplane.v1.ExecutorService/LoadModel',
+            inferplane_dot_v1_dot_executor__pb2.LoadModelRequest.SerializeToString,
+            inferplane_dot_v1_dot_executor__pb2.LoadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inferplane.v1.ExecutorService/UnloadModel',
+            inferplane_dot_v1_dot_executor__pb2.UnloadModelRequest.SerializeToString,
+            inferplane_dot_v1_dot_executor__pb2.UnloadModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -155,7 +155,7 @@ def stack_settings(cfg: StackConfig, ports: dict[str, int]) -> dict[str, Any]:
                    "executor_addrs": executor_addrs,
                    "outbox_path": str(state / "router-outbox.db"), **cfg.router},
         "gateway": {"host": cfg.host, "port": ports["gateway"], "router_addr": addr["router"],
-                    "metering_addr": addr["metering"],
+                    "metering_addr": addr["metering"], "uploads_dir": str(state / "uploads"),
                     "telemetry": telemetry},
         "edge": {"host": cfg.host, "port": ports["edge"], "admin_port": ports["envoy_admin"],
                  "gateway_addr": f"{cfg.host}:{ports['gateway']}", "router_addr": addr["router"],
@@ -175,6 +175,8 @@ def executor_section(cfg: StackConfig, ports: dict[str, int], replica: str) -> d
             "telemetry": {"exporter": cfg.trace_exporter, "file_path": str(state / "traces.jsonl"),
                           "sample_ratio": cfg.trace_sample_ratio},
             "catalog": str(cfg.catalog),
+            # metering's catalog: uploaded models are rendered and loaded (docs/model-control.md)
+            "metering_addr": f"{cfg.host}:{ports['metering']}",
             "triton": {"grpc_port": p("triton_grpc"), "http_port": p("triton_http"),
                        "metrics_port": p("triton_metrics"), "work_dir": str(state / replica),
                        # one torch thread per model on small machines: two fight the services for 2 cores

@@ -89,6 +89,16 @@ class CatalogModel(BaseModel):
     # 100, each request's version picked sticky per user (``inferplane.router.canary``). Empty: every request
     # is served by ``version``.
     traffic: dict[int, int] = Field(default_factory=dict)
+    # Scale to zero (docs/model-control.md): an executor unloads the model from Triton after this many seconds
+    # without a request; the next request waits while it loads again. 0: never unloaded.
+    idle_unload_s: float = Field(default=0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _idle_unload_tracked(self) -> CatalogModel:
+        if self.idle_unload_s and "infer" in self.tasks:
+            # raw infer calls pass through the executor unparsed: it cannot tell when such a model was last used
+            raise ValueError("idle_unload_s is for chat, completion and embedding models, not infer ones")
+        return self
 
     @model_validator(mode="after")
     def _served_version(self) -> CatalogModel:

@@ -242,6 +242,9 @@ def _routes(s: EdgeSettings) -> list[dict[str, Any]]:
         {"name": "gateway-v1", "match": {"prefix": "/v1/"}, "route": _route_action(GATEWAY_CLUSTER, s)},
         {"name": "gateway-v2", "match": {"prefix": "/v2/"}, "route": _route_action(GATEWAY_CLUSTER, s)},
         {"name": "gateway-v2-metadata", "match": {"path": "/v2"}, "route": _route_action(GATEWAY_CLUSTER, s)},
+        # a checkpoint upload streams through unbuffered (the gateway enforces its own, larger limit)
+        {"name": "gateway-admin-upload", "match": {"path": "/admin/models/upload"},
+         "route": _route_action(GATEWAY_CLUSTER, s), "typed_per_filter_config": unbuffered},
         {"name": "gateway-admin", "match": {"prefix": "/admin/"}, "route": _route_action(GATEWAY_CLUSTER, s)},
         {"name": "gateway-health", "match": {"path": "/healthz"}, "route": _route_action(GATEWAY_CLUSTER, s),
          "typed_per_filter_config": unbuffered},

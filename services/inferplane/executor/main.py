@@ -18,16 +18,20 @@ import time
 import grpc
 
 from inferplane.common import loop
-from inferplane.common.catalog import load_catalog
+from inferplane.common.catalog import Catalog, load_catalog
+from inferplane.common.catalog_watch import CatalogWatcher, list_catalog_of
+from inferplane.common.errors import InferplaneError
 from inferplane.common.logs import setup_logging
 from inferplane.common.server import GrpcServer
 from inferplane.common.settings import service_arguments, settings_from_args
 from inferplane.common.supervisor import Event, RestartPolicy
+from inferplane.common.tasks import spawn
 from inferplane.common.telemetry import head_sampled, setup_tracing
 from inferplane.executor.channel import ChannelService, PerRequestBackend
 from inferplane.executor.kserve import passthrough
+from inferplane.executor.model_control import ControlledBackend, ModelControl
 from inferplane.executor.otlp_receiver import OtlpFileReceiver
-from inferplane.executor.repository import render_repository
+from inferplane.executor.repository import render_model, render_repository
 from inferplane.executor.service import ExecutorServicer
 from inferplane.executor.settings import ExecutorSettings
 from inferplane.executor.triton_channel import TritonStepBackend
@@ -48,14 +52,22 @@ class Executor:
         self.repo = t.work_dir.resolve() / "model_repository"
         self.triton_models = render_repository(self.catalog, self.repo, model_ids=settings.models or None,
                                                torch_threads=t.torch_threads)
+        # What Triton loads when it starts (--load-model) and readiness waits for; uploads join triton_models only
+        self.startup_models = list(self.triton_models)
+        self.watcher: CatalogWatcher | None = None
+        self._metering: grpc.aio.Channel | None = None
         url = t.url or f"127.0.0.1:{t.grpc_port}"
         self.client = TritonLLMClient(url)
         # The channel's sequences run on a GenerationBackend (backend.py): one Triton stream per model carrying
         # every sequence and one response per model step (the step backend), or, for a model that cannot take it
         # (more than one instance), one Triton stream per sequence.
         self.per_request = PerRequestBackend(self.client)
-        self.channels = ChannelService(TritonStepBackend(url, fallback=self.per_request))
-        self.servicer = ExecutorServicer(self.client, self.triton_models, self.channels)
+        self.step = TritonStepBackend(url, fallback=self.per_request)
+        # Explicit model control (model_control.py): load/unload at run time, idle models scaled to zero.
+        idle = idle_unload_times(self.catalog, self.triton_models)
+        self.control = ModelControl(url, idle, release=self.step.release)
+        self.channels = ChannelService(ControlledBackend(self.step, self.control))
+        self.servicer = ExecutorServicer(self.client, self.triton_models, self.channels, control=self.control)
         self.server = GrpcServer(
             settings.server, service_names=["inferplane.v1.ExecutorService"], register=self._register,
             readiness=self._not_yet)
@@ -80,6 +92,11 @@ class Executor:
     async def _not_yet() -> bool:
         return False
 
+    def model_control_args(self) -> list[str]:
+        """Explicit model control: Triton loads the repository's models at start (as before) and then only what
+        ``LoadModel`` asks for, and unloads on ``UnloadModel`` or after a model's idle period."""
+        return ["--model-control-mode=explicit", *(f"--load-model={m}" for m in self.startup_models)]
+
     def triton_trace_args(self) -> list[str]:
         """Triton's own OpenTelemetry tracing, into the same trace as the caller (``traceparent``)."""
         tel = self.settings.telemetry
@@ -99,7 +116,8 @@ class Executor:
         proc = TritonProcess(
             self.repo, backend_dir=prepare_backend_dir(work / "backends"), grpc_port=t.grpc_port,
             http_port=t.http_port, metrics_port=t.metrics_port, exit_timeout_s=t.exit_timeout_s,
-            extra_args=[*self.triton_trace_args(), *t.extra_args], log_path=work / "tritonserver.log",
+            extra_args=[*self.model_control_args(), *self.triton_trace_args(), *t.extra_args],
+            log_path=work / "tritonserver.log",
             env={"LD_PRELOAD": preload} if (preload := allocator_preload(t.allocator)) else None,
             restart=RestartPolicy(backoff_s=t.restart_backoff_s, max_backoff_s=t.restart_max_backoff_s),
             on_event=self._on_triton_event)
@@ -110,19 +128,19 @@ class Executor:
     async def wait_triton_ready(self, timeout: float) -> None:
         started = time.monotonic()
         next_note = 0.0
-        while not await self.client.is_ready(self.triton_models):
+        while not await self.client.is_ready(self.startup_models):
             waited = time.monotonic() - started
             if self.process is not None and not self.process.running:
                 raise RuntimeError(f"tritonserver exited while loading; see {self.process.log_path}")
             if waited > timeout:
                 raise TimeoutError(f"Triton not ready after {waited:.0f}s")
             if waited >= next_note:
-                log.info("progress: Triton loading models %s (%.0fs)", ",".join(self.triton_models), waited)
+                log.info("progress: Triton loading models %s (%.0fs)", ",".join(self.startup_models), waited)
                 next_note = waited + 2.0
             await asyncio.sleep(0.25)
         self.servicer.triton_version = await self.client.server_version()
         log.info("progress: Triton %s ready with %s in %.1fs", self.servicer.triton_version,
-                 ",".join(self.triton_models), time.monotonic() - started)
+                 ",".join(self.startup_models), time.monotonic() - started)
 
     async def start(self) -> int:
         self._loop = asyncio.get_running_loop()
@@ -132,10 +150,41 @@ class Executor:
         if not self.settings.triton.url:
             self.process = self._spawn()
         await self.wait_triton_ready(self.settings.triton.ready_timeout_s)
+        self.control.start()
+        if self.settings.metering_addr:
+            self._metering = grpc.aio.insecure_channel(self.settings.metering_addr)
+            self.watcher = CatalogWatcher(list_catalog_of(self._metering), self.settings.catalog.parent,
+                                          self._catalog_changed, interval_s=self.settings.catalog_poll_s)
+            self.watcher.start()
         await self.server.set_serving(True)
         if self.process is None:
             self._supervisor = asyncio.create_task(self._poll_external())
         return port
+
+    def _catalog_changed(self, catalog: Catalog) -> None:
+        spawn(self._adopt(catalog))
+
+    async def _adopt(self, catalog: Catalog) -> None:
+        """Render and load the models metering's catalog has and this repository lacks (uploads)."""
+        wanted = self.settings.models
+        for model in catalog.models:
+            name = model.triton_model
+            if (model.checkpoint is None or name in self.triton_models or "infer" in model.tasks
+                    or (wanted and model.id not in wanted)):
+                continue
+            try:
+                threads = self.settings.triton.torch_threads
+                await asyncio.to_thread(render_model, model, self.repo, torch_threads=threads)
+            except (OSError, AssertionError, ValueError) as exc:
+                log.error("model %s (%s) could not be rendered: %s", model.id, name, exc)
+                continue
+            self.triton_models.append(name)
+            self.control.add(name, model.idle_unload_s)
+            log.info("progress: model %s rendered into the repository as %s; loading it", model.id, name)
+            try:
+                await self.control.load(name, f"catalog: {model.id}")
+            except InferplaneError as exc:
+                log.error("model %s could not be loaded: %s", model.id, exc)
 
     def _on_triton_event(self, event: Event) -> None:
         """From the supervisor's thread: NOT_SERVING when tritonserver exits, SERVING when it is ready again."""
@@ -158,6 +207,7 @@ class Executor:
         except (RuntimeError, TimeoutError) as exc:  # died again while loading: the supervisor restarts it
             log.error("Triton restart failed: %s", exc)
             return
+        self.control.all_loaded(self.startup_models)  # a restarted Triton loaded its --load-model ones again
         if not self._stopping:
             await self.server.set_serving(True)
 
@@ -165,7 +215,8 @@ class Executor:
         """An external Triton: follow its readiness."""
         while not self._stopping:
             await asyncio.sleep(1.0)
-            await self.server.set_serving(await self.client.is_ready(self.triton_models))
+            loaded = [m for m in self.triton_models if self.control.loaded(m)]  # unloaded ones are not a fault
+            await self.server.set_serving(await self.client.is_ready(loaded))
 
     async def stop(self, grace: float | None = None) -> None:
         await self.drain()
@@ -190,7 +241,12 @@ class Executor:
 
     async def close(self) -> None:
         await self.stop_supervising()  # a Triton that exits because we stop it is not restarted
+        if self.watcher is not None:
+            await self.watcher.stop()
+        if self._metering is not None:
+            await self._metering.close(None)
         await self.channels.close()  # the step backend (it leaves its fallback to its owner)
+        await self.control.close()
         await self.per_request.close()
         await self.client.close()
         if self.process is not None:
@@ -198,6 +254,21 @@ class Executor:
         if self.receiver is not None:
             self.receiver.stop()
             self.receiver = None
+
+
+def idle_unload_times(catalog: Catalog, triton_models: list[str]) -> dict[str, float]:
+    """Each Triton model's ``idle_unload_s`` (the catalog entries that render it; the shortest nonzero one). A
+    Triton model that an ``infer`` entry also names is never unloaded for idleness: its raw calls pass through
+    unparsed, so the executor cannot tell when it was last used."""
+    idle = dict.fromkeys(triton_models, 0.0)
+    raw = {m.triton_model for m in catalog.models if "infer" in m.tasks}
+    for m in catalog.models:
+        if m.triton_model in idle and m.idle_unload_s and m.checkpoint is not None:
+            if m.triton_model in raw:
+                log.warning("%s: idle_unload_s ignored: an infer model also names %s", m.id, m.triton_model)
+                continue
+            idle[m.triton_model] = min(idle[m.triton_model] or m.idle_unload_s, m.idle_unload_s)
+    return idle
 
 
 async def run(settings: ExecutorSettings) -> int:

@@ -28,6 +28,7 @@ from inferplane.v1 import common_pb2, executor_pb2, executor_pb2_grpc
 
 if TYPE_CHECKING:
     from inferplane.executor.channel import ChannelService
+    from inferplane.executor.model_control import ModelControl, ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -132,12 +133,15 @@ FINISHED = Counter("inferplane_executor_generations_finished", "Generations that
 
 
 class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
-    def __init__(self, client: TritonLLMClient, models: list[str], channels: ChannelService | None = None) -> None:
+    def __init__(self, client: TritonLLMClient, models: list[str], channels: ChannelService | None = None, *,
+                 control: ModelControl | None = None) -> None:
         """``channels`` serves ``Channel`` (over whichever ``GenerationBackend`` it was given); None: ``Channel``
-        is refused (FAILED_PRECONDITION) and only ``Generate`` serves."""
+        is refused (FAILED_PRECONDITION) and only ``Generate`` serves. ``control``: explicit model control
+        (``LoadModel``, ``UnloadModel``, each model's state); None: those are refused (FAILED_PRECONDITION)."""
         self._client = client
         self._models = models
         self._channels = channels
+        self._control = control
         self.active = 0  # Generate calls in progress
         self.triton_version = ""
 
@@ -157,14 +161,14 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         QUEUE_DEPTH.inc()
         queued, finished = True, False
         try:
-            async for tokens, final in coalesce(self._client.generate(request.model, params,
-                                                                   request_id=request.request_id),
-                                             request.stream_interval):
-                if queued:
-                    queued = False
-                    QUEUE_DEPTH.dec()
-                finished = final is not None
-                yield chunk_to_pb(tokens, final)
+            async with self._using(request.model, request.request_id):
+                chunks = self._client.generate(request.model, params, request_id=request.request_id)
+                async for tokens, final in coalesce(chunks, request.stream_interval):
+                    if queued:
+                        queued = False
+                        QUEUE_DEPTH.dec()
+                    finished = final is not None
+                    yield chunk_to_pb(tokens, final)
         finally:
             self.active -= 1
             ACTIVE.dec()
@@ -180,12 +184,50 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         inputs = [list(i.token_ids) for i in request.inputs]
         if not inputs or any(not ids for ids in inputs):
             raise InvalidArgument("every embedding input needs at least one token id", param="input")
-        vectors = await self._client.embed(request.model, inputs, request_id=request.request_id)
+        async with self._using(request.model, request.request_id):
+            vectors = await self._client.embed(request.model, inputs, request_id=request.request_id)
         return executor_pb2.ExecutorEmbedResponse(embeddings=[common_pb2.Embedding(values=v) for v in vectors])
 
     async def GetStatus(self, request: executor_pb2.GetStatusRequest,
                         context: grpc.aio.ServicerContext) -> executor_pb2.GetStatusResponse:
-        ready = [m for m in self._models if await self._client.is_ready([m])]
         active = self.active + (self._channels.active if self._channels is not None else 0)
-        return executor_pb2.GetStatusResponse(ready_models=ready, active_requests=active,
-                                              triton_version=self.triton_version)
+        if self._control is None:
+            ready = [m for m in self._models if await self._client.is_ready([m])]
+            return executor_pb2.GetStatusResponse(ready_models=ready, active_requests=active,
+                                                  triton_version=self.triton_version)
+        infos = await self._control.index()
+        return executor_pb2.GetStatusResponse(
+            ready_models=[i.name for i in infos if i.state == common_pb2.MODEL_STATE_LOADED],
+            active_requests=active, triton_version=self.triton_version, models=[status_to_pb(i) for i in infos])
+
+    async def LoadModel(self, request: executor_pb2.LoadModelRequest,
+                        context: grpc.aio.ServicerContext) -> executor_pb2.LoadModelResponse:
+        control = self._require_control()
+        took = await control.load(request.model, request.request_id)
+        return executor_pb2.LoadModelResponse(model=await self._status_of(control, request.model), load_s=took)
+
+    async def UnloadModel(self, request: executor_pb2.UnloadModelRequest,
+                          context: grpc.aio.ServicerContext) -> executor_pb2.UnloadModelResponse:
+        control = self._require_control()
+        await control.unload(request.model)
+        return executor_pb2.UnloadModelResponse(model=await self._status_of(control, request.model))
+
+    def _require_control(self) -> ModelControl:
+        if self._control is None:
+            raise FailedPrecondition("this executor has no model control")
+        return self._control
+
+    @staticmethod
+    async def _status_of(control: ModelControl, model: str) -> executor_pb2.ModelStatus:
+        for info in await control.index():
+            if info.name == model:
+                return status_to_pb(info)
+        return executor_pb2.ModelStatus(name=model)
+
+    def _using(self, model: str, request_id: str) -> contextlib.AbstractAsyncContextManager[None]:
+        return self._control.using(model, request_id) if self._control is not None else contextlib.nullcontext()
+
+
+def status_to_pb(info: ModelInfo) -> executor_pb2.ModelStatus:
+    return executor_pb2.ModelStatus(name=info.name, state=info.state, reason=info.reason,  # type: ignore[arg-type]
+                                    idle_s=round(info.idle_s, 3), idle_unload_s=info.idle_unload_s)

@@ -45,4 +45,8 @@ class ExecutorSettings(BaseSettings):
     catalog: Path = CATALOG
     # Catalog model ids this executor serves; empty means every model with a checkpoint.
     models: list[str] = []
+    # Metering's gRPC address: its catalog is polled (``catalog_poll_s``) and a model added with a checkpoint (an
+    # upload) is rendered into the repository and loaded (docs/model-control.md). Empty: the catalog file only.
+    metering_addr: str = ""
+    catalog_poll_s: float = 2.0
     triton: TritonSettings = TritonSettings()

@@ -384,6 +384,15 @@ class TritonStepBackend:
         if self._streams.get(stream.model) is stream:
             del self._streams[stream.model]
 
+    async def release(self, model: str) -> None:
+        """Close ``model``'s stream, if it has one (its attach is a request in flight in Triton, which would hold an
+        unload of the model); the next open of the model opens a new one. Called with no sequence live on it."""
+        stream = self._streams.get(model)
+        if stream is None:
+            return
+        stream.fail(Unavailable(f"model {model!r} is unloading"))
+        await asyncio.gather(*(t for t in (stream.writer, stream.reader) if t is not None), return_exceptions=True)
+
     async def close(self) -> None:
         """Fail every live sequence with ``Unavailable``, cancel the streams (their attaches) and close the channel."""
         self._closed = True

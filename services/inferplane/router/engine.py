@@ -293,7 +293,8 @@ class GenerationEngine:
             return await ExecutorStream.open(replica.stub.Generate(req, timeout=clock.left()))
 
         async with (TextOut(self.tokenizer.decoder(model.id, timeout=clock.left()), inp.stop) as text,
-                    self.executors.open(model.triton_model, start, request_id=request_id) as stream, stream):
+                    self.executors.open(model.triton_model, start, request_id=request_id,
+                                        wait_s=clock.left()) as stream, stream):
             choice.text = text
             async for msg in stream:
                 if msg.token_ids:

@@ -20,6 +20,12 @@ cuts a stream.
 ``ReplicaSet.open(model, start)`` is the one way a request reaches an executor: it picks a replica, counts the
 request as outstanding there until the request is done, and retries ``start`` once on another replica when a
 replica fault happens before anything reached the caller, within the retry budget.
+
+Scale to zero (docs/model-control.md): each executor's ``GetStatus`` lists the models of its repository and
+whether each is loaded. A request for a model that no live replica has loaded, but some replica can load, first
+asks that replica to load it (``LoadModel``, one load per model however many requests wait: the others wait in the
+model's admission queue, whose capacity is zero until the load ends), bounded by the request's deadline; the
+progress is logged, and the load's duration is ``inferplane_router_model_cold_start_seconds``.
 """
 
 from __future__ import annotations
@@ -39,18 +45,23 @@ from typing import TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import trace
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
-from inferplane.common.errors import Unavailable
+from inferplane.common.errors import DeadlineExceeded, Unavailable
 from inferplane.common.server import channel_options
 from inferplane.router.channel import ExecutorChannel
-from inferplane.v1 import executor_pb2, executor_pb2_grpc
+from inferplane.v1 import common_pb2, executor_pb2, executor_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 REPLICAS = Gauge("inferplane_router_executor_replicas", "Executor replicas known, by state", ["state"])
 EJECTIONS = Counter("inferplane_router_executor_ejections", "Replicas ejected after a failed call")
 RETRIES = Counter("inferplane_router_retries", "Requests retried on another replica before their first token")
+LOADS = Counter("inferplane_router_model_loads", "Models this router asked an executor to load (scale from zero)",
+                ["model", "outcome"])
+COLD_START = Histogram("inferplane_router_model_cold_start_seconds",
+                       "From a request finding its model loaded nowhere to the model loaded on an executor", ["model"],
+                       buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300))
 DNS_PREFIX = "dns:///"
 FILE_PREFIX = "file://"
 T = TypeVar("T")
@@ -72,6 +83,11 @@ class Replica:
     link: ExecutorChannel | None = None
     # Gone from discovery: no new request; closed once ``outstanding`` is 0.
     retiring: bool = False
+    # Whether a GetStatus answered yet (before: ``models`` is not known, and the replica may serve any model).
+    reported: bool = False
+    # Every model of its repository -> its state (common_pb2.ModelState); a model here but not in ``models`` can
+    # be loaded on this replica.
+    states: dict[str, int] = field(default_factory=dict)
 
     def available(self, now: float) -> bool:
         return self.serving and not self.retiring and now >= self.ejected_until
@@ -131,9 +147,10 @@ class ReplicaSet:
                  status_interval_s: float = 1.0, dns_interval_s: float = 5.0, eject_base_s: float = 1.0,
                  eject_max_s: float = 30.0, retry_ratio: float = 0.2, retry_burst: float = 50.0,
                  seed: int | None = None, channel_silence_s: float | None = None, file_interval_s: float = 1.0,
-                 retire_timeout_s: float = 600.0) -> None:
+                 retire_timeout_s: float = 600.0, load_timeout_s: float = 300.0) -> None:
         """``channel_silence_s``: generations go over one ``ExecutorChannel`` per replica, broken when it stays
-        silent that long with sequences live; None: one ``Generate`` call per request."""
+        silent that long with sequences live; None: one ``Generate`` call per request. ``load_timeout_s``: the
+        longest a model load (scale from zero) may take, and the wait of a request that gives no deadline."""
         if not targets:
             raise ValueError("at least one executor address is required")
         self._targets = targets
@@ -144,6 +161,8 @@ class ReplicaSet:
         self._retire_timeout = retire_timeout_s
         self._eject_base, self._eject_max = eject_base_s, eject_max_s
         self._channel_silence_s = channel_silence_s
+        self._load_timeout_s = load_timeout_s
+        self._loads: dict[str, asyncio.Future[None]] = {}  # model -> its load in flight (one per model)
         self.replicas: dict[str, Replica] = {}
         # What each DNS or file target found last.
         self._found: dict[str, set[str]] = {}
@@ -310,6 +329,8 @@ class ReplicaSet:
                     status = await replica.stub.GetStatus(executor_pb2.GetStatusRequest(), timeout=2.0)
                     replica.reported_active = status.active_requests
                     replica.models = set(status.ready_models)
+                    replica.states = {m.name: m.state for m in status.models}
+                    replica.reported = True
                 except grpc.aio.AioRpcError:
                     pass
             await asyncio.sleep(self._status_interval)
@@ -336,20 +357,82 @@ class ReplicaSet:
         """Replicas that can take a request for ``model`` now (as ``pick`` chooses among them)."""
         now = time.monotonic()
         live = [r for r in self.replicas.values() if r.available(now)]
-        return sum(model in r.models for r in live) or sum(not r.models for r in live)
+        return sum(model in r.models for r in live) or sum(not r.reported for r in live)
 
     def pick(self, model: str, *, exclude: set[str] | frozenset[str] = frozenset()) -> Replica:
         now = time.monotonic()
         live = [r for r in self.replicas.values() if r.available(now) and r.address not in exclude]
         # Prefer replicas known to serve the model; one whose status is not known yet may serve it too.
-        serving = [r for r in live if model in r.models] or [r for r in live if not r.models]
+        serving = [r for r in live if model in r.models] or [r for r in live if not r.reported]
         if not serving:
             raise Unavailable(f"no executor is available for model {model!r}; retry later")
         return choose(serving, self._rng)
 
+    def model_state(self, model: str) -> int:
+        """``common_pb2.ModelState`` of ``model`` across the live replicas: LOADED on any, else LOADING (this
+        router's load, or an executor's), else UNLOADED where some replica has it; UNSPECIFIED: nobody said."""
+        now = time.monotonic()
+        live = [r for r in self.replicas.values() if r.available(now)]
+        if any(model in r.models for r in live):
+            return common_pb2.MODEL_STATE_LOADED
+        states = {r.states[model] for r in live if model in r.states}
+        if model in self._loads or common_pb2.MODEL_STATE_LOADING in states:
+            return common_pb2.MODEL_STATE_LOADING
+        if states:
+            return common_pb2.MODEL_STATE_UNLOADED
+        return common_pb2.MODEL_STATE_UNSPECIFIED
+
+    async def ensure_loaded(self, model: str, *, wait_s: float, request_id: str = "") -> None:
+        """When no live replica has ``model`` loaded but one can load it: have it loaded (one load per model) and
+        wait for it at most ``wait_s`` (``DeadlineExceeded``); a failed load is ``Unavailable``. Otherwise returns at
+        once (``pick`` decides)."""
+        now = time.monotonic()
+        live = [r for r in self.replicas.values() if r.available(now)]
+        if any(model in r.models or not r.reported for r in live):
+            return
+        able = [r for r in live if model in r.states]
+        if not able:
+            return
+        task = self._loads.get(model)
+        if task is None:
+            replica = min(able, key=Replica.load)
+            task = self._loads[model] = asyncio.ensure_future(self._load(replica, model, request_id))
+            task.add_done_callback(lambda _t: self._loads.pop(model, None))
+        else:
+            log.info("progress: request %s waits for model %s to load", request_id, model)
+        try:
+            async with asyncio.timeout(wait_s):
+                await asyncio.shield(task)  # a request that leaves does not cancel the others' load
+        except TimeoutError:
+            raise DeadlineExceeded(f"model {model!r} was scaled to zero and did not finish loading within the "
+                                   f"request's deadline ({wait_s:.1f}s); retry shortly") from None
+
+    async def _load(self, replica: Replica, model: str, request_id: str) -> None:
+        started = time.monotonic()
+        log.info("progress: model %s is loaded on no executor: asking %s to load it (for request %s)", model,
+                 replica.address, request_id)
+        call = asyncio.ensure_future(replica.stub.LoadModel(
+            executor_pb2.LoadModelRequest(model=model, request_id=request_id), timeout=self._load_timeout_s))
+        while not (await asyncio.wait({call}, timeout=2.0))[0]:
+            log.info("progress: model %s loading on %s (%.0fs)", model, replica.address, time.monotonic() - started)
+        try:
+            resp = call.result()
+        except grpc.aio.AioRpcError as exc:
+            LOADS.labels(model, "failed").inc()
+            log.error("model %s failed to load on %s: %s %s", model, replica.address, exc.code().name, exc.details())
+            raise Unavailable(f"model {model!r} could not be loaded: {exc.details()}") from None
+        took = time.monotonic() - started
+        LOADS.labels(model, "loaded").inc()
+        COLD_START.labels(model).observe(took)
+        replica.models.add(model)
+        replica.states[model] = common_pb2.MODEL_STATE_LOADED
+        log.info("progress: model %s loaded on %s in %.2fs (cold start; the executor's load took %.2fs)", model,
+                 replica.address, took, resp.load_s)
+        self._gauges()  # capacity grew: the model's queued requests go in
+
     @contextlib.asynccontextmanager
     async def open(self, model: str, start: Callable[[Replica], Awaitable[T]], *, request_id: str = "",
-                   faults: frozenset[grpc.StatusCode] | None = None) -> AsyncIterator[T]:
+                   faults: frozenset[grpc.StatusCode] | None = None, wait_s: float | None = None) -> AsyncIterator[T]:
         """Start a request for ``model`` on a replica; the block runs while the replica holds it.
 
         ``start(replica)`` is the part of the work that may be retried, because nothing of it has reached the
@@ -359,7 +442,11 @@ class ReplicaSet:
         is the request's own and is raised as it is. The replica counts the request as outstanding (the load
         ``pick`` compares) from ``start`` until the block exits. ``faults``: the statuses that say the replica is at
         fault (None: ``REPLICA_FAULTS``; a raw Triton model's own INTERNAL is the request's, not the replica's).
+        A model loaded nowhere is loaded first (``ensure_loaded``), waiting at most ``wait_s`` (the seconds left
+        to the request's deadline; None: ``load_timeout_s``).
         """
+        await self.ensure_loaded(model, wait_s=self._load_timeout_s if wait_s is None else wait_s,
+                                 request_id=request_id)
         replica, opened = await self._start(model, start, request_id, faults or REPLICA_FAULTS)
         try:
             yield opened

@@ -145,7 +145,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             common_pb2.ModelInfo(id=m.id, owned_by=m.owned_by, created=m.created,
                                  # "infer" has no ModelTask value: such a model lists no task here
                                  tasks=[TASKS[t] for t in m.tasks if t in TASKS], context_length=m.context_length,
-                                 pricing=prices.pricing_pb(m.id) if prices is not None else None)
+                                 pricing=prices.pricing_pb(m.id) if prices is not None else None,
+                                 state=self._engine.executors.model_state(m.triton_model))  # type: ignore[arg-type]
             for m in self._engine.catalog.models
         ])
 

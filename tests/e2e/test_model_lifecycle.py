@@ -1,0 +1,255 @@
+"""Model control on the real launcher (``LocalStack``: metering, router, executor with its Triton, Envoy).
+
+Scale to zero, with a catalog giving tiny-llama a short ``idle_unload_s``: after the idle period Triton says the
+model is unloaded and ``/v1/models`` says ``unloaded``; the next request is answered (it waited while the router had
+the executor load the model: the cold start and the request's latency are printed); concurrent requests to the
+unloaded model share one load.
+
+Upload: a copy of tiny-llama as a tarball through Envoy's ``/admin/models/upload`` → checked, in the catalog with
+its price, rendered and loaded by the executor → served; a header claiming 70B parameters → 422 with the numbers; a
+tarball with ``../`` → 400 and nothing written outside its folder.
+
+A stack of its own, so that the session's stack (tests/e2e/conftest.py) keeps its model loaded and its repository
+as it was."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import shutil
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import tritonclient.grpc as triton_grpc
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from inferplane.assets import CATALOG, TINY_LLAMA
+from inferplane.cli.launcher import LocalStack, StackConfig
+from inferplane.common.catalog import PACKAGE_PREFIX
+
+pytestmark = [pytest.mark.e2e]
+MODEL = "tiny-llama"
+IDLE_S = 6.0
+
+
+def catalog_with_idle(folder: Path) -> Path:
+    """The shipped catalog with tiny-llama's ``idle_unload_s`` set (relative paths made absolute)."""
+    data = yaml.safe_load(CATALOG.read_text())
+    for model in data["models"]:
+        for name in ("checkpoint", "tokenizer"):
+            value = model.get(name)
+            if value and not str(value).startswith(PACKAGE_PREFIX):
+                model[name] = str((CATALOG.parent / value).resolve())
+        if model["id"] == MODEL:
+            model["idle_unload_s"] = IDLE_S
+    path = folder / "catalog.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    state = tmp_path_factory.mktemp("scale-to-zero")
+    cfg = StackConfig(state_dir=state, catalog=catalog_with_idle(state), ports=dict.fromkeys(StackConfig().ports, 0),
+                      ready_timeout_s=300, trace_exporter="none")
+    local = LocalStack(cfg, log=print)
+    try:
+        local.start()
+        local.api_key = local.create_demo_key()  # type: ignore[attr-defined]
+    except Exception:
+        local.stop()
+        logs = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted((state / "logs").glob("*.log")))
+        raise RuntimeError(f"stack did not start\n{logs}") from None
+    yield local
+    local.stop()
+
+
+def headers(stack: LocalStack) -> dict[str, str]:
+    return {"Authorization": f"Bearer {stack.api_key}"}  # type: ignore[attr-defined]
+
+
+async def chat(http: httpx.AsyncClient, stack: LocalStack) -> tuple[httpx.Response, float]:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8,
+            "temperature": 0}
+    started = time.monotonic()
+    resp = await http.post(f"{stack.base_url}/chat/completions", json=body, headers=headers(stack))
+    return resp, time.monotonic() - started
+
+
+def triton_ready(stack: LocalStack) -> tuple[bool, str]:
+    """Triton's own word on tiny-llama: ModelReady, and its repository index's state/reason."""
+    client = triton_grpc.InferenceServerClient(f"{stack.cfg.host}:{stack.ports['triton_grpc']}")
+    try:
+        entry = next(m for m in client.get_model_repository_index().models if m.name == MODEL)
+        return bool(client.is_model_ready(MODEL)), f"{entry.state}/{entry.reason}"
+    finally:
+        client.close()
+
+
+def listed_state(stack: LocalStack) -> str | None:
+    resp = httpx.get(f"{stack.base_url}/models", headers=headers(stack), timeout=10)
+    resp.raise_for_status()
+    return next(m.get("state") for m in resp.json()["data"] if m["id"] == MODEL)
+
+
+def cold_starts(stack: LocalStack) -> tuple[float, float]:
+    """(count, sum) of the router's ``inferplane_router_model_cold_start_seconds`` for tiny-llama."""
+    text = httpx.get(stack.metrics_url("router"), timeout=10).text
+    samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.labels.get("model") == MODEL and s.name.startswith("inferplane_router_model_cold_start")}
+    return (samples.get("inferplane_router_model_cold_start_seconds_count", 0.0),
+            samples.get("inferplane_router_model_cold_start_seconds_sum", 0.0))
+
+
+async def wait_unloaded(stack: LocalStack, since: float) -> float:
+    """Seconds from ``since`` (the last request's end) until Triton says tiny-llama is unloaded."""
+    while True:
+        ready, index = await asyncio.to_thread(triton_ready, stack)
+        if not ready and index.startswith("UNAVAILABLE"):  # UNLOADING on the way
+            return time.monotonic() - since
+        assert time.monotonic() - since < IDLE_S + 60, "tiny-llama was not unloaded"
+        await asyncio.sleep(0.25)
+
+
+async def test_an_idle_model_scales_to_zero_and_the_next_request_is_answered(stack: LocalStack) -> None:
+    async with httpx.AsyncClient(timeout=180) as http:
+        # the stack's start may outlast the idle period (then the first request loads the model): the second is warm
+        for _ in range(2):
+            resp, warm = await chat(http, stack)
+            assert resp.status_code == 200, resp.text
+        assert listed_state(stack) == "loaded"
+        idle = await wait_unloaded(stack, time.monotonic())
+        assert idle >= IDLE_S - 1.0, idle  # not before its idle period (the clock started at the request's end)
+        deadline = time.monotonic() + 10
+        while listed_state(stack) != "unloaded":  # the router reads the executors' status every second
+            assert time.monotonic() < deadline, listed_state(stack)
+            await asyncio.sleep(0.2)
+
+        loads_before, load_s_before = cold_starts(stack)
+        resp, cold = await chat(http, stack)
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["choices"][0]["message"]["content"]
+        assert (await asyncio.to_thread(triton_ready, stack))[0] is True
+        assert listed_state(stack) == "loaded"
+        loads, load_s = cold_starts(stack)
+        assert loads == loads_before + 1
+        load_s -= load_s_before
+        print(f"\nscale to zero: unloaded {idle:.1f}s after the last request (idle_unload_s {IDLE_S:g}); "
+              f"warm request {warm:.2f}s; cold start (router: load asked -> loaded) {load_s:.2f}s; "
+              f"the request that found the model unloaded: {cold:.2f}s")
+
+        # several requests for the unloaded model: one load, every one of them answered
+        await wait_unloaded(stack, time.monotonic())
+        results = await asyncio.gather(*(chat(http, stack) for _ in range(4)))
+        assert [r.status_code for r, _ in results] == [200] * 4, [r.text for r, _ in results]
+        assert cold_starts(stack)[0] == loads + 1
+        print(f"4 concurrent requests on the unloaded model, one load: {[round(t, 2) for _, t in results]}s")
+
+    router_log = (stack.state / "logs" / "router.log").read_text()
+    assert f"model {MODEL} is loaded on no executor: asking" in router_log
+    assert f"model {MODEL} loaded on" in router_log
+    executor_log = (stack.state / "logs" / "executor.log").read_text()
+    assert f"progress: model {MODEL} unloaded in" in executor_log and "idle for" in executor_log
+    assert f"progress: model {MODEL} loaded in" in executor_log
+
+
+def tarball(folder: Path, arcname: str) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(folder, arcname=arcname)
+    return buf.getvalue()
+
+
+def upload(stack: LocalStack, model_id: str, body: bytes, **price: str) -> httpx.Response:
+    admin = {"Authorization": f"Bearer {stack.create_admin_key()}", "Content-Type": "application/gzip"}
+    root = stack.base_url.removesuffix("/v1")
+    return httpx.post(f"{root}/admin/models/upload", params={"id": model_id, **price}, content=body, headers=admin,
+                      timeout=300)
+
+
+def listed(stack: LocalStack) -> dict[str, dict]:
+    resp = httpx.get(f"{stack.base_url}/models", headers=headers(stack), timeout=10)
+    return {m["id"]: m for m in resp.json()["data"]}
+
+
+async def test_an_uploaded_copy_of_tiny_llama_is_checked_listed_loaded_and_served(stack: LocalStack) -> None:
+    body = tarball(TINY_LLAMA, "my-upload")
+    started = time.monotonic()
+    resp = upload(stack, "my-upload", body, input_per_million="0.30", output_per_million="1.20")
+    assert resp.status_code == 201, resp.text
+    made = resp.json()
+    up = made["upload"]
+    assert up["sha256"] == hashlib.sha256(body).hexdigest() and up["bytes"] == len(body)
+    assert up["parameters"] > 0 and up["needed_bytes"] <= up["free_bytes"]
+    assert made["triton_model"] == "my-upload" and made["price"]["input_per_million_tokens"] == "0.3"
+    assert Path(up["folder"]).is_relative_to(stack.state / "uploads")
+    deadline = time.monotonic() + 120
+    while listed(stack).get("my-upload", {}).get("state") != "loaded":  # metering -> executor: rendered, loaded
+        assert time.monotonic() < deadline, listed(stack).get("my-upload")
+        await asyncio.sleep(0.5)
+    ready_s = time.monotonic() - started
+    entry = listed(stack)["my-upload"]
+    assert entry["pricing"]["input_per_million_tokens"] == "0.3"
+    assert entry["pricing"]["output_per_million_tokens"] == "1.2"
+    async with httpx.AsyncClient(timeout=120) as http:
+        body_json = {"model": "my-upload", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8,
+                     "temperature": 0}
+        reply = await http.post(f"{stack.base_url}/chat/completions", json=body_json, headers=headers(stack))
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["model"] == "my-upload" and reply.json()["usage"]["completion_tokens"] > 0
+        # the same weights as tiny-llama: the same greedy answer
+        same = await http.post(f"{stack.base_url}/chat/completions", json={**body_json, "model": MODEL},
+                               headers=headers(stack))
+        assert same.json()["choices"][0]["message"]["content"] == reply.json()["choices"][0]["message"]["content"]
+    print(f"\nupload: {len(body)} bytes, {up['parameters']:,} parameters; listed and loaded {ready_s:.1f}s after "
+          f"the upload began")
+
+
+def test_a_header_claiming_70b_parameters_is_refused_with_the_numbers(stack: LocalStack, tmp_path: Path) -> None:
+    folder = tmp_path / "big"
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TINY_LLAMA / name, folder / name)
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192,
+              "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
+              "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192}
+    (folder / "config.json").write_text(json.dumps(config))
+    header = {"model.embed_tokens.weight": {"dtype": "BF16", "shape": [128256, 8192], "data_offsets": [0, 0]},
+              "model.layers.weights": {"dtype": "BF16", "shape": [80, 868_000_000], "data_offsets": [0, 0]}}
+    raw = json.dumps(header).encode()
+    (folder / "model.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw)
+    before = sorted(p.name for p in (stack.state / "uploads").iterdir())
+    resp = upload(stack, "too-big", tarball(folder, "too-big"))
+    assert resp.status_code == 422, resp.text
+    error = resp.json()["error"]
+    params = 128256 * 8192 + 80 * 868_000_000
+    assert error["code"] == "model_does_not_fit"
+    assert f"{params:,} parameters x 2 bytes per parameter" in error["message"]
+    assert "too many" in error["message"] and "free RAM" in error["message"]
+    assert sorted(p.name for p in (stack.state / "uploads").iterdir()) == before  # nothing kept
+    assert "too-big" not in listed(stack)
+    print(f"\n70B header: {resp.status_code} {error['message']}")
+
+
+def test_a_tarball_leaving_its_folder_is_refused_and_nothing_is_written(stack: LocalStack) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in (("evil/config.json", b"{}"), ("evil/../../escaped.txt", b"pwned")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    before = sorted(p.name for p in (stack.state / "uploads").iterdir())
+    resp = upload(stack, "evil", buf.getvalue())
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert "leaves the upload's folder" in error["message"] and error["param"] == "file"
+    assert sorted(p.name for p in (stack.state / "uploads").iterdir()) == before
+    assert list((stack.state / "uploads" / ".incoming").iterdir()) == []
+    assert not (stack.state / "escaped.txt").exists() and not (stack.state.parent / "escaped.txt").exists()
