@@ -99,6 +99,15 @@ def listed_state(stack: LocalStack) -> str | None:
     return next(m.get("state") for m in resp.json()["data"] if m["id"] == MODEL)
 
 
+async def until_state(stack: LocalStack, state: str, within_s: float = 60) -> None:
+    """Wait for the listed state: the router derives it from the executors' status, read every second (a loaded
+    machine may delay a read, and a replica whose status is late is not counted)."""
+    deadline = time.monotonic() + within_s
+    while (listed := listed_state(stack)) != state:
+        assert time.monotonic() < deadline, f"{MODEL} listed as {listed}, not {state}, after {within_s}s"
+        await asyncio.sleep(0.2)
+
+
 def cold_starts(stack: LocalStack) -> tuple[float, float]:
     """(count, sum) of the router's ``inferplane_router_model_cold_start_seconds`` for tiny-llama."""
     text = httpx.get(stack.metrics_url("router"), timeout=10).text
@@ -124,20 +133,17 @@ async def test_an_idle_model_scales_to_zero_and_the_next_request_is_answered(sta
         for _ in range(2):
             resp, warm = await chat(http, stack)
             assert resp.status_code == 200, resp.text
-        assert listed_state(stack) == "loaded"
+        await until_state(stack, "loaded")
         idle = await wait_unloaded(stack, time.monotonic())
         assert idle >= IDLE_S - 1.0, idle  # not before its idle period (the clock started at the request's end)
-        deadline = time.monotonic() + 10
-        while listed_state(stack) != "unloaded":  # the router reads the executors' status every second
-            assert time.monotonic() < deadline, listed_state(stack)
-            await asyncio.sleep(0.2)
+        await until_state(stack, "unloaded")  # the router reads the executors' status every second
 
         loads_before, load_s_before = cold_starts(stack)
         resp, cold = await chat(http, stack)
         assert resp.status_code == 200, resp.text
         assert resp.json()["choices"][0]["message"]["content"]
         assert (await asyncio.to_thread(triton_ready, stack))[0] is True
-        assert listed_state(stack) == "loaded"
+        await until_state(stack, "loaded")
         loads, load_s = cold_starts(stack)
         assert loads == loads_before + 1
         load_s -= load_s_before
