@@ -53,8 +53,19 @@ def test_register_price_serve_bill_and_delete_a_model(stack: LocalStack, api_key
                                 "version": made.json()["price"]["version"]}, entry
     assert [m.id for m in client.models.list().data].count(MODEL) == 1
 
-    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hi."}],
-                                           max_tokens=8, temperature=0)
+    # the router lists it first; the tokenizer service (this stack encodes there) polls the catalog on its own and
+    # may answer 404 "no tokenizer" for up to one poll period (docs/catalog.md): wait for the first answer
+    deadline = time.monotonic() + PICKUP_S
+    while True:
+        try:
+            reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hi."}],
+                                                   max_tokens=8, temperature=0)
+            break
+        except openai.NotFoundError:
+            if time.monotonic() > deadline:
+                http.delete(f"/admin/models/{MODEL}", headers=admin)  # leave the session's stack as it was
+                raise
+            time.sleep(0.2)
     validate(reply.model_dump(exclude_unset=True), "CreateChatCompletionResponse")
     assert reply.model == MODEL and reply.usage is not None and reply.usage.completion_tokens > 0
 
