@@ -43,37 +43,28 @@ def test_one_request_is_one_trace_through_every_service(stack: LocalStack) -> No
     # Metering joins the request's trace through VerifyKey; the usage record itself is written by the
     # router's outbox in batches, outside any one request's trace (docs/observability.md).
     api_key = fresh_key(stack)
+    trace_id = uuid.uuid4().hex
+    traceparent = f"00-{trace_id}-{uuid.uuid4().hex[:16]}-01"
+    resp = httpx.post(f"{stack.base_url}/chat/completions", timeout=60,
+                      headers={"Authorization": f"Bearer {api_key}", "traceparent": traceparent},
+                      json={"model": MODEL, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4})
+    assert resp.status_code == 200
     path = stack.state / "traces.jsonl"
     wanted = {"gateway", "router", "tokenizer", "executor", "metering", "triton"}
 
-    def spans(trace_id: str) -> list[dict]:
+    def spans() -> list[dict]:
         return [json.loads(line) for line in path.read_text().splitlines() if trace_id in line] if path.exists() else []
 
     def roots(found: list[dict]) -> list[dict]:
         ids = {s["span_id"] for s in found}
         return [s for s in found if s["parent_span_id"] not in ids]
 
-    # Triton exports its spans through its own batch processor, which drops spans when its queue is full: right
-    # after a burst of traced requests (the e2e stack traces every one) a request's Triton spans can be lost. Up to
-    # three requests, each its own trace: one must arrive whole.
-    missing: list[set[str]] = []
-    for _ in range(3):
-        trace_id = uuid.uuid4().hex
-        traceparent = f"00-{trace_id}-{uuid.uuid4().hex[:16]}-01"
-        resp = httpx.post(f"{stack.base_url}/chat/completions", timeout=60,
-                          headers={"Authorization": f"Bearer {api_key}", "traceparent": traceparent},
-                          json={"model": MODEL, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4})
-        assert resp.status_code == 200
+    def complete() -> list[dict]:
+        found = spans()
+        return found if wanted <= {s["service"] for s in found} and len(roots(found)) == 1 else []
 
-        def complete(trace_id: str = trace_id) -> list[dict]:
-            found = spans(trace_id)
-            return found if wanted <= {s["service"] for s in found} and len(roots(found)) == 1 else []
-
-        found = wait_for(complete, timeout=30.0) or spans(trace_id)
-        if wanted <= {s["service"] for s in found}:
-            break
-        missing.append(wanted - {s["service"] for s in found})
-    assert wanted <= {s["service"] for s in found}, f"spans from {wanted} not all exported in 3 traces: {missing}"
+    found = wait_for(complete, timeout=30.0) or spans()
+    assert wanted <= {s["service"] for s in found}, f"spans of trace {trace_id} from {wanted} not all exported"
     orphans = [(s["service"], s["name"]) for s in roots(found)]
     # Everything hangs under the edge span, whose parent is the caller's traceparent.
     assert orphans == [("gateway", "POST /v1/chat/completions")], orphans

@@ -23,6 +23,7 @@ from tritonclient.utils import InferenceServerException
 
 from inferplane.common.errors import InferplaneError, InvalidArgument, NotFound, Unavailable
 from inferplane.common.tasks import spawn
+from inferplane.executor import trace_links
 from inferplane.modeling.contract import LLM, NUMPY_DTYPES, STREAM_ERRORS_AS_STATUS, Embedding
 
 log = logging.getLogger(__name__)
@@ -242,6 +243,7 @@ class TritonLLMClient:
         """One Triton request per input, all at once: Triton's dynamic batcher groups them (and other callers')."""
         carrier: dict[str, str] = {}
         propagate.inject(carrier)
+        trace_links.remember(request_id)
 
         async def one(ids: list[int]) -> list[float]:
             array = np.asarray([ids], dtype=_IDS.numpy_dtype)  # [1, S]
@@ -274,6 +276,7 @@ class TritonLLMClient:
     async def generate(self, model: str, params: GenerateParams, *, request_id: str = "") -> AsyncIterator[TritonChunk]:
         carrier: dict[str, str] = {}
         propagate.inject(carrier)  # traceparent: Triton's own spans join the caller's trace
+        trace_links.remember(request_id)  # ... or are put back into it (trace_links.py)
         # STREAM_ERRORS_AS_STATUS: a refused request ends the stream with its status code (see the docstring)
         call = self._stub.ModelStreamInfer(metadata=(*carrier.items(), STREAM_ERRORS_AS_STATUS))
         finished = False
