@@ -21,7 +21,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from inferplane.cli.autoscale import AutoscaleSettings
-from inferplane.cli.launcher import LocalStack, StackConfig, grpc_serving
+from inferplane.cli.launcher import LocalStack, StackConfig, grpc_serving, replica_port_key
 from inferplane.router.replicas import read_addresses
 
 pytestmark = [pytest.mark.e2e]
@@ -136,6 +136,14 @@ async def test_64_streams_bring_a_second_executor_and_it_is_drained_after_the_lo
         (name,) = [n for n in local.executor_names if n != "executor"]
         second = local.executor_addr(name)
         assert routed(local) == {first, second} and grpc_serving(second)
+        # it loaded at start only the model the load is on (Triton's repository index says what is loaded)
+        assert any(ln.startswith(f"autoscale: {name} starts with {MODEL} loaded") for ln in lines), lines
+        triton_http = local.ports[replica_port_key("triton_http", name)]
+        async with httpx.AsyncClient(timeout=10) as http:
+            index = (await http.post(f"http://127.0.0.1:{triton_http}/v2/repository/index", json={})).json()
+        states = {m["name"]: m.get("state") for m in index}
+        others = {s for m, s in states.items() if m != MODEL}
+        assert states[MODEL] == "READY" and others <= {"UNAVAILABLE", None}, states
         # ... and taking traffic (the router re-reads the file within a second)
         took = await wait_for(lambda: finished_generations(local, name) >= 8, 180, f"{name} taking traffic")
         print(f"\n{STREAMS} streams: {name} SERVING and routed {serving_s:.1f}s after the load started; "

@@ -7,7 +7,7 @@ import argparse
 
 import pytest
 
-from inferplane.cli.autoscale import Autoscaler, AutoscaleSettings, Decision
+from inferplane.cli.autoscale import Autoscaler, AutoscaleSettings, Decision, ModelTraffic
 from inferplane.cli.launcher import StackConfig, autoscale_settings, stack_settings
 
 
@@ -124,3 +124,21 @@ def test_the_router_follows_the_executors_file_under_autoscale(tmp_path: object)
     settings_ = stack_settings(cfg, cfg.resolved_ports())
     assert settings_["router"]["executor_addrs"] == [f"file://{cfg.state_dir.resolve() / 'executors'}"]
     assert {"executor", "executor_2"} <= set(settings_) and "executor_3" not in settings_
+
+
+def test_a_new_replica_loads_the_models_with_traffic_in_the_stable_window() -> None:
+    traffic = ModelTraffic(window_s=60.0)
+    traffic.observe(0.0, "executor", {"tiny-llama": 0.0, "all-minilm-l6-v2": 5.0})  # 5 before we looked: seen
+    assert traffic.hot(0.0) == ["all-minilm-l6-v2"]
+    traffic.observe(10.0, "executor", {"tiny-llama": 40.0, "all-minilm-l6-v2": 5.0})
+    assert traffic.hot(10.0) == ["all-minilm-l6-v2", "tiny-llama"]
+    traffic.observe(61.0, "executor", {"tiny-llama": 90.0, "all-minilm-l6-v2": 5.0})  # embeddings idle for 61 s
+    assert traffic.hot(61.0) == ["tiny-llama"]
+    # a second replica's counters count on their own: its first sight above zero is growth too
+    traffic.observe(100.0, "executor_2", {"all-minilm-l6-v2": 1.0})
+    assert traffic.hot(100.0) == ["all-minilm-l6-v2", "tiny-llama"]
+    assert traffic.hot(200.0) == []
+    # a replica that stops and comes back under the same name starts from zero again
+    traffic.forget("executor_2")
+    traffic.observe(201.0, "executor_2", {"all-minilm-l6-v2": 1.0})
+    assert traffic.hot(201.0) == ["all-minilm-l6-v2"]

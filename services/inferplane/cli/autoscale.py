@@ -18,7 +18,10 @@ Knative's autoscaler does, with its default windows (a laptop's Triton starts in
 free ports, a section in ``stack.yaml``) and, once it is SERVING, adds its address to the executors file every
 router follows (``file://``, see ``inferplane.router.replicas``); scale down removes the newest replica from
 that file first (routers send it nothing new and keep their streams on it), waits until the executor has no
-generation in progress, then stops it (SIGTERM: the executor's own drain, docs/executor.md). A decision that
+generation in progress, then stops it (SIGTERM: the executor's own drain, docs/executor.md). A new replica
+loads at start only the Triton models that took requests in the last stable window (``ModelTraffic``, from each
+Triton's per-model success counters), so that it serves sooner; the others load on their first request there
+(explicit model control: the request waits for the load). A decision that
 changes the count, and panic starting or ending, is one log line with the numbers; every tick's figures are
 gauges on the launcher's /metrics (``inferplane_autoscaler_*``).
 """
@@ -59,6 +62,8 @@ START_SECONDS = Histogram("inferplane_autoscaler_replica_start_seconds",
 
 # The executor's and the router's gauges the demand is summed from (docs/executor.md, docs/router.md).
 EXECUTOR_DEMAND_METRICS = ("inferplane_executor_active_requests", "inferplane_executor_queue_depth")
+# Triton's per-model count of requests it answered: which models a new replica loads at start (ModelTraffic).
+TRITON_TRAFFIC_METRIC = "nv_inference_request_success"
 ROUTER_DEMAND_METRICS = ("inferplane_router_model_queued",)
 
 
@@ -177,6 +182,48 @@ def scrape(url: str, names: tuple[str, ...], timeout: float = 0.5) -> float | No
                if sample.name in names)
 
 
+def scrape_by_model(url: str, name: str, timeout: float = 0.5) -> dict[str, float] | None:
+    """Each ``model`` label's sum of ``name`` at a Prometheus endpoint; None when it does not answer."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return None
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and "model" in sample.labels:
+                out[sample.labels["model"]] = out.get(sample.labels["model"], 0.0) + sample.value
+    return out
+
+
+class ModelTraffic:
+    """Which Triton models took requests within the last ``window_s``, from each replica's per-model counters.
+
+    ``observe(now, replica, totals)`` takes one replica's counter totals; a model is *hot* from a tick at which its
+    total grew (or was first seen above zero) until ``window_s`` after. No clock or I/O of its own."""
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self._totals: dict[tuple[str, str], float] = {}
+        self._grew: dict[str, float] = {}
+
+    def observe(self, now: float, replica: str, totals: dict[str, float]) -> None:
+        for model, total in totals.items():
+            before = self._totals.get((replica, model), 0.0)
+            if total > before:
+                self._grew[model] = now
+            self._totals[(replica, model)] = total
+
+    def forget(self, replica: str) -> None:
+        """A replica stopped: its counters restart from zero if the name comes back."""
+        for key in [k for k in self._totals if k[0] == replica]:
+            del self._totals[key]
+
+    def hot(self, now: float) -> list[str]:
+        return sorted(m for m, t in self._grew.items() if now - t <= self.window_s)
+
+
 @dataclass
 class ExecutorReplica:
     name: str
@@ -207,6 +254,7 @@ class ExecutorScaler:
         for name in self.stack.executor_names:
             self.replicas[name] = ExecutorReplica(name, "serving", self.stack.executor_addr(name))
         self.autoscaler = Autoscaler(self.settings)
+        self.traffic = ModelTraffic(self.settings.stable_window_s)
         TARGET.set(self.settings.target)
         self._gauges()
         self._thread = threading.Thread(target=self._run, name="autoscaler", daemon=True)
@@ -233,6 +281,12 @@ class ExecutorScaler:
         with self._lock:
             live = [r.name for r in self.replicas.values() if r.state != "starting"]
         found = [scrape(self.stack.metrics_url(name), EXECUTOR_DEMAND_METRICS) for name in live]
+        now = time.monotonic()
+        for name in live:
+            totals = scrape_by_model(self.stack.metrics_url("triton" + name.removeprefix("executor")),
+                                     TRITON_TRAFFIC_METRIC)
+            if totals is not None:
+                self.traffic.observe(now, name, totals)
         answered = [v for v in found if v is not None]
         if not answered:
             return None
@@ -284,7 +338,11 @@ class ExecutorScaler:
         for _ in range(count):
             if self._stop.is_set():
                 return
-            name = self.stack.add_executor_section()
+            hot = self.traffic.hot(time.monotonic())
+            name = self.stack.add_executor_section(load_at_start=hot or None)
+            self.log(f"autoscale: {name} starts with {', '.join(hot)} loaded (traffic in the last "
+                     f"{self.settings.stable_window_s:.0f}s); other models load on their first request there"
+                     if hot else f"autoscale: {name} starts with every model loaded (none took traffic lately)")
             with self._lock:
                 self.replicas[name] = ExecutorReplica(name, "starting", self.stack.executor_addr(name))
             self._gauges()
@@ -328,6 +386,7 @@ class ExecutorScaler:
             self.stack.supervisor.hold(replica.name)
             self.stack.supervisor.stop(replica.name)  # SIGTERM: the executor drains what is left, then exits
             self.stack.remove_executor_section(replica.name)
+            self.traffic.forget(replica.name)
             with self._lock:
                 del self.replicas[replica.name]
             self._gauges()

@@ -163,9 +163,12 @@ def stack_settings(cfg: StackConfig, ports: dict[str, int]) -> dict[str, Any]:
     }
 
 
-def executor_section(cfg: StackConfig, ports: dict[str, int], replica: str) -> dict[str, Any]:
-    """The settings of one executor replica (``executor``, ``executor_2``, ...)."""
+def executor_section(cfg: StackConfig, ports: dict[str, int], replica: str,
+                     load_at_start: list[str] | None = None) -> dict[str, Any]:
+    """The settings of one executor replica (``executor``, ``executor_2``, ...); ``load_at_start``: the Triton
+    models it loads when it starts (None: all)."""
     state = cfg.state_dir.resolve()
+    extra: dict[str, Any] = {} if load_at_start is None else {"load_at_start": list(load_at_start)}
 
     def p(key: str) -> int:
         return ports[replica_port_key(key, replica)]
@@ -180,7 +183,7 @@ def executor_section(cfg: StackConfig, ports: dict[str, int], replica: str) -> d
             "triton": {"grpc_port": p("triton_grpc"), "http_port": p("triton_http"),
                        "metrics_port": p("triton_metrics"), "work_dir": str(state / replica),
                        # one torch thread per model on small machines: two fight the services for 2 cores
-                       "torch_threads": 1 if (os.cpu_count() or 1) <= 2 else 0}}
+                       "torch_threads": 1 if (os.cpu_count() or 1) <= 2 else 0}, **extra}
 
 
 def grpc_serving(target: str, timeout: float = 1.0) -> bool:
@@ -379,8 +382,9 @@ class LocalStack:
                        + "".join(f"{a}\n" for a in addresses))
         tmp.replace(self.executors_file)
 
-    def add_executor_section(self) -> str:
-        """A new replica's name (the lowest free ``executor_N``), free ports and settings section."""
+    def add_executor_section(self, load_at_start: list[str] | None = None) -> str:
+        """A new replica's name (the lowest free ``executor_N``), free ports and settings section (``load_at_start``:
+        the Triton models it loads when it starts; None: all)."""
         i = 2
         while f"executor_{i}" in self.settings:
             i += 1
@@ -392,7 +396,7 @@ class LocalStack:
                 port = free_port()
             taken.add(port)
             self.ports[replica_port_key(key, name)] = port
-        self.settings[name] = executor_section(self.cfg, self.ports, name)
+        self.settings[name] = executor_section(self.cfg, self.ports, name, load_at_start)
         self.write_settings()
         return name
 

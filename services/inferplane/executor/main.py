@@ -53,7 +53,13 @@ class Executor:
         self.triton_models = render_repository(self.catalog, self.repo, model_ids=settings.models or None,
                                                torch_threads=t.torch_threads)
         # What Triton loads when it starts (--load-model) and readiness waits for; uploads join triton_models only
-        self.startup_models = list(self.triton_models)
+        wanted = settings.load_at_start
+        self.startup_models = [m for m in self.triton_models if wanted is None or m in wanted]
+        if wanted is not None:
+            if unknown := sorted(set(wanted) - set(self.triton_models)):
+                log.warning("load_at_start names models not in the repository: %s", ", ".join(unknown))
+            log.info("loaded at start: %s; on their first request: %s", ", ".join(self.startup_models) or "none",
+                     ", ".join(m for m in self.triton_models if m not in self.startup_models) or "none")
         self.watcher: CatalogWatcher | None = None
         self._metering: grpc.aio.Channel | None = None
         url = t.url or f"127.0.0.1:{t.grpc_port}"
@@ -150,7 +156,7 @@ class Executor:
         if not self.settings.triton.url:
             self.process = self._spawn()
         await self.wait_triton_ready(self.settings.triton.ready_timeout_s)
-        self.control.start()
+        self.control.start(self.startup_models)
         if self.settings.metering_addr:
             self._metering = grpc.aio.insecure_channel(self.settings.metering_addr)
             self.watcher = CatalogWatcher(list_catalog_of(self._metering), self.settings.catalog.parent,

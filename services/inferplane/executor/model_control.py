@@ -239,9 +239,10 @@ class ModelControl:
 
     # --- scale to zero -----------------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Triton is ready: the idle clocks start now (not when this object was built, before Triton loaded)."""
-        self.all_loaded(self.models)
+    def start(self, started: list[str] | None = None) -> None:
+        """Triton is ready with ``started`` loaded (None: every model): the idle clocks start now (not when this
+        object was built, before Triton loaded)."""
+        self.all_loaded(self.models if started is None else started)
         if self._idle is None and any(self.idle_unload_s.values()):
             self._idle = asyncio.create_task(self._idle_loop())
 

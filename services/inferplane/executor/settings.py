@@ -45,6 +45,10 @@ class ExecutorSettings(BaseSettings):
     catalog: Path = CATALOG
     # Catalog model ids this executor serves; empty means every model with a checkpoint.
     models: list[str] = []
+    # Triton models of the repository loaded when Triton starts (None: all of them). The others stay unloaded
+    # until a request or LoadModel asks for one (explicit model control, docs/model-control.md): the autoscaler
+    # starts a new replica with only the models that took traffic, so that it serves sooner.
+    load_at_start: list[str] | None = None
     # Metering's gRPC address: its catalog is polled (``catalog_poll_s``) and a model added with a checkpoint (an
     # upload) is rendered into the repository and loaded (docs/model-control.md). Empty: the catalog file only.
     metering_addr: str = ""
