@@ -31,7 +31,7 @@ from inferplane.executor.channel import ChannelService, PerRequestBackend
 from inferplane.executor.kserve import passthrough
 from inferplane.executor.model_control import ControlledBackend, ModelControl
 from inferplane.executor.otlp_receiver import OtlpFileReceiver
-from inferplane.executor.repository import render_model, render_repository
+from inferplane.executor.repository import remove_model, render_model, render_repository
 from inferplane.executor.service import ExecutorServicer
 from inferplane.executor.settings import ExecutorSettings
 from inferplane.executor.triton_channel import TritonStepBackend
@@ -54,6 +54,8 @@ class Executor:
                                                torch_threads=t.torch_threads)
         # What Triton loads when it starts (--load-model) and readiness waits for; uploads join triton_models only
         self.startup_models = list(self.triton_models)
+        self.adopted: set[str] = set()  # Triton models rendered from metering's catalog since the start
+        self._adopting = asyncio.Lock()
         self.watcher: CatalogWatcher | None = None
         self._metering: grpc.aio.Channel | None = None
         url = t.url or f"127.0.0.1:{t.grpc_port}"
@@ -165,11 +167,35 @@ class Executor:
         spawn(self._adopt(catalog))
 
     async def _adopt(self, catalog: Catalog) -> None:
-        """Render and load the models metering's catalog has and this repository lacks (uploads)."""
+        """Follow metering's catalog (uploads): render and load the models it has and this repository lacks, and
+        unload and remove the ones it adopted that no catalog model names any more (a deleted upload). One change
+        at a time, in the order they came."""
+        async with self._adopting:
+            await self._drop_unnamed(catalog)
+            await self._add_new(catalog)
+
+    async def _drop_unnamed(self, catalog: Catalog) -> None:
+        named = {triton for m in catalog.models for triton in m.versions.values()}
+        for name in [n for n in self.adopted if n not in named]:
+            log.info("progress: model %s is in no catalog model any more: unloading it", name)
+            try:
+                await self.control.unload(name, reason="deleted from the catalog")
+            except InferplaneError as exc:
+                log.error("model %s could not be unloaded: %s", name, exc)
+                continue
+            self.control.forget(name)
+            self.triton_models.remove(name)
+            self.adopted.discard(name)
+            await asyncio.to_thread(remove_model, name, self.repo)
+            log.info("progress: model %s unloaded and removed from the repository", name)
+
+    async def _add_new(self, catalog: Catalog) -> None:
         wanted = self.settings.models
         for model in catalog.models:
             name = model.triton_model
-            if (model.checkpoint is None or name in self.triton_models or "infer" in model.tasks
+            # a raw ``infer`` entry serves another entry's Triton model, unless it brought its own directory
+            raw_alias = "infer" in model.tasks and model.triton_dir is None
+            if ((model.checkpoint is None and model.triton_dir is None) or name in self.triton_models or raw_alias
                     or (wanted and model.id not in wanted)):
                 continue
             try:
@@ -179,6 +205,7 @@ class Executor:
                 log.error("model %s (%s) could not be rendered: %s", model.id, name, exc)
                 continue
             self.triton_models.append(name)
+            self.adopted.add(name)
             self.control.add(name, model.idle_unload_s)
             log.info("progress: model %s rendered into the repository as %s; loading it", model.id, name)
             try:
