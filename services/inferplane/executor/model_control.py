@@ -161,6 +161,8 @@ class ModelControl:
 
     async def _load(self, model: str, request_id: str) -> float:
         async with self._locks[model]:
+            if not self.manages(model):  # taken out of the repository while this load waited (a deleted upload)
+                raise NotFound(f"model {model!r} is not in this executor's repository", param="model")
             if self.loaded(model):
                 return 0.0
             self.state[model] = LOADING
