@@ -17,6 +17,7 @@ as it was."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import hashlib
 import io
@@ -41,6 +42,7 @@ from inferplane.assets import CATALOG, TINY_LLAMA
 from inferplane.cli.launcher import LocalStack, StackConfig
 from inferplane.common.catalog import PACKAGE_PREFIX
 from inferplane.common.money import PriceNanos
+from inferplane.metering.cli import register as register_cli
 from inferplane.metering.secret import load_secret
 from inferplane.metering.store import MeteringStore, UsageRow
 
@@ -449,3 +451,37 @@ def test_a_triton_directory_with_another_backend_or_token_prices_is_refused(stac
     resp = upload(stack, "add-two", tarball(ADD_ONE, "add-two"), kind="triton")
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "per_request", resp.text
     assert "onnx-one" not in listed(stack) and "add-two" not in listed(stack)
+
+
+def models_cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="inferplane")
+    register_cli(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(list(argv))
+    return int(args.func(args))
+
+
+def test_inferplane_models_upload_sends_a_triton_directory(stack: LocalStack, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """``inferplane models upload ID --triton-dir DIR --per-request USD``: tarred, streamed to the running stack's
+    upload route, checked there; its refusals are the CLI's errors (exit 2)."""
+    root = stack.base_url.removesuffix("/v1")
+    key = stack.create_admin_key()
+    folder = tmp_path / "onnx-two"
+    shutil.copytree(ADD_ONE, folder)
+    (folder / "config.pbtxt").write_text('backend: "onnxruntime"\n')
+    assert models_cli("models", "upload", "onnx-two", "--triton-dir", str(folder), "--per-request", "0.000003",
+                      "--edge", root, "--admin-key", key) == 2
+    assert "400: config.pbtxt names backend 'onnxruntime': only the Python backend" in capsys.readouterr().err
+    capsys.readouterr()
+    assert models_cli("models", "upload", "add-two", "--triton-dir", str(ADD_ONE), "--per-request", "0.000003",
+                      "--edge", root, "--admin-key", key) == 0
+    made = json.loads(capsys.readouterr().out)
+    assert made["id"] == "add-two" and made["upload"]["kind"] == "triton" and made["settings"]["tasks"] == ["infer"]
+    assert made["price"]["per_request"] == "0.000003"
+    try:
+        deadline = time.monotonic() + 120
+        while listed(stack).get("add-two", {}).get("state") != "loaded":
+            assert time.monotonic() < deadline, listed(stack).get("add-two")
+            time.sleep(0.5)
+    finally:
+        httpx.delete(f"{root}/admin/models/add-two", headers={"Authorization": f"Bearer {key}"}, timeout=30)
