@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from inferplane.common.model_upload import FitError, UploadError, check_archive
+from inferplane.common.model_upload import extract as checkpoint_extract
 from inferplane.common.triton_upload import extract, fit_check, inspect_triton_dir
 
 ADD_ONE = Path(__file__).resolve().parents[1] / "data" / "triton_add_one"
@@ -150,3 +151,23 @@ def test_a_model_that_does_not_fit_is_refused_with_the_numbers(tmp_path: Path) -
     message = str(caught.value)
     assert f"hold {tdir.weight_bytes:,} bytes x 1.2 headroom = {needed:,} bytes" in message
     assert "free RAM is 5,000 bytes" in message and f"{needed - 5_000:,} bytes" in message and "too many" in message
+
+
+def test_a_link_out_of_the_model_directory_is_refused_and_weights_behind_links_count(tmp_path: Path) -> None:
+    (tmp_path / "sibling.bin").write_bytes(bytes(500))  # inside the upload, outside the model directory
+    folder = model_dir(tmp_path)
+    (folder / "1" / "w.bin").symlink_to("../../sibling.bin")
+    error = refused(folder)
+    assert "1/w.bin links outside the model directory" in str(error) and error.param == "file"
+    inside = model_dir(tmp_path / "b", None, **{"weights.bin": bytes(700)})  # beside config.pbtxt, not a version
+    (inside / "1" / "w.bin").symlink_to("../weights.bin")
+    tdir = inspect_triton_dir(inside, "add-one")
+    assert tdir.weight_bytes == (ADD_ONE / "1" / "model.py").stat().st_size + 700
+
+
+def test_a_triton_directory_sent_as_a_checkpoint_is_told_to_use_kind_triton(tmp_path: Path) -> None:
+    tar = tmp_path / "up.tar.gz"
+    with tarfile.open(tar, "w:gz") as t:
+        t.add(ADD_ONE, arcname="add-one")
+    with pytest.raises(UploadError, match="upload a Triton model directory with kind=triton"):
+        checkpoint_extract(tar, tmp_path / "out", check_archive(tar, max_unpacked=1 << 20))

@@ -114,7 +114,19 @@ def served_versions(config: model_config_pb2.ModelConfig, versions: list[int]) -
 
 
 def _folder_bytes(folder: Path) -> int:
-    return sum(p.lstat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+    """The bytes of the files under ``folder``, a link counted as its target (a link to a file counted elsewhere
+    counts twice: the check errs on the side of refusing)."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _check_links(folder: Path) -> None:
+    """The archive's links stay inside the upload; here they must stay inside the model directory too, which the
+    executors copy into their repository beside other models."""
+    root = folder.resolve()
+    for path in folder.rglob("*"):
+        if path.is_symlink() and not path.resolve().is_relative_to(root):
+            raise _refuse(f"{path.relative_to(folder)} links outside the model directory "
+                          f"(-> {path.readlink()})", "file")
 
 
 def inspect_triton_dir(folder: Path, model_name: str) -> TritonDir:
@@ -126,6 +138,7 @@ def inspect_triton_dir(folder: Path, model_name: str) -> TritonDir:
         raise _refuse("config.pbtxt is not UTF-8 text") from None
     config = parse_config(text)
     check_config(config, model_name)
+    _check_links(folder)
     # Triton's rule: a version folder is named by a positive integer (no leading zero); others are ignored
     versions = sorted(int(p.name) for p in folder.iterdir()
                       if p.is_dir() and not p.is_symlink() and p.name.isdigit() and not p.name.startswith("0"))
