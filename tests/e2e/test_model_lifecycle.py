@@ -450,6 +450,10 @@ def test_a_triton_directory_with_another_backend_or_token_prices_is_refused(stac
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "input_per_million", resp.text
     resp = upload(stack, "add-two", tarball(ADD_ONE, "add-two"), kind="triton")
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "per_request", resp.text
+    resp = upload(stack, "add-two", tarball(ADD_ONE, "add-two"), kind="onnx", per_request="0.000003")
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "kind", resp.text
+    resp = upload(stack, "add-two", tarball(ADD_ONE, "add-two"), per_request="0.000003")  # kind left out: a checkpoint
+    assert resp.status_code == 400 and "kind=triton" in resp.json()["error"]["message"], resp.text
     assert "onnx-one" not in listed(stack) and "add-two" not in listed(stack)
 
 
