@@ -15,11 +15,13 @@ import os
 import sys
 import tarfile
 import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import yaml
 
 from inferplane.common.errors import InferplaneError, InvalidArgument
@@ -272,22 +274,26 @@ def _upload(args: argparse.Namespace) -> int:
     with tempfile.TemporaryFile() as body:
         with tarfile.open(fileobj=body, mode="w:gz") as tar:
             tar.add(folder, arcname=args.model, filter=lambda info: None if "__pycache__" in info.name else info)
+        size = body.seek(0, os.SEEK_END)
         body.seek(0)
+        request = urllib.request.Request(  # streamed from the file (urllib sends a file object in blocks)
+            f"{args.edge.rstrip('/')}/admin/models/upload?{urllib.parse.urlencode(params)}", data=body, method="POST",
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/gzip",
+                     "Content-Length": str(size)})
         try:
-            resp = httpx.post(f"{args.edge.rstrip('/')}/admin/models/upload", params=params, content=body,
-                              headers={"Authorization": f"Bearer {key}", "Content-Type": "application/gzip"},
-                              timeout=httpx.Timeout(30.0, read=600.0))
-        except httpx.HTTPError as exc:
+            with urllib.request.urlopen(request, timeout=600) as resp:
+                made = json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            text = exc.read().decode(errors="replace")
+            try:
+                message = json.loads(text)["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = text
+            print(f"error: {exc.code}: {message}", file=sys.stderr)
+            return 2 if 400 <= exc.code < 500 else 1
+        except OSError as exc:
             print(f"error: {args.edge} could not be reached: {exc}", file=sys.stderr)
             return 1
-    if resp.status_code != 201:
-        try:
-            message = resp.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = resp.text
-        print(f"error: {resp.status_code}: {message}", file=sys.stderr)
-        return 2 if 400 <= resp.status_code < 500 else 1
-    made = resp.json()
     print(json.dumps({k: made[k] for k in ("id", "triton_model", "settings", "price", "catalog_version", "upload")},
                      indent=2))
     return 0
