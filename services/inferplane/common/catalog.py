@@ -77,6 +77,10 @@ class CatalogModel(BaseModel):
     # this file), rendered as the LLM's template is (same placeholders, same tensor contract). None: the shipped
     # template of the model's task. The benchmarks' fast model (bench/fast_model) is served this way.
     triton_template: Path | None = None
+    # An uploaded Triton model directory (config.pbtxt and numeric version folders, Python backend; relative to
+    # this file): copied as is into the executors' repository under ``triton_model`` (docs/model-control.md).
+    # Only with the task ``infer``; a model has a ``checkpoint`` or a ``triton_dir``, not both.
+    triton_dir: Path | None = None
     # More config.pbtxt parameters for the model (string values, as Triton's Python backend reads them).
     triton_parameters: dict[str, str] = Field(default_factory=dict)
     # Seed price (metering's price table is the source of truth once seeded); None: not priced.
@@ -98,6 +102,12 @@ class CatalogModel(BaseModel):
         if self.idle_unload_s and "infer" in self.tasks:
             # raw infer calls pass through the executor unparsed: it cannot tell when such a model was last used
             raise ValueError("idle_unload_s is for chat, completion and embedding models, not infer ones")
+        return self
+
+    @model_validator(mode="after")
+    def _triton_dir_is_raw(self) -> CatalogModel:
+        if self.triton_dir is not None and (self.tasks != ["infer"] or self.checkpoint is not None):
+            raise ValueError("triton_dir is a raw Triton model: tasks [infer] and no checkpoint")
         return self
 
     @model_validator(mode="after")
@@ -198,7 +208,7 @@ def catalog_from_data(data: dict[str, Any], base: Path) -> Catalog:
     """A catalog from its entries as written (the file's, or metering's), relative paths against ``base``."""
     data = {**data, "models": [dict(m) for m in data.get("models", [])]}
     for m in data["models"]:  # keep package: paths as text until resolved below
-        for key in ("tokenizer", "checkpoint", "triton_template"):
+        for key in ("tokenizer", "checkpoint", "triton_template", "triton_dir"):
             if isinstance(m.get(key), str) and m[key].startswith(PACKAGE_PREFIX):
                 m[key] = str(resolve_path(m[key], base))
     catalog = Catalog.model_validate(data)
@@ -209,4 +219,6 @@ def catalog_from_data(data: dict[str, Any], base: Path) -> Catalog:
             m.checkpoint = resolve_path(m.checkpoint, base)
         if m.triton_template is not None:
             m.triton_template = resolve_path(m.triton_template, base)
+        if m.triton_dir is not None:
+            m.triton_dir = resolve_path(m.triton_dir, base)
     return catalog

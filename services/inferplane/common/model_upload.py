@@ -126,12 +126,16 @@ def check_archive(tar_path: Path, *, max_unpacked: int) -> list[str]:
     return files
 
 
-def extract(tar_path: Path, dest: Path, files: list[str]) -> Path:
+def extract(tar_path: Path, dest: Path, files: list[str], *, marker: str = "config.json",
+            expected: str = "a Hugging Face checkpoint folder is expected") -> Path:
     """Unpack into ``dest`` (Python's ``data`` filter as a second guard) and return the folder holding
-    config.json (the archive's root, or its one top folder)."""
-    configs = sorted((f for f in files if posixpath.basename(f) == "config.json"), key=lambda f: f.count("/"))
+    ``marker`` (config.json: the archive's root, or its one top folder)."""
+    configs = sorted((f for f in files if posixpath.basename(f) == marker), key=lambda f: f.count("/"))
     if not configs:
-        raise UploadError("the archive has no config.json (a Hugging Face checkpoint folder is expected)")
+        hint = ""
+        if marker == "config.json" and any(posixpath.basename(f) == "config.pbtxt" for f in files):
+            hint = "; it has a config.pbtxt: upload a Triton model directory with kind=triton"
+        raise UploadError(f"the archive has no {marker} ({expected}){hint}")
     dest.mkdir(parents=True, exist_ok=False)
     try:
         with tarfile.open(tar_path, mode="r:*") as tar:

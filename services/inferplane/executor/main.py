@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import time
+from pathlib import Path
 
 import grpc
 
@@ -31,7 +32,7 @@ from inferplane.executor.channel import ChannelService, PerRequestBackend
 from inferplane.executor.kserve import passthrough
 from inferplane.executor.model_control import ControlledBackend, ModelControl
 from inferplane.executor.otlp_receiver import OtlpFileReceiver
-from inferplane.executor.repository import render_model, render_repository
+from inferplane.executor.repository import remove_model, render_model, render_repository
 from inferplane.executor.service import ExecutorServicer
 from inferplane.executor.settings import ExecutorSettings
 from inferplane.executor.triton_channel import TritonStepBackend
@@ -60,6 +61,11 @@ class Executor:
                 log.warning("load_at_start names models not in the repository: %s", ", ".join(unknown))
             log.info("loaded at start: %s; on their first request: %s", ", ".join(self.startup_models) or "none",
                      ", ".join(m for m in self.triton_models if m not in self.startup_models) or "none")
+        # Triton models rendered from metering's catalog since the start -> the folder each was rendered from
+        self.adopted: dict[str, Path | None] = {}
+        self._dropping: dict[str, asyncio.Future[None]] = {}  # adopted models the catalog no longer names
+        self._catalog_now = self.catalog
+        self._adopting = asyncio.Lock()
         self.watcher: CatalogWatcher | None = None
         self._metering: grpc.aio.Channel | None = None
         url = t.url or f"127.0.0.1:{t.grpc_port}"
@@ -171,11 +177,53 @@ class Executor:
         spawn(self._adopt(catalog))
 
     async def _adopt(self, catalog: Catalog) -> None:
-        """Render and load the models metering's catalog has and this repository lacks (uploads)."""
+        """Follow metering's catalog (uploads): render and load the models it has and this repository lacks; a model
+        adopted so that the catalog no longer names (a deleted upload) is dropped ``drop_after_s`` later. One change
+        at a time, in the order they came."""
+        async with self._adopting:
+            self._catalog_now = catalog
+            named = catalog_sources(catalog)
+            for name in [n for n in self.adopted if not self._still_named(n, named) and n not in self._dropping]:
+                self._dropping[name] = spawn(self._drop_later(name))
+            await self._add_new(catalog)
+
+    def _still_named(self, name: str, named: dict[str, Path | None]) -> bool:
+        """The catalog still names adopted model ``name``: as its own (from the folder it was rendered from), or
+        through another entry only (an alias of it). An upload of the same id from another folder is not it."""
+        return name in named and named[name] in (None, self.adopted[name])
+
+    async def _drop_later(self, name: str) -> None:
+        """Unload ``name`` from Triton and take it out of the repository once the routers stopped sending it requests
+        (``drop_after_s``), unless the catalog names it again (from the same folder) by then; then adopt whatever the
+        catalog has under that name now (the same id uploaded again)."""
+        log.info("progress: model %s is in no catalog model any more: unloading it in %gs", name,
+                 self.settings.drop_after_s)
+        await asyncio.sleep(self.settings.drop_after_s)
+        async with self._adopting:
+            try:
+                if self._still_named(name, catalog_sources(self._catalog_now)):
+                    log.info("progress: model %s is in the catalog again: kept", name)
+                    return
+                await self.control.unload(name, reason="deleted from the catalog")
+                self.control.forget(name)
+                self.triton_models.remove(name)
+                del self.adopted[name]
+                await asyncio.to_thread(remove_model, name, self.repo)
+                log.info("progress: model %s unloaded and removed from the repository", name)
+            except InferplaneError as exc:
+                log.error("model %s could not be unloaded: %s", name, exc)
+                return
+            finally:
+                self._dropping.pop(name, None)
+            await self._add_new(self._catalog_now)
+
+    async def _add_new(self, catalog: Catalog) -> None:
         wanted = self.settings.models
         for model in catalog.models:
             name = model.triton_model
-            if (model.checkpoint is None or name in self.triton_models or "infer" in model.tasks
+            # a raw ``infer`` entry serves another entry's Triton model, unless it brought its own directory
+            raw_alias = "infer" in model.tasks and model.triton_dir is None
+            if ((model.checkpoint is None and model.triton_dir is None) or name in self.triton_models or raw_alias
                     or (wanted and model.id not in wanted)):
                 continue
             try:
@@ -185,6 +233,7 @@ class Executor:
                 log.error("model %s (%s) could not be rendered: %s", model.id, name, exc)
                 continue
             self.triton_models.append(name)
+            self.adopted[name] = model.triton_dir or model.checkpoint
             self.control.add(name, model.idle_unload_s)
             log.info("progress: model %s rendered into the repository as %s; loading it", model.id, name)
             try:
@@ -247,6 +296,8 @@ class Executor:
 
     async def close(self) -> None:
         await self.stop_supervising()  # a Triton that exits because we stop it is not restarted
+        for task in list(self._dropping.values()):
+            task.cancel()
         if self.watcher is not None:
             await self.watcher.stop()
         if self._metering is not None:
@@ -260,6 +311,18 @@ class Executor:
         if self.receiver is not None:
             self.receiver.stop()
             self.receiver = None
+
+
+def catalog_sources(catalog: Catalog) -> dict[str, Path | None]:
+    """Every Triton model the catalog names (any version of any model) -> the folder it is rendered from (its
+    checkpoint or Triton directory; None: another entry's, or a model the repository was started with)."""
+    named: dict[str, Path | None] = {}
+    for m in catalog.models:
+        for triton in m.versions.values():
+            named.setdefault(triton, None)
+        if m.triton_dir is not None or m.checkpoint is not None:
+            named[m.triton_model] = m.triton_dir or m.checkpoint
+    return named
 
 
 def idle_unload_times(catalog: Catalog, triton_models: list[str]) -> dict[str, float]:

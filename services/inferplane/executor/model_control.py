@@ -114,6 +114,11 @@ class ModelControl:
         if idle_unload_s and self._idle is None:
             self._idle = asyncio.create_task(self._idle_loop())
 
+    def forget(self, model: str) -> None:
+        """A model taken out of the repository (a deleted upload, unloaded first)."""
+        for table in (self.idle_unload_s, self.state, self.live, self.last_used, self._locks):
+            table.pop(model, None)
+
     # --- use ---------------------------------------------------------------------------------------------
 
     def begin(self, model: str) -> None:
@@ -156,6 +161,8 @@ class ModelControl:
 
     async def _load(self, model: str, request_id: str) -> float:
         async with self._locks[model]:
+            if not self.manages(model):  # taken out of the repository while this load waited (a deleted upload)
+                raise NotFound(f"model {model!r} is not in this executor's repository", param="model")
             if self.loaded(model):
                 return 0.0
             self.state[model] = LOADING
@@ -250,8 +257,8 @@ class ModelControl:
         while True:
             await asyncio.sleep(self._check_interval_s)
             now = time.monotonic()
-            for model, idle_s in self.idle_unload_s.items():
-                if (idle_s > 0 and self.state[model] == LOADED and self.live[model] == 0
+            for model, idle_s in list(self.idle_unload_s.items()):  # a model may be forgotten meanwhile
+                if (idle_s > 0 and self.state.get(model) == LOADED and self.live[model] == 0
                         and now - self.last_used[model] >= idle_s and not self._locks[model].locked()):
                     try:
                         await self.unload(model, reason=f"idle for {now - self.last_used[model]:.0f}s >= "

@@ -136,8 +136,28 @@ def render_embedding_model(
     return folder
 
 
+def copy_triton_dir(model_name: str, source: Path, out: Path) -> Path:
+    """An uploaded Triton model directory (checked at upload: config.pbtxt, Python backend, version folders) into
+    ``<out>/<model_name>/`` as it is (replacing what was there); return that folder. Links are not followed out."""
+    folder = out / model_name
+    staging = out / f".{model_name}.copying"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)  # Triton never sees a half-copied model
+    return folder
+
+
+def remove_model(model_name: str, out: Path) -> None:
+    """Take ``<out>/<model_name>/`` out of the repository (a deleted upload, once Triton unloaded it)."""
+    shutil.rmtree(out / model_name, ignore_errors=True)
+
+
 def render_model(model: CatalogModel, out: Path, *, torch_threads: int = 0) -> Path:
-    """One catalog model (with a checkpoint) into ``out``: an embedder or an LLM, by its task."""
+    """One catalog model (with a checkpoint or a Triton directory) into ``out``: an embedder or an LLM, by its
+    task, or the directory copied."""
+    if model.triton_dir is not None:
+        return copy_triton_dir(model.triton_model, model.triton_dir, out)
     assert model.checkpoint is not None, f"{model.id}: a Triton model needs a checkpoint directory"
     if model.is_embedding:
         return render_embedding_model(model.triton_model, model.checkpoint, out, instance_kind=model.instance_kind,
@@ -155,9 +175,11 @@ def render_repository(catalog: Catalog, out: Path, *, model_ids: list[str] | Non
     """Write the repository into ``out`` (replacing what was there); return the Triton model names.
 
     Every catalog model with a checkpoint becomes one Triton model: an embedding model from the
-    embedding template, any other (chat/completion) from the LLM template. ``torch_threads`` reaches both.
+    embedding template, any other (chat/completion) from the LLM template. ``torch_threads`` reaches both. A
+    model with a ``triton_dir`` (an uploaded Triton model directory) is copied as it is.
     """
-    chosen = [m for m in catalog.models if m.checkpoint is not None and (not model_ids or m.id in model_ids)]
+    chosen = [m for m in catalog.models
+              if (m.checkpoint is not None or m.triton_dir is not None) and (not model_ids or m.id in model_ids)]
     if model_ids:
         missing = set(model_ids) - {m.id for m in chosen}
         if missing:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from inferplane.assets import CATALOG
@@ -53,4 +53,8 @@ class ExecutorSettings(BaseSettings):
     # upload) is rendered into the repository and loaded (docs/model-control.md). Empty: the catalog file only.
     metering_addr: str = ""
     catalog_poll_s: float = 2.0
+    # A model this executor adopted from metering's catalog (an upload) that the catalog no longer names (deleted) is
+    # unloaded and removed from the repository after this long: the routers (polling on their own clocks) stop
+    # sending it requests first, and the ones under way end.
+    drop_after_s: float = Field(default=10.0, ge=0)
     triton: TritonSettings = TritonSettings()

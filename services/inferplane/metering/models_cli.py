@@ -1,7 +1,8 @@
-"""``inferplane models list|register|set|set-price|traffic|promote|rollback|delete``: the model catalog in
-metering's database.
+"""``inferplane models list|register|set|set-price|traffic|promote|rollback|delete|upload``: the model catalog
+in metering's database.
 
-As the other operator commands (``cli.py``), these open the store directly; the stack need not run. A running
+As the other operator commands (``cli.py``), these open the store directly; the stack need not run. ``upload`` is
+the exception: it sends a folder to the running stack's ``/admin/models/upload``, whose checks it must pass. A running
 router picks each change up within its ``catalog_poll_s`` (docs/catalog.md). The catalog file seeds the store first,
 as metering does at its start, so a fresh database lists the shipped models.
 """
@@ -10,7 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tarfile
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                         help="YAML file; its 'metering' section is read (environment overrides it)")
     models = subparsers.add_parser("models", help="list, register, change and delete catalog models")
     sub = models.add_subparsers(dest="models_command", required=True,
-                                metavar="{list,register,set,set-price,traffic,promote,rollback,delete}")
+                                metavar="{list,register,set,set-price,traffic,promote,rollback,delete,upload}")
 
     lst = sub.add_parser("list", parents=[common], help="the catalog: models, versions, prices")
     lst.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -87,6 +94,22 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     rm = sub.add_parser("delete", parents=[common], help="take a model out of the catalog (usage and prices stay)")
     rm.add_argument("model")
     rm.set_defaults(func=_command(_delete))
+
+    up = sub.add_parser("upload", parents=[price],
+                        help="upload a model folder to the running stack (POST /admin/models/upload): checked, "
+                             "added to the catalog, loaded by the executors")
+    up.add_argument("model", help="the public model id (also its Triton model's name)")
+    source = up.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, metavar="DIR",
+                        help="a Hugging Face Llama checkpoint folder (config.json, *.safetensors, tokenizer.json, "
+                             "tokenizer_config.json); priced with --input/--output (and --per-request)")
+    source.add_argument("--triton-dir", type=Path, metavar="DIR",
+                        help="a Triton model directory (config.pbtxt, 1/model.py; Python backend), reached through "
+                             "the KServe v2 protocol; priced with --per-request only")
+    up.add_argument("--edge", default="http://127.0.0.1:8080", help="the stack's edge (default: %(default)s)")
+    up.add_argument("--admin-key", default=None, help="an admin key (default: $INFERPLANE_ADMIN_KEY)")
+    up.add_argument("--owned-by", default="", help="shown as owned_by in /v1/models (default: uploaded)")
+    up.set_defaults(func=_upload)
 
 
 def _command(handler: Handler) -> Callable[[argparse.Namespace], int]:
@@ -230,4 +253,47 @@ def _rollback(store: MeteringStore, args: argparse.Namespace) -> int:
 def _delete(store: MeteringStore, args: argparse.Namespace) -> int:
     entry, version = store.delete_model(args.model)
     print(f"deleted {entry.id} (catalog version {version}); its prices and usage records are kept")
+    return 0
+
+
+def _upload(args: argparse.Namespace) -> int:
+    """Tar (gzip) the folder into a temporary file and stream it to ``/admin/models/upload``."""
+    folder: Path = args.checkpoint or args.triton_dir
+    key = args.admin_key or os.environ.get("INFERPLANE_ADMIN_KEY", "")
+    if not folder.is_dir():
+        print(f"error: {folder} is not a folder", file=sys.stderr)
+        return 2
+    if not key:
+        print("error: give --admin-key or set INFERPLANE_ADMIN_KEY", file=sys.stderr)
+        return 2
+    params = {"id": args.model, "kind": "triton" if args.triton_dir else "checkpoint",
+              **{name: value for name, value in (("input_per_million", args.input),
+                                                  ("output_per_million", args.output),
+                                                  ("per_request", args.per_request), ("owned_by", args.owned_by))
+                 if value}}
+    with tempfile.TemporaryFile() as body:
+        with tarfile.open(fileobj=body, mode="w:gz") as tar:
+            tar.add(folder, arcname=args.model, filter=lambda info: None if "__pycache__" in info.name else info)
+        size = body.seek(0, os.SEEK_END)
+        body.seek(0)
+        request = urllib.request.Request(  # streamed from the file (urllib sends a file object in blocks)
+            f"{args.edge.rstrip('/')}/admin/models/upload?{urllib.parse.urlencode(params)}", data=body, method="POST",
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/gzip",
+                     "Content-Length": str(size)})
+        try:
+            with urllib.request.urlopen(request, timeout=600) as resp:
+                made = json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            text = exc.read().decode(errors="replace")
+            try:
+                message = json.loads(text)["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = text
+            print(f"error: {exc.code}: {message}", file=sys.stderr)
+            return 2 if 400 <= exc.code < 500 else 1
+        except OSError as exc:
+            print(f"error: {args.edge} could not be reached: {exc}", file=sys.stderr)
+            return 1
+    print(json.dumps({k: made[k] for k in ("id", "triton_model", "settings", "price", "catalog_version", "upload")},
+                     indent=2))
     return 0
