@@ -142,3 +142,6 @@ def test_a_new_replica_loads_the_models_with_traffic_in_the_stable_window() -> N
     traffic.forget("executor_2")
     traffic.observe(201.0, "executor_2", {"all-minilm-l6-v2": 1.0})
     assert traffic.hot(201.0) == ["all-minilm-l6-v2"]
+    # streams in progress count before any of them has ended (Triton counts a streamed request at its end)
+    traffic.observe(300.0, "executor", {"tiny-llama": 90.0}, busy={"tiny-llama": 64.0, "all-minilm-l6-v2": 0.0})
+    assert traffic.hot(300.0) == ["tiny-llama"]

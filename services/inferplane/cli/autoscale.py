@@ -62,8 +62,11 @@ START_SECONDS = Histogram("inferplane_autoscaler_replica_start_seconds",
 
 # The executor's and the router's gauges the demand is summed from (docs/executor.md, docs/router.md).
 EXECUTOR_DEMAND_METRICS = ("inferplane_executor_active_requests", "inferplane_executor_queue_depth")
-# Triton's per-model count of requests it answered: which models a new replica loads at start (ModelTraffic).
-TRITON_TRAFFIC_METRIC = "nv_inference_request_success"
+# Which models a new replica loads at start (ModelTraffic): Triton's per-model count of requests it answered, and
+# the gauges of requests it holds now (a streamed generation is counted as answered only at its end).
+TRITON_TRAFFIC_COUNTER = "nv_inference_request_success"
+TRITON_BUSY_GAUGES = ("nv_inference_pending_request_count", "inferplane_llm_active_sequences",
+                      "inferplane_llm_queued_requests")
 ROUTER_DEMAND_METRICS = ("inferplane_router_model_queued",)
 
 
@@ -182,8 +185,9 @@ def scrape(url: str, names: tuple[str, ...], timeout: float = 0.5) -> float | No
                if sample.name in names)
 
 
-def scrape_by_model(url: str, name: str, timeout: float = 0.5) -> dict[str, float] | None:
-    """Each ``model`` label's sum of ``name`` at a Prometheus endpoint; None when it does not answer."""
+def scrape_by_model(url: str, names: tuple[str, ...], timeout: float = 0.5) -> dict[str, float] | None:
+    """Each ``model`` label's sum of the samples of ``names`` at a Prometheus endpoint; None when it does not
+    answer."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
             text = resp.read().decode()
@@ -192,7 +196,7 @@ def scrape_by_model(url: str, name: str, timeout: float = 0.5) -> dict[str, floa
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == name and "model" in sample.labels:
+            if sample.name in names and "model" in sample.labels:
                 out[sample.labels["model"]] = out.get(sample.labels["model"], 0.0) + sample.value
     return out
 
@@ -200,15 +204,20 @@ def scrape_by_model(url: str, name: str, timeout: float = 0.5) -> dict[str, floa
 class ModelTraffic:
     """Which Triton models took requests within the last ``window_s``, from each replica's per-model counters.
 
-    ``observe(now, replica, totals)`` takes one replica's counter totals; a model is *hot* from a tick at which its
-    total grew (or was first seen above zero) until ``window_s`` after. No clock or I/O of its own."""
+    ``observe(now, replica, totals, busy)`` takes one replica's counter totals and its gauges of requests held now;
+    a model is *hot* from a tick at which its total grew (or was first seen above zero) or it held requests, until
+    ``window_s`` after. No clock or I/O of its own."""
 
     def __init__(self, window_s: float) -> None:
         self.window_s = window_s
         self._totals: dict[tuple[str, str], float] = {}
         self._grew: dict[str, float] = {}
 
-    def observe(self, now: float, replica: str, totals: dict[str, float]) -> None:
+    def observe(self, now: float, replica: str, totals: dict[str, float],
+                busy: dict[str, float] | None = None) -> None:
+        for model, held in (busy or {}).items():
+            if held > 0:
+                self._grew[model] = now
         for model, total in totals.items():
             before = self._totals.get((replica, model), 0.0)
             if total > before:
@@ -283,10 +292,11 @@ class ExecutorScaler:
         found = [scrape(self.stack.metrics_url(name), EXECUTOR_DEMAND_METRICS) for name in live]
         now = time.monotonic()
         for name in live:
-            totals = scrape_by_model(self.stack.metrics_url("triton" + name.removeprefix("executor")),
-                                     TRITON_TRAFFIC_METRIC)
+            url = self.stack.metrics_url("triton" + name.removeprefix("executor"))
+            totals = scrape_by_model(url, (TRITON_TRAFFIC_COUNTER,))
+            busy = scrape_by_model(url, TRITON_BUSY_GAUGES)
             if totals is not None:
-                self.traffic.observe(now, name, totals)
+                self.traffic.observe(now, name, totals, busy)
         answered = [v for v in found if v is not None]
         if not answered:
             return None
