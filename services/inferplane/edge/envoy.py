@@ -3,11 +3,11 @@
 One listener serves HTTP/1.1 and HTTP/2 (h2c, or TLS with ALPN when a certificate is configured).
 It routes ``/v1/``, ``/v2/`` (the KServe v2 protocol over HTTP), ``/admin/``, ``/dashboard`` (the usage page),
 ``/healthz``, ``/tokenize`` and ``/detokenize`` to the REST gateway and gRPC calls of the public
-``inferplane.v1.RouterService``, of the router's ``inference.GRPCInferenceService`` (KServe v2 over gRPC, for ``tritonclient``), of gRPC health and of server
-reflection to the router (whose reflection describes only its public files); nothing else is routable, so the
-internal services (tokenizer, executor, metering, Triton) cannot be reached through the edge (404, or
-UNIMPLEMENTED for gRPC). Responses stream: no route timeout, a stream idle timeout instead. Envoy's own error replies to
-REST callers are OpenAI-shaped (``{"error": {...}}``).
+``inferplane.v1.RouterService``, of the router's ``inference.GRPCInferenceService`` (KServe v2 over gRPC, for
+``tritonclient``), of gRPC health and of server reflection to the router (whose reflection describes only its
+public files); nothing else is routable, so the internal services (tokenizer, executor, metering, Triton) cannot
+be reached through the edge (404, or UNIMPLEMENTED for gRPC). Responses stream: no route timeout, a stream idle
+timeout instead. Envoy's own error replies to REST callers are OpenAI-shaped (``{"error": {...}}``).
 
     python -m inferplane.edge.envoy --config .inferplane/stack.yaml --out envoy.yaml   # section ``edge``
 """
