@@ -26,6 +26,8 @@ PROMQL_WORDS = {"histogram_quantile", "sum", "rate", "by", "without", "avg", "ma
                 "increase", "label_values", "le", "on", "ignoring", "group_left", "group_right", "and", "or",
                 "unless", "bool", "offset", "topk", "bottomk"}
 NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+# The LLM model's gauges, which Triton exports on its own metrics port (Triton custom metrics, not this registry).
+LLM_MODEL = ROOT / "services" / "inferplane" / "executor" / "triton_models" / "llm" / "model.py"
 
 
 def exported_names() -> set[str]:
@@ -36,7 +38,11 @@ def exported_names() -> set[str]:
         for info in pkgutil.walk_packages(module.__path__, prefix=f"{package}."):
             if not info.name.startswith(SKIP) and not info.name.endswith("__main__"):
                 importlib.import_module(info.name)
-    return set(REGISTRY._names_to_collectors)  # the registry's own index of every name it serves
+    names = set(REGISTRY._names_to_collectors)  # the registry's own index of every name it serves
+    # _Gauges.NAMES: {"active": ("inferplane_llm_active_sequences", "..."), ...}, gauges keep their name in Triton
+    gauges = re.search(r"class _Gauges:.*?NAMES[^=]*=\s*\{(.*?)\n\s*\}", LLM_MODEL.read_text(), re.S)
+    assert gauges, f"no _Gauges.NAMES in {LLM_MODEL}"
+    return names | set(re.findall(r'\(\s*"(inferplane_llm_\w+)"', gauges.group(1)))
 
 
 def queried(expr: str) -> set[str]:
@@ -61,6 +67,7 @@ def test_every_queried_metric_is_exported() -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     exported = exported_names()
     assert "gen_ai_server_time_to_first_token_seconds_bucket" in exported  # the walk found the router's metrics
+    assert "inferplane_llm_kv_slots_in_use" in exported  # and the LLM model's gauges
     names = {name for expr in _exprs(dashboard) for name in queried(expr)}
     assert names, "no metric found in the dashboard's queries"
     assert names <= exported, f"queried but exported by no service: {sorted(names - exported)}"
@@ -81,6 +88,7 @@ def test_the_dashboard_covers_the_asked_for_signals() -> None:
     for metric in ("gen_ai_server_time_to_first_token_seconds", "gen_ai_server_time_per_output_token_seconds",
                    "inferplane_router_tokens_total", "inferplane_router_model_queued", "inferplane_router_model_shed",
                    "inferplane_router_model_running", "inferplane_executor_active_requests",
+                   "inferplane_llm_kv_slots_in_use", "inferplane_llm_kv_slots_total",
                    "inferplane_router_usage_outbox_depth"):
         assert metric in text, metric
 
