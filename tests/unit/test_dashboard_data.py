@@ -6,9 +6,9 @@ import stat
 from decimal import Decimal
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, start_http_server
 
-from inferplane.gateway.dashboard import Sessions, _login_key, write_login_file
+from inferplane.gateway.dashboard import Sessions, _login_key, _router_metrics, write_login_file
 from inferplane.gateway.dashboard_data import histogram_quantile, keys_section, latency_section, usage_section
 from inferplane.v1 import metering_pb2
 
@@ -91,3 +91,16 @@ def test_the_login_file_and_sessions(tmp_path: Path) -> None:
     assert sessions.key(one) == "sk-ip-a" and sessions.key("forged") is None and sessions.key(None) is None
     sessions.close(one)
     assert sessions.key(one) is None
+
+
+def test_a_separate_gateway_scrapes_the_routers_metrics() -> None:
+    """``router_metrics_url`` (the gateway apart from the router): read over HTTP from a real metrics server."""
+    registry = CollectorRegistry()
+    Counter("inferplane_router_requests", "", ["outcome"], registry=registry).labels("stop").inc(2)
+    server, thread = start_http_server(0, addr="127.0.0.1", registry=registry)
+    try:
+        text = _router_metrics(f"http://127.0.0.1:{server.server_port}/metrics")
+    finally:
+        server.shutdown()
+        thread.join(5)
+    assert latency_section(text)["requests"]["total"] == 2
