@@ -4,6 +4,7 @@ each key; a key's own view holds nothing of another key's; the link's token reac
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import time
@@ -157,8 +158,18 @@ def test_the_page_shows_what_v1_usage_says(stack: LocalStack, tmp_path: Path) ->
     spent_b = _totals(expected[keys["dash-b"]["id"]])["cost"]
     assert Decimal(budgets[keys["dash-b"]["id"]]["spent"]) == spent_b
     assert Decimal(budgets[keys["dash-b"]["id"]]["left"]) == Decimal("2.50") - spent_b  # nothing reserved now
-    recent_ids = {row["data-key-id"] for row in page.tables["recent"] if "data-key-id" in row}
-    assert set(expected) <= recent_ids
+    recent = [row for row in page.tables["recent"] if row.get("data-key-id") in expected]
+    assert {row["data-key-id"] for row in recent} == set(expected)
+    # each with its trace id, which is the trace of that request (every request is exported in this stack)
+    assert all(re.fullmatch(r"[0-9a-f]{32}", row["trace_id"]) for row in recent), recent
+    deadline = time.monotonic() + 60
+    while True:
+        traces = (stack.state / "traces.jsonl").read_text(errors="replace")
+        missing = [row["trace_id"] for row in recent if row["trace_id"] not in traces]
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert not missing, missing
     assert float(page.by_id["router-requests"]) >= 7 and page.by_id["ttft-p50"].endswith(" ms")
 
     # the link's token and the session reach no log and no trace

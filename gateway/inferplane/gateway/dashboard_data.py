@@ -70,9 +70,11 @@ def usage_section(rows: list[metering_pb2.UsageSummaryRow], key_names: dict[str,
 
 
 def recent_section(records: Iterable[metering_pb2.UsageRecord]) -> list[dict[str, Any]]:
-    """The newest usage records; the request id is what ``inferplane trace REQUEST_ID`` looks a trace up by."""
-    return [{"request_id": r.request_id, "created_at": r.created_at.ToDatetime().isoformat() + "Z",
-             "key_id": r.key_id, "model": r.model, "prompt_tokens": r.prompt_tokens,
+    """The newest usage records, with their trace ids (``inferplane trace REQUEST_ID`` prints the trace; a
+    collector's UI finds it by the trace id)."""
+    return [{"request_id": r.request_id, "trace_id": r.trace_id or None,
+             "created_at": r.created_at.ToDatetime().isoformat() + "Z", "key_id": r.key_id, "model": r.model,
+             "prompt_tokens": r.prompt_tokens,
              "completion_tokens": r.completion_tokens, "finish_reason": r.finish_reason,
              "cancelled": r.cancelled, "latency_ms": r.latency_ms,
              "ttft_ms": r.time_to_first_token_ms if r.HasField("time_to_first_token_ms") else None,

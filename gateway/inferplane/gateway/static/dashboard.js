@@ -106,7 +106,7 @@
       ["left", function (k) { return k.budget && k.budget.left; }, 1],
       ["state", function (k) { return k.revoked ? "revoked" : "active"; }]], d.keys, ["key_id"]);
     table("recent", [["time (UTC)", function (r) { return r.created_at.slice(0, 19).replace("T", " "); }],
-      ["request id (trace)", "request_id"], ["key", "key_id"], ["model", "model"], ["prompt", "prompt_tokens", 1],
+      ["request id", "request_id"], ["trace id", "trace_id"], ["key", "key_id"], ["model", "model"], ["prompt", "prompt_tokens", 1],
       ["completion", "completion_tokens", 1], ["finish", "finish_reason"], ["TTFT ms", "ttft_ms", 1],
       ["latency ms", "latency_ms", 1], ["cost (USD)", "cost", 1]], d.recent, ["request_id", "key_id"]);
     table("rows", [["date", "date"], ["key", "key_id"], ["model", "model"]].concat(sums), u.rows,
