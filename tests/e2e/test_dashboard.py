@@ -134,11 +134,20 @@ def test_the_page_shows_what_v1_usage_says(stack: LocalStack, tmp_path: Path) ->
     expected = {k["id"]: _wait_for_usage(base, k["api_key"], n) for k, n in ((keys["dash-a"], 4), (keys["dash-b"], 3))}
     assert [_totals(rows)["requests"] for rows in expected.values()] == [4, 3]
 
-    link = stack.dashboard_link(admin_key)
+    # as `inferplane up` does: the link and the admin key in the credentials file (put back afterwards: the
+    # session stack's local.env holds the demo key only, which test_no_plaintext_keys checks)
+    link = stack.dashboard_link()
     token = link.partition("token=")[2]
     assert token and token not in (admin_key, keys["dash-a"]["api_key"], keys["dash-b"]["api_key"])
+    env_file = stack.state / "local.env"
+    saved = env_file.read_text()
+    stack.write_env(stack.api_key, admin_key, link)  # type: ignore[attr-defined]
+    try:
+        dom = dump_dom(browser, link, tmp_path / "profile")
+    finally:
+        env_file.write_text(saved)
     page = Tables()
-    page.feed(dump_dom(browser, link, tmp_path / "profile"))
+    page.feed(dom)
     assert page.body.get("data-state") == "ready", page.by_id.get("error")
     assert page.by_id["who"] == "admin: every key"
 
@@ -172,7 +181,8 @@ def test_the_page_shows_what_v1_usage_says(stack: LocalStack, tmp_path: Path) ->
     assert not missing, missing
     assert float(page.by_id["router-requests"]) >= 7 and page.by_id["ttft-p50"].endswith(" ms")
 
-    # the link's token and the session reach no log and no trace
+    # the link's token reaches no log and no trace, and the link is over once the credentials file has no link
+    assert httpx.get(link, timeout=30).status_code == 401
     for path in [*(stack.state / "logs").glob("*.log"), stack.state / "traces.jsonl"]:
         if path.exists():
             assert token not in path.read_text(errors="replace"), path

@@ -105,4 +105,3 @@ def test_up_prints_a_working_key_and_stops_every_child_on_ctrl_c(tmp_path: Path)
     for p in left:
         os.kill(p, signal.SIGKILL)
     assert not left, f"processes left behind after Ctrl-C: {left}"
-    assert not (tmp_path / "dashboard-login.json").exists()  # the dashboard link ended with the stack

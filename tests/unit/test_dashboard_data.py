@@ -8,7 +8,8 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, start_http_server
 
-from inferplane.gateway.dashboard import Sessions, _login_key, _router_metrics, write_login_file
+from inferplane.cli.launcher import LocalStack, StackConfig
+from inferplane.gateway.dashboard import Sessions, _login_key, _router_metrics
 from inferplane.gateway.dashboard_data import histogram_quantile, keys_section, latency_section, usage_section
 from inferplane.v1 import metering_pb2
 
@@ -75,17 +76,25 @@ def test_latency_from_the_routers_metrics_text() -> None:
     assert out["requests"] == {"total": 4, "errors": 1, "by_outcome": {"error": 1, "stop": 3}}
 
 
-def test_the_login_file_and_sessions(tmp_path: Path) -> None:
-    path = tmp_path / "dashboard-login.json"
-    write_login_file(path, "the-token", "sk-ip-admin")
+def test_the_sign_in_link_and_sessions(tmp_path: Path) -> None:
+    """The launcher's link and admin key in its credentials file (the gateway's ``dashboard_credentials_file``)."""
+    stack = LocalStack(StackConfig(state_dir=tmp_path, ports=dict.fromkeys(StackConfig().ports, 0) | {"edge": 8080}))
+    link = stack.dashboard_link()
+    token = link.partition("?token=")[2]
+    assert link.startswith("http://127.0.0.1:8080/dashboard/login?token=") and len(token) >= 40
+    assert stack.dashboard_link() != link  # a new token each time
+    path = stack.write_env("sk-ip-demo", "sk-ip-admin", link)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert "the-token" not in path.read_text()  # its digest only
-    assert _login_key(str(path), "the-token") == "sk-ip-admin"
-    assert _login_key(str(path), "another") is None
-    assert _login_key(str(path), "") is None
-    assert _login_key("", "the-token") is None
-    path.unlink()  # the stack stopped
-    assert _login_key(str(path), "the-token") is None
+    assert _login_key(str(path), token) == "sk-ip-admin"
+    for wrong in ("another", "", token[:-1], "sk-ip-admin", "sk-ip-demo"):
+        assert _login_key(str(path), wrong) is None, wrong
+    assert _login_key("", token) is None
+    stack.write_env("sk-ip-demo", "sk-ip-admin")  # no link written: no link sign-in
+    assert _login_key(str(path), token) is None
+    stack.write_env("sk-ip-demo", None, link)  # a link but no admin key to act with
+    assert _login_key(str(path), token) is None
+    path.unlink()
+    assert _login_key(str(path), token) is None
     sessions = Sessions()
     one = sessions.open("sk-ip-a")
     assert sessions.key(one) == "sk-ip-a" and sessions.key("forged") is None and sessions.key(None) is None

@@ -188,7 +188,8 @@ def _format(value: str) -> str:
 
 
 def admin_router(metering_addr: str, *, timeout_s: float = 10.0, uploads_dir: Path | None = None,
-                 max_upload_bytes: int = 0, dashboard_login_file: str = "", router_metrics_url: str = "") -> APIRouter:
+                 max_upload_bytes: int = 0, dashboard_credentials_file: str = "",
+                 router_metrics_url: str = "") -> APIRouter:
     """The routes, with their own channel to metering (opened and closed with the app); ``uploads_dir``: where
     ``POST /admin/models/upload`` unpacks checkpoints (None: no upload route); the usage dashboard's settings
     (``inferplane.gateway.dashboard``)."""
@@ -284,7 +285,7 @@ def admin_router(metering_addr: str, *, timeout_s: float = 10.0, uploads_dir: Pa
 
     add_model_routes(router, call, parse=_parse, require_admin=require_admin, nanos=_nanos, price_dict=price_dict,
                      iso=_iso)
-    add_dashboard_routes(router, lambda: state["stub"], login_file=dashboard_login_file,
+    add_dashboard_routes(router, lambda: state["stub"], credentials_file=dashboard_credentials_file,
                          router_metrics_url=router_metrics_url, timeout_s=timeout_s)
     if uploads_dir is not None:
         add_upload_route(router, call, require_admin=require_admin, nanos=_nanos, price_dict=price_dict, iso=_iso,

@@ -4,11 +4,13 @@ Who sees what is metering's rule, as for ``/v1/usage``: every call carries the c
 every key's usage, any other key its own. A caller is known by ``Authorization: Bearer KEY`` or by a session
 cookie (HttpOnly, SameSite=Strict), which one of two logins opens:
 
-- ``GET /dashboard/login?token=T``: the link ``inferplane up`` prints. ``T`` is a random login token, never an
-  API key; the launcher writes its SHA-256 and the stack's admin key to ``dashboard_login_file`` (0600, removed
-  when the stack stops), so the link works while the stack runs. The answer sets the cookie and redirects to
-  ``/dashboard/``, a URL without the token. Neither access log writes query strings (Envoy's format drops them,
-  the gateway keeps no access log) and spans carry the path only.
+- ``GET /dashboard/login?token=T``: the link ``inferplane up`` prints. ``T`` is a random login token made for
+  this run, never an API key. The launcher writes the link and the stack's admin key to its credentials file
+  (``.inferplane/local.env``, 0600: the one file that holds keys), which the gateway reads as
+  ``dashboard_credentials_file`` at each link sign-in; the next ``inferplane up`` makes a new token. The answer
+  sets the cookie and redirects to ``/dashboard/``, a URL without the token. Neither access log writes query
+  strings (Envoy's format drops them, the gateway keeps no access log), spans carry the path only, and Envoy never
+  samples a trace of the sign-in route.
 - ``POST /dashboard/login`` with a form field ``api_key``: a key's holder, checked with metering's ``WhoAmI``.
 
 Sessions live in this process's memory: a restart of the gateway signs everyone out.
@@ -19,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import json
 import secrets
 import time
 import urllib.request
@@ -28,7 +29,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import grpc
 from fastapi import APIRouter, Request
@@ -51,17 +52,18 @@ RECENT = 25  # recent requests listed
 NOT_SIGNED_IN = "Sign in: open the link `inferplane up` printed, or send your API key."
 
 
+# The credentials file's variables (``inferplane up`` writes them): the sign-in link and the key it acts with.
+DASHBOARD_URL_VAR = "INFERPLANE_DASHBOARD_URL"
+ADMIN_KEY_VAR = "INFERPLANE_ADMIN_KEY"
+
+
 def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def write_login_file(path: Path, token: str, api_key: str) -> None:
-    """What the launcher writes: the login token's digest and the key its sessions act with (mode 0600)."""
-    tmp = path.with_suffix(".tmp")
-    tmp.touch(mode=0o600)
-    tmp.chmod(0o600)
-    tmp.write_text(json.dumps({"token_sha256": token_digest(token), "api_key": api_key}))
-    tmp.replace(path)
+def dashboard_url(base: str, token: str) -> str:
+    """The sign-in link (``base``: the edge's ``http://host:port``)."""
+    return f"{base}/dashboard/login?{urlencode({'token': token})}"
 
 
 class Sessions:
@@ -85,18 +87,27 @@ class Sessions:
             self._keys.pop(token_digest(session), None)
 
 
-def _login_key(login_file: str, token: str) -> str | None:
-    """The admin key of a valid login token, else None (no file: the stack is not running, or no link login)."""
-    if not login_file or not token:
+def _read_env(path: Path) -> dict[str, str]:
+    out = {}
+    for line in path.read_text().splitlines():
+        name, sep, value = line.partition("=")
+        if sep and not line.startswith("#"):
+            out[name.strip()] = value.strip()
+    return out
+
+
+def _login_key(credentials_file: str, token: str) -> str | None:
+    """The admin key when ``token`` is the one in the credentials file's link, else None (no file, no link)."""
+    if not credentials_file or not token:
         return None
     try:
-        saved = json.loads(Path(login_file).read_text())
-    except (OSError, ValueError):
+        values = _read_env(Path(credentials_file))
+    except (OSError, UnicodeDecodeError):
         return None
-    if not hmac.compare_digest(str(saved.get("token_sha256", "")), token_digest(token)):
+    expected = parse_qs(urlsplit(values.get(DASHBOARD_URL_VAR, "")).query).get("token", [""])[0]
+    if not expected or not hmac.compare_digest(token_digest(expected), token_digest(token)):
         return None
-    key = saved.get("api_key")
-    return key if isinstance(key, str) and key else None
+    return values.get(ADMIN_KEY_VAR) or None
 
 
 def _router_metrics(url: str) -> str:
@@ -116,7 +127,7 @@ def _signed_in(response: Response, session: str) -> Response:
 
 
 def add_dashboard_routes(router: APIRouter, stub: Callable[[], metering_pb2_grpc.MeteringServiceStub], *,
-                         login_file: str, router_metrics_url: str, timeout_s: float) -> None:
+                         credentials_file: str, router_metrics_url: str, timeout_s: float) -> None:
     """The dashboard's routes on ``router`` (the admin router: it owns metering's channel, ``stub()``)."""
     sessions = Sessions()
 
@@ -151,7 +162,7 @@ def add_dashboard_routes(router: APIRouter, stub: Callable[[], metering_pb2_grpc
 
     @router.get("/dashboard/login")
     async def link_login(request: Request) -> Response:
-        key = _login_key(login_file, request.query_params.get("token", ""))
+        key = _login_key(credentials_file, request.query_params.get("token", ""))
         if key is None:
             raise unauthenticated("This dashboard link is not valid (the stack that printed it has stopped?).",
                                   code="invalid_login_token")
