@@ -22,6 +22,7 @@ up: install
 
 ## Lint (ruff, import contracts), type-check, then the whole test suite (unit, integration on real Triton, end-to-end).
 test: install lint typecheck
+	bash scripts/ensure_chromium.sh  # the usage dashboard's test drives headless Chromium
 	$(BIN)/python -m pytest -q -ra --durations=15
 
 lint: install

@@ -47,6 +47,13 @@ def test_up_prints_a_working_key_and_stops_every_child_on_ctrl_c(tmp_path: Path)
                                 timeout=60)
         assert '"chat.completion"' in result.stdout, result.stdout + result.stderr
 
+        # The dashboard link signs in (a cookie) and redirects to a URL without its token, which is no API key.
+        link = env["INFERPLANE_DASHBOARD_URL"]
+        assert link in banner and env["INFERPLANE_API_KEY"] not in link and env["INFERPLANE_ADMIN_KEY"] not in link
+        signed = httpx.get(link, timeout=10)
+        assert signed.status_code == 303 and signed.headers["location"] == "/dashboard/", signed.text
+        assert "HttpOnly" in signed.headers["set-cookie"]
+
         models = httpx.get(f"{env['INFERPLANE_BASE_URL']}/models",
                            headers={"Authorization": f"Bearer {env['INFERPLANE_API_KEY']}"}, timeout=10)
         assert models.status_code == 200

@@ -131,7 +131,7 @@ def test_compose_runs_every_service_with_health_checks() -> None:
             assert "grpc_serving" in " ".join(svc["healthcheck"]["test"]) or command[1] == "gateway", name
         for dep in svc.get("depends_on", {}):
             assert dep in services, f"{name} depends on unknown {dep}"
-        assert "healthcheck" in svc or name in {"otel-collector", "jaeger", "prometheus"}, name
+        assert "healthcheck" in svc or name in {"otel-collector", "jaeger", "prometheus", "grafana"}, name
     assert set(served.values()) == MESH
     assert {served["executor"], served["executor-cpu"]} == {"executor"}
     assert services["executor"]["profiles"] == ["gpu"] and services["executor-cpu"]["profiles"] == ["cpu"]
@@ -141,7 +141,7 @@ def test_compose_runs_every_service_with_health_checks() -> None:
 def test_compose_publishes_only_the_edge_and_the_dashboards() -> None:
     services = _compose()["services"]
     published = {name for name, svc in services.items() if svc.get("ports")}
-    assert published == {"envoy", "jaeger", "prometheus"}
+    assert published == {"envoy", "jaeger", "prometheus", "grafana"}
     envoy = services["envoy"]
     assert envoy["entrypoint"] == ["envoy"] and "./envoy.yaml:/etc/envoy/envoy.yaml:ro" in envoy["volumes"]
 
@@ -312,7 +312,9 @@ def test_only_the_gateway_and_the_public_router_service_are_routed() -> None:
         '{"prefix": "/v1/"}': "gateway", '{"prefix": "/v2/"}': "gateway", '{"path": "/v2"}': "gateway",
         '{"prefix": "/admin/"}': "gateway", '{"path": "/healthz"}': "gateway",
         '{"path": "/admin/models/upload"}': "gateway",  # unbuffered: a checkpoint streams through
-        '{"path": "/tokenize"}': "gateway", '{"path": "/detokenize"}': "gateway"}
+        '{"path": "/tokenize"}': "gateway", '{"path": "/detokenize"}': "gateway",
+        '{"path": "/dashboard"}': "gateway", '{"prefix": "/dashboard/"}': "gateway",  # the usage dashboard
+        '{"path": "/dashboard/login"}': "gateway"}  # never traced: the link's token is in its query
     clusters = {c["name"] for c in envoy_config(EdgeSettings())["static_resources"]["clusters"]}
     assert clusters == {"gateway", "router"}
 

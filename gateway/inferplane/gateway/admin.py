@@ -37,6 +37,7 @@ from inferplane.common.wire import (
 from inferplane.gateway.admin_models import add_model_routes
 from inferplane.gateway.admin_upload import add_upload_route
 from inferplane.gateway.auth import key_metadata
+from inferplane.gateway.dashboard import add_dashboard_routes
 from inferplane.gateway.errors import GatewayError, from_rpc_error, from_validation_error
 from inferplane.v1 import metering_pb2, metering_pb2_grpc
 
@@ -187,9 +188,11 @@ def _format(value: str) -> str:
 
 
 def admin_router(metering_addr: str, *, timeout_s: float = 10.0, uploads_dir: Path | None = None,
-                 max_upload_bytes: int = 0) -> APIRouter:
+                 max_upload_bytes: int = 0, dashboard_credentials_file: str = "",
+                 router_metrics_url: str = "") -> APIRouter:
     """The routes, with their own channel to metering (opened and closed with the app); ``uploads_dir``: where
-    ``POST /admin/models/upload`` unpacks checkpoints (None: no upload route)."""
+    ``POST /admin/models/upload`` unpacks checkpoints (None: no upload route); the usage dashboard's settings
+    (``inferplane.gateway.dashboard``)."""
     state: dict[str, metering_pb2_grpc.MeteringServiceStub] = {}
 
     @asynccontextmanager
@@ -282,6 +285,8 @@ def admin_router(metering_addr: str, *, timeout_s: float = 10.0, uploads_dir: Pa
 
     add_model_routes(router, call, parse=_parse, require_admin=require_admin, nanos=_nanos, price_dict=price_dict,
                      iso=_iso)
+    add_dashboard_routes(router, lambda: state["stub"], credentials_file=dashboard_credentials_file,
+                         router_metrics_url=router_metrics_url, timeout_s=timeout_s)
     if uploads_dir is not None:
         add_upload_route(router, call, require_admin=require_admin, nanos=_nanos, price_dict=price_dict, iso=_iso,
                          uploads_dir=uploads_dir, max_upload_bytes=max_upload_bytes)

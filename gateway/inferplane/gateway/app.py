@@ -272,9 +272,10 @@ def create_app(settings: GatewaySettings, *, tracer_provider: trace.TracerProvid
     app.add_api_route("/detokenize", detokenize_route, methods=["POST"])
     app.add_api_route("/healthz", healthz, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
-    app.include_router(admin_router(  # /v1/usage and /admin/*
+    app.include_router(admin_router(  # /v1/usage, /admin/* and /dashboard/
         settings.metering_addr, uploads_dir=Path(settings.uploads_dir) if settings.uploads_dir else None,
-        max_upload_bytes=settings.max_upload_bytes))
+        max_upload_bytes=settings.max_upload_bytes, dashboard_credentials_file=settings.dashboard_credentials_file,
+        router_metrics_url=settings.router_metrics_url))
     app.include_router(kserve_router(_unless_gone))  # /v2: the KServe v2 protocol (tritonclient.http)
     install_handlers(app)
     app.add_middleware(EdgeMiddleware, max_body_bytes=settings.max_body_bytes,

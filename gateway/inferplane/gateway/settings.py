@@ -22,6 +22,11 @@ class GatewaySettings(BaseSettings):
     # them from there: the same machine, or a shared volume), "" = no upload route; its own body limit.
     uploads_dir: str = ""
     max_upload_bytes: int = 2 << 30
+    # The usage dashboard (/dashboard/, docs/dashboard.md): the credentials file ``inferplane up`` writes (its
+    # sign-in link and admin key; "" = no link sign-in), and where the router's Prometheus metrics are read for
+    # the latency percentiles ("" = this process's registry: the gateway in the router's process).
+    dashboard_credentials_file: str = ""
+    router_metrics_url: str = ""
     # gRPC deadline of one router call.
     request_timeout_s: float = 600.0
     # Seconds in-flight requests (streams included) get to finish after SIGTERM.

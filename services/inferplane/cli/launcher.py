@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -44,6 +45,7 @@ from inferplane.common.metrics import start_metrics_server
 from inferplane.common.ports import free_port
 from inferplane.common.supervisor import ChildSpec, Event, RestartPolicy, Supervisor, last_line
 from inferplane.edge.envoy import edge_settings, envoy_command, write_envoy_yaml
+from inferplane.gateway.dashboard import ADMIN_KEY_VAR, DASHBOARD_URL_VAR, dashboard_url
 
 # Default ports: clear of PostgreSQL 5432, Redis 6379, NATS 4222, RabbitMQ 5672, Mosquitto 1883, MariaDB 3306.
 # "edge" is Envoy's listener (the one public port: REST and gRPC); its admin listens on loopback only.
@@ -51,6 +53,8 @@ DEFAULT_PORTS = {"edge": 8080, "envoy_admin": 9901, "gateway": 8081, "router": 5
                  "executor": 50053, "metering": 50054, "triton_http": 18000, "triton_grpc": 18001,
                  "triton_metrics": 18002, "router_metrics": 9101, "tokenizer_metrics": 9102,
                  "executor_metrics": 9103, "metering_metrics": 9104, "launcher_metrics": 9105}
+# The user's credentials (mode 0600): the keys, the dashboard's sign-in link; the one file of the stack with keys.
+CREDENTIALS_FILE = "local.env"
 START_ORDER = ["metering", "tokenizer", "executor", "router", "gateway", "envoy"]
 # Where the REST edge runs: in the router's process (one event loop, no gRPC hop per token; the "router" child
 # serves both, ``inferplane serve router-gateway``), or as its own "gateway" process calling the router over gRPC.
@@ -156,6 +160,10 @@ def stack_settings(cfg: StackConfig, ports: dict[str, int]) -> dict[str, Any]:
                    "outbox_path": str(state / "router-outbox.db"), **cfg.router},
         "gateway": {"host": cfg.host, "port": ports["gateway"], "router_addr": addr["router"],
                     "metering_addr": addr["metering"], "uploads_dir": str(state / "uploads"),
+                    "dashboard_credentials_file": str(state / CREDENTIALS_FILE),
+                    # in the router's process the gateway reads the router's registry; apart, it scrapes it
+                    "router_metrics_url": "" if cfg.edge_mode == "in-router" else
+                    f"http://{cfg.host}:{ports['router_metrics']}/metrics",
                     "telemetry": telemetry},
         "edge": {"host": cfg.host, "port": ports["edge"], "admin_port": ports["envoy_admin"],
                  "gateway_addr": f"{cfg.host}:{ports['gateway']}", "router_addr": addr["router"],
@@ -461,7 +469,7 @@ class LocalStack:
 
         store = open_store(MeteringSettings(**self.settings["metering"]))
         try:
-            old = read_env(self.state / "local.env").get(env_name)
+            old = read_env(self.state / CREDENTIALS_FILE).get(env_name)
             if old:
                 try:
                     if sorted(store.verify_key(old).scopes) == sorted(scopes):
@@ -473,12 +481,19 @@ class LocalStack:
         finally:
             store.close()
 
-    def write_env(self, api_key: str, admin_key: str | None = None) -> Path:
-        env_file = self.state / "local.env"
+    def dashboard_link(self) -> str:
+        """A new sign-in link to the usage dashboard (``inferplane.gateway.dashboard``): a random login token, never
+        an API key. It signs in once ``write_env`` has written it with the admin key, until the next link."""
+        return dashboard_url(f"http://{self.cfg.host}:{self.ports['edge']}", secrets.token_urlsafe(32))
+
+    def write_env(self, api_key: str, admin_key: str | None = None, dashboard_link: str | None = None) -> Path:
+        env_file = self.state / CREDENTIALS_FILE
         values = {"INFERPLANE_BASE_URL": self.base_url, "INFERPLANE_GRPC_ADDR": self.grpc_addr,
                   "INFERPLANE_API_KEY": api_key, "INFERPLANE_LAUNCHER_METRICS": self.metrics_url("launcher")}
         if admin_key is not None:
-            values["INFERPLANE_ADMIN_KEY"] = admin_key
+            values[ADMIN_KEY_VAR] = admin_key
+        if dashboard_link is not None:
+            values[DASHBOARD_URL_VAR] = dashboard_link
         env_file.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
         env_file.chmod(0o600)
         return env_file
@@ -584,10 +599,13 @@ def up(args: argparse.Namespace) -> int:
         stack.start()
         key = stack.create_demo_key()
         admin_key = stack.create_admin_key()
-        env_file = stack.write_env(key, admin_key)
+        dashboard_link = stack.dashboard_link()
+        env_file = stack.write_env(key, admin_key, dashboard_link)
         print(f"\ninferplane is ready in {time.monotonic() - started:.1f}s\n"
               f"  base URL   {stack.base_url}\n  gRPC       {stack.grpc_addr}\n  API key    {key}\n"
               f"  admin key  {admin_key}  (INFERPLANE_ADMIN_KEY: /admin/*, inferplane keys|prices|budgets|models)\n"
+              f"  dashboard  {dashboard_link}\n"
+              f"             (INFERPLANE_DASHBOARD_URL: signs this browser in as admin while the stack runs)\n"
               f"  env file   {env_file}\n  logs       {stack.state / 'logs'}\n"
               f"  metrics    {stack.metrics_url('launcher')}  (restarts of crashed services"
               f"{', autoscaler decisions' if autoscale else ''})\n"

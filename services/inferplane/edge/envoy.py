@@ -1,13 +1,13 @@
 """The Envoy edge: ``envoy.yaml`` generated from the same settings file that starts the mesh.
 
 One listener serves HTTP/1.1 and HTTP/2 (h2c, or TLS with ALPN when a certificate is configured).
-It routes ``/v1/``, ``/v2/`` (the KServe v2 protocol over HTTP), ``/admin/``, ``/healthz``, ``/tokenize`` and
-``/detokenize`` to the REST gateway and gRPC calls of the public ``inferplane.v1.RouterService``, of the router's
-``inference.GRPCInferenceService`` (KServe v2 over gRPC, for ``tritonclient``), of gRPC health and of server
-reflection to the router (whose reflection describes only its public files); nothing else is routable, so the
-internal services (tokenizer, executor, metering, Triton) cannot be reached through the edge (404, or
-UNIMPLEMENTED for gRPC). Responses stream: no route timeout, a stream idle timeout instead. Envoy's own error replies to
-REST callers are OpenAI-shaped (``{"error": {...}}``).
+It routes ``/v1/``, ``/v2/`` (the KServe v2 protocol over HTTP), ``/admin/``, ``/dashboard`` (the usage page),
+``/healthz``, ``/tokenize`` and ``/detokenize`` to the REST gateway and gRPC calls of the public
+``inferplane.v1.RouterService``, of the router's ``inference.GRPCInferenceService`` (KServe v2 over gRPC, for
+``tritonclient``), of gRPC health and of server reflection to the router (whose reflection describes only its
+public files); nothing else is routable, so the internal services (tokenizer, executor, metering, Triton) cannot
+be reached through the edge (404, or UNIMPLEMENTED for gRPC). Responses stream: no route timeout, a stream idle
+timeout instead. Envoy's own error replies to REST callers are OpenAI-shaped (``{"error": {...}}``).
 
     python -m inferplane.edge.envoy --config .inferplane/stack.yaml --out envoy.yaml   # section ``edge``
 """
@@ -53,6 +53,9 @@ RETRY_ON = "connect-failure,refused-stream,reset-before-request"
 # Idle upstream connections are closed by Envoy after this long: shorter than the gateway's keep-alive
 # (GatewaySettings.keep_alive_s, 75 s), so the gateway never closes a connection Envoy is about to reuse.
 UPSTREAM_IDLE_TIMEOUT_S = 60
+# A route's tracing that samples nothing (the dashboard's sign-in: its token is in the query string).
+NEVER_SAMPLED = {f"{kind}_sampling": {"numerator": 0, "denominator": "HUNDRED"}
+                 for kind in ("client", "random", "overall")}
 
 
 class EdgeSettings(BaseSettings):
@@ -246,6 +249,14 @@ def _routes(s: EdgeSettings) -> list[dict[str, Any]]:
         {"name": "gateway-admin-upload", "match": {"path": "/admin/models/upload"},
          "route": _route_action(GATEWAY_CLUSTER, s), "typed_per_filter_config": unbuffered},
         {"name": "gateway-admin", "match": {"prefix": "/admin/"}, "route": _route_action(GATEWAY_CLUSTER, s)},
+        # the usage dashboard: its page, static files, JSON and sign-in (the link's token is in the query string,
+        # which the access log never writes: ACCESS_LOG_FORMAT's path is REQ_WITHOUT_QUERY)
+        # ... nor does a trace: the sign-in is never sampled (a span's http.url tag would carry the query)
+        {"name": "gateway-dashboard-login", "match": {"path": "/dashboard/login"},
+         "route": _route_action(GATEWAY_CLUSTER, s), "tracing": NEVER_SAMPLED},
+        {"name": "gateway-dashboard", "match": {"path": "/dashboard"}, "route": _route_action(GATEWAY_CLUSTER, s)},
+        {"name": "gateway-dashboard-pages", "match": {"prefix": "/dashboard/"},
+         "route": _route_action(GATEWAY_CLUSTER, s)},
         {"name": "gateway-health", "match": {"path": "/healthz"}, "route": _route_action(GATEWAY_CLUSTER, s),
          "typed_per_filter_config": unbuffered},
         *({"name": f"gateway-{path.strip('/')}", "match": {"path": path}, "route": _route_action(GATEWAY_CLUSTER, s)}

@@ -36,7 +36,7 @@ def usage_from_pb(pb: metering_pb2.UsageRecord) -> UsageRow:
         time_to_first_token_ms=pb.time_to_first_token_ms if pb.HasField("time_to_first_token_ms") else None,
         tenant_id=pb.tenant_id, cost_nanos=pb.cost_nanodollars if pb.HasField("cost_nanodollars") else None,
         price_version=pb.price_version, reservation_id=pb.reservation_id, cached=pb.cached,
-        model_version=pb.model_version,
+        model_version=pb.model_version, trace_id=pb.trace_id,
     )
 
 
@@ -46,7 +46,7 @@ def usage_to_pb(row: UsageRow) -> metering_pb2.UsageRecord:
         completion_tokens=row.completion_tokens, finish_reason=row.finish_reason, latency_ms=row.latency_ms,
         time_to_first_token_ms=row.time_to_first_token_ms, tenant_id=row.tenant_id,
         cost_nanodollars=row.cost_nanos, price_version=row.price_version, cached=row.cached,
-        cancelled=row.cancelled, model_version=row.model_version,
+        cancelled=row.cancelled, model_version=row.model_version, trace_id=row.trace_id,
     )
     pb.created_at.FromDatetime(row.created_at)
     return pb

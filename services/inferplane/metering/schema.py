@@ -31,6 +31,7 @@ MAX_TENANT_LENGTH = 64
 MAX_REQUEST_ID_LENGTH = 128
 MAX_MODEL_LENGTH = 256
 MAX_FINISH_REASON_LENGTH = 32
+TRACE_ID_LENGTH = 32  # W3C trace id: 16 bytes as lowercase hex
 DEFAULT_TENANT = "default"
 DEFAULT_SCOPES = "inference"
 
@@ -118,6 +119,8 @@ class UsageRecord(Base):
     cancelled: Mapped[bool] = mapped_column(Boolean, server_default=false())
     # The catalog version number of the model that served the request (NULL: from before model versions).
     model_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # The request's W3C trace id, 32 hex digits (NULL: not known, or from before trace ids).
+    trace_id: Mapped[str | None] = mapped_column(String(TRACE_ID_LENGTH), nullable=True)
 
 
 class PriceRow(Base):

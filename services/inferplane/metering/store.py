@@ -48,6 +48,7 @@ from inferplane.metering.schema import (
     MAX_NAME_LENGTH,
     MAX_REQUEST_ID_LENGTH,
     MAX_TENANT_LENGTH,
+    TRACE_ID_LENGTH,
     ApiKey,
     BudgetRow,
     PriceRow,
@@ -64,6 +65,7 @@ KEY_ID_LENGTH = 12
 # command line would take for an option) and the key splits unambiguously at fixed offsets.
 _KEY_ID_ALPHABET = string.ascii_letters + string.digits
 _KEY_RE = re.compile(rf"^{KEY_PREFIX}(?P<key_id>[A-Za-z0-9]{{{KEY_ID_LENGTH}}})-[A-Za-z0-9_-]{{16,256}}$")
+TRACE_ID = re.compile(rf"[0-9a-f]{{{TRACE_ID_LENGTH}}}")
 _TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # The one message for every bad key: it must not say which check failed, nor echo the key.
 BAD_KEY_MESSAGE = "Incorrect API key provided."
@@ -131,6 +133,8 @@ class UsageRow:
     cached: bool = False
     # The catalog version number of the model that served it; 0: not known.
     model_version: int = 0
+    # The request's W3C trace id (32 lowercase hex digits); empty: not known.
+    trace_id: str = ""
 
     def __post_init__(self) -> None:
         _require_text("request_id", self.request_id, MAX_REQUEST_ID_LENGTH)
@@ -148,6 +152,8 @@ class UsageRow:
                 raise InvalidArgument(f"{name} must not be negative (got {value})", param=name)
         if self.created_at.tzinfo is None:
             raise InvalidArgument("created_at must carry a time zone", param="created_at")
+        if self.trace_id and not TRACE_ID.fullmatch(self.trace_id):
+            raise InvalidArgument("trace_id must be 32 lowercase hex digits", param="trace_id")
 
     @property
     def cancelled(self) -> bool:
@@ -236,6 +242,7 @@ def _usage_row(row: UsageRecord) -> UsageRow:
         created_at=row.created_at, time_to_first_token_ms=row.time_to_first_token_ms,
         recorded_at=row.recorded_at, tenant_id=row.tenant_id, cost_nanos=row.cost_nanos,
         price_version=row.price_version or 0, cached=row.cached, model_version=row.model_version or 0,
+        trace_id=row.trace_id or "",
     )
 
 
@@ -624,7 +631,7 @@ class MeteringStore:
                 # The key's tenant as metering knows it wins over what a record claims.
                 tenant_id=tenants.get(r.key_id) or r.tenant_id or DEFAULT_TENANT, cost_nanos=cost,
                 price_version=price.price.version if price is not None else None, cached=r.cached,
-                cancelled=r.cancelled, model_version=r.model_version or None)
+                cancelled=r.cancelled, model_version=r.model_version or None, trace_id=r.trace_id or None)
         reservations = {r.request_id: r.reservation_id for r in recs if r.reservation_id}
         insert = (postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert)(UsageRecord)
         statement = insert.on_conflict_do_nothing(index_elements=["request_id"]).returning(UsageRecord.request_id)

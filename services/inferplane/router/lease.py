@@ -31,7 +31,7 @@ from inferplane.router import metrics
 from inferplane.router.admission import Admission, Metadata, Ticket, stamp
 from inferplane.router.capacity import ModelGate
 from inferplane.router.clients import KeyInfo
-from inferplane.router.usage import UsageRecorder, usage_record
+from inferplane.router.usage import UsageRecorder, current_trace_id, usage_record
 from inferplane.v1 import metering_pb2
 
 
@@ -150,6 +150,7 @@ class Lease:
         record = usage_record(self.request_id, self.key, self.model.id, self.prompt_tokens, self.completion_tokens,
                               self.finish or ERROR, self.clock.started, self.first_token_at, self.clock.created_at)
         record.model_version = self.model.version  # the version that served it (its catalog entry's, at the start)
+        record.trace_id = current_trace_id()
         if self.ticket is not None and self._admission is not None:
             cost = self._admission.settle(self.ticket, self.prompt_tokens, self.completion_tokens)
             stamp(record, self.ticket, cost)  # the record settles the reservation in metering, exactly once

@@ -12,6 +12,7 @@ import time
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
+from opentelemetry import trace
 
 from inferplane.router import metrics
 from inferplane.router.clients import KeyInfo, MeteringClient
@@ -61,6 +62,12 @@ class UsageRecorder:
         """Wait for the records still being written (at shutdown)."""
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+
+
+def current_trace_id() -> str:
+    """The current span's W3C trace id as 32 hex digits (sampled or not: the id exists either way), "" without one."""
+    context = trace.get_current_span().get_span_context()
+    return trace.format_trace_id(context.trace_id) if context.is_valid else ""
 
 
 def usage_record(request_id: str, key: KeyInfo, model: str, prompt_tokens: int, completion_tokens: int,
