@@ -122,8 +122,10 @@ def test_usage_carries_the_exact_cost_and_models_carry_pricing() -> None:
     assert "cost" not in (usage_dict(unpriced) or {})
     models = models_body(router_pb2.ListModelsResponse(models=[
         common_pb2.ModelInfo(id="tiny-llama", pricing=common_pb2.ModelPricing(
-            input_per_million_nanodollars=150_000_000, output_per_million_nanodollars=600_000_000, version=3)),
+            input_per_million_nanodollars=150_000_000, output_per_million_nanodollars=600_000_000, version=3,
+            cached_input_per_million_nanodollars=40_000_000)),
         common_pb2.ModelInfo(id="free")]))
     assert models["data"][0]["pricing"] == {"currency": "USD", "input_per_million_tokens": "0.15",
+                                            "cached_input_per_million_tokens": "0.04",
                                             "output_per_million_tokens": "0.6", "per_request": "0", "version": 3}
     assert "pricing" not in models["data"][1]

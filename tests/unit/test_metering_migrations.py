@@ -30,7 +30,7 @@ def database_url(tmp_path: Path) -> Iterator[str]:
 def test_head_matches_the_models(database_url: str) -> None:
     engine = make_engine(database_url)
     migrate(engine)
-    assert current_revision(engine) == "0003"
+    assert current_revision(engine) == "0004"
     with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
     engine.dispose()
@@ -41,7 +41,7 @@ def test_migrate_twice_is_a_no_op(database_url: str) -> None:
     engine = make_engine(database_url)
     migrate(engine)
     migrate(engine)
-    assert current_revision(engine) == "0003"
+    assert current_revision(engine) == "0004"
     engine.dispose()
 
 
@@ -65,7 +65,7 @@ def test_a_database_from_before_migrations_is_adopted_with_its_rows(database_url
     [row] = store.list_usage()
     assert (row.request_id, row.cost_nanos, row.price_version, row.cancelled) == ("old-1", 0, 0, True)
     assert row.created_at == datetime(2025, 12, 1, tzinfo=UTC)
-    assert current_revision(store.engine) == "0003"
+    assert current_revision(store.engine) == "0004"
     store.close()
 
 
@@ -78,5 +78,5 @@ def test_downgrade_to_the_first_cut_and_back(database_url: str) -> None:
     with engine.connect() as conn:
         assert set(inspect(conn).get_table_names()) == {"alembic_version", "api_keys", "usage_records"}
     migrate(engine)
-    assert current_revision(engine) == "0003"
+    assert current_revision(engine) == "0004"
     engine.dispose()

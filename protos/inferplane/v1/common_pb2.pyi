@@ -203,16 +203,18 @@ class ModelInfo(_message.Message):
     def __init__(self, id: _Optional[str] = ..., owned_by: _Optional[str] = ..., created: _Optional[int] = ..., tasks: _Optional[_Iterable[_Union[ModelTask, str]]] = ..., context_length: _Optional[int] = ..., pricing: _Optional[_Union[ModelPricing, _Mapping]] = ..., state: _Optional[_Union[ModelState, str]] = ...) -> None: ...
 
 class ModelPricing(_message.Message):
-    __slots__ = ("input_per_million_nanodollars", "output_per_million_nanodollars", "per_request_nanodollars", "version")
+    __slots__ = ("input_per_million_nanodollars", "output_per_million_nanodollars", "per_request_nanodollars", "version", "cached_input_per_million_nanodollars")
     INPUT_PER_MILLION_NANODOLLARS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_PER_MILLION_NANODOLLARS_FIELD_NUMBER: _ClassVar[int]
     PER_REQUEST_NANODOLLARS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    CACHED_INPUT_PER_MILLION_NANODOLLARS_FIELD_NUMBER: _ClassVar[int]
     input_per_million_nanodollars: int
     output_per_million_nanodollars: int
     per_request_nanodollars: int
     version: int
-    def __init__(self, input_per_million_nanodollars: _Optional[int] = ..., output_per_million_nanodollars: _Optional[int] = ..., per_request_nanodollars: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
+    cached_input_per_million_nanodollars: int
+    def __init__(self, input_per_million_nanodollars: _Optional[int] = ..., output_per_million_nanodollars: _Optional[int] = ..., per_request_nanodollars: _Optional[int] = ..., version: _Optional[int] = ..., cached_input_per_million_nanodollars: _Optional[int] = ...) -> None: ...
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content", "name", "tool_calls", "tool_call_id")

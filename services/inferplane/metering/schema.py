@@ -118,6 +118,8 @@ class UsageRecord(Base):
     cancelled: Mapped[bool] = mapped_column(Boolean, server_default=false())
     # The catalog version number of the model that served the request (NULL: from before model versions).
     model_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # Of prompt_tokens, those the model reused from its prefix cache (charged at the cached-input price).
+    cached_tokens: Mapped[int] = mapped_column(Integer, server_default=text("0"))
 
 
 class PriceRow(Base):
@@ -132,6 +134,8 @@ class PriceRow(Base):
     input_per_million_nanos: Mapped[int] = mapped_column(BigInteger)
     output_per_million_nanos: Mapped[int] = mapped_column(BigInteger)
     per_request_nanos: Mapped[int] = mapped_column(BigInteger)
+    # Per million prompt tokens reused from the model's prefix cache; NULL: the input price.
+    cached_input_per_million_nanos: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     # "catalog" or "admin".
     source: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())

@@ -375,9 +375,9 @@ class LlamaForCausalLM(nn.Module):
         (clamped to the cache's end), which the row's decode overwrites before reading them. Returns logits [B, V].
         """
         bsz, seqlen = idx.shape
-        max_len = self.model.layers[0].self_attn.kv_cache.max_seq_len  # type: ignore[union-attr]
+        max_len = self.kv_caches()[0].max_seq_len
         positions = offsets[:, None] + torch.arange(seqlen, device=idx.device)[None, :]  # [B, S]
-        end = int(min(int(offsets.max()) + seqlen, max_len))
+        end = min(int(offsets.max()) + seqlen, max_len)
         mask = torch.arange(end, device=idx.device)[None, None, :] <= positions[:, :, None]  # [B, S, T]
         attn = AttnSpan(end, mask[:, None], slots, write_positions=positions.clamp(max=max_len - 1))
         cos, sin = self.rope(positions.reshape(-1))  # [B*S, D]
