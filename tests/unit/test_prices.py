@@ -129,7 +129,8 @@ def test_a_model_without_prices_is_unpriced() -> None:
 
 
 def test_cached_prompt_tokens_are_charged_at_the_cached_price_exactly() -> None:
-    price = PriceNanos(input_per_million=100_000_000, output_per_million=400_000_000, cached_input_per_million=25_000_000)
+    price = PriceNanos(input_per_million=100_000_000, output_per_million=400_000_000,
+                       cached_input_per_million=25_000_000)
     # 300 prompt tokens of which 288 cached, 10 completion: (12 * 0.10 + 288 * 0.025 + 10 * 0.40) / 1e6 USD
     assert cost_nanos(price, 300, 10, 288) == (12 * 100_000_000 + 288 * 25_000_000 + 10 * 400_000_000) // 10**6
     assert price.cost(300, 10, 0) == price.cost(300, 10) > price.cost(300, 10, 288)
