@@ -2,7 +2,7 @@
 warm, in the LLM runtime itself (``BatchScheduler`` on the shipped tiny-llama, or a seeded random Llama of a larger
 shape with ``--shape``), no mesh around it. Prints figures; asserts nothing about speed.
 
-    .venv/bin/python -m bench.prefix_cache                 # tiny-llama, CPU, about 10 s
+    .venv/bin/python -m bench.prefix_cache                 # tiny-llama, CPU, a few seconds
     .venv/bin/python -m bench.prefix_cache --device cuda --shape 1b --dtype bfloat16
 
 Cold: each prompt has a system prompt never seen before (a miss: all 300 tokens computed). Warm: the same system
@@ -62,8 +62,10 @@ def main() -> None:
     parser.add_argument("--shape", choices=["tiny", *SHAPES], default="tiny")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: as the catalog runs on 2 cores)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     model = build(args)
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(1)
