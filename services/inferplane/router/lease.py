@@ -167,7 +167,7 @@ class Lease:
             "gen_ai.usage.cache_read.input_tokens": self.cached_tokens,
             "gen_ai.response.finish_reasons": [self.finish or ERROR]})
         metrics.observe(self.model.id, self.operation, self.finish or ERROR, prompt_tokens=self.prompt_tokens,
-                        completion_tokens=self.completion_tokens,
+                        completion_tokens=self.completion_tokens, cached_tokens=self.cached_tokens,
                         ttft_s=None if self.first_token_at is None else self.first_token_at - started,
                         duration_s=time.monotonic() - started,
                         last_token_s=None if self.last_token_at is None else self.last_token_at - started)

@@ -113,6 +113,7 @@ def test_referenced_blocks_survive_and_lru_evicts_under_the_budget() -> None:
     cache.store(model, b, 0)  # the pool is full: 2 blocks each
     held = cache.match(a)  # a's blocks are referenced
     assert held.tokens == 8
+    assert (cache.stats.blocks_used, cache.stats.blocks_referenced) == (4, 2)
     assert cache.store(model, c, 0) == 2, "c evicts b's blocks, the only unreferenced ones"
     assert cache.stats.evictions == 2
     probe = cache.match(b)
@@ -127,8 +128,10 @@ def test_referenced_blocks_survive_and_lru_evicts_under_the_budget() -> None:
     h1, h2 = cache.match(a), cache.match(ids(9, seed=8))
     assert h1.tokens == h2.tokens == 8
     assert cache.store(model, b, 0) == 0
+    assert cache.stats.blocks_referenced == 4
     cache.release(h1)
     cache.release(h2)
+    assert (cache.stats.blocks_used, cache.stats.blocks_referenced, cache.stats.evictions) == (4, 0, 4)
     with pytest.raises(AssertionError, match="released more often"):
         cache.release(type(h1)([0], 4))
 

@@ -6,7 +6,9 @@ per layer, see ``KVCache``). Each step:
 1. applies cancellations: a cancelled sequence leaves and its slot is free for this very step;
 2. admits waiting requests (FIFO) into free slots, lowest slot first, up to ``prefill_token_budget``
    padded prompt tokens: ONE batched prefill forward (prompts right-padded) writes each prompt's keys
-   into its slot and samples each sequence's first token;
+   into its slot and samples each sequence's first token. With a prefix cache (``prefix_cache_blocks`` > 0,
+   ``llama/prefix_cache.py``) a prompt's cached full blocks are copied into its slot first and the forward
+   computes only the rest, from that offset; afterwards its new full blocks are kept for later prompts;
 3. runs ONE batched decode forward over cache rows [0, hi) (hi = highest slot in use + 1): row b feeds
    its pending token at its own position and attends to its own prefix only (a per-row mask), so a
    sequence gets the same tokens alone or in a full batch. Free rows below hi (holes) ride along on a

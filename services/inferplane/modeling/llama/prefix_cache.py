@@ -93,6 +93,7 @@ class PrefixCache:
         self._lru: OrderedDict[int, None] = OrderedDict()  # unreferenced pool slots, least recently used first
         self._free = list(range(capacity - 1, -1, -1))  # never-used pool slots (a stack: lowest first)
         self._hits = self._queried = self._evictions = 0
+        self._used = self._referenced = 0  # blocks held, and of those referenced: kept as counts (stats is cheap)
 
     @staticmethod
     def bytes_per_block(model: LlamaForCausalLM, block_size: int = DEFAULT_BLOCK_SIZE) -> int:
@@ -101,9 +102,7 @@ class PrefixCache:
 
     @property
     def stats(self) -> PrefixStats:
-        used = sum(b is not None for b in self._blocks)
-        referenced = sum(b is not None and b.refs > 0 for b in self._blocks)
-        return PrefixStats(self.capacity, used, referenced, self._hits, self._queried, self._evictions)
+        return PrefixStats(self.capacity, self._used, self._referenced, self._hits, self._queried, self._evictions)
 
     # ------------------------------------------------------------------ the index
 
@@ -136,12 +135,14 @@ class PrefixCache:
             assert block is not None and block.refs > 0, f"pool slot {slot} released more often than matched"
             block.refs -= 1
             if block.refs == 0:
+                self._referenced -= 1
                 self._lru[slot] = None
         match.blocks, match.tokens = [], 0
 
     def _ref(self, slot: int, block: _Block) -> None:
         if block.refs == 0:
             self._lru.pop(slot, None)
+            self._referenced += 1
         block.refs += 1
 
     def _allocate(self) -> int | None:
@@ -156,6 +157,7 @@ class PrefixCache:
         del self._index[old.hash]
         self._blocks[slot] = None
         self._evictions += 1
+        self._used -= 1
         return slot
 
     # ------------------------------------------------------------------ keys and values
@@ -193,6 +195,7 @@ class PrefixCache:
                     break
                 self._blocks[slot] = _Block(h, parent, tokens)
                 self._index[h] = slot
+                self._used += 1
                 new_slots.append(slot)
                 new_starts.append(start)
             parent = h

@@ -14,8 +14,9 @@ Contract (the executor depends on it):
   response when it does not (coalescing under backpressure). A stop token ends the stream and is not sent, but
   counts in ``completion_tokens``.
 - then exactly one response flagged ``TRITONSERVER_RESPONSE_COMPLETE_FINAL`` with ``token_ids`` and
-  ``logprobs`` empty, ``finish_reason`` ("stop" | "length" | "cancelled"), ``prompt_tokens`` and
-  ``completion_tokens``. "length" covers both max_tokens and the context end (prompt + completion =
+  ``logprobs`` empty, ``finish_reason`` ("stop" | "length" | "cancelled"), ``prompt_tokens``,
+  ``completion_tokens`` and ``cached_tokens`` (of the prompt, those reused from the prefix cache: parameters
+  ``prefix_cache_blocks`` and ``prefix_block_size``, docs/prefix-cache.md). "length" covers both max_tokens and the context end (prompt + completion =
   max_context).
 - a bad request gets a single final response carrying a ``TritonError`` (INVALID_ARG); a request a broken step
   took down, one with INTERNAL.
