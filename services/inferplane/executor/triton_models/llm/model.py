@@ -16,8 +16,8 @@ Contract (the executor depends on it):
 - then exactly one response flagged ``TRITONSERVER_RESPONSE_COMPLETE_FINAL`` with ``token_ids`` and
   ``logprobs`` empty, ``finish_reason`` ("stop" | "length" | "cancelled"), ``prompt_tokens``,
   ``completion_tokens`` and ``cached_tokens`` (of the prompt, those reused from the prefix cache: parameters
-  ``prefix_cache_blocks`` and ``prefix_block_size``, docs/prefix-cache.md). "length" covers both max_tokens and the context end (prompt + completion =
-  max_context).
+  ``prefix_cache_blocks`` and ``prefix_block_size``, docs/prefix-cache.md). "length" covers both max_tokens
+  and the context end (prompt + completion = max_context).
 - a bad request gets a single final response carrying a ``TritonError`` (INVALID_ARG); a request a broken step
   took down, one with INTERNAL.
 The names, types and shapes are ``inferplane.modeling.contract.LLM``'s.
