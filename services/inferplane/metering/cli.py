@@ -216,10 +216,10 @@ def _usage(store: MeteringStore, args: argparse.Namespace) -> int:
         dicts: list[dict[str, Any]] = [{**dataclasses.asdict(r), "cost": format_usd(r.cost_nanos)} for r in summary]
     else:
         rows = store.list_usage(key_id=args.key_id, limit=args.limit, tenant_id=args.tenant, start=start, end=until)
-        header = ["CREATED", "REQUEST_ID", "KEY_ID", "TENANT", "MODEL", "PROMPT", "COMPLETION", "FINISH",
+        header = ["CREATED", "REQUEST_ID", "KEY_ID", "TENANT", "MODEL", "PROMPT", "CACHED", "COMPLETION", "FINISH",
                   "LATENCY_MS", "TTFT_MS", "COST_USD", "PRICE_V"]
         table = [[_when(r.created_at), r.request_id, r.key_id, r.tenant_id, r.model, str(r.prompt_tokens),
-                  str(r.completion_tokens), r.finish_reason, str(r.latency_ms),
+                  str(r.cached_tokens), str(r.completion_tokens), r.finish_reason, str(r.latency_ms),
                   "-" if r.time_to_first_token_ms is None else str(r.time_to_first_token_ms),
                   format_usd(r.cost_nanos or 0), str(r.price_version or "-")] for r in rows]
         dicts = [_jsonable({**dataclasses.asdict(r), "cancelled": r.cancelled, "cost": format_usd(r.cost_nanos or 0)})
