@@ -204,3 +204,29 @@ def test_shipped_tiny_llama_same_text_with_a_warm_cache() -> None:
     reused = len(system) // 16 * 16
     assert reused > 0 and all(f.cached_tokens == reused for f in finish.values())
     assert cached.stats.prefix_blocks_used > 0 and cached.stats.prefix_blocks_total == 64
+
+
+def test_a_store_never_evicts_its_own_chain_and_a_hash_collision_reuses_nothing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    model = seeded_model()
+    model.setup_caches(1, 128)
+    cache = PrefixCache(model, capacity=3, block_size=4)
+    base = ids(8, seed=12)
+    cache.store(model, base, 0)  # 2 blocks
+    cache.store(model, ids(5, seed=13), 0)  # 1 block: the pool is full, base's blocks are the least recent
+    # base + 2 more blocks: one slot is free only by eviction; base's own blocks are held, so the other prompt's goes
+    assert cache.store(model, base + ids(8, seed=14), 0) == 1
+    hit = cache.match([*base, *ids(8, seed=14), 3])
+    assert hit.tokens == 12, "the chain base -> its third block survives"
+    cache.release(hit)
+
+    import inferplane.modeling.llama.prefix_cache as prefix_cache
+
+    monkeypatch.setattr(prefix_cache, "block_hash", lambda parent, tokens: 7)  # every block collides
+    colliding = PrefixCache(model, capacity=4, block_size=4)
+    a, b = ids(9, seed=15), ids(9, seed=16)
+    assert colliding.store(model, a, 0) == 1, "the second block's hash is taken by the first: nothing deeper"
+    miss = colliding.match(b)
+    assert miss.tokens == 0, "same hash, other tokens: not a hit"
+    assert colliding.store(model, b, 0) == 0
+    assert colliding.match(a).tokens == 4

@@ -178,6 +178,7 @@ class PrefixCache:
         """Keep the full blocks of the prompt ``token_ids``, prefilled into cache row ``row``, that the pool lacks;
         return how many blocks were added. Stops at the first block it cannot place (every slot referenced)."""
         parent, new_slots, new_starts = ROOT_HASH, [], []
+        pinned = PrefixMatch()  # the chain's blocks already cached: held while deeper ones are placed
         for start in range(0, len(token_ids) - self.block_size + 1, self.block_size):
             tokens = tuple(token_ids[start:start + self.block_size])
             h = block_hash(parent, tokens)
@@ -187,8 +188,8 @@ class PrefixCache:
                 assert block is not None
                 if block.tokens != tokens or block.parent != parent:
                     break  # a hash collision: keep what is there, cache nothing deeper
-                if block.refs == 0:
-                    self._lru.move_to_end(slot)  # a use: now the most recently used
+                self._ref(slot, block)  # not evicted to make room for its own descendants
+                pinned.blocks.append(slot)
             else:
                 slot = self._allocate()
                 if slot is None:
@@ -199,6 +200,7 @@ class PrefixCache:
                 new_slots.append(slot)
                 new_starts.append(start)
             parent = h
+        self.release(pinned)  # now the most recently used
         # New blocks are unreferenced: evictable, the deepest first
         for slot in reversed(new_slots):
             self._lru[slot] = None
