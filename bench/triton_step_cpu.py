@@ -82,7 +82,8 @@ class CountingSink:
                top_ids: Sequence[int] = (), top_logprobs: Sequence[float] = ()) -> None:
         self.count += len(token_ids)
 
-    def finished(self, key: Hashable, reason: str, prompt_tokens: int, completion_tokens: int) -> None:
+    def finished(self, key: Hashable, reason: str, prompt_tokens: int, completion_tokens: int,
+                 cached_tokens: int = 0) -> None:
         self._end()
 
     def failed(self, key: Hashable, error: InferplaneError) -> None:

@@ -19,6 +19,7 @@ class Ended:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: InferplaneError | None = None
+    cached_tokens: int = 0
 
 
 @dataclass
@@ -50,9 +51,10 @@ class RecordingSink:
         self.logprobs_of.setdefault(key, []).extend(logprobs)
         self.token_calls += 1
 
-    def finished(self, key: Hashable, reason: str, prompt_tokens: int, completion_tokens: int) -> None:
+    def finished(self, key: Hashable, reason: str, prompt_tokens: int, completion_tokens: int,
+                 cached_tokens: int = 0) -> None:
         self._event(key)
-        self.ended[key] = Ended(reason, prompt_tokens, completion_tokens)
+        self.ended[key] = Ended(reason, prompt_tokens, completion_tokens, cached_tokens=cached_tokens)
 
     def failed(self, key: Hashable, error: InferplaneError) -> None:
         self._event(key)

@@ -49,6 +49,7 @@ def test_register_price_serve_bill_and_delete_a_model(stack: LocalStack, api_key
     took = wait_for(lambda: MODEL in listed(), PICKUP_S, "listed")
     entry = listed()[MODEL]
     assert entry["pricing"] == {"currency": "USD", "input_per_million_tokens": "1.5",
+                                "cached_input_per_million_tokens": "1.5",  # none set: the input price
                                 "output_per_million_tokens": "3", "per_request": "0.000002",
                                 "version": made.json()["price"]["version"]}, entry
     assert [m.id for m in client.models.list().data].count(MODEL) == 1

@@ -207,7 +207,7 @@ async def test_1000_mixed_requests_with_disconnects_reconcile_exactly(ledger_sta
     for s in seen:
         row = rows[s.request_id]
         assert row.key_id == s.key_id
-        assert row.cost_nanos == p.cost(row.prompt_tokens, row.completion_tokens)
+        assert row.cost_nanos == p.cost(row.prompt_tokens, row.completion_tokens, row.cached_tokens)
         if s.disconnected:
             # billed for what was generated: at least what reached the client, never more than asked for
             assert s.received_chunks <= row.completion_tokens <= s.max_tokens, (s, row)

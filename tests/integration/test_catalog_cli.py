@@ -26,11 +26,17 @@ def test_register_set_price_change_and_delete(config: Path, capsys: pytest.Captu
     assert "registered my-finetune: version 1 on Triton model tiny-llama" in capsys.readouterr().out
     model = listed(capsys, config)["my-finetune"]
     assert (model["triton_model"], model["owned_by"], model["tokenizer"]) == ("tiny-llama", "acme", "models/tiny-llama")
-    assert model["price"] == {"input_per_million": "0.2", "output_per_million": "0.8", "per_request": "0",
+    assert model["price"] == {"input_per_million": "0.2", "cached_input_per_million": "0.2",
+                              "output_per_million": "0.8", "per_request": "0",
                               "version": model["price"]["version"]}  # type: ignore[index]
+    assert cli("models", "set-price", "my-finetune", "--cached-input", "0.05", "--config", str(config)) == 0
     assert cli("models", "set-price", "my-finetune", "--per-request", "0.001", "--config", str(config)) == 0
     model = listed(capsys, config)["my-finetune"]
     assert model["price"]["input_per_million"] == "0.2" and model["price"]["per_request"] == "0.001"  # type: ignore[index]
+    assert model["price"]["cached_input_per_million"] == "0.05"  # type: ignore[index]  # kept by a later set-price
+    assert cli("models", "set-price", "my-finetune", "--input", "0.01", "--config", str(config)) == 0
+    model = listed(capsys, config)["my-finetune"]
+    assert model["price"]["cached_input_per_million"] == "0.01"  # type: ignore[index]  # not above the input price
     assert cli("models", "set", "my-finetune", "--version", "2=tiny-llama", "--serve", "2", "--set",
                "context_length=256", "--config", str(config)) == 0
     model = listed(capsys, config)["my-finetune"]

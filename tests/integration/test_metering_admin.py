@@ -69,6 +69,16 @@ async def test_set_price_versions_and_bad_prices(metering: Metering) -> None:  #
         await s.SetPrice(metering_pb2.SetPriceRequest(model="tiny-llama", per_request_nanodollars=999),
                          metadata=bearer(admin), timeout=5)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    cached = await s.SetPrice(metering_pb2.SetPriceRequest(model="tiny-llama", input_per_million_nanodollars=100,
+                                                           cached_input_per_million_nanodollars=25),
+                              metadata=bearer(admin), timeout=5)
+    assert cached.HasField("cached_input_per_million_nanodollars") and cached.cached_input_per_million_nanodollars == 25
+    assert not price.HasField("cached_input_per_million_nanodollars")  # none set: the input price applies
+    with pytest.raises(grpc.aio.AioRpcError) as err:  # a cached price above the input price
+        await s.SetPrice(metering_pb2.SetPriceRequest(model="tiny-llama", input_per_million_nanodollars=100,
+                                                      cached_input_per_million_nanodollars=101),
+                         metadata=bearer(admin), timeout=5)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cached_input" in (err.value.details() or "")
 
 
 async def test_a_key_reads_only_its_own_usage(metering: Metering) -> None:  # noqa: F811
@@ -141,6 +151,9 @@ def test_cli_keys_prices_budgets_usage(config: Path, capsys: pytest.CaptureFixtu
     assert "nano-dollar" in capsys.readouterr().err
     assert cli("prices", "list", "--config", c) == 0
     assert "0.15" in capsys.readouterr().out
+    assert cli("prices", "set", "tiny-llama", "--input", "0.15", "--cached-input", "0.16", "--output", "0.6",
+               "--config", c) == 2
+    assert "cached_input_per_million" in capsys.readouterr().err
 
     assert cli("budgets", "set", "--tenant", "acme", "--limit", "100", "--config", c) == 0
     assert cli("budgets", "list", "--config", c) == 0

@@ -55,10 +55,19 @@ async def test_admin_keys_prices_budgets_over_rest(metering: Metering, http: htt
     price = await http.put("/admin/prices/tiny-llama", headers=auth(admin),
                            json={"input_per_million": "0.20", "output_per_million": "0.80", "per_request": "0.0001"})
     assert price.status_code == 200 and price.json()["per_request"] == "0.0001"
+    assert price.json()["cached_input_per_million_tokens"] == "0.2"  # none set: the input price
     bad = await http.put("/admin/prices/tiny-llama", headers=auth(admin), json={"input_per_million": "0.0000000001"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "input_per_million"
+    too_dear = await http.put("/admin/prices/tiny-llama", headers=auth(admin),
+                              json={"input_per_million": "0.20", "cached_input_per_million": "0.30"})
+    assert too_dear.status_code == 400 and "cached_input_per_million" in too_dear.json()["error"]["message"]
+    cheap = await http.put("/admin/prices/tiny-llama", headers=auth(admin),
+                           json={"input_per_million": "0.20", "cached_input_per_million": "0.05",
+                                 "output_per_million": "0.80"})
+    assert cheap.status_code == 200 and cheap.json()["cached_input_per_million_tokens"] == "0.05"
     prices = (await http.get("/admin/prices", params={"history": "true"}, headers=auth(admin))).json()["data"]
-    assert [p["input_per_million_tokens"] for p in prices] == ["0.15", "0.2"]
+    assert [p["input_per_million_tokens"] for p in prices] == ["0.15", "0.2", "0.2"]
+    assert [p["cached_input_per_million_tokens"] for p in prices] == ["0.15", "0.2", "0.05"]
     assert (await http.get("/admin/prices", headers=auth(user))).status_code == 403
 
     revoked = await http.delete(f"/admin/keys/{body['id']}", headers=auth(admin))
@@ -122,8 +131,10 @@ def test_usage_carries_the_exact_cost_and_models_carry_pricing() -> None:
     assert "cost" not in (usage_dict(unpriced) or {})
     models = models_body(router_pb2.ListModelsResponse(models=[
         common_pb2.ModelInfo(id="tiny-llama", pricing=common_pb2.ModelPricing(
-            input_per_million_nanodollars=150_000_000, output_per_million_nanodollars=600_000_000, version=3)),
+            input_per_million_nanodollars=150_000_000, output_per_million_nanodollars=600_000_000, version=3,
+            cached_input_per_million_nanodollars=40_000_000)),
         common_pb2.ModelInfo(id="free")]))
     assert models["data"][0]["pricing"] == {"currency": "USD", "input_per_million_tokens": "0.15",
+                                            "cached_input_per_million_tokens": "0.04",
                                             "output_per_million_tokens": "0.6", "per_request": "0", "version": 3}
     assert "pricing" not in models["data"][1]

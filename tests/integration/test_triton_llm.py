@@ -3,7 +3,8 @@
 The server serves two copies rendered by ``render_llm_model`` with models/tiny-llama: ``llm`` (the
 checkpoint's full context, 32 sequences batched together) and ``llm_ctx`` (max_context 32, to reach the
 context end quickly, and max_sequences 1, so that concurrent requests queue). Each version folder carries its
-own copy of ``inferplane.modeling``, which the model loads.
+own copy of ``inferplane.modeling``, which the model loads. ``llm_prefix`` has a prefix cache of 32 blocks of 8
+tokens.
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ SHORT_CONTEXT = 32
 PROMPT = "Create a new"  # greedy: ~25 tokens of docstring before </s>
 
 
-def render_model(repo: Path, name: str, *, max_context: int, max_sequences: int = 32) -> None:
-    render_llm_model(name, TINY_LLAMA, repo, torch_threads=1, max_context=max_context, max_sequences=max_sequences)
+def render_model(repo: Path, name: str, *, max_context: int, max_sequences: int = 32,
+                 extra: dict[str, str] | None = None) -> None:
+    render_llm_model(name, TINY_LLAMA, repo, torch_threads=1, max_context=max_context, max_sequences=max_sequences,
+                     extra=extra)
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +50,8 @@ def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonProcess]:
     work = tmp_path_factory.mktemp("triton")
     render_model(work / "repo", "llm", max_context=0)
     render_model(work / "repo", "llm_ctx", max_context=SHORT_CONTEXT, max_sequences=1)
+    render_model(work / "repo", "llm_prefix", max_context=0, max_sequences=4,
+                 extra={"prefix_cache_blocks": "32", "prefix_block_size": "8"})
     server = TritonProcess(work / "repo", backend_dir=prepare_backend_dir(work / "cache"), log_path=work / "log")
     server.start()
     assert server.proc is not None
@@ -350,3 +355,24 @@ async def test_requests_beyond_max_sequences_queue_and_all_complete(triton: Trit
         ref_ids, _, gen = reference_run(reference, prompt, max_tokens=100, max_context=SHORT_CONTEXT)
         assert result.tokens == ref_ids and result.final["finish_reason"] == gen.finish_reason
     assert seen_queued >= 1
+
+
+async def test_a_repeated_prompt_reports_its_cached_tokens_in_the_final_response(
+        triton: TritonProcess, reference: tuple[LlamaForCausalLM, Tokenizer, frozenset[int]]) -> None:
+    _, tok, eos = reference
+    prompt = tok.encode("Return the number of items in the list, and the list of the given name. " * 2).ids
+    client = TritonLLMClient(triton.grpc_url)
+    try:
+        async def once(model: str) -> tuple[list[int], int]:
+            chunks = [c async for c in client.generate(model, GenerateParams(prompt, 12, stop_token_ids=sorted(eos)))]
+            assert chunks[-1].finish_reason is not None and chunks[-1].prompt_tokens == len(prompt)
+            return [t for c in chunks for t in c.token_ids], chunks[-1].cached_tokens
+
+        plain, none = await once("llm")
+        cold, first = await once("llm_prefix")
+        warm, second = await once("llm_prefix")
+    finally:
+        await client.close()
+    assert none == first == 0
+    assert second == (len(prompt) - 1) // 8 * 8 > 0
+    assert plain == cold == warm

@@ -21,7 +21,8 @@ from inferplane.v1 import metering_pb2
 
 MODEL = CatalogModel(id="m", triton_model="m", tokenizer="/tmp", context_length=100)
 KEY = KeyInfo(key_id="k1", name="k1", tenant_id="t1")
-PRICE = PriceNanos(input_per_million=1_000_000_000, output_per_million=2_000_000_000, version=7)
+PRICE = PriceNanos(input_per_million=1_000_000_000, output_per_million=2_000_000_000, version=7,
+                   cached_input_per_million=250_000_000)
 
 
 class FakeAdmission:
@@ -33,9 +34,9 @@ class FakeAdmission:
         return Ticket(key, model.id, f"res-{request_id}", PRICE.cost(prompt_tokens, max_tokens), PRICE,
                       (("x-ratelimit-remaining-requests", "4"),))
 
-    def settle(self, ticket: Ticket, prompt_tokens: int, completion_tokens: int) -> int:
+    def settle(self, ticket: Ticket, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> int:
         assert ticket.price is not None
-        return ticket.price.cost(prompt_tokens, completion_tokens)
+        return ticket.price.cost(prompt_tokens, completion_tokens, cached_tokens)
 
     async def release(self, ticket: Ticket) -> None:
         self.released.append(ticket.reservation_id)
@@ -72,6 +73,18 @@ async def test_a_finished_request_leaves_one_settled_record_before_the_lease_is_
     assert (record.reservation_id, record.price_version, record.tenant_id) == ("res-r1", 7, "t1")
     assert record.cost_nanodollars == it.cost == PRICE.cost(3, 4)
     assert adm.released == [] and g.running == 0
+
+
+async def test_cached_prompt_tokens_go_on_the_record_and_are_charged_at_the_cached_price() -> None:
+    g, adm, metering = gate(), FakeAdmission(), FakeMetering()
+    async with lease(g, adm, metering) as it:
+        it.began()
+        it.tokens(4)
+        it.finished("stop", prompt_tokens=3, completion_tokens=4, cached_tokens=2)
+    [record] = metering.records
+    assert record.cached_tokens == 2
+    # 1 prompt token at $1/M, 2 cached at $0.25/M, 4 completion tokens at $2/M: 1,000 + 500 + 8,000 nano-dollars
+    assert record.cost_nanodollars == it.cost == 9_500 < PRICE.cost(3, 4)
 
 
 async def test_a_request_that_never_reached_an_executor_releases_its_reservation_and_leaves_no_record() -> None:

@@ -101,6 +101,23 @@ def test_a_price_change_never_rewrites_history(store: MeteringStore) -> None:
     assert store.current_prices()["tiny-llama"].price.version == v2.price.version
 
 
+def test_cached_prompt_tokens_are_stored_and_charged_at_the_cached_price(store: MeteringStore) -> None:
+    key, _ = store.create_key("k")
+    cheap = PriceNanos(input_per_million=150_000_000, output_per_million=600_000_000,
+                       cached_input_per_million=30_000_000)
+    v = store.set_price("tiny-llama", cheap)
+    assert store.current_prices()["tiny-llama"].price.cached_input_per_million == 30_000_000
+    store.record_usage(usage("warm", key.key_id, prompt=300, completion=10, price_version=v.price.version,
+                             cached_tokens=288))
+    store.record_usage(usage("cold", key.key_id, prompt=300, completion=10, price_version=v.price.version))
+    rows = {r.request_id: r for r in store.list_usage()}
+    assert (rows["warm"].cached_tokens, rows["cold"].cached_tokens) == (288, 0)
+    assert rows["warm"].cost_nanos == 12 * 150 + 288 * 30 + 10 * 600  # 16,440 nano-dollars
+    assert rows["cold"].cost_nanos == 300 * 150 + 10 * 600
+    with pytest.raises(InvalidArgument, match="cached_tokens"):
+        usage("bad", key.key_id, prompt=3, cached_tokens=4)
+
+
 def test_a_record_without_a_price_version_is_charged_at_the_price_in_force_when_accepted(
         store: MeteringStore) -> None:
     key, _ = store.create_key("k")

@@ -22,7 +22,7 @@ from inferplane.metering.store import MeteringStore
 SECRET = b"migration-test-secret-0123456789"
 
 
-HEAD = "0004"
+HEAD = "0005"
 
 
 @pytest.fixture

@@ -126,3 +126,34 @@ def test_the_shipped_catalog_prices_every_model(tmp_path: Path) -> None:
 
 def test_a_model_without_prices_is_unpriced() -> None:
     assert CatalogModel.model_validate({"id": "m", "triton_model": "m", "tokenizer": "."}).prices is None
+
+
+def test_cached_prompt_tokens_are_charged_at_the_cached_price_exactly() -> None:
+    price = PriceNanos(input_per_million=100_000_000, output_per_million=400_000_000,
+                       cached_input_per_million=25_000_000)
+    # 300 prompt tokens of which 288 cached, 10 completion: (12 * 0.10 + 288 * 0.025 + 10 * 0.40) / 1e6 USD
+    assert cost_nanos(price, 300, 10, 288) == (12 * 100_000_000 + 288 * 25_000_000 + 10 * 400_000_000) // 10**6
+    assert price.cost(300, 10, 0) == price.cost(300, 10) > price.cost(300, 10, 288)
+    # no cached price: the input price, so cached tokens cost what they did before
+    plain = PriceNanos(input_per_million=100_000_000, output_per_million=400_000_000)
+    assert plain.cached_input == 100_000_000 and plain.cost(300, 10, 288) == plain.cost(300, 10)
+    # one rounding of the whole sum, half to even: 2.5 + 0.5 = 3 nano-dollars (rounding each part would give 2 + 0)
+    odd = PriceNanos(input_per_million=2_500_000, cached_input_per_million=500_000)
+    assert cost_nanos(odd, 2, 0, 1) == 3
+    assert cost_nanos(odd, 1, 0, 1) == 0  # 0.5 -> 0 (half to even)
+    with pytest.raises(AssertionError, match="some of the prompt"):
+        cost_nanos(price, 3, 0, 4)
+
+
+def test_a_cached_price_above_the_input_price_is_refused() -> None:
+    with pytest.raises(MoneyError, match="cached_input_per_million"):
+        PriceNanos(input_per_million=100, cached_input_per_million=101)
+    with pytest.raises(ValidationError, match="cached_input_per_million"):
+        CatalogModel.model_validate(_model(input_per_million="0.10", cached_input_per_million="0.20"))
+
+
+def test_the_shipped_tiny_llama_has_a_lower_cached_price_and_a_prefix_cache() -> None:
+    model = load_catalog(CATALOG).get("tiny-llama")
+    assert model is not None and model.prices is not None and model.prefix_cache_blocks > 0
+    nanos = model.prices.nanos()
+    assert nanos.cached_input_per_million is not None and nanos.cached_input_per_million < nanos.input_per_million

@@ -94,6 +94,8 @@ class PriceBody(BaseModel):
     input_per_million: str = "0"
     output_per_million: str = "0"
     per_request: str = "0"
+    # Per million prompt tokens reused from the prefix cache; absent: the input price.
+    cached_input_per_million: str | None = None
 
 
 # --- conversions -------------------------------------------------------------------------------------
@@ -140,6 +142,9 @@ def key_dict(k: metering_pb2.ApiKeyInfo) -> dict[str, Any]:
 def price_dict(p: metering_pb2.Price) -> dict[str, Any]:
     return {"model": p.model, "currency": "USD",
             "input_per_million_tokens": format_usd(p.input_per_million_nanodollars),
+            "cached_input_per_million_tokens": format_usd(
+                p.cached_input_per_million_nanodollars if p.HasField("cached_input_per_million_nanodollars")
+                else p.input_per_million_nanodollars),
             "output_per_million_tokens": format_usd(p.output_per_million_nanodollars),
             "per_request": format_usd(p.per_request_nanodollars), "version": p.version, "source": p.source,
             "effective_at": _iso(p.effective_at)}
@@ -266,6 +271,8 @@ def admin_router(metering_addr: str, *, timeout_s: float = 10.0, uploads_dir: Pa
             model=model, input_per_million_nanodollars=_nanos(body.input_per_million, "input_per_million"),
             output_per_million_nanodollars=_nanos(body.output_per_million, "output_per_million"),
             per_request_nanodollars=_nanos(body.per_request, "per_request"))
+        if body.cached_input_per_million is not None:
+            req.cached_input_per_million_nanodollars = _nanos(body.cached_input_per_million, "cached_input_per_million")
         return JSONResponse(price_dict(await call(request, "SetPrice", req)))
 
     @router.get("/admin/budgets")

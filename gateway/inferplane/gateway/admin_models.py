@@ -30,6 +30,7 @@ class ModelPriceBody(BaseModel):
     input_per_million: str = "0"
     output_per_million: str = "0"
     per_request: str = "0"
+    cached_input_per_million: str | None = None  # prompt tokens reused from the prefix cache; absent: the input price
 
 
 class CreateModelBody(BaseModel):
@@ -99,7 +100,9 @@ def add_model_routes(router: APIRouter, call: Call, *, parse: Callable[[Request,
         return metering_pb2.PriceAmounts(
             input_per_million_nanodollars=nanos(body.input_per_million, "price.input_per_million"),
             output_per_million_nanodollars=nanos(body.output_per_million, "price.output_per_million"),
-            per_request_nanodollars=nanos(body.per_request, "price.per_request"))
+            per_request_nanodollars=nanos(body.per_request, "price.per_request"),
+            cached_input_per_million_nanodollars=None if body.cached_input_per_million is None
+            else nanos(body.cached_input_per_million, "price.cached_input_per_million"))
 
     def changed(resp: metering_pb2.ModelChange, status: int = 200, **extra: Any) -> Response:
         return JSONResponse({**model_dict(resp.model, price_dict, iso), "catalog_version": resp.catalog_version,

@@ -281,7 +281,13 @@ def event(kind: str, data: dict[str, Any]) -> bytes:
 
 
 def usage_of(msg: router_pb2.GenerateResponse) -> dict[str, int]:
-    return {"input_tokens": msg.usage.prompt_tokens, "output_tokens": msg.usage.completion_tokens}
+    """Anthropic's usage: ``input_tokens`` counts the prompt tokens computed; those the model reused from its prefix
+    cache are ``cache_read_input_tokens`` (present when there were some), as Anthropic splits a cached prompt."""
+    u = msg.usage
+    if u.cached_tokens:
+        return {"input_tokens": u.prompt_tokens - u.cached_tokens, "output_tokens": u.completion_tokens,
+                "cache_read_input_tokens": u.cached_tokens, "cache_creation_input_tokens": 0}
+    return {"input_tokens": u.prompt_tokens, "output_tokens": u.completion_tokens}
 
 
 def cost_headers(msg: router_pb2.GenerateResponse) -> dict[str, str]:

@@ -75,14 +75,14 @@ def usage_dict(msg: router_pb2.GenerateResponse) -> dict[str, Any] | None:
     ``prompt_tokens_details.cached_tokens`` without a guard), plus the extension ``cost``: exact USD as a string
     ("0.000123") when the request was priced (the router's ``cost_nanodollars``).
 
-    The breakdowns are zero: nothing is cached until prefix caching exists, and no model here reasons, hears or
-    predicts."""
+    ``prompt_tokens_details.cached_tokens`` is the prompt tokens the model reused from its prefix cache (whole
+    blocks, docs/prefix-cache.md); the other breakdowns are zero: no model here reasons, hears or predicts."""
     if not msg.HasField("usage"):
         return None
     u = msg.usage
     out: dict[str, Any] = {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
                            "total_tokens": u.total_tokens,
-                           "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+                           "prompt_tokens_details": {"cached_tokens": u.cached_tokens, "audio_tokens": 0},
                            "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
                                                          "accepted_prediction_tokens": 0,
                                                          "rejected_prediction_tokens": 0}}
@@ -97,6 +97,7 @@ def pricing_dict(m: common_pb2.ModelInfo) -> dict[str, Any] | None:
         return None
     p = m.pricing
     return {"currency": "USD", "input_per_million_tokens": format_usd(p.input_per_million_nanodollars),
+            "cached_input_per_million_tokens": format_usd(p.cached_input_per_million_nanodollars),
             "output_per_million_tokens": format_usd(p.output_per_million_nanodollars),
             "per_request": format_usd(p.per_request_nanodollars), "version": p.version}
 

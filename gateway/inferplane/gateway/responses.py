@@ -54,7 +54,7 @@ def usage_of(msg: router_pb2.GenerateResponse) -> dict[str, Any] | None:
         return None
     u = msg.usage
     out: dict[str, Any] = {"input_tokens": u.prompt_tokens,
-                           "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                           "input_tokens_details": {"cached_tokens": u.cached_tokens, "cache_write_tokens": 0},
                            "output_tokens": u.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
                            "total_tokens": u.total_tokens}
     if u.HasField("cost_nanodollars"):

@@ -68,7 +68,7 @@ class VerifyKeyResponse(_message.Message):
     def __init__(self, key_id: _Optional[str] = ..., name: _Optional[str] = ..., tenant_id: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., scopes: _Optional[_Iterable[str]] = ..., requests_per_minute: _Optional[int] = ..., tokens_per_minute: _Optional[int] = ..., has_budget: _Optional[bool] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class UsageRecord(_message.Message):
-    __slots__ = ("request_id", "key_id", "model", "prompt_tokens", "completion_tokens", "finish_reason", "latency_ms", "time_to_first_token_ms", "created_at", "tenant_id", "cost_nanodollars", "price_version", "reservation_id", "cached", "cancelled", "model_version", "trace_id")
+    __slots__ = ("request_id", "key_id", "model", "prompt_tokens", "completion_tokens", "finish_reason", "latency_ms", "time_to_first_token_ms", "created_at", "tenant_id", "cost_nanodollars", "price_version", "reservation_id", "cached", "cancelled", "model_version", "trace_id", "cached_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +86,7 @@ class UsageRecord(_message.Message):
     CANCELLED_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     key_id: str
     model: str
@@ -103,7 +104,8 @@ class UsageRecord(_message.Message):
     cancelled: bool
     model_version: int
     trace_id: str
-    def __init__(self, request_id: _Optional[str] = ..., key_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ..., latency_ms: _Optional[int] = ..., time_to_first_token_ms: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., tenant_id: _Optional[str] = ..., cost_nanodollars: _Optional[int] = ..., price_version: _Optional[int] = ..., reservation_id: _Optional[str] = ..., cached: _Optional[bool] = ..., cancelled: _Optional[bool] = ..., model_version: _Optional[int] = ..., trace_id: _Optional[str] = ...) -> None: ...
+    cached_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., key_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ..., latency_ms: _Optional[int] = ..., time_to_first_token_ms: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., tenant_id: _Optional[str] = ..., cost_nanodollars: _Optional[int] = ..., price_version: _Optional[int] = ..., reservation_id: _Optional[str] = ..., cached: _Optional[bool] = ..., cancelled: _Optional[bool] = ..., model_version: _Optional[int] = ..., trace_id: _Optional[str] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class RecordUsageRequest(_message.Message):
     __slots__ = ("record",)
@@ -154,7 +156,7 @@ class ListUsageResponse(_message.Message):
     def __init__(self, records: _Optional[_Iterable[_Union[UsageRecord, _Mapping]]] = ...) -> None: ...
 
 class Price(_message.Message):
-    __slots__ = ("model", "input_per_million_nanodollars", "output_per_million_nanodollars", "per_request_nanodollars", "version", "effective_at", "source")
+    __slots__ = ("model", "input_per_million_nanodollars", "output_per_million_nanodollars", "per_request_nanodollars", "version", "effective_at", "source", "cached_input_per_million_nanodollars")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INPUT_PER_MILLION_NANODOLLARS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_PER_MILLION_NANODOLLARS_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +164,7 @@ class Price(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     EFFECTIVE_AT_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    CACHED_INPUT_PER_MILLION_NANODOLLARS_FIELD_NUMBER: _ClassVar[int]
     model: str
     input_per_million_nanodollars: int
     output_per_million_nanodollars: int
@@ -169,7 +172,8 @@ class Price(_message.Message):
     version: int
     effective_at: _timestamp_pb2.Timestamp
     source: str
-    def __init__(self, model: _Optional[str] = ..., input_per_million_nanodollars: _Optional[int] = ..., output_per_million_nanodollars: _Optional[int] = ..., per_request_nanodollars: _Optional[int] = ..., version: _Optional[int] = ..., effective_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ...) -> None: ...
+    cached_input_per_million_nanodollars: int
+    def __init__(self, model: _Optional[str] = ..., input_per_million_nanodollars: _Optional[int] = ..., output_per_million_nanodollars: _Optional[int] = ..., per_request_nanodollars: _Optional[int] = ..., version: _Optional[int] = ..., effective_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ..., cached_input_per_million_nanodollars: _Optional[int] = ...) -> None: ...
 
 class ReserveRequest(_message.Message):
     __slots__ = ("reservation_id", "key_id", "model", "prompt_tokens", "max_tokens")
@@ -354,16 +358,18 @@ class RevokeKeyRequest(_message.Message):
     def __init__(self, key_id: _Optional[str] = ...) -> None: ...
 
 class SetPriceRequest(_message.Message):
-    __slots__ = ("model", "input_per_million_nanodollars", "output_per_million_nanodollars", "per_request_nanodollars")
+    __slots__ = ("model", "input_per_million_nanodollars", "output_per_million_nanodollars", "per_request_nanodollars", "cached_input_per_million_nanodollars")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INPUT_PER_MILLION_NANODOLLARS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_PER_MILLION_NANODOLLARS_FIELD_NUMBER: _ClassVar[int]
     PER_REQUEST_NANODOLLARS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_INPUT_PER_MILLION_NANODOLLARS_FIELD_NUMBER: _ClassVar[int]
     model: str
     input_per_million_nanodollars: int
     output_per_million_nanodollars: int
     per_request_nanodollars: int
-    def __init__(self, model: _Optional[str] = ..., input_per_million_nanodollars: _Optional[int] = ..., output_per_million_nanodollars: _Optional[int] = ..., per_request_nanodollars: _Optional[int] = ...) -> None: ...
+    cached_input_per_million_nanodollars: int
+    def __init__(self, model: _Optional[str] = ..., input_per_million_nanodollars: _Optional[int] = ..., output_per_million_nanodollars: _Optional[int] = ..., per_request_nanodollars: _Optional[int] = ..., cached_input_per_million_nanodollars: _Optional[int] = ...) -> None: ...
 
 class SetBudgetRequest(_message.Message):
     __slots__ = ("scope", "subject_id", "limit_nanodollars", "period")
@@ -390,14 +396,16 @@ class ListBudgetsResponse(_message.Message):
     def __init__(self, budgets: _Optional[_Iterable[_Union[Budget, _Mapping]]] = ...) -> None: ...
 
 class PriceAmounts(_message.Message):
-    __slots__ = ("input_per_million_nanodollars", "output_per_million_nanodollars", "per_request_nanodollars")
+    __slots__ = ("input_per_million_nanodollars", "output_per_million_nanodollars", "per_request_nanodollars", "cached_input_per_million_nanodollars")
     INPUT_PER_MILLION_NANODOLLARS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_PER_MILLION_NANODOLLARS_FIELD_NUMBER: _ClassVar[int]
     PER_REQUEST_NANODOLLARS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_INPUT_PER_MILLION_NANODOLLARS_FIELD_NUMBER: _ClassVar[int]
     input_per_million_nanodollars: int
     output_per_million_nanodollars: int
     per_request_nanodollars: int
-    def __init__(self, input_per_million_nanodollars: _Optional[int] = ..., output_per_million_nanodollars: _Optional[int] = ..., per_request_nanodollars: _Optional[int] = ...) -> None: ...
+    cached_input_per_million_nanodollars: int
+    def __init__(self, input_per_million_nanodollars: _Optional[int] = ..., output_per_million_nanodollars: _Optional[int] = ..., per_request_nanodollars: _Optional[int] = ..., cached_input_per_million_nanodollars: _Optional[int] = ...) -> None: ...
 
 class CatalogModel(_message.Message):
     __slots__ = ("id", "spec_json", "versions", "version", "price", "source", "created_at", "updated_at")

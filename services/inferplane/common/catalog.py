@@ -34,10 +34,16 @@ class ModelPrices(BaseModel):
     input_per_million: str = "0"
     output_per_million: str = "0"
     per_request: str = "0"
+    # Per million prompt tokens the model reused from its prefix cache (usage's cached_tokens); None: the input
+    # price. At most the input price.
+    cached_input_per_million: str | None = None
 
-    @field_validator("input_per_million", "output_per_million", "per_request", mode="before")
+    @field_validator("input_per_million", "output_per_million", "per_request", "cached_input_per_million",
+                     mode="before")
     @classmethod
-    def _exact(cls, value: object, info: ValidationInfo) -> str:
+    def _exact(cls, value: object, info: ValidationInfo) -> str | None:
+        if value is None and info.field_name == "cached_input_per_million":
+            return None
         try:
             return format_usd(usd_to_nanos(value, field=info.field_name or "price"))  # type: ignore[arg-type]
         except MoneyError as exc:
@@ -45,8 +51,10 @@ class ModelPrices(BaseModel):
 
     def nanos(self) -> PriceNanos:
         """In nano-dollars (version 0: not numbered by metering yet); ``MoneyError`` when out of range."""
+        cached = self.cached_input_per_million
         return PriceNanos(usd_to_nanos(self.input_per_million), usd_to_nanos(self.output_per_million),
-                          usd_to_nanos(self.per_request))
+                          usd_to_nanos(self.per_request),
+                          cached_input_per_million=None if cached is None else usd_to_nanos(cached))
 
 
 class CatalogModel(BaseModel):
@@ -96,6 +104,11 @@ class CatalogModel(BaseModel):
     # Scale to zero (docs/model-control.md): an executor unloads the model from Triton after this many seconds
     # without a request; the next request waits while it loads again. 0: never unloaded.
     idle_unload_s: float = Field(default=0.0, ge=0)
+    # Prefix caching (docs/prefix-cache.md): the LLM keeps the keys and values of full blocks of prompt tokens, at
+    # most this many blocks of ``prefix_block_size`` tokens, and reuses them for prompts that start the same way.
+    # 0: no prefix cache.
+    prefix_cache_blocks: int = Field(default=0, ge=0)
+    prefix_block_size: int = Field(default=16, ge=1, le=1024)
 
     @model_validator(mode="after")
     def _idle_unload_tracked(self) -> CatalogModel:

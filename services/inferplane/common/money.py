@@ -1,9 +1,11 @@
 """Money as integers: nano-dollars (1 USD = 10**9), and the one rounding rule of a request's cost.
 
-Prices are whole nano-dollars: per million prompt tokens, per million completion tokens, per request.
-A request's exact cost is the rational number
+Prices are whole nano-dollars: per million prompt tokens, per million cached prompt tokens (those the model reused
+from its prefix cache; the input price when not set), per million completion tokens, per request. A request's exact
+cost is the rational number
 
-    (prompt_tokens * input_per_million + completion_tokens * output_per_million) / 10**6 + per_request
+    ((prompt_tokens - cached_tokens) * input_per_million + cached_tokens * cached_input_per_million
+     + completion_tokens * output_per_million) / 10**6 + per_request
 
 and it is rounded once, to a whole nano-dollar, half to even (``cost_nanos``). Nothing is a float;
 ``Decimal`` appears only at the edges, to read ``"0.15"`` and to print ``"0.000123"``.
@@ -65,6 +67,9 @@ class PriceNanos:
     output_per_million: int = 0
     per_request: int = 0
     version: int = 0
+    # Per million prompt tokens reused from the model's prefix cache; None: the input price. Never above the input
+    # price, so a reservation made as if nothing were cached covers every outcome.
+    cached_input_per_million: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("input_per_million", "output_per_million"):
@@ -72,20 +77,32 @@ class PriceNanos:
             if not 0 <= value <= MAX_PER_MILLION_NANOS:
                 raise MoneyError(f"{name}: {format_usd(value)} USD is outside 0 to "
                                  f"{format_usd(MAX_PER_MILLION_NANOS)} USD per million tokens")
+        cached = self.cached_input_per_million
+        if cached is not None and not 0 <= cached <= self.input_per_million:
+            raise MoneyError(f"cached_input_per_million: {format_usd(cached)} USD must be between 0 and the input "
+                             f"price, {format_usd(self.input_per_million)} USD per million tokens")
         if self.per_request != 0 and not MIN_PER_REQUEST_NANOS <= self.per_request <= MAX_PER_REQUEST_NANOS:
             raise MoneyError(f"per_request: {format_usd(self.per_request)} USD is outside "
                              f"{format_usd(MIN_PER_REQUEST_NANOS)} to {format_usd(MAX_PER_REQUEST_NANOS)} USD "
                              "(or 0)")
 
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> int:
-        return cost_nanos(self, prompt_tokens, completion_tokens)
+    @property
+    def cached_input(self) -> int:
+        """The price per million cached prompt tokens in force (the input price when none is set)."""
+        return self.input_per_million if self.cached_input_per_million is None else self.cached_input_per_million
+
+    def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> int:
+        return cost_nanos(self, prompt_tokens, completion_tokens, cached_tokens)
 
 
-def cost_nanos(price: PriceNanos, prompt_tokens: int, completion_tokens: int) -> int:
-    """A request's cost in nano-dollars: exact, rounded once, half to even. Monotonic in both token counts,
-    so a reservation made for (prompt, max_tokens) always covers the cost of (prompt, n <= max_tokens)."""
+def cost_nanos(price: PriceNanos, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> int:
+    """A request's cost in nano-dollars: exact, rounded once, half to even. Monotonic in both token counts and
+    never more for cached tokens, so a reservation made for (prompt, max_tokens, 0 cached) always covers the cost of
+    (prompt, n <= max_tokens, any cached)."""
     assert prompt_tokens >= 0 and completion_tokens >= 0, "token counts are never negative"
-    numerator = prompt_tokens * price.input_per_million + completion_tokens * price.output_per_million
+    assert 0 <= cached_tokens <= prompt_tokens, f"cached tokens ({cached_tokens}) are some of the prompt's"
+    numerator = ((prompt_tokens - cached_tokens) * price.input_per_million + cached_tokens * price.cached_input
+                 + completion_tokens * price.output_per_million)
     whole, rest = divmod(numerator, TOKENS_PER_PRICE_UNIT)
     half = TOKENS_PER_PRICE_UNIT // 2
     if rest > half or (rest == half and whole % 2 == 1):

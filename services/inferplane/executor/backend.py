@@ -34,8 +34,10 @@ class SequenceSink(Protocol):
         """New tokens of ``key``, in order (``logprobs``: the model's log-probability of each, or empty; with
         ``top_k``, ``top_k`` alternatives per token, most likely first, in ``top_ids``/``top_logprobs``)."""
 
-    def finished(self, key: Hashable, reason: str, prompt_tokens: int, completion_tokens: int) -> None:
-        """``key`` ended: ``reason`` is "stop", "length" or "cancelled"; the counts are the model's."""
+    def finished(self, key: Hashable, reason: str, prompt_tokens: int, completion_tokens: int,
+                 cached_tokens: int = 0) -> None:
+        """``key`` ended: ``reason`` is "stop", "length" or "cancelled"; the counts are the model's
+        (``cached_tokens``: of the prompt's tokens, those whose keys came from the model's prefix cache)."""
 
     def failed(self, key: Hashable, error: InferplaneError) -> None:
         """``key`` ended with an error (refused, or its model or Triton failed)."""

@@ -78,9 +78,10 @@ class FrameBuilder:
             ids.extend(top_ids)
             lps.extend(top_logprobs)
 
-    def finish(self, seq: int, reason: str, prompt_tokens: int, completion_tokens: int) -> None:
+    def finish(self, seq: int, reason: str, prompt_tokens: int, completion_tokens: int,
+               cached_tokens: int = 0) -> None:
         usage = common_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                                 total_tokens=prompt_tokens + completion_tokens)
+                                 total_tokens=prompt_tokens + completion_tokens, cached_tokens=cached_tokens)
         self._ended.append(executor_pb2.SequenceEnd(
             seq=seq, finish_reason=FINISH_TO_PB.get(reason, common_pb2.FINISH_REASON_ERROR), usage=usage))
 
@@ -284,14 +285,15 @@ class ChannelSession(SequenceSink):
             self._frame.tokens(key.seq, token_ids, logprobs, top_k, top_ids, top_logprobs)
             self._wake.set()
 
-    def finished(self, key: Hashable, reason: str, prompt_tokens: int, completion_tokens: int) -> None:
+    def finished(self, key: Hashable, reason: str, prompt_tokens: int, completion_tokens: int,
+                 cached_tokens: int = 0) -> None:
         assert isinstance(key, LiveSequence)
         if not self._end(key, ran_out=reason in (STOP, LENGTH)):
             return
         if key.expired and reason == CANCELLED:
             self._frame.fail(key.seq, DeadlineExceeded("the sequence ran past its timeout"))
         else:
-            self._frame.finish(key.seq, reason, prompt_tokens, completion_tokens)
+            self._frame.finish(key.seq, reason, prompt_tokens, completion_tokens, cached_tokens)
 
     def failed(self, key: Hashable, error: InferplaneError) -> None:
         assert isinstance(key, LiveSequence)
@@ -383,7 +385,8 @@ class PerRequestBackend(GenerationBackend):
                 if chunk.finish_reason is not None:
                     # Ended: a cancel from now on is a no-op (it must not cancel the finished Triton stream).
                     self._tasks.pop(key, None)
-                    sink.finished(key, chunk.finish_reason, chunk.prompt_tokens, chunk.completion_tokens)
+                    sink.finished(key, chunk.finish_reason, chunk.prompt_tokens, chunk.completion_tokens,
+                                  chunk.cached_tokens)
                     return
         except asyncio.CancelledError:
             self._tasks.pop(key, None)

@@ -287,9 +287,10 @@ class _CountingSink:
                top_ids: Sequence[int] = (), top_logprobs: Sequence[float] = ()) -> None:
         self.sink.tokens(key, token_ids, logprobs, top_k, top_ids, top_logprobs)
 
-    def finished(self, key: Hashable, reason: str, prompt_tokens: int, completion_tokens: int) -> None:
+    def finished(self, key: Hashable, reason: str, prompt_tokens: int, completion_tokens: int,
+                 cached_tokens: int = 0) -> None:
         self._end()
-        self.sink.finished(key, reason, prompt_tokens, completion_tokens)
+        self.sink.finished(key, reason, prompt_tokens, completion_tokens, cached_tokens)
 
     def failed(self, key: Hashable, error: InferplaneError) -> None:
         self._end()

@@ -165,9 +165,13 @@ def render_model(model: CatalogModel, out: Path, *, torch_threads: int = 0) -> P
     assert model.triton_template is None or not model.is_embedding, f"{model.id}: triton_template is for LLMs"
     assert model.triton_template is not None or not model.triton_parameters, (
         f"{model.id}: triton_parameters go with a triton_template")
+    extra = model.triton_parameters
+    if model.triton_template is None and model.prefix_cache_blocks:
+        extra = {LLM.PREFIX_CACHE_BLOCKS: str(model.prefix_cache_blocks),
+                 LLM.PREFIX_BLOCK_SIZE: str(model.prefix_block_size)}
     return render_llm_model(model.triton_model, model.checkpoint, out, instance_kind=model.instance_kind,
                             torch_threads=torch_threads, max_context=model.context_length,
-                            extra=model.triton_parameters, template=model.triton_template)
+                            extra=extra, template=model.triton_template)
 
 
 def render_repository(catalog: Catalog, out: Path, *, model_ids: list[str] | None = None,

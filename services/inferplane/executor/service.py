@@ -76,6 +76,7 @@ def chunk_to_pb(chunk: TritonChunk, final: TritonChunk | None) -> executor_pb2.E
         msg.usage.prompt_tokens = final.prompt_tokens
         msg.usage.completion_tokens = final.completion_tokens
         msg.usage.total_tokens = final.prompt_tokens + final.completion_tokens
+        msg.usage.cached_tokens = final.cached_tokens
     return msg
 
 

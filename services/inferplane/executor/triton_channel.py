@@ -53,6 +53,7 @@ _TOP_COUNTS, _TOP_IDS, _TOP_VALUES = (LLMChannel.TOP_COUNTS.name, LLM.TOP_TOKEN_
                                      LLM.TOP_LOGPROB_VALUES.name)
 _ENDED, _REASONS = LLMChannel.ENDED.name, LLMChannel.ENDED_REASONS.name
 _PROMPTS, _COMPLETIONS = LLMChannel.ENDED_PROMPT_TOKENS.name, LLMChannel.ENDED_COMPLETION_TOKENS.name
+_CACHED = LLMChannel.ENDED_CACHED_TOKENS.name  # absent from a model that predates it (or has no prefix cache)
 _FAILED, _CODES, _MESSAGES = LLMChannel.FAILED.name, LLMChannel.FAILED_CODES.name, LLMChannel.FAILED_MESSAGES.name
 _I64, _I32, _F32 = np.dtype("<i8"), np.dtype("<i4"), np.dtype("<f4")
 assert LLMChannel.SEQS.numpy_dtype == LLM.TOKEN_IDS.numpy_dtype == "<i8" and LLM.LOGPROBS.numpy_dtype == "<f4"
@@ -273,13 +274,15 @@ class _ModelStream:
                 top_at += n * k
         raw = cols.get(_ENDED)
         if raw is not None:
-            for seq, reason, prompt, completion in zip(
-                    np.frombuffer(raw, dtype=_I64).tolist(), _strings(cols[_REASONS]),
-                    np.frombuffer(cols[_PROMPTS], dtype=_I32).tolist(),
-                    np.frombuffer(cols[_COMPLETIONS], dtype=_I32).tolist(), strict=True):
+            seqs = np.frombuffer(raw, dtype=_I64).tolist()
+            cached_raw = cols.get(_CACHED)
+            cached = np.frombuffer(cached_raw, dtype=_I32).tolist() if cached_raw is not None else [0] * len(seqs)
+            for seq, reason, prompt, completion, reused in zip(
+                    seqs, _strings(cols[_REASONS]), np.frombuffer(cols[_PROMPTS], dtype=_I32).tolist(),
+                    np.frombuffer(cols[_COMPLETIONS], dtype=_I32).tolist(), cached, strict=True):
                 entry = self._end(seq)
                 if entry is not None:
-                    entry.sink.finished(entry.key, reason, prompt, completion)
+                    entry.sink.finished(entry.key, reason, prompt, completion, reused)
         raw = cols.get(_FAILED)
         if raw is not None:
             for seq, code, message in zip(np.frombuffer(raw, dtype=_I64).tolist(), _strings(cols[_CODES]),

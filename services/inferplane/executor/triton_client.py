@@ -58,6 +58,7 @@ class TritonChunk:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # of prompt_tokens, those reused from the model's prefix cache
     logprobs: list[float] = field(default_factory=list)
     top_k: int = 0  # alternatives per token in top_ids / top_logprobs
     top_ids: list[int] = field(default_factory=list)
@@ -142,7 +143,8 @@ def build_request(model: str, params: GenerateParams, request_id: str = "") -> s
 # The output names, bound once: parse_response runs for every streamed response.
 _TOKEN_IDS, _FINISH_REASON, _LOGPROBS = LLM.TOKEN_IDS.name, LLM.FINISH_REASON.name, LLM.LOGPROBS.name
 _TOP_IDS, _TOP_VALUES = LLM.TOP_TOKEN_IDS.name, LLM.TOP_LOGPROB_VALUES.name
-_PROMPT_TOKENS, _COMPLETION_TOKENS = LLM.PROMPT_TOKENS.name, LLM.COMPLETION_TOKENS.name
+_PROMPT_TOKENS, _COMPLETION_TOKENS, _CACHED_TOKENS = (LLM.PROMPT_TOKENS.name, LLM.COMPLETION_TOKENS.name,
+                                                      LLM.CACHED_TOKENS.name)
 _INTS = {datatype: NUMPY_DTYPES[datatype] for datatype in ("INT64", "INT32")}
 
 
@@ -165,6 +167,8 @@ def parse_response(resp: service_pb2.ModelInferResponse) -> TritonChunk:
             chunk.prompt_tokens = int(np.frombuffer(raw, dtype=_INTS[out.datatype])[0])
         elif out.name == _COMPLETION_TOKENS:
             chunk.completion_tokens = int(np.frombuffer(raw, dtype=_INTS[out.datatype])[0])
+        elif out.name == _CACHED_TOKENS:
+            chunk.cached_tokens = int(np.frombuffer(raw, dtype=_INTS[out.datatype])[0])
     if chunk.top_ids and chunk.token_ids:
         chunk.top_k = len(chunk.top_ids) // len(chunk.token_ids)
     return chunk

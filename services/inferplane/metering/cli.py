@@ -70,6 +70,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     pset.add_argument("--input", required=True, help="USD per million prompt tokens, e.g. 0.15")
     pset.add_argument("--output", required=True, help="USD per million completion tokens, e.g. 0.60")
     pset.add_argument("--per-request", default="0", help="USD per request (0, or 0.000001 to 0.50)")
+    pset.add_argument("--cached-input", default=None,
+                      help="USD per million prompt tokens reused from the prefix cache (default: the input price)")
     pset.set_defaults(func=_command(_prices_set))
     plist = prices_sub.add_parser("list", parents=[common], help="current prices (or --history)")
     plist.add_argument("--history", action="store_true", help="every price version, oldest first")
@@ -166,20 +168,21 @@ def _keys_revoke(store: MeteringStore, args: argparse.Namespace) -> int:
 
 
 def _prices_set(store: MeteringStore, args: argparse.Namespace) -> int:
+    cached = None if args.cached_input is None else usd_to_nanos(args.cached_input, field="--cached-input")
     price = PriceNanos(usd_to_nanos(args.input, field="--input"), usd_to_nanos(args.output, field="--output"),
-                       usd_to_nanos(args.per_request, field="--per-request"))
+                       usd_to_nanos(args.per_request, field="--per-request"), cached_input_per_million=cached)
     info = store.set_price(args.model, price)
     print(f"price of {info.model} is now version {info.price.version}: ${format_usd(price.input_per_million)} "
-          f"/ ${format_usd(price.output_per_million)} per million tokens in / out, "
-          f"${format_usd(price.per_request)} per request")
+          f"/ ${format_usd(price.output_per_million)} per million tokens in / out "
+          f"(${format_usd(price.cached_input)} cached in), ${format_usd(price.per_request)} per request")
     return 0
 
 
 def _prices_list(store: MeteringStore, args: argparse.Namespace) -> int:
     prices = store.price_history() if args.history else sorted(store.current_prices().values(),
                                                                key=lambda p: p.model)
-    _table(["MODEL", "VERSION", "INPUT_PER_M", "OUTPUT_PER_M", "PER_REQUEST", "SOURCE", "SINCE"],
-           [[p.model, str(p.price.version), format_usd(p.price.input_per_million),
+    _table(["MODEL", "VERSION", "INPUT_PER_M", "CACHED_INPUT_PER_M", "OUTPUT_PER_M", "PER_REQUEST", "SOURCE", "SINCE"],
+           [[p.model, str(p.price.version), format_usd(p.price.input_per_million), format_usd(p.price.cached_input),
              format_usd(p.price.output_per_million), format_usd(p.price.per_request), p.source,
              _when(p.effective_at)] for p in prices])
     return 0
@@ -213,10 +216,10 @@ def _usage(store: MeteringStore, args: argparse.Namespace) -> int:
         dicts: list[dict[str, Any]] = [{**dataclasses.asdict(r), "cost": format_usd(r.cost_nanos)} for r in summary]
     else:
         rows = store.list_usage(key_id=args.key_id, limit=args.limit, tenant_id=args.tenant, start=start, end=until)
-        header = ["CREATED", "REQUEST_ID", "KEY_ID", "TENANT", "MODEL", "PROMPT", "COMPLETION", "FINISH",
+        header = ["CREATED", "REQUEST_ID", "KEY_ID", "TENANT", "MODEL", "PROMPT", "CACHED", "COMPLETION", "FINISH",
                   "LATENCY_MS", "TTFT_MS", "COST_USD", "PRICE_V"]
         table = [[_when(r.created_at), r.request_id, r.key_id, r.tenant_id, r.model, str(r.prompt_tokens),
-                  str(r.completion_tokens), r.finish_reason, str(r.latency_ms),
+                  str(r.cached_tokens), str(r.completion_tokens), r.finish_reason, str(r.latency_ms),
                   "-" if r.time_to_first_token_ms is None else str(r.time_to_first_token_ms),
                   format_usd(r.cost_nanos or 0), str(r.price_version or "-")] for r in rows]
         dicts = [_jsonable({**dataclasses.asdict(r), "cancelled": r.cancelled, "cost": format_usd(r.cost_nanos or 0)})

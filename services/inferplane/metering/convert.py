@@ -37,6 +37,7 @@ def usage_from_pb(pb: metering_pb2.UsageRecord) -> UsageRow:
         tenant_id=pb.tenant_id, cost_nanos=pb.cost_nanodollars if pb.HasField("cost_nanodollars") else None,
         price_version=pb.price_version, reservation_id=pb.reservation_id, cached=pb.cached,
         model_version=pb.model_version, trace_id=pb.trace_id,
+        cached_tokens=pb.cached_tokens,
     )
 
 
@@ -47,6 +48,7 @@ def usage_to_pb(row: UsageRow) -> metering_pb2.UsageRecord:
         time_to_first_token_ms=row.time_to_first_token_ms, tenant_id=row.tenant_id,
         cost_nanodollars=row.cost_nanos, price_version=row.price_version, cached=row.cached,
         cancelled=row.cancelled, model_version=row.model_version, trace_id=row.trace_id,
+        cached_tokens=row.cached_tokens,
     )
     pb.created_at.FromDatetime(row.created_at)
     return pb
@@ -78,7 +80,8 @@ def price_to_pb(info: PriceInfo) -> metering_pb2.Price:
     return metering_pb2.Price(model=info.model, input_per_million_nanodollars=p.input_per_million,
                               output_per_million_nanodollars=p.output_per_million,
                               per_request_nanodollars=p.per_request, version=p.version,
-                              effective_at=ts(info.effective_at), source=info.source)
+                              effective_at=ts(info.effective_at), source=info.source,
+                              cached_input_per_million_nanodollars=p.cached_input_per_million)
 
 
 def budget_to_pb(info: BudgetInfo) -> metering_pb2.Budget:
@@ -134,9 +137,15 @@ def spec_from_json(text: str) -> dict[str, Any]:
     return value
 
 
+def optional_cached_input(pb: metering_pb2.PriceAmounts | metering_pb2.SetPriceRequest) -> int | None:
+    """The cached-input price a message sets (None: not set, the input price applies)."""
+    field = "cached_input_per_million_nanodollars"
+    return pb.cached_input_per_million_nanodollars if pb.HasField(field) else None
+
+
 def amounts_from_pb(pb: metering_pb2.PriceAmounts) -> PriceNanos:
     try:
         return PriceNanos(pb.input_per_million_nanodollars, pb.output_per_million_nanodollars,
-                          pb.per_request_nanodollars)
+                          pb.per_request_nanodollars, cached_input_per_million=optional_cached_input(pb))
     except MoneyError as exc:
         raise InvalidArgument(str(exc), param="price") from None

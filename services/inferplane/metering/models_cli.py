@@ -51,6 +51,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     price.add_argument("--input", default=None, help="USD per million prompt tokens, e.g. 0.15")
     price.add_argument("--output", default=None, help="USD per million completion tokens, e.g. 0.60")
     price.add_argument("--per-request", default=None, help="USD per request (0, or 0.000001 to 0.50)")
+    price.add_argument("--cached-input", default=None,
+                       help="USD per million prompt tokens reused from the prefix cache (default: the input price)")
 
     settings = argparse.ArgumentParser(add_help=False)
     settings.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
@@ -145,14 +147,21 @@ def _settings(pairs: list[str]) -> dict[str, Any]:
 
 
 def _price(args: argparse.Namespace, current: PriceNanos | None = None) -> PriceNanos | None:
-    given = (args.input, args.output, args.per_request)
+    given = (args.input, args.output, args.per_request, args.cached_input)
     if all(v is None for v in given):
         return None
     base = current or PriceNanos()
+    # a cached-input price not given is kept, unless a new input price falls below it (then: the input price)
+    input_price = usd_to_nanos(args.input, field="--input") if args.input is not None else base.input_per_million
+    cached = (usd_to_nanos(args.cached_input, field="--cached-input") if args.cached_input is not None
+              else base.cached_input_per_million)
+    if args.cached_input is None and cached is not None and cached > input_price:
+        cached = None
     return PriceNanos(
-        usd_to_nanos(args.input, field="--input") if args.input is not None else base.input_per_million,
+        input_price,
         usd_to_nanos(args.output, field="--output") if args.output is not None else base.output_per_million,
-        usd_to_nanos(args.per_request, field="--per-request") if args.per_request is not None else base.per_request)
+        usd_to_nanos(args.per_request, field="--per-request") if args.per_request is not None else base.per_request,
+        cached_input_per_million=cached)
 
 
 def _show(store: MeteringStore, entry: ModelEntry, version: int, verb: str) -> None:
@@ -177,6 +186,7 @@ def _list(store: MeteringStore, args: argparse.Namespace) -> int:
         print(json.dumps({"catalog_version": version, "models": [
             {**m.entry(), "source": m.source, "price": None if m.id not in prices else {
                 "input_per_million": format_usd(prices[m.id].price.input_per_million),
+                "cached_input_per_million": format_usd(prices[m.id].price.cached_input),
                 "output_per_million": format_usd(prices[m.id].price.output_per_million),
                 "per_request": format_usd(prices[m.id].price.per_request),
                 "version": prices[m.id].price.version}} for m in models]}, indent=2))
@@ -220,7 +230,7 @@ def _set_price(store: MeteringStore, args: argparse.Namespace) -> int:
     current = store.current_price(args.model)
     price = _price(args, current.price if current is not None else None)
     if price is None:
-        raise InvalidArgument("give at least one of --input, --output, --per-request")
+        raise InvalidArgument("give at least one of --input, --output, --per-request, --cached-input")
     entry, version = store.update_model(args.model, price=price)
     _show(store, entry, version, "repriced")
     return 0

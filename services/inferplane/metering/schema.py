@@ -121,6 +121,8 @@ class UsageRecord(Base):
     model_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
     # The request's W3C trace id, 32 hex digits (NULL: not known, or from before trace ids).
     trace_id: Mapped[str | None] = mapped_column(String(TRACE_ID_LENGTH), nullable=True)
+    # Of prompt_tokens, those the model reused from its prefix cache (charged at the cached-input price).
+    cached_tokens: Mapped[int] = mapped_column(Integer, server_default=text("0"))
 
 
 class PriceRow(Base):
@@ -135,6 +137,8 @@ class PriceRow(Base):
     input_per_million_nanos: Mapped[int] = mapped_column(BigInteger)
     output_per_million_nanos: Mapped[int] = mapped_column(BigInteger)
     per_request_nanos: Mapped[int] = mapped_column(BigInteger)
+    # Per million prompt tokens reused from the model's prefix cache; NULL: the input price.
+    cached_input_per_million_nanos: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     # "catalog" or "admin".
     source: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())

@@ -25,6 +25,7 @@ from inferplane.metering.convert import (
     dt,
     key_to_pb,
     model_to_pb,
+    optional_cached_input,
     period_name,
     price_to_pb,
     scope_name,
@@ -216,7 +217,8 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         await self._admin(context)
         try:
             price = PriceNanos(request.input_per_million_nanodollars, request.output_per_million_nanodollars,
-                               request.per_request_nanodollars)
+                               request.per_request_nanodollars,
+                               cached_input_per_million=optional_cached_input(request))
         except MoneyError as exc:
             raise InvalidArgument(str(exc), param="price") from None
         return price_to_pb(await asyncio.to_thread(self._store.set_price, request.model, price))

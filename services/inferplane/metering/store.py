@@ -135,6 +135,8 @@ class UsageRow:
     model_version: int = 0
     # The request's W3C trace id (32 lowercase hex digits); empty: not known.
     trace_id: str = ""
+    # Of prompt_tokens, those the model reused from its prefix cache.
+    cached_tokens: int = 0
 
     def __post_init__(self) -> None:
         _require_text("request_id", self.request_id, MAX_REQUEST_ID_LENGTH)
@@ -146,10 +148,13 @@ class UsageRow:
         if len(self.reservation_id) > MAX_REQUEST_ID_LENGTH:
             raise InvalidArgument("reservation_id is too long", param="reservation_id")
         for name in ("prompt_tokens", "completion_tokens", "latency_ms", "time_to_first_token_ms", "cost_nanos",
-                     "price_version", "model_version"):
+                     "price_version", "model_version", "cached_tokens"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise InvalidArgument(f"{name} must not be negative (got {value})", param=name)
+        if self.cached_tokens > self.prompt_tokens:
+            raise InvalidArgument(f"cached_tokens ({self.cached_tokens}) exceeds prompt_tokens ({self.prompt_tokens})",
+                                  param="cached_tokens")
         if self.created_at.tzinfo is None:
             raise InvalidArgument("created_at must carry a time zone", param="created_at")
         if self.trace_id and not TRACE_ID.fullmatch(self.trace_id):
@@ -243,23 +248,26 @@ def _usage_row(row: UsageRecord) -> UsageRow:
         recorded_at=row.recorded_at, tenant_id=row.tenant_id, cost_nanos=row.cost_nanos,
         price_version=row.price_version or 0, cached=row.cached, model_version=row.model_version or 0,
         trace_id=row.trace_id or "",
+        cached_tokens=row.cached_tokens,
     )
 
 
 def _price_info(row: PriceRow) -> PriceInfo:
     return PriceInfo(row.model, PriceNanos(row.input_per_million_nanos, row.output_per_million_nanos,
-                                           row.per_request_nanos, row.id), row.source, row.created_at)
+                                           row.per_request_nanos, row.id, row.cached_input_per_million_nanos),
+                     row.source, row.created_at)
 
 
 def _price_row(model: str, price: PriceNanos, source: str) -> PriceRow:
     _require_text("model", model, MAX_MODEL_LENGTH)
     try:
-        price = PriceNanos(price.input_per_million, price.output_per_million, price.per_request)
+        price = PriceNanos(price.input_per_million, price.output_per_million, price.per_request,
+                           cached_input_per_million=price.cached_input_per_million)
     except MoneyError as exc:
         raise InvalidArgument(str(exc), param="price") from None
     return PriceRow(model=model, input_per_million_nanos=price.input_per_million,
                     output_per_million_nanos=price.output_per_million, per_request_nanos=price.per_request,
-                    source=source, created_at=_now())
+                    cached_input_per_million_nanos=price.cached_input_per_million, source=source, created_at=_now())
 
 
 def _budget_info(row: BudgetRow) -> BudgetInfo:
@@ -456,8 +464,8 @@ class MeteringStore:
         for model, seed in sorted(seeds.items()):
             now = current.get(model)
             same = now is not None and (now.price.input_per_million, now.price.output_per_million,
-                                        now.price.per_request) == (seed.input_per_million,
-                                                                   seed.output_per_million, seed.per_request)
+                                        now.price.per_request, now.price.cached_input_per_million) == (
+                seed.input_per_million, seed.output_per_million, seed.per_request, seed.cached_input_per_million)
             if now is None or (now.source == "catalog" and not same):
                 added.append(self.set_price(model, seed, source="catalog"))
         return added
@@ -620,7 +628,7 @@ class MeteringStore:
             if r.request_id in firsts:
                 continue
             price = self._price_for(r.model, r.price_version, r.created_at, history)
-            cost = price.price.cost(r.prompt_tokens, r.completion_tokens) if price is not None else 0
+            cost = price.price.cost(r.prompt_tokens, r.completion_tokens, r.cached_tokens) if price is not None else 0
             if r.cost_nanos is not None and r.cost_nanos != cost:
                 log.warning("request %s: the router said %d nano-dollars, the ledger charges %d", r.request_id,
                             r.cost_nanos, cost)
@@ -631,7 +639,8 @@ class MeteringStore:
                 # The key's tenant as metering knows it wins over what a record claims.
                 tenant_id=tenants.get(r.key_id) or r.tenant_id or DEFAULT_TENANT, cost_nanos=cost,
                 price_version=price.price.version if price is not None else None, cached=r.cached,
-                cancelled=r.cancelled, model_version=r.model_version or None, trace_id=r.trace_id or None)
+                cancelled=r.cancelled, model_version=r.model_version or None, trace_id=r.trace_id or None,
+                cached_tokens=r.cached_tokens)
         reservations = {r.request_id: r.reservation_id for r in recs if r.reservation_id}
         insert = (postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert)(UsageRecord)
         statement = insert.on_conflict_do_nothing(index_elements=["request_id"]).returning(UsageRecord.request_id)

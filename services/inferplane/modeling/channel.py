@@ -67,7 +67,7 @@ class _News:
     top_k: int = 0  # alternatives per token in top_ids / top_logprobs
     top_ids: list[int] = field(default_factory=list)
     top_logprobs: list[float] = field(default_factory=list)
-    end: tuple[str, int, int] | None = None  # (reason, prompt_tokens, completion_tokens)
+    end: tuple[str, int, int, int] | None = None  # (reason, prompt_tokens, completion_tokens, cached_tokens)
     fail: tuple[str, str] | None = None  # (TritonError code, message)
 
 
@@ -212,11 +212,12 @@ class ChannelHub:
                     news.top_ids += top_ids or []
                     news.top_logprobs += top_logprobs or []
 
-    def finished(self, key: SeqKey, reason: str, prompt_tokens: int, completion_tokens: int) -> None:
+    def finished(self, key: SeqKey, reason: str, prompt_tokens: int, completion_tokens: int,
+                 cached_tokens: int = 0) -> None:
         with self._lock:
             news = self._news(key)
             if news is not None:
-                news.end = (reason, prompt_tokens, completion_tokens)
+                news.end = (reason, prompt_tokens, completion_tokens, cached_tokens)
                 self._channels[key.channel].live.discard(key.seq)
 
     def failed(self, key: SeqKey, code: str, message: str) -> None:
@@ -268,7 +269,7 @@ class ChannelHub:
         """One response with the columns of ``LLMChannel.OUTPUTS`` (a group only when it has rows)."""
         seqs, counts, ids, logprobs = [], [], [], []
         top_counts, top_ids, top_logprobs = [], [], []
-        ended, reasons, prompts, completions = [], [], [], []
+        ended, reasons, prompts, completions, cached = [], [], [], [], []
         failed, codes, messages = [], [], []
         for seq, item in news.items():
             if item.ids:
@@ -288,6 +289,7 @@ class ChannelHub:
                 reasons.append(item.end[0])
                 prompts.append(item.end[1])
                 completions.append(item.end[2])
+                cached.append(item.end[3])
         tensor, out = self._pb.Tensor, []
         if seqs:
             out += [tensor(LLMChannel.SEQS.name, np.array(seqs, dtype=_INT64)),
@@ -302,7 +304,8 @@ class ChannelHub:
             out += [tensor(LLMChannel.ENDED.name, np.array(ended, dtype=_INT64)),
                     tensor(LLMChannel.ENDED_REASONS.name, _bytes(reasons)),
                     tensor(LLMChannel.ENDED_PROMPT_TOKENS.name, np.array(prompts, dtype=_INT32)),
-                    tensor(LLMChannel.ENDED_COMPLETION_TOKENS.name, np.array(completions, dtype=_INT32))]
+                    tensor(LLMChannel.ENDED_COMPLETION_TOKENS.name, np.array(completions, dtype=_INT32)),
+                    tensor(LLMChannel.ENDED_CACHED_TOKENS.name, np.array(cached, dtype=_INT32))]
         if failed:
             out += [tensor(LLMChannel.FAILED.name, np.array(failed, dtype=_INT64)),
                     tensor(LLMChannel.FAILED_CODES.name, _bytes(codes)),

@@ -59,7 +59,8 @@ class LLM:
     """The decoupled token-streaming LLM (``triton_models/llm``).
 
     One request per stream: token responses (``TOKEN_IDS`` n >= 1, ``LOGPROBS`` n) as tokens are produced, then
-    one response flagged final with both empty and ``FINISH_REASON``, ``PROMPT_TOKENS``, ``COMPLETION_TOKENS``.
+    one response flagged final with both empty and ``FINISH_REASON``, ``PROMPT_TOKENS``, ``COMPLETION_TOKENS``,
+    ``CACHED_TOKENS``.
     A refused request gets a single final error response (INVALID_ARG) instead.
     """
 
@@ -92,11 +93,13 @@ class LLM:
     FINISH_REASON: Final = TensorSpec("finish_reason", "BYTES", (1,))  # one of FINISH_REASONS, UTF-8
     PROMPT_TOKENS: Final = TensorSpec("prompt_tokens", "INT32", (1,))
     COMPLETION_TOKENS: Final = TensorSpec("completion_tokens", "INT32", (1,))  # stop tokens included
+    # Of PROMPT_TOKENS, those whose keys and values were reused from the prefix cache (not computed)
+    CACHED_TOKENS: Final = TensorSpec("cached_tokens", "INT32", (1,))
     # With TOP_LOGPROBS k: k candidate ids per token of TOKEN_IDS (most likely first), and their log-probabilities
     TOP_TOKEN_IDS: Final = TensorSpec("top_token_ids", "INT64", (-1,))
     TOP_LOGPROB_VALUES: Final = TensorSpec("top_logprob_values", "FP32", (-1,))
     OUTPUTS: Final = (TOKEN_IDS, LOGPROBS, FINISH_REASON, PROMPT_TOKENS, COMPLETION_TOKENS, TOP_TOKEN_IDS,
-                      TOP_LOGPROB_VALUES)
+                      TOP_LOGPROB_VALUES, CACHED_TOKENS)
     MAX_TOP_LOGPROBS: Final = 20
 
     # "length": max_tokens or the context's end; "cancelled": the client left or the model unloaded
@@ -105,7 +108,12 @@ class LLM:
     MAX_CONTEXT: Final = "max_context"  # parameter: prompt + completion limit; 0 = max_position_embeddings
     MAX_SEQUENCES: Final = "max_sequences"  # parameter: sequences decoded together (KV-cache slots); 0 = 32
     IPC_DUTY: Final = "ipc_duty"  # parameter, optional: the IPC thread's busy fraction before tokens coalesce
-    PARAMETERS: Final = (CHECKPOINT_DIR, TORCH_THREADS, MAX_CONTEXT, MAX_SEQUENCES, DTYPE, IPC_DUTY)
+    # parameters, optional: the prefix cache's budget in blocks (0 or absent: no prefix cache) and its block size in
+    # tokens (absent: 16); docs/prefix-cache.md
+    PREFIX_CACHE_BLOCKS: Final = "prefix_cache_blocks"
+    PREFIX_BLOCK_SIZE: Final = "prefix_block_size"
+    PARAMETERS: Final = (CHECKPOINT_DIR, TORCH_THREADS, MAX_CONTEXT, MAX_SEQUENCES, DTYPE, IPC_DUTY,
+                         PREFIX_CACHE_BLOCKS, PREFIX_BLOCK_SIZE)
 
 
 class LLMChannel:
@@ -127,7 +135,8 @@ class LLMChannel:
       ``TOP_COUNTS`` [n] with ``LLM.TOP_TOKEN_IDS``/``LLM.TOP_LOGPROB_VALUES`` [sum(COUNTS * TOP_COUNTS)] when a
       sequence of the frame asked for top log-probabilities;
     - ``ENDED`` [e], ``ENDED_REASONS`` [e] (``LLM.FINISH_REASONS``), ``ENDED_PROMPT_TOKENS`` [e],
-      ``ENDED_COMPLETION_TOKENS`` [e]: the sequences that finished (after their last tokens in the same frame);
+      ``ENDED_COMPLETION_TOKENS`` [e], ``ENDED_CACHED_TOKENS`` [e]: the sequences that finished (after their last
+      tokens in the same frame);
     - ``FAILED`` [f], ``FAILED_CODES`` [f] (the TritonError code names above), ``FAILED_MESSAGES`` [f].
     """
 
@@ -143,11 +152,12 @@ class LLMChannel:
     ENDED_REASONS: Final = TensorSpec("ended_reasons", "BYTES", (-1,))
     ENDED_PROMPT_TOKENS: Final = TensorSpec("ended_prompt_tokens", "INT32", (-1,))
     ENDED_COMPLETION_TOKENS: Final = TensorSpec("ended_completion_tokens", "INT32", (-1,))
+    ENDED_CACHED_TOKENS: Final = TensorSpec("ended_cached_tokens", "INT32", (-1,))  # prompt tokens reused
     FAILED: Final = TensorSpec("failed_seqs", "INT64", (-1,))
     FAILED_CODES: Final = TensorSpec("failed_codes", "BYTES", (-1,))
     FAILED_MESSAGES: Final = TensorSpec("failed_messages", "BYTES", (-1,))
     OUTPUTS: Final = (SEQS, COUNTS, TOP_COUNTS, ENDED, ENDED_REASONS, ENDED_PROMPT_TOKENS, ENDED_COMPLETION_TOKENS,
-                      FAILED, FAILED_CODES, FAILED_MESSAGES)
+                      FAILED, FAILED_CODES, FAILED_MESSAGES, ENDED_CACHED_TOKENS)
 
     TRACEPARENT: Final = "traceparent"  # an open's request parameter (string): the caller's sampled span
     # Triton's custom metric of the responses a model sent, labels model and mode (MODES): the hop counter

@@ -66,8 +66,9 @@ class Ticket:
 
 
 def price_from_pb(pb: metering_pb2.Price) -> PriceNanos:
+    cached = pb.cached_input_per_million_nanodollars if pb.HasField("cached_input_per_million_nanodollars") else None
     return PriceNanos(pb.input_per_million_nanodollars, pb.output_per_million_nanodollars,
-                      pb.per_request_nanodollars, pb.version)
+                      pb.per_request_nanodollars, pb.version, cached)
 
 
 class PriceBook:
@@ -125,7 +126,8 @@ class PriceBook:
             return None
         return common_pb2.ModelPricing(input_per_million_nanodollars=price.input_per_million,
                                        output_per_million_nanodollars=price.output_per_million,
-                                       per_request_nanodollars=price.per_request, version=price.version)
+                                       per_request_nanodollars=price.per_request, version=price.version,
+                                       cached_input_per_million_nanodollars=price.cached_input)
 
 
 class Admission:
@@ -172,13 +174,13 @@ class Admission:
         return Ticket(key, model.id, reservation_id if held.reserved_nanodollars else "", held.reserved_nanodollars,
                       price, headers)
 
-    def settle(self, ticket: Ticket, prompt_tokens: int, completion_tokens: int) -> int:
+    def settle(self, ticket: Ticket, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> int:
         """The request's cost in nano-dollars at the price it was admitted with (no I/O, never suspends: it runs
         in the lease's exit before the usage record is on its way). The budget is settled by the
         usage record (``stamp`` it with this cost and the ticket): exactly once, in metering's ledger write."""
         if ticket.price is None:
             return 0
-        return ticket.price.cost(prompt_tokens, completion_tokens)
+        return ticket.price.cost(prompt_tokens, completion_tokens, cached_tokens)
 
     async def release(self, ticket: Ticket) -> None:
         """Give the reservation back when the request will leave no usage record (best effort: the TTL is the

@@ -265,7 +265,8 @@ class GenerationEngine:
                 ran_out = any(c.finish == LENGTH for c in choices)
                 lease.finished(failed[0] if failed else LENGTH if ran_out else STOP,
                                prompt_tokens=choices[0].prompt_tokens or prompt_tokens,
-                               completion_tokens=sum(c.completion_tokens or c.received for c in choices))
+                               completion_tokens=sum(c.completion_tokens or c.received for c in choices),
+                               cached_tokens=choices[0].cached_tokens)
 
             runs = [self._choice(choice, _for_choice(req, choice.index), inp, model, lease, clock, request_id,
                                  settle) for choice in choices]
@@ -278,6 +279,7 @@ class GenerationEngine:
             if choice is choices[-1]:
                 final.last = True
                 final.prompt_tokens, final.completion_tokens = lease.prompt_tokens, lease.completion_tokens
+                final.cached_tokens = lease.cached_tokens
                 final.cost_nanodollars = lease.cost
             yield final
 
@@ -313,6 +315,7 @@ class GenerationEngine:
                     choice.finish = FINISH_FROM_PB.get(msg.finish_reason, ERROR)
                     choice.prompt_tokens = msg.usage.prompt_tokens
                     choice.completion_tokens = msg.usage.completion_tokens
+                    choice.cached_tokens = msg.usage.cached_tokens
                     settle()
                     break
             if choice.finish is None:
@@ -397,6 +400,7 @@ class _Choice:
         self.carry = 0  # tokens of deltas that left nothing to send (text held by the tool parser)
         self.finish: str | None = None
         self.prompt_tokens = 0
+        self.cached_tokens = 0  # of prompt_tokens, those the model reused from its prefix cache
         self.completion_tokens = 0  # the model's count once it finished (else, after a stop sequence, received)
         self.received = 0  # token ids that arrived
 

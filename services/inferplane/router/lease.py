@@ -79,6 +79,7 @@ class Lease:
         self.ticket: Ticket | None = None
         self.working = False  # an executor was asked: the request leaves a usage record
         self.prompt_tokens, self.completion_tokens = prompt_tokens, 0
+        self.cached_tokens = 0  # of prompt_tokens, those the model reused from its prefix cache
         self.finish: str | None = None  # one of wire.FINISH_REASONS once known
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
@@ -107,8 +108,10 @@ class Lease:
         self.last_token_at = now
         self.completion_tokens += n
 
-    def finished(self, reason: str, *, prompt_tokens: int | None = None, completion_tokens: int | None = None) -> None:
+    def finished(self, reason: str, *, prompt_tokens: int | None = None, completion_tokens: int | None = None,
+                 cached_tokens: int = 0) -> None:
         """The work ended with ``reason``; counts given here (the model's own) replace the router's."""
+        self.cached_tokens = cached_tokens
         self.working = True
         self.finish = reason
         if prompt_tokens is not None:
@@ -151,8 +154,9 @@ class Lease:
                               self.finish or ERROR, self.clock.started, self.first_token_at, self.clock.created_at)
         record.model_version = self.model.version  # the version that served it (its catalog entry's, at the start)
         record.trace_id = current_trace_id()
+        record.cached_tokens = self.cached_tokens
         if self.ticket is not None and self._admission is not None:
-            cost = self._admission.settle(self.ticket, self.prompt_tokens, self.completion_tokens)
+            cost = self._admission.settle(self.ticket, self.prompt_tokens, self.completion_tokens, self.cached_tokens)
             stamp(record, self.ticket, cost)  # the record settles the reservation in metering, exactly once
             self.cost = cost if self.ticket.price is not None else None
         return record
@@ -161,9 +165,10 @@ class Lease:
         started = self.clock.started
         trace.get_current_span().set_attributes({
             "gen_ai.usage.input_tokens": self.prompt_tokens, "gen_ai.usage.output_tokens": self.completion_tokens,
+            "gen_ai.usage.cache_read.input_tokens": self.cached_tokens,
             "gen_ai.response.finish_reasons": [self.finish or ERROR]})
         metrics.observe(self.model.id, self.operation, self.finish or ERROR, prompt_tokens=self.prompt_tokens,
-                        completion_tokens=self.completion_tokens,
+                        completion_tokens=self.completion_tokens, cached_tokens=self.cached_tokens,
                         ttft_s=None if self.first_token_at is None else self.first_token_at - started,
                         duration_s=time.monotonic() - started,
                         last_token_s=None if self.last_token_at is None else self.last_token_at - started)

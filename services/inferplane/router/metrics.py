@@ -20,13 +20,14 @@ REQUEST_DURATION = Histogram("gen_ai_server_request_duration_seconds", "Time fro
                              MODEL, buckets=LATENCY_BUCKETS)
 TOKEN_USAGE = Histogram("gen_ai_client_token_usage", "Tokens per request, by type (input/output)",
                         [*MODEL, "gen_ai_token_type"], buckets=TOKEN_BUCKETS)
-TOKENS = Counter("inferplane_router_tokens", "Tokens consumed and produced, by type", [*MODEL, "gen_ai_token_type"])
+TOKENS = Counter("inferplane_router_tokens", "Tokens consumed and produced, by type (input, output; cached_input: "
+                 "input tokens reused from the model's prefix cache)", [*MODEL, "gen_ai_token_type"])
 USAGE_RECORDS_FAILED = Counter("inferplane_router_usage_records_failed",
                                "Usage records metering did not accept after every retry")
 
 
 def observe(model: str, operation: str, outcome: str, *, prompt_tokens: int, completion_tokens: int,
-            ttft_s: float | None, duration_s: float, last_token_s: float | None) -> None:
+            ttft_s: float | None, duration_s: float, last_token_s: float | None, cached_tokens: int = 0) -> None:
     labels = (model, operation)
     REQUESTS.labels(*labels, outcome).inc()
     REQUEST_DURATION.labels(*labels).observe(duration_s)
@@ -37,3 +38,5 @@ def observe(model: str, operation: str, outcome: str, *, prompt_tokens: int, com
     for kind, n in (("input", prompt_tokens), ("output", completion_tokens)):
         TOKEN_USAGE.labels(*labels, kind).observe(n)
         TOKENS.labels(*labels, kind).inc(n)
+    if cached_tokens:  # of the input tokens, those the model reused from its prefix cache
+        TOKENS.labels(*labels, "cached_input").inc(cached_tokens)

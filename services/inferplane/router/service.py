@@ -103,6 +103,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                     msg.usage.prompt_tokens = delta.prompt_tokens
                     msg.usage.completion_tokens = delta.completion_tokens
                     msg.usage.total_tokens = delta.prompt_tokens + delta.completion_tokens
+                    msg.usage.cached_tokens = delta.cached_tokens
                     if delta.cost_nanodollars is not None:
                         msg.usage.cost_nanodollars = delta.cost_nanodollars
                 if delta.stop_sequence is not None:

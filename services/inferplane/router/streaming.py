@@ -22,6 +22,7 @@ class Delta:
     token_count: int
     finish_reason: int = common_pb2.FINISH_REASON_UNSPECIFIED
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # of prompt_tokens, those the model reused from its prefix cache
     completion_tokens: int = 0
     # On the final message: what the request cost (None: the model is not priced).
     cost_nanodollars: int | None = None

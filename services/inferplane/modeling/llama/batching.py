@@ -6,7 +6,9 @@ per layer, see ``KVCache``). Each step:
 1. applies cancellations: a cancelled sequence leaves and its slot is free for this very step;
 2. admits waiting requests (FIFO) into free slots, lowest slot first, up to ``prefill_token_budget``
    padded prompt tokens: ONE batched prefill forward (prompts right-padded) writes each prompt's keys
-   into its slot and samples each sequence's first token;
+   into its slot and samples each sequence's first token. With a prefix cache (``prefix_cache_blocks`` > 0,
+   ``llama/prefix_cache.py``) a prompt's cached full blocks are copied into its slot first and the forward
+   computes only the rest, from that offset; afterwards its new full blocks are kept for later prompts;
 3. runs ONE batched decode forward over cache rows [0, hi) (hi = highest slot in use + 1): row b feeds
    its pending token at its own position and attends to its own prefix only (a per-row mask), so a
    sequence gets the same tokens alone or in a full batch. Free rows below hi (holes) ride along on a
@@ -40,6 +42,7 @@ from torch import Tensor
 
 from inferplane.modeling.llama.generate import FinishReason
 from inferplane.modeling.llama.model import LlamaForCausalLM
+from inferplane.modeling.llama.prefix_cache import DEFAULT_BLOCK_SIZE, PrefixCache
 from inferplane.modeling.llama.sampling import SamplingParams, logits_to_probs, make_generator
 
 
@@ -105,6 +108,7 @@ class FinishEvent:
     reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache (not computed)
 
 
 Event = TokenEvent | FinishEvent
@@ -116,6 +120,8 @@ class SchedulerStats:
     queued: int  # requests waiting for a slot
     slots_in_use: int  # KV-cache slots held (one per active sequence)
     slots_total: int  # max_sequences
+    prefix_blocks_used: int = 0  # prefix-cache blocks holding a cached prefix (0 without a prefix cache)
+    prefix_blocks_total: int = 0  # the prefix cache's capacity in blocks
 
 
 @dataclass(slots=True)
@@ -126,6 +132,7 @@ class _Sequence:
     generator: torch.Generator | None
     pos: int = 0  # absolute position of the pending token (the one the next decode feeds)
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens reused from the prefix cache
     produced: dict[int, int] | None = None  # completion token id -> count, kept only when shaping needs it
 
 
@@ -134,9 +141,11 @@ class BatchScheduler:
 
     def __init__(
         self, model: LlamaForCausalLM, *, max_sequences: int = 32, max_context: int | None = None,
-        prefill_token_budget: int = 2048, apply_masks: MaskFn | None = None,
+        prefill_token_budget: int = 2048, apply_masks: MaskFn | None = None, prefix_cache_blocks: int = 0,
+        prefix_block_size: int = DEFAULT_BLOCK_SIZE,
     ) -> None:
-        """``apply_masks``: ``inferplane.modeling.constrained.apply_masks`` (needed only by requests with a matcher)."""
+        """``apply_masks``: ``inferplane.modeling.constrained.apply_masks`` (needed only by requests with a matcher).
+        ``prefix_cache_blocks``: the prefix cache's budget in blocks of ``prefix_block_size`` tokens (0: none)."""
         self._apply_masks = apply_masks
         self.prefills_shared = 0  # sequences whose prompt was prefilled once for another sequence of the step
         max_pos = model.config.max_position_embeddings
@@ -149,6 +158,8 @@ class BatchScheduler:
         self.prefill_token_budget = prefill_token_budget
         device = model.device
         model.setup_caches(max_sequences, max_context)
+        self.prefix_cache = (PrefixCache(model, capacity=prefix_cache_blocks, block_size=prefix_block_size)
+                             if prefix_cache_blocks > 0 else None)
         # Per-slot decode inputs, kept on the device and updated in place every step.
         self._tokens = torch.zeros(max_sequences, dtype=torch.long, device=device)  # [N] pending token
         self._positions = torch.zeros(max_sequences, dtype=torch.long, device=device)  # [N] its position
@@ -215,7 +226,9 @@ class BatchScheduler:
     @property
     def stats(self) -> SchedulerStats:
         in_use = self.max_sequences - len(self._free)
-        return SchedulerStats(len(self._active), len(self._queue), in_use, self.max_sequences)
+        prefix = self.prefix_cache.stats if self.prefix_cache is not None else None
+        return SchedulerStats(len(self._active), len(self._queue), in_use, self.max_sequences,
+                              prefix.blocks_used if prefix else 0, prefix.blocks_total if prefix else 0)
 
     # ------------------------------------------------------------------ the stepping thread
 
@@ -270,12 +283,9 @@ class BatchScheduler:
         firsts: dict[tuple[int, ...], int] = {}
         source = [firsts.setdefault(tuple(s.req.prompt_ids), i) for i, s in enumerate(seqs)]  # [n] -> unique row
         unique = [seqs[i] for i in firsts.values()]
-        longest = max(s.pos for s in unique)
-        padded = [list(s.req.prompt_ids) + [0] * (longest - s.pos) for s in unique]
-        idx = torch.tensor(padded, dtype=torch.long, device=device)  # [u, S] right-padded prompts
-        unique_slots = torch.tensor([s.slot for s in unique], dtype=torch.long, device=device)  # [u]
-        unique_lengths = torch.tensor([s.pos for s in unique], dtype=torch.long, device=device)  # [u]
-        logits = self.model.prefill_slots(idx, unique_slots, unique_lengths - 1)  # [u, V]
+        logits = self._prefill_unique(unique)  # [u, V]
+        for i, s in enumerate(seqs):
+            s.cached_tokens = seqs[source[i]].cached_tokens
         slots = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=device)  # [n]
         lengths = torch.tensor([s.pos for s in seqs], dtype=torch.long, device=device)  # [n]
         if len(unique) < len(seqs):
@@ -293,6 +303,37 @@ class BatchScheduler:
         ids, lps = tokens.tolist(), chosen.tolist()
         for i, seq in enumerate(seqs):
             self._advance(seq, ids[i], lps[i], events, top.get(i, ()))
+
+    def _prefill_unique(self, unique: list[_Sequence]) -> Tensor:
+        """One batched prefill of distinct prompts into their slots; returns each one's last logits [u, V].
+
+        With a prefix cache, each prompt's cached blocks are copied into its slot first and only the rest of it is
+        computed (at its offset; hits and misses share the forward); afterwards its new full blocks are kept.
+        """
+        device = self.model.device
+        cache = self.prefix_cache
+        matches = [cache.match(s.req.prompt_ids) for s in unique] if cache is not None else []
+        offsets = [m.tokens for m in matches] or [0] * len(unique)
+        if cache is not None:
+            for s, m in zip(unique, matches, strict=True):
+                cache.load(self.model, m, s.slot)
+                s.cached_tokens = m.tokens
+        rest = [list(s.req.prompt_ids[off:]) for s, off in zip(unique, offsets, strict=True)]
+        longest = max(len(r) for r in rest)
+        idx = torch.tensor([r + [0] * (longest - len(r)) for r in rest], dtype=torch.long, device=device)  # [u, S]
+        slots = torch.tensor([s.slot for s in unique], dtype=torch.long, device=device)  # [u]
+        last = torch.tensor([len(r) - 1 for r in rest], dtype=torch.long, device=device)  # [u]
+        if any(offsets):
+            start = torch.tensor(offsets, dtype=torch.long, device=device)  # [u]
+            logits = self.model.prefill_slots_at(idx, slots, start, last)  # [u, V]
+        else:
+            logits = self.model.prefill_slots(idx, slots, last)  # [u, V]
+        if cache is not None:
+            for s in unique:
+                cache.store(self.model, s.req.prompt_ids, s.slot)
+            for m in matches:  # after the stores: a block matched in this step is not evicted before its copy
+                cache.release(m)
+        return logits
 
     def _decode(self, events: list[Event]) -> None:
         active = list(self._active.values())
@@ -389,4 +430,5 @@ class BatchScheduler:
         self._live[seq.slot] = 0
         self._positions[seq.slot] = 0
         heapq.heappush(self._free, seq.slot)
-        events.append(FinishEvent(seq.req.id, reason, len(seq.req.prompt_ids), seq.completion_tokens))
+        events.append(FinishEvent(seq.req.id, reason, len(seq.req.prompt_ids), seq.completion_tokens,
+                                  seq.cached_tokens))

@@ -137,10 +137,16 @@ class KVCache(nn.Module):
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor, attn: AttnSpan) -> tuple[Tensor, Tensor]:
         # k, v: [B, H_kv, S, D] for the cache rows attn.rows; returns the keys and values to attend to
-        if isinstance(attn.rows, Tensor):  # a batched prefill from position 0 into the slots attn.rows: [B]
+        if isinstance(attn.rows, Tensor) and attn.local:  # a batched prefill from 0 into the slots attn.rows: [B]
             self.k[attn.rows, :, : k.shape[2]] = k
             self.v[attn.rows, :, : v.shape[2]] = v
             return k, v  # a prefill from 0 attends to its own keys only: no need to read them back
+        if isinstance(attn.rows, Tensor):  # a batched prefill of slots attn.rows, row b from its own offset
+            assert attn.write_positions is not None, "a batched prefill at offsets needs its write positions"
+            rows = attn.rows[:, None]  # [B, 1] with write_positions [B, S]: the cache cells [B, S, H_kv, D]
+            self.k[rows, :, attn.write_positions] = k.transpose(1, 2)
+            self.v[rows, :, attn.write_positions] = v.transpose(1, 2)
+            return self.k[attn.rows, :, : attn.end], self.v[attn.rows, :, : attn.end]  # [B, H_kv, T, D]
         k_rows, v_rows = self.k[attn.rows], self.v[attn.rows]  # views [B, H_kv, max_seq_len, D]
         if attn.write_index is None:  # every row writes the same positions input_pos: [S]
             k_rows.index_copy_(2, input_pos, k)
@@ -164,6 +170,7 @@ class AttnSpan:
     rows: slice | Tensor = field(default_factory=lambda: slice(None))
     write_index: Tensor | None = None  # [B, H_kv, 1, D] per-row write positions of a batched decode
     local: bool = False  # a prefill from position 0: attend to this forward's own keys, not the cache's
+    write_positions: Tensor | None = None  # [B, S] cache positions of a batched prefill at per-row offsets
 
     @staticmethod
     def of(seqlen: int, input_pos: Tensor | None, rows: slice = slice(None)) -> AttnSpan:
@@ -357,6 +364,37 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, cos, sin, input_pos, attn)
         x = x[torch.arange(bsz, device=idx.device), last]  # [B, C]
         return self.lm_head(self.model.norm(x))  # [B, V]
+
+    def prefill_slots_at(self, idx: Tensor, slots: Tensor, offsets: Tensor, last: Tensor) -> Tensor:
+        """Prefill the rest of several prompts whose first ``offsets[b]`` positions are already in their cache rows
+        (a prefix cache's blocks), in one forward.
+
+        idx: [B, S] the prompts' remaining tokens, right-padded; slots: [B] cache rows; offsets: [B] where each
+        row's tokens start; last: [B] index in idx of each prompt's last token. Row b's token i sits at position
+        offsets[b] + i and attends to its row's keys [0, offsets[b] + i]. Padding writes keys beyond the prompt
+        (clamped to the cache's end), which the row's decode overwrites before reading them. Returns logits [B, V].
+        """
+        bsz, seqlen = idx.shape
+        max_len = self.kv_caches()[0].max_seq_len
+        positions = offsets[:, None] + torch.arange(seqlen, device=idx.device)[None, :]  # [B, S]
+        end = min(int(offsets.max()) + seqlen, max_len)
+        mask = torch.arange(end, device=idx.device)[None, None, :] <= positions[:, :, None]  # [B, S, T]
+        attn = AttnSpan(end, mask[:, None], slots, write_positions=positions.clamp(max=max_len - 1))
+        cos, sin = self.rope(positions.reshape(-1))  # [B*S, D]
+        cos, sin = cos.view(bsz, 1, seqlen, -1), sin.view(bsz, 1, seqlen, -1)  # [B, 1, S, D]: per row
+        x = self.model.embed_tokens(idx)  # [B, S, C]
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, positions, attn)
+        x = x[torch.arange(bsz, device=idx.device), last]  # [B, C]
+        return self.lm_head(self.model.norm(x))  # [B, V]
+
+    def kv_caches(self) -> list[KVCache]:
+        """Every layer's cache (``setup_caches`` made them), in layer order."""
+        caches = []
+        for layer in self.model.layers:
+            assert isinstance(layer, LlamaDecoderLayer) and layer.self_attn.kv_cache is not None
+            caches.append(layer.self_attn.kv_cache)
+        return caches
 
     def copy_slots(self, src: Tensor, dst: Tensor, length: int) -> None:
         """Copy cache rows ``src`` [N] to rows ``dst`` [N], positions [0, length), in every layer: a prompt

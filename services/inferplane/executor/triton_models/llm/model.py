@@ -14,9 +14,10 @@ Contract (the executor depends on it):
   response when it does not (coalescing under backpressure). A stop token ends the stream and is not sent, but
   counts in ``completion_tokens``.
 - then exactly one response flagged ``TRITONSERVER_RESPONSE_COMPLETE_FINAL`` with ``token_ids`` and
-  ``logprobs`` empty, ``finish_reason`` ("stop" | "length" | "cancelled"), ``prompt_tokens`` and
-  ``completion_tokens``. "length" covers both max_tokens and the context end (prompt + completion =
-  max_context).
+  ``logprobs`` empty, ``finish_reason`` ("stop" | "length" | "cancelled"), ``prompt_tokens``,
+  ``completion_tokens`` and ``cached_tokens`` (of the prompt, those reused from the prefix cache: parameters
+  ``prefix_cache_blocks`` and ``prefix_block_size``, docs/prefix-cache.md). "length" covers both max_tokens
+  and the context end (prompt + completion = max_context).
 - a bad request gets a single final response carrying a ``TritonError`` (INVALID_ARG); a request a broken step
   took down, one with INTERNAL.
 The names, types and shapes are ``inferplane.modeling.contract.LLM``'s.
@@ -75,6 +76,7 @@ from inferplane.modeling.llama.batching import (
     TokenEvent,
     TokenMatcher,
 )
+from inferplane.modeling.llama.prefix_cache import DEFAULT_BLOCK_SIZE
 
 IDLE_WAIT_S = 0.05  # both threads wake at least this often to notice finalize()
 CANCEL_POLL_S = 0.05  # each live stream is asked is_cancelled() at most this often
@@ -167,6 +169,8 @@ class _Gauges:
         "queued": ("inferplane_llm_queued_requests", "Requests waiting for a KV-cache slot"),
         "slots_in_use": ("inferplane_llm_kv_slots_in_use", "KV-cache slots held by running sequences"),
         "slots_total": ("inferplane_llm_kv_slots_total", "KV-cache slots (max_sequences)"),
+        "prefix_blocks_used": ("inferplane_llm_prefix_cache_blocks_used", "Prefix-cache blocks holding a prefix"),
+        "prefix_blocks_total": ("inferplane_llm_prefix_cache_blocks_total", "Prefix-cache blocks (its budget)"),
     }
 
     def __init__(self, model_name: str) -> None:
@@ -215,8 +219,13 @@ class TritonPythonModel:
         max_pos = self.model.config.max_position_embeddings
         self.max_context = min(int_param(config, LLM.MAX_CONTEXT, 0) or max_pos, max_pos)
         max_sequences = int_param(config, LLM.MAX_SEQUENCES, 0) or 32
-        self.scheduler = BatchScheduler(self.model, max_sequences=max_sequences, max_context=self.max_context,
-                                        apply_masks=_apply_masks)
+        self.prefix_cache_blocks = int_param(config, LLM.PREFIX_CACHE_BLOCKS, 0)
+        self.prefix_block_size = int_param(config, LLM.PREFIX_BLOCK_SIZE, DEFAULT_BLOCK_SIZE)
+        if self.prefix_cache_blocks < 0 or self.prefix_block_size < 1:
+            raise pb_utils.TritonModelException(
+                f"{self.name}: {LLM.PREFIX_CACHE_BLOCKS} must be >= 0 and {LLM.PREFIX_BLOCK_SIZE} >= 1, got "
+                f"{self.prefix_cache_blocks} and {self.prefix_block_size}")
+        self.scheduler = self._new_scheduler(max_sequences)
         self._compiler: Any = None  # the grammar compiler, made at the first constrained request
         self.ipc_duty = float(param(config, LLM.IPC_DUTY, "") or IPC_DUTY)
         assert 0 < self.ipc_duty <= 1, f"ipc_duty must be in (0, 1], got {self.ipc_duty}"
@@ -239,7 +248,8 @@ class TritonPythonModel:
         self.log(
             f"ready in {time.monotonic() - started:.1f}s: {self.model.config.num_hidden_layers} layers, "
             f"vocab {self.model.config.vocab_size}, max_context {self.max_context}, "
-            f"max_sequences {max_sequences}, eos {sorted(self.eos_ids)}"
+            f"max_sequences {max_sequences}, eos {sorted(self.eos_ids)}, prefix cache "
+            f"{self.prefix_cache_blocks} blocks of {self.prefix_block_size} tokens"
         )
 
     def log(self, message: str) -> None:
@@ -412,8 +422,12 @@ class TritonPythonModel:
     def _fail_all(self, message: str) -> None:
         for rid in [*self.streams, *self.hub.live_keys()]:
             self._post_error(rid, message, INTERNAL)
-        self.scheduler = BatchScheduler(self.model, max_sequences=self.scheduler.max_sequences,
-                                        max_context=self.max_context, apply_masks=_apply_masks)
+        self.scheduler = self._new_scheduler(self.scheduler.max_sequences)
+
+    def _new_scheduler(self, max_sequences: int) -> BatchScheduler:
+        return BatchScheduler(self.model, max_sequences=max_sequences, max_context=self.max_context,
+                              apply_masks=_apply_masks, prefix_cache_blocks=self.prefix_cache_blocks,
+                              prefix_block_size=self.prefix_block_size)
 
     # ------------------------------------------------------------------ the IPC thread
 
@@ -447,7 +461,8 @@ class TritonPythonModel:
                 if out.error is not None:
                     hub.failed(rid, out.error[1], out.error[0])
                 elif out.finish is not None:
-                    hub.finished(rid, out.finish.reason, out.finish.prompt_tokens, out.finish.completion_tokens)
+                    hub.finished(rid, out.finish.reason, out.finish.prompt_tokens, out.finish.completion_tokens,
+                                 out.finish.cached_tokens)
                 continue
             stream = self.streams.get(rid)
             if stream is None:
@@ -481,11 +496,13 @@ class TritonPythonModel:
             pb_utils.Tensor(LLM.FINISH_REASON.name, np.array([ev.reason.encode()], dtype=np.object_)),
             pb_utils.Tensor(LLM.PROMPT_TOKENS.name, np.array([ev.prompt_tokens], dtype=COUNT_DTYPE)),
             pb_utils.Tensor(LLM.COMPLETION_TOKENS.name, np.array([ev.completion_tokens], dtype=COUNT_DTYPE)),
+            pb_utils.Tensor(LLM.CACHED_TOKENS.name, np.array([ev.cached_tokens], dtype=COUNT_DTYPE)),
         ]))
         elapsed = time.monotonic() - stream.started
         self.log(
             f"request {stream.triton_id or ev.id}: finish={ev.reason} prompt_tokens={ev.prompt_tokens} "
-            f"completion_tokens={ev.completion_tokens} ({ev.completion_tokens / max(elapsed, 1e-9):.1f} tok/s)"
+            f"completion_tokens={ev.completion_tokens} cached_tokens={ev.cached_tokens} "
+            f"({ev.completion_tokens / max(elapsed, 1e-9):.1f} tok/s)"
         )
 
     def _poll_cancellations(self) -> None:
