@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from inferplane.common.money import format_usd
 from inferplane.common.wire import FINISH_FROM_PB
@@ -36,6 +36,7 @@ MAX_TOP_LOGPROBS = 20  # chat completions' top_logprobs
 MAX_COMPLETION_LOGPROBS = 5  # text completions' logprobs
 MAX_LOGIT_BIAS = 300  # entries, as OpenAI caps it
 MAX_TOOLS = 128
+MAX_MODELS = 9  # a request's ``models``: the model and up to 8 fallbacks (the router's limit)
 INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # Every request model: no NaN or infinity in a float field (JSON has no such numbers, but the parser takes the
@@ -573,6 +574,10 @@ class GenerationRequest(BaseModel):
     encoder: ClassVar[type[ResponseEncoder]]
 
     model: str = Field(min_length=1)
+    # OpenRouter's fallback list: the models to try in order (``model``, when given and not listed, first); the
+    # next is tried only when one cannot serve now, before any output (docs/router.md). ``model`` may be left out.
+    models: list[Annotated[str, Field(min_length=1)]] | None = Field(None, min_length=1, max_length=MAX_MODELS)
+    fallbacks: Annotated[Any, refuse("fallbacks are given as OpenRouter's 'models' list here")] = None
     max_tokens: Count32 | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -633,10 +638,20 @@ class GenerationRequest(BaseModel):
         if self.min_tokens is not None and max_tokens is not None and self.min_tokens > max_tokens:
             raise invalid("min_tokens", f"must be at most max_tokens ({max_tokens}), got {self.min_tokens}")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _model_from_models(cls, data: Any) -> Any:
+        """``models`` without ``model``: the first of ``models`` is the model."""
+        if isinstance(data, dict) and "model" not in data and isinstance(data.get("models"), list) \
+                and data["models"] and isinstance(data["models"][0], str):
+            return {**data, "model": data["models"][0]}
+        return data
+
     def _generate_request(self) -> router_pb2.GenerateRequest:
         self._check()
         req = router_pb2.GenerateRequest(model=self.model, stop=self.stop or [], include_usage=self.include_usage,
                                          user=self.user or "")
+        req.fallback_models.extend(dict.fromkeys(m for m in self.models or () if m != self.model))
         max_tokens = self.effective_max_tokens()
         if max_tokens is not None:
             req.max_tokens = max_tokens

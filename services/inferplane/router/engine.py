@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import re
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from opentelemetry import trace
+from prometheus_client import Counter
 
-from inferplane.common.catalog import Catalog, CatalogModel
-from inferplane.common.errors import InvalidArgument, NotFound, Unavailable
+from inferplane.common.catalog import MAX_FALLBACKS, Catalog, CatalogModel
+from inferplane.common.errors import InvalidArgument, NotFound, PermissionDenied, Unavailable
 from inferplane.common.wire import (
     ERROR,
     FINISH_FROM_PB,
@@ -30,7 +32,7 @@ from inferplane.common.wire import (
 )
 from inferplane.router import canary, tools
 from inferplane.router.admission import Admission, Metadata
-from inferplane.router.capacity import Capacity
+from inferplane.router.capacity import Capacity, Overloaded
 from inferplane.router.channel import ChannelSequence, sampled_traceparent
 from inferplane.router.clients import KeyInfo, MeteringClient
 from inferplane.router.lease import Clock, Lease, trace_request
@@ -40,6 +42,10 @@ from inferplane.router.streaming import Delta, ExecutorStream, TextOut
 from inferplane.router.usage import UsageRecorder
 from inferplane.tokenization import Tokenizer
 from inferplane.v1 import common_pb2, executor_pb2, router_pb2
+
+log = logging.getLogger(__name__)
+FALLBACKS = Counter("inferplane_router_fallbacks", "Requests passed to a fallback model before any output",
+                    ["model", "to"])
 
 __all__ = ["Delta", "GenerationEngine", "GenerationInput", "completion_budget", "validate"]
 
@@ -76,6 +82,8 @@ class GenerationInput:
     parallel_tool_calls: bool = True
     # OpenAI's ``user``: a stable id of the end user; a model splitting its traffic serves one user one version.
     user: str = ""
+    # Models to try when ``model`` cannot serve now (REST ``models``); empty: the catalog's ``fallbacks``.
+    fallback_models: list[str] = field(default_factory=list)
 
 
 def validate(inp: GenerationInput, model: CatalogModel) -> None:
@@ -213,15 +221,84 @@ class GenerationEngine:
         encoded = await self.tokenizer.encode_chat(model.id, messages, timeout=self.clock(model, deadline).left())
         return len(encoded.token_ids)
 
+    def chain(self, inp: GenerationInput, key: KeyInfo) -> list[CatalogModel]:
+        """The models to try for ``inp``, in order: its model, then its fallbacks (docs/router.md).
+
+        A request's own list (``fallback_models``) is checked as the model is (``NotFound``, ``PermissionDenied``,
+        ``InvalidArgument`` naming ``models``); the catalog's list is filtered silently (an id not in the catalog, of
+        another task, or that the key may not use is skipped)."""
+        primary = self.model(inp.model)
+        if len(inp.fallback_models) > MAX_FALLBACKS:
+            raise InvalidArgument(f"'models' takes at most {MAX_FALLBACKS + 1} models.", param="models")
+        chain = [primary]
+        for model_id in inp.fallback_models or primary.fallbacks:
+            model = self.catalog.get(model_id)
+            if model is None:
+                if inp.fallback_models:
+                    shown = "(a value that looks like an API key)" if KEY_LIKE.search(model_id) else model_id
+                    raise NotFound(f"The model `{shown}` in 'models' does not exist or you do not have access to it.",
+                                   param="models", reason=REASON_MODEL_NOT_FOUND)
+                continue
+            if any(m.id == model.id for m in chain):
+                continue
+            if not key.may_use(model.id):
+                if inp.fallback_models:
+                    raise PermissionDenied(f"This API key may not use the model `{model.id}`.", param="models")
+                continue
+            try:
+                validate(inp, model)
+            except InvalidArgument as exc:
+                if inp.fallback_models:
+                    raise InvalidArgument(f"'models': {exc}", param="models") from None
+                continue
+            chain.append(model)
+        return chain
+
     async def generate(self, inp: GenerationInput, *, key: KeyInfo, request_id: str,
                        deadline: float | None = None,
                        on_admitted: Callable[[Metadata], Awaitable[None]] | None = None) -> AsyncGenerator[Delta]:
-        """``on_admitted`` receives the rate-limit headers of an admitted request, before any work.
+        """``on_admitted`` receives the rate-limit headers of the first admitted attempt, before any work.
 
         Yields each choice's deltas (``n`` choices run at once, interleaved), then each choice's final delta (its
-        finish reason), the last of them with the usage of all (``Delta.last``)."""
+        finish reason), the last of them with the usage of all (``Delta.last``); every delta names the model that
+        serves (``Delta.model``: a fallback's, when the model could not serve).
+
+        Fallbacks: when a model cannot serve now (its queue is full or too slow: ``Overloaded``; no replica can take
+        it, or it failed to load: ``Unavailable`` before any executor was asked), the next model of ``chain`` is
+        tried, with its own admission (scope, rate limits, budget at its own price), its own queue and its own usage
+        record. Never after an executor was asked (a usage record is owed) or output was sent. When every model
+        fails, the first model's error is raised."""
+        chain = self.chain(inp, key)
+        admitted = _Once(on_admitted)
+        first_error: Exception | None = None
+        for i, model in enumerate(chain):
+            attempt = _Attempt()
+            run = self._generate_on(model, inp, key=key, request_id=request_id, deadline=deadline,
+                                    on_admitted=admitted, attempt=attempt)
+            try:
+                async with contextlib.aclosing(run):
+                    async for delta in run:
+                        attempt.yielded = True
+                        delta.model = model.id
+                        yield delta
+                return
+            except (Overloaded, Unavailable) as exc:
+                if not attempt.may_fall_back(exc) or i == len(chain) - 1:
+                    if first_error is not None:
+                        raise first_error from exc
+                    raise
+                first_error = first_error or exc
+                FALLBACKS.labels(model.id, chain[i + 1].id).inc()
+                log.info("request %s: model %s cannot serve now (%s); falling back to %s", request_id, model.id,
+                         exc, chain[i + 1].id)
+                trace.get_current_span().add_event("inferplane.fallback", {"from": model.id, "to": chain[i + 1].id})
+
+    async def _generate_on(self, model: CatalogModel, inp: GenerationInput, *, key: KeyInfo, request_id: str,
+                           deadline: float | None, on_admitted: Callable[[Metadata], Awaitable[None]],
+                           attempt: _Attempt) -> AsyncGenerator[Delta]:
+        """One model's try at the request (``generate`` walks the chain)."""
         # the version serving it (a canary split: sticky per user, else per request), kept to the request's end
-        model = canary.serving(self.model(inp.model), inp.user or request_id)
+        model = canary.serving(model, inp.user or request_id)
         validate(inp, model)
         clock = self.clock(model, deadline)
         operation = "chat" if inp.messages is not None else "text_completion"
@@ -253,8 +330,8 @@ class GenerationEngine:
 
         async with self.admit(key, model, request_id=request_id, operation=operation, clock=clock,
                               prompt_tokens=prompt_tokens, max_tokens=max_tokens * inp.n) as lease:
-            if on_admitted is not None:
-                await on_admitted(lease.headers)
+            attempt.lease = lease
+            await on_admitted(lease.headers)
 
             def settle() -> None:
                 """Once every choice has its finish: the request's (for the usage record, even if the caller leaves
@@ -379,6 +456,33 @@ def _for_choice(req: executor_pb2.ExecutorGenerateRequest, index: int) -> execut
     if out.sampling.HasField("seed"):
         out.sampling.seed = (out.sampling.seed + index + 2**63) % 2**64 - 2**63
     return out
+
+
+class _Once:
+    """``on_admitted`` called for the first admitted attempt only (initial metadata goes out once)."""
+
+    def __init__(self, call: Callable[[Metadata], Awaitable[None]] | None) -> None:
+        self._call = call
+
+    async def __call__(self, headers: Metadata) -> None:
+        call, self._call = self._call, None
+        if call is not None:
+            await call(headers)
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """What one model's try of a request got to: its lease (once admitted), whether a delta went out."""
+
+    lease: Lease | None = None
+    yielded: bool = False
+
+    def may_fall_back(self, exc: Exception) -> bool:
+        """The model cannot serve now and nothing is owed: overloaded (its queue), or unavailable after admission
+        (not metering's budget check) with no executor asked."""
+        if self.yielded or (self.lease is not None and self.lease.working):
+            return False
+        return isinstance(exc, Overloaded) or self.lease is not None
 
 
 def _has_tool_turns(messages: list[common_pb2.ChatMessage]) -> bool:

@@ -66,6 +66,7 @@ def input_from_pb(req: router_pb2.GenerateRequest) -> GenerationInput:
         tool_choice=req.tool_choice,
         parallel_tool_calls=req.parallel_tool_calls if req.HasField("parallel_tool_calls") else True,
         user=req.user,
+        fallback_models=list(req.fallback_models),
     )
 
 
@@ -95,7 +96,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         async with contextlib.aclosing(deltas):
             async for delta in deltas:
                 msg = router_pb2.GenerateResponse(request_id=request_id, text=delta.text, token_count=delta.token_count,
-                                                  created=created, model=request.model,
+                                                  created=created, model=delta.model or request.model,
                                                   finish_reason=delta.finish_reason,  # type: ignore[arg-type]
                                                   index=delta.index, logprobs=delta.logprobs,
                                                   tool_calls=delta.tool_calls)

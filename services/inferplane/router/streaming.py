@@ -35,6 +35,8 @@ class Delta:
     tool_calls: list[router_pb2.ToolCallDelta] = field(default_factory=list)
     # The request's last delta: it carries the usage of all choices (and the cost).
     last: bool = False
+    # The public model id serving the request (a fallback's when the model asked for could not serve).
+    model: str = ""
 
 
 class ExecutorStream:
