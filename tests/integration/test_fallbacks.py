@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from decimal import Decimal
 from pathlib import Path
 
 import httpx
@@ -135,3 +136,51 @@ async def test_a_model_that_cannot_serve_falls_back_before_any_token_and_bills_t
     # The other shape of a fallback list is refused by name.
     r = await gateway.post("/v1/chat/completions", headers=user, json=chat(PRIMARY, fallbacks=["tiny-llama"]))
     assert r.status_code == 400 and r.json()["error"]["param"] == "fallbacks", r.text
+
+
+async def test_tiers_are_echoed_billed_at_their_multiplier_and_listed(
+        stack: tuple[httpx.AsyncClient, Router], metering: Metering) -> None:  # noqa: F811
+    """A copy of tiny-llama with flex at half price and priority at double: each tier's request is echoed, its usage
+    record is charged the price times the multiplier (one rounding), and ``/v1/models`` lists the tiers' prices."""
+    gateway, router = stack
+    _, admin_key = metering.store.create_key("ops", scopes=["admin"])
+    _, user_key = metering.store.create_key("app")
+    admin, user = {"authorization": f"Bearer {admin_key}"}, {"authorization": f"Bearer {user_key}"}
+    made = await gateway.post("/admin/models", headers=admin, json={
+        "id": "tiered-llama", "triton_model": "tiny-llama",
+        "price": {"input_per_million": "0.15", "output_per_million": "0.6"},
+        "settings": {"tier_multipliers": {"flex": "0.5", "priority": "2"}}})
+    assert made.status_code == 201, made.text
+
+    async def ready() -> bool:
+        return (router.catalog_watch.version >= made.json()["catalog_version"]
+                and router.engine.executors.serving_count("tiny-llama") > 0)
+
+    await eventually(ready, 60, "the router polled the catalog and sees tiny-llama served")
+    multipliers = {"auto": 1, "default": 1, "flex": Decimal("0.5"), "priority": Decimal(2)}
+    for tier in multipliers:
+        r = await gateway.post("/v1/chat/completions", headers={**user, "x-request-id": f"tier-{tier}"},
+                               json=chat("tiered-llama", service_tier=tier))
+        assert r.status_code == 200, r.text
+        assert r.json()["service_tier"] == ("default" if tier == "auto" else tier)
+    async with gateway.stream("POST", "/v1/chat/completions", headers=user,
+                              json=chat("tiered-llama", service_tier="flex", stream=True)) as s:
+        chunks = [json.loads(line[6:]) async for line in s.aiter_lines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+    assert chunks and {c["service_tier"] for c in chunks} == {"flex"}
+
+    async def recorded() -> bool:
+        return len([u for u in metering.store.list_usage(limit=100) if u.request_id.startswith("tier-")]) == 4
+
+    await eventually(recorded, 30, "usage records")
+    price = metering.store.current_price("tiered-llama")
+    assert price is not None
+    for row in metering.store.list_usage(limit=100):
+        if row.request_id.startswith("tier-"):
+            m = multipliers[row.request_id[len("tier-"):]]
+            assert row.cost_nanos == price.price.cost(row.prompt_tokens, row.completion_tokens, Decimal(m)), row
+
+    listed = {m["id"]: m for m in (await gateway.get("/v1/models", headers=user)).json()["data"]}
+    tiers = listed["tiered-llama"]["pricing"]["tiers"]
+    assert (tiers["flex"]["multiplier"], tiers["flex"]["input_per_million_tokens"]) == ("0.5", "0.075")
+    assert (tiers["priority"]["multiplier"], tiers["priority"]["output_per_million_tokens"]) == ("2", "1.2")

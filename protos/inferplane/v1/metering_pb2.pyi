@@ -174,18 +174,20 @@ class Price(_message.Message):
     def __init__(self, model: _Optional[str] = ..., input_per_million_nanodollars: _Optional[int] = ..., output_per_million_nanodollars: _Optional[int] = ..., per_request_nanodollars: _Optional[int] = ..., version: _Optional[int] = ..., effective_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ...) -> None: ...
 
 class ReserveRequest(_message.Message):
-    __slots__ = ("reservation_id", "key_id", "model", "prompt_tokens", "max_tokens")
+    __slots__ = ("reservation_id", "key_id", "model", "prompt_tokens", "max_tokens", "tier_multiplier")
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TIER_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
     reservation_id: str
     key_id: str
     model: str
     prompt_tokens: int
     max_tokens: int
-    def __init__(self, reservation_id: _Optional[str] = ..., key_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+    tier_multiplier: str
+    def __init__(self, reservation_id: _Optional[str] = ..., key_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., tier_multiplier: _Optional[str] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
     __slots__ = ("reserved_nanodollars", "price")

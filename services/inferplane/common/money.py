@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
+from fractions import Fraction
 
 NANOS_PER_USD = 10**9
 TOKENS_PER_PRICE_UNIT = 10**6  # token prices are per million tokens
@@ -77,14 +78,23 @@ class PriceNanos:
                              f"{format_usd(MIN_PER_REQUEST_NANOS)} to {format_usd(MAX_PER_REQUEST_NANOS)} USD "
                              "(or 0)")
 
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> int:
-        return cost_nanos(self, prompt_tokens, completion_tokens)
+    def cost(self, prompt_tokens: int, completion_tokens: int, multiplier: Decimal | None = None) -> int:
+        return cost_nanos(self, prompt_tokens, completion_tokens, multiplier)
 
 
-def cost_nanos(price: PriceNanos, prompt_tokens: int, completion_tokens: int) -> int:
+def cost_nanos(price: PriceNanos, prompt_tokens: int, completion_tokens: int,
+               multiplier: Decimal | None = None) -> int:
     """A request's cost in nano-dollars: exact, rounded once, half to even. Monotonic in both token counts,
-    so a reservation made for (prompt, max_tokens) always covers the cost of (prompt, n <= max_tokens)."""
+    so a reservation made for (prompt, max_tokens) always covers the cost of (prompt, n <= max_tokens).
+
+    ``multiplier`` (a service tier's, ``Decimal("0.5")``; None or 1: none) multiplies the exact cost before the one
+    rounding: ``round_half_even((prompt * in + completion * out) / 10**6 + per_request) * multiplier)``."""
     assert prompt_tokens >= 0 and completion_tokens >= 0, "token counts are never negative"
+    if multiplier is not None and multiplier != 1:
+        assert multiplier > 0, "a tier multiplier is positive"
+        exact = (Fraction(prompt_tokens * price.input_per_million + completion_tokens * price.output_per_million,
+                          TOKENS_PER_PRICE_UNIT) + price.per_request) * Fraction(multiplier)
+        return round(exact)  # Fraction rounds half to even
     numerator = prompt_tokens * price.input_per_million + completion_tokens * price.output_per_million
     whole, rest = divmod(numerator, TOKENS_PER_PRICE_UNIT)
     half = TOKENS_PER_PRICE_UNIT // 2

@@ -16,6 +16,7 @@ import asyncio
 import math
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from prometheus_client import Counter, Gauge
 
@@ -33,14 +34,41 @@ class Overloaded(ResourceExhausted):
     """The model is at capacity: RESOURCE_EXHAUSTED, reason OVERLOADED, with ``retry-after`` (the gateway answers
     503)."""
 
-    def __init__(self, message: str, *, retry_after_s: float) -> None:
-        super().__init__(message, reason=wire.REASON_OVERLOADED,
+    def __init__(self, message: str, *, retry_after_s: float, reason: wire.Reason = wire.REASON_OVERLOADED) -> None:
+        super().__init__(message, reason=reason,
                          metadata=((wire.RETRY_AFTER, str(max(1, math.ceil(retry_after_s)))),))
         self.retry_after_s = retry_after_s
 
 
+class FlexShed(Overloaded):
+    """A flex request the model has no room for: reason RESOURCE_UNAVAILABLE, which the gateway answers 429 with
+    ``retry-after`` (OpenAI's answer to a flex request it cannot serve)."""
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message, retry_after_s=retry_after_s, reason=wire.REASON_RESOURCE_UNAVAILABLE)
+
+
+# Tiers in the order their waiters are let in.
+TIERS = (wire.PRIORITY_TIER, wire.DEFAULT_TIER, wire.FLEX_TIER)
+
+
+@dataclass(eq=False, slots=True)
+class Waiter:
+    """A request waiting for a slot: its future (a result: the slot is its), its tier and tenant."""
+
+    future: asyncio.Future[None]
+    tier: str
+    tenant: str
+    shed: bool = False  # pushed out of a full queue by a request of a higher tier
+
+
 class ModelGate:
-    """Slots plus a bounded FIFO of waiters for one model. ``capacity`` is read at every decision."""
+    """Slots plus a bounded queue of waiters for one model. ``capacity`` is read at every decision.
+
+    Waiters are let in by tier (priority, then default, then flex), in arrival order within a tier. A full queue
+    refuses a flex request (429, ``FlexShed``), and makes room for a default or priority one by shedding the
+    newest flex waiter; with no flex waiter to shed, it refuses (503, ``Overloaded``). A flex request that waits too
+    long is a 429 too."""
 
     def __init__(self, model: str, capacity: Callable[[], int], *, max_queue: int, queue_timeout_s: float,
                  retry_after_s: float = 1.0) -> None:
@@ -50,47 +78,67 @@ class ModelGate:
         self.queue_timeout_s = queue_timeout_s
         self.retry_after_s = retry_after_s
         self.running = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._waiters: dict[str, deque[Waiter]] = {tier: deque() for tier in TIERS}
+        self._queued = 0
         self._running_gauge = RUNNING.labels(model)
         self._queued_gauge = QUEUED.labels(model)
 
     @property
     def queued(self) -> int:
-        return len(self._waiters)
+        return self._queued
 
     def _room(self) -> bool:
         return self.running < max(1, self._capacity())
 
-    async def acquire(self, timeout: float) -> None:
-        """Take a slot, waiting at most ``min(timeout, queue_timeout_s)`` in the queue; else ``Overloaded``."""
-        if not self._waiters and self._room():
+    async def acquire(self, timeout: float, *, tier: str = wire.DEFAULT_TIER, tenant: str = "") -> None:
+        """Take a slot, waiting at most ``min(timeout, queue_timeout_s)`` in the queue; else ``Overloaded`` (a flex
+        request: ``FlexShed``)."""
+        if not self._queued and self._room():
             self._take()
             return
-        if len(self._waiters) >= self.max_queue:
-            SHED.labels(self.model, "queue_full").inc()
-            raise Overloaded(f"The model `{self.model}` is overloaded ({self.running} requests running, "
-                             f"{len(self._waiters)} waiting). Please retry after a short wait.",
-                             retry_after_s=self.retry_after_s)
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        self._queued_gauge.set(len(self._waiters))
+        if self._queued >= self.max_queue:
+            self._make_room(tier)
+        waiter = Waiter(asyncio.get_running_loop().create_future(), tier, tenant)
+        self._waiters[tier].append(waiter)
+        self._queued += 1
+        self._queued_gauge.set(self._queued)
         wait_s = min(timeout, self.queue_timeout_s)
         try:
             # not asyncio.wait_for: on 3.11 it swallows a cancellation that races with the result
             async with asyncio.timeout(wait_s):
-                await waiter
+                await waiter.future
         except BaseException as exc:
-            if waiter.done() and not waiter.cancelled():
+            if waiter.shed:
+                raise  # already out of the queue (FlexShed)
+            if waiter.future.done() and not waiter.future.cancelled():
                 # the slot was handed over just as the wait ended: give it back to the next waiter
                 self.release()
             else:
-                waiter.cancel()
+                waiter.future.cancel()
                 self._discard(waiter)
             if isinstance(exc, TimeoutError):
                 SHED.labels(self.model, "queue_timeout").inc()
-                raise Overloaded(f"The model `{self.model}` is overloaded: no capacity within {wait_s:.3g}s. "
-                                 "Please retry after a short wait.", retry_after_s=self.retry_after_s) from None
+                raise self._refusal(tier, f"no capacity within {wait_s:.3g}s") from None
             raise
+
+    def _make_room(self, tier: str) -> None:
+        """The queue is full: refuse a flex request; for another tier, shed the newest flex waiter (or refuse)."""
+        flex = self._waiters[wire.FLEX_TIER]
+        if tier == wire.FLEX_TIER or not flex:
+            SHED.labels(self.model, "queue_full").inc()
+            raise self._refusal(tier, f"{self.running} requests running, {self._queued} waiting")
+        victim = flex.pop()
+        self._queued -= 1
+        victim.shed = True
+        SHED.labels(self.model, "flex_shed").inc()
+        victim.future.set_exception(self._refusal(wire.FLEX_TIER, "a request of a higher tier took its place"))
+
+    def _refusal(self, tier: str, why: str) -> Overloaded:
+        if tier == wire.FLEX_TIER:
+            return FlexShed(f"The model `{self.model}` has no capacity for flex requests now ({why}). Please retry "
+                            "after a short wait, or use the default tier.", retry_after_s=self.retry_after_s)
+        return Overloaded(f"The model `{self.model}` is overloaded ({why}). Please retry after a short wait.",
+                          retry_after_s=self.retry_after_s)
 
     def release(self) -> None:
         self.running -= 1
@@ -104,22 +152,32 @@ class ModelGate:
         self.running += 1
         self._running_gauge.set(self.running)
 
+    def _next(self) -> Waiter | None:
+        """The waiter to let in next: the first of the highest tier that has one."""
+        for tier in TIERS:
+            if self._waiters[tier]:
+                return self._waiters[tier].popleft()
+        return None
+
     def _wake(self) -> None:
-        while self._waiters and self._room():
-            waiter = self._waiters.popleft()
-            if waiter.done():
+        while self._queued and self._room():
+            waiter = self._next()
+            assert waiter is not None, "the count says a waiter is queued"
+            self._queued -= 1
+            if waiter.future.done():
                 continue
             self._take()  # the slot passes straight to the waiter: no one can jump the queue
-            waiter.set_result(None)
+            waiter.future.set_result(None)
         self._running_gauge.set(self.running)
-        self._queued_gauge.set(len(self._waiters))
+        self._queued_gauge.set(self._queued)
 
-    def _discard(self, waiter: asyncio.Future[None]) -> None:
+    def _discard(self, waiter: Waiter) -> None:
         try:
-            self._waiters.remove(waiter)
+            self._waiters[waiter.tier].remove(waiter)
+            self._queued -= 1
         except ValueError:
             pass
-        self._queued_gauge.set(len(self._waiters))
+        self._queued_gauge.set(self._queued)
 
 
 class Capacity:

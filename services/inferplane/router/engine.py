@@ -22,6 +22,7 @@ from prometheus_client import Counter
 from inferplane.common.catalog import MAX_FALLBACKS, Catalog, CatalogModel
 from inferplane.common.errors import InvalidArgument, NotFound, PermissionDenied, Unavailable
 from inferplane.common.wire import (
+    DEFAULT_TIER,
     ERROR,
     FINISH_FROM_PB,
     FINISH_TO_PB,
@@ -29,6 +30,7 @@ from inferplane.common.wire import (
     REASON_CONTEXT_LENGTH_EXCEEDED,
     REASON_MODEL_NOT_FOUND,
     STOP,
+    TIER_TO_PB,
 )
 from inferplane.router import canary, tools
 from inferplane.router.admission import Admission, Metadata
@@ -84,6 +86,8 @@ class GenerationInput:
     user: str = ""
     # Models to try when ``model`` cannot serve now (REST ``models``); empty: the catalog's ``fallbacks``.
     fallback_models: list[str] = field(default_factory=list)
+    # The service tier (``wire.TIER_TO_PB``'s names): its place in the queue and its price.
+    service_tier: str = DEFAULT_TIER
 
 
 def validate(inp: GenerationInput, model: CatalogModel) -> None:
@@ -206,12 +210,12 @@ class GenerationEngine:
         return Clock.start(deadline, model.request_timeout_s or self.request_timeout_s)
 
     def admit(self, key: KeyInfo, model: CatalogModel, *, request_id: str, operation: str, clock: Clock,
-              prompt_tokens: int, max_tokens: int) -> Lease:
+              prompt_tokens: int, max_tokens: int, tier: str = DEFAULT_TIER) -> Lease:
         """The request's lease (``lease.py``): entering admits it and takes a slot of the model's queue; leaving
         leaves its one usage record, or gives back what it held when no executor was asked."""
         return Lease(self.admission, self.capacity.gate(model.id), self.usage, key=key, model=model,
                      request_id=request_id, operation=operation, clock=clock, prompt_tokens=prompt_tokens,
-                     max_tokens=max_tokens)
+                     max_tokens=max_tokens, tier=tier)
 
     async def count_tokens(self, model_id: str, messages: list[common_pb2.ChatMessage], *,
                            deadline: float | None = None) -> int:
@@ -279,7 +283,7 @@ class GenerationEngine:
                 async with contextlib.aclosing(run):
                     async for delta in run:
                         attempt.yielded = True
-                        delta.model = model.id
+                        delta.model, delta.service_tier = model.id, inp.service_tier
                         yield delta
                 return
             except (Overloaded, Unavailable) as exc:
@@ -329,7 +333,8 @@ class GenerationEngine:
                            if mode != "none" else None, mode) for i in range(inp.n)]
 
         async with self.admit(key, model, request_id=request_id, operation=operation, clock=clock,
-                              prompt_tokens=prompt_tokens, max_tokens=max_tokens * inp.n) as lease:
+                              prompt_tokens=prompt_tokens, max_tokens=max_tokens * inp.n,
+                              tier=inp.service_tier) as lease:
             attempt.lease = lease
             await on_admitted(lease.headers)
 
@@ -431,7 +436,7 @@ def executor_request(inp: GenerationInput, model: CatalogModel, request_id: str,
     req = executor_pb2.ExecutorGenerateRequest(
         model=model.triton_model, prompt_token_ids=prompt_token_ids, max_tokens=max_tokens,
         stop_token_ids=stop_token_ids, request_id=request_id, stream_interval=model.stream_interval,
-        top_logprobs=inp.top_logprobs if inp.logprobs else 0)
+        top_logprobs=inp.top_logprobs if inp.logprobs else 0, service_tier=TIER_TO_PB[inp.service_tier])
     for name in ("temperature", "top_p", "top_k", "seed", "repetition_penalty", "presence_penalty",
                  "frequency_penalty", "min_tokens"):
         value = getattr(inp, name)

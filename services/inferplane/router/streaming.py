@@ -37,6 +37,8 @@ class Delta:
     last: bool = False
     # The public model id serving the request (a fallback's when the model asked for could not serve).
     model: str = ""
+    # The service tier serving it (``wire`` names; "" on deltas not from ``GenerationEngine.generate``).
+    service_tier: str = ""
 
 
 class ExecutorStream:
