@@ -162,9 +162,10 @@ KEY_LIKE = re.compile(r"sk-[A-Za-z0-9_-]{8,}")
 class GenerationEngine:
     def __init__(self, *, catalog: Catalog, tokenizer: Tokenizer, executors: ReplicaSet,
                  metering: MeteringClient, request_timeout_s: float = 600.0, admission: Admission | None = None,
-                 outbox: UsageOutbox | None = None) -> None:
+                 outbox: UsageOutbox | None = None, fair_queue: bool = True) -> None:
         """``tokenizer`` encodes prompts and turns streamed ids into text (in process or through the tokenizer
-        service: the router's settings pick)."""
+        service: the router's settings pick). ``fair_queue``: each model's queue is fair across tenants within a
+        service tier (``capacity.ModelGate``)."""
         self.catalog = catalog
         self.tokenizer = tokenizer
         self.executors = executors
@@ -177,7 +178,7 @@ class GenerationEngine:
             lambda mid: executors.serving_count(self._known(mid).triton_model),
             per_replica=lambda mid: self._known(mid).concurrency_per_replica,
             max_queue=lambda mid: self._known(mid).max_queue,
-            queue_timeout_s=lambda mid: self._known(mid).queue_timeout_s)
+            queue_timeout_s=lambda mid: self._known(mid).queue_timeout_s, fair=fair_queue)
         executors.on_change = self.capacity.wake_all
 
     def swap_catalog(self, catalog: Catalog) -> None:

@@ -107,6 +107,7 @@ class Lease:
             trace.get_current_span().add_event("gen_ai.first_token")
         self.last_token_at = now
         self.completion_tokens += n
+        self._gate.served(self.key.tenant_id, n)  # the tenant's served tokens (the fair queue's count)
 
     def finished(self, reason: str, *, prompt_tokens: int | None = None, completion_tokens: int | None = None) -> None:
         """The work ended with ``reason``; counts given here (the model's own) replace the router's."""
@@ -125,7 +126,8 @@ class Lease:
                                                       request_id=self.request_id, tier=self.tier)
         try:
             # Overloaded (503) when the queue is full or too slow; a flex request: FlexShed (429)
-            await self._gate.acquire(self.clock.left(), tier=self.tier, tenant=self.key.tenant_id)
+            await self._gate.acquire(self.clock.left(), tier=self.tier, tenant=self.key.tenant_id,
+                                     tokens=self.prompt_tokens)
         except BaseException:
             await self._release()
             raise

@@ -74,7 +74,7 @@ class Router:
         self.engine = GenerationEngine(catalog=catalog, tokenizer=self.tokenizer,
                                        executors=self.replicas, metering=metering,
                                        request_timeout_s=settings.request_timeout_s,
-                                       admission=admission, outbox=self.outbox)
+                                       admission=admission, outbox=self.outbox, fair_queue=settings.fair_queue)
         # served over gRPC, and called in process by a REST edge in this process (``inferplane.cli.edge``)
         keys = KeyVerifier(metering, ttl=settings.key_cache_ttl_s, stale_ttl=settings.key_stale_ttl_s)
         self.servicer = RouterServicer(self.engine, keys)

@@ -58,6 +58,9 @@ class RouterSettings(BaseSettings):
     # Seconds between polls of metering's catalog version (a change is picked up within this time, without a
     # restart: docs/catalog.md); 0: the catalog file is the catalog, never polled.
     catalog_poll_s: float = 2.0
+    # Fair queue (docs/router.md): within a service tier, the waiting request of the tenant served the fewest tokens
+    # goes first (VTC); false: arrival order.
+    fair_queue: bool = True
 
     def channel_silence(self) -> float | None:
         """The ``ReplicaSet``'s ``channel_silence_s``: None when requests use per-request ``Generate`` calls."""
