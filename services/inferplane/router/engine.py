@@ -88,6 +88,8 @@ class GenerationInput:
     fallback_models: list[str] = field(default_factory=list)
     # The service tier (``wire.TIER_TO_PB``'s names): its place in the queue and its price.
     service_tier: str = DEFAULT_TIER
+    # A session id (REST: ``x-session-id``): its requests keep to one executor replica (else ``user`` does).
+    session_id: str = ""
 
 
 def validate(inp: GenerationInput, model: CatalogModel) -> None:
@@ -377,7 +379,7 @@ class GenerationEngine:
 
         async with (TextOut(self.tokenizer.decoder(model.id, timeout=clock.left()), inp.stop) as text,
                     self.executors.open(model.triton_model, start, request_id=request_id,
-                                        wait_s=clock.left()) as stream, stream):
+                                        wait_s=clock.left(), session=inp.session_id or inp.user) as stream, stream):
             choice.text = text
             async for msg in stream:
                 if msg.token_ids:

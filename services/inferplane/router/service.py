@@ -70,6 +70,7 @@ def input_from_pb(req: router_pb2.GenerateRequest) -> GenerationInput:
         user=req.user,
         fallback_models=list(req.fallback_models),
         service_tier=wire.TIER_FROM_PB.get(req.service_tier, wire.DEFAULT_TIER),
+        session_id=req.session_id,
     )
 
 
