@@ -187,3 +187,5 @@ def test_models_list_prices_per_tier() -> None:
     assert tiers["flex"] == {"multiplier": "0.5", "input_per_million_tokens": "0.075",
                              "output_per_million_tokens": "0.3", "per_request": "0"}
     assert tiers["priority"]["input_per_million_tokens"] == "0.3"
+    info.pricing.tier_multipliers.clear()  # every tier at the default price: no "tiers"
+    assert "tiers" not in (pricing_dict(info) or {})

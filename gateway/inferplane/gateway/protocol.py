@@ -94,15 +94,17 @@ def usage_dict(msg: router_pb2.GenerateResponse) -> dict[str, Any] | None:
 
 
 def pricing_dict(m: common_pb2.ModelInfo) -> dict[str, Any] | None:
-    """The extension ``pricing`` of a ``/v1/models`` entry: exact USD strings; with ``tiers``, each service tier's
-    multiplier and its prices (exact: the default price times the multiplier, not rounded: a request's cost is
-    rounded once, to a nano-dollar)."""
+    """The extension ``pricing`` of a ``/v1/models`` entry: exact USD strings; for a model whose service tiers are
+    priced apart (its catalog ``tier_multipliers``), ``tiers``: each tier's multiplier and its prices (exact: the
+    default price times the multiplier, not rounded: a request's cost is rounded once, to a nano-dollar)."""
     if not m.HasField("pricing"):
         return None
     p = m.pricing
     out: dict[str, Any] = {"currency": "USD", "input_per_million_tokens": format_usd(p.input_per_million_nanodollars),
                            "output_per_million_tokens": format_usd(p.output_per_million_nanodollars),
                            "per_request": format_usd(p.per_request_nanodollars), "version": p.version}
+    if not p.tier_multipliers:
+        return out  # every tier at this price
     tiers: dict[str, Any] = {"default": {"multiplier": "1", "input_per_million_tokens": out["input_per_million_tokens"],
                                          "output_per_million_tokens": out["output_per_million_tokens"],
                                          "per_request": out["per_request"]}}
