@@ -161,7 +161,7 @@ async def test_an_unknown_field_is_a_400_naming_it(path: str, extra: dict[str, A
     (CHAT, "web_search_options", {}, "web search"),
     (CHAT, "functions", [{"name": "f"}], "use 'tools'"),
     (CHAT, "function_call", "auto", "use 'tool_choice'"),
-    (CHAT, "service_tier", "flex", "service tier"),
+    (CHAT, "service_tier", "scale", "service_tier"),
     (CHAT, "store", True, "stored"),
     (CHAT, "reasoning_effort", "low", "reason"),
     (CHAT, "n", 0, "greater than or equal to 1"),

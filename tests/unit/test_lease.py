@@ -30,7 +30,7 @@ class FakeAdmission:
         self.released: list[str] = []
 
     async def admit(self, key: KeyInfo, model: CatalogModel, prompt_tokens: int, max_tokens: int, *,
-                    request_id: str | None = None) -> Ticket:
+                    request_id: str | None = None, tier: str = "default") -> Ticket:
         return Ticket(key, model.id, f"res-{request_id}", PRICE.cost(prompt_tokens, max_tokens), PRICE,
                       (("x-ratelimit-remaining-requests", "4"),))
 

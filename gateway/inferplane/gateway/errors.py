@@ -83,6 +83,8 @@ REASON_ERRORS: dict[wire.Reason, _Row] = {
     wire.REASON_CANCELLED: _Row(CLIENT_CLOSED_REQUEST, INVALID_REQUEST, "request_cancelled",
                                 "The request was cancelled."),
     wire.REASON_INTERNAL: _INTERNAL,
+    # a flex request shed under overload: 429 with retry-after, as OpenAI answers flex requests it cannot serve
+    wire.REASON_RESOURCE_UNAVAILABLE: _Row(429, SERVER_ERROR, "resource_unavailable"),
 }
 # A status that comes without a reason we know (a service from before typed reasons, a newer reason): the status
 # decides, as it did before reasons existed, when the router's NOT_FOUND always meant the model.

@@ -51,6 +51,8 @@ from inferplane.v1 import router_pb2
 
 log = logging.getLogger(__name__)
 
+SESSION_ID_HEADER = "x-session-id"
+MAX_SESSION_ID = 256
 SSE_WRITES = Counter("inferplane_gateway_sse_writes", "SSE body writes (one send each) of streamed completions")
 DONE_FRAME = b"data: [DONE]\n\n"
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
@@ -82,6 +84,16 @@ async def parse_body(request: Request, model: type[ParsedT]) -> ParsedT:
         return model.model_validate_json(raw)
     except ValidationError as exc:
         raise from_validation_error(exc) from None
+
+
+def session_id(headers: Headers) -> str:
+    """The ``x-session-id`` header (session affinity: its requests keep to one executor replica); "" without one,
+    a 400 naming it when longer than ``MAX_SESSION_ID`` characters."""
+    value = headers.get(SESSION_ID_HEADER, "")
+    if len(value) > MAX_SESSION_ID:
+        raise GatewayError(400, f"Invalid '{SESSION_ID_HEADER}': at most {MAX_SESSION_ID} characters.",
+                           param=SESSION_ID_HEADER)
+    return value
 
 
 def _no_finish() -> GatewayError:
@@ -165,13 +177,16 @@ class GenerationEndpoint:
         return answer.status
 
     async def _open(self, scope: Scope, receive: Receive, answer: _Answer) -> GenerateCall | None:
-        metadata = (*key_metadata(Headers(scope=scope)), (wire.REQUEST_ID, answer.request_id))
+        headers = Headers(scope=scope)
+        metadata = (*key_metadata(headers), (wire.REQUEST_ID, answer.request_id))
         raw = await read_body(receive)
         try:
             body = GENERATION_ROUTES[scope["path"]].model_validate_json(raw)
         except ValidationError as exc:
             raise from_validation_error(exc) from None
-        call = self._router().generate(body.to_generate_request(), metadata=metadata)
+        req = body.to_generate_request()
+        req.session_id = session_id(headers)
+        call = self._router().generate(req, metadata=metadata)
         try:
             await _until_gone(receive, self._answer(call, body, answer))
         except BaseException:

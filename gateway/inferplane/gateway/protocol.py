@@ -20,13 +20,14 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable
+from decimal import Decimal
 from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from inferplane.common.money import format_usd
-from inferplane.common.wire import FINISH_FROM_PB
+from inferplane.common.wire import FINISH_FROM_PB, TIER_FROM_PB, TIER_TO_PB
 from inferplane.gateway.errors import CLIENT_CLOSED_REQUEST, SERVER_ERROR, GatewayError
 from inferplane.v1 import common_pb2, router_pb2
 
@@ -36,6 +37,7 @@ MAX_TOP_LOGPROBS = 20  # chat completions' top_logprobs
 MAX_COMPLETION_LOGPROBS = 5  # text completions' logprobs
 MAX_LOGIT_BIAS = 300  # entries, as OpenAI caps it
 MAX_TOOLS = 128
+MAX_MODELS = 9  # a request's ``models``: the model and up to 8 fallbacks (the router's limit)
 INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # Every request model: no NaN or infinity in a float field (JSON has no such numbers, but the parser takes the
@@ -92,14 +94,38 @@ def usage_dict(msg: router_pb2.GenerateResponse) -> dict[str, Any] | None:
 
 
 def pricing_dict(m: common_pb2.ModelInfo) -> dict[str, Any] | None:
-    """The extension ``pricing`` of a ``/v1/models`` entry: exact USD strings."""
+    """The extension ``pricing`` of a ``/v1/models`` entry: exact USD strings; for a model whose service tiers are
+    priced apart (its catalog ``tier_multipliers``), ``tiers``: each tier's multiplier and its prices (exact: the
+    default price times the multiplier, not rounded: a request's cost is rounded once, to a nano-dollar)."""
     if not m.HasField("pricing"):
         return None
     p = m.pricing
-    return {"currency": "USD", "input_per_million_tokens": format_usd(p.input_per_million_nanodollars),
-            "cached_input_per_million_tokens": format_usd(p.cached_input_per_million_nanodollars),
-            "output_per_million_tokens": format_usd(p.output_per_million_nanodollars),
-            "per_request": format_usd(p.per_request_nanodollars), "version": p.version}
+    out: dict[str, Any] = {"currency": "USD", "input_per_million_tokens": format_usd(p.input_per_million_nanodollars),
+                           "cached_input_per_million_tokens": format_usd(p.cached_input_per_million_nanodollars),
+                           "output_per_million_tokens": format_usd(p.output_per_million_nanodollars),
+                           "per_request": format_usd(p.per_request_nanodollars), "version": p.version}
+    if not p.tier_multipliers:
+        return out  # every tier at this price
+    tiers: dict[str, Any] = {"default": {"multiplier": "1", "input_per_million_tokens": out["input_per_million_tokens"],
+                                         "cached_input_per_million_tokens": out["cached_input_per_million_tokens"],
+                                         "output_per_million_tokens": out["output_per_million_tokens"],
+                                         "per_request": out["per_request"]}}
+    for tier in ("flex", "priority"):
+        multiplier = Decimal(p.tier_multipliers.get(tier, "1"))
+        tiers[tier] = {"multiplier": str(multiplier),
+                       **{name: _usd_times(nanos, multiplier) for name, nanos in (
+                           ("input_per_million_tokens", p.input_per_million_nanodollars),
+                           ("cached_input_per_million_tokens", p.cached_input_per_million_nanodollars),
+                           ("output_per_million_tokens", p.output_per_million_nanodollars),
+                           ("per_request", p.per_request_nanodollars))}}
+    out["tiers"] = tiers
+    return out
+
+
+def _usd_times(nanos: int, multiplier: Decimal) -> str:
+    """``nanos`` nano-dollars times ``multiplier`` as an exact USD string (no exponent, no trailing zeros)."""
+    text = format((Decimal(nanos) * multiplier).scaleb(-9), "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 def sse_frame(obj: Any) -> bytes:
@@ -177,6 +203,8 @@ class ResponseEncoder:
         self.id = f"{self.id_prefix}{first.request_id}"
         self.created = first.created
         self.model = first.model
+        # the tier that serves (OpenAI echoes it); None: the router did not say
+        self.service_tier = TIER_FROM_PB.get(first.service_tier) if first.service_tier else None
         self.include_usage = include_usage
         self.logprobs = logprobs
         self.choices = [_Choice() for _ in range(n)]
@@ -234,7 +262,10 @@ class ResponseEncoder:
         return head + json.dumps(text, ensure_ascii=False).encode() + tail
 
     def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
+        out = {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
+        if self.service_tier is not None:
+            out["service_tier"] = self.service_tier
+        return out
 
     def _chunk(self, choice: dict[str, Any]) -> dict[str, Any]:
         out = self._envelope(self.chunk_object_name, [choice])
@@ -574,6 +605,10 @@ class GenerationRequest(BaseModel):
     encoder: ClassVar[type[ResponseEncoder]]
 
     model: str = Field(min_length=1)
+    # OpenRouter's fallback list: the models to try in order (``model``, when given and not listed, first); the
+    # next is tried only when one cannot serve now, before any output (docs/router.md). ``model`` may be left out.
+    models: list[Annotated[str, Field(min_length=1)]] | None = Field(None, min_length=1, max_length=MAX_MODELS)
+    fallbacks: Annotated[Any, refuse("fallbacks are given as OpenRouter's 'models' list here")] = None
     max_tokens: Count32 | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -596,8 +631,9 @@ class GenerationRequest(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0, le=100)
     # OpenAI's response_format; vLLM takes it on completions too.
     response_format: ResponseFormatParam | None = None
-    service_tier: Annotated[Any, refuse("only the 'auto' and 'default' service tiers exist here",
-                                        allowed=["auto", "default"])] = None
+    # OpenAI's tiers: the router's queue serves priority before default before flex, and sheds flex first (429);
+    # each tier has its price (docs/router.md). "auto" is "default".
+    service_tier: Literal["auto", "default", "flex", "priority"] | None = None
 
     @field_validator("stream_options")
     @classmethod
@@ -634,10 +670,23 @@ class GenerationRequest(BaseModel):
         if self.min_tokens is not None and max_tokens is not None and self.min_tokens > max_tokens:
             raise invalid("min_tokens", f"must be at most max_tokens ({max_tokens}), got {self.min_tokens}")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _model_from_models(cls, data: Any) -> Any:
+        """``models`` without ``model``: the first of ``models`` is the model."""
+        if isinstance(data, dict) and "model" not in data and isinstance(data.get("models"), list) \
+                and data["models"] and isinstance(data["models"][0], str):
+            return {**data, "model": data["models"][0]}
+        return data
+
     def _generate_request(self) -> router_pb2.GenerateRequest:
         self._check()
         req = router_pb2.GenerateRequest(model=self.model, stop=self.stop or [], include_usage=self.include_usage,
                                          user=self.user or "")
+        req.fallback_models.extend(dict.fromkeys(m for m in self.models or () if m != self.model))
+        if self.service_tier is not None:
+            tier = "default" if self.service_tier == "auto" else self.service_tier
+            req.service_tier = TIER_TO_PB[tier]
         max_tokens = self.effective_max_tokens()
         if max_tokens is not None:
             req.max_tokens = max_tokens

@@ -32,6 +32,14 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_REASON_TIMEOUT: _ClassVar[ErrorReason]
     ERROR_REASON_CANCELLED: _ClassVar[ErrorReason]
     ERROR_REASON_INTERNAL: _ClassVar[ErrorReason]
+    ERROR_REASON_RESOURCE_UNAVAILABLE: _ClassVar[ErrorReason]
+
+class ServiceTier(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SERVICE_TIER_UNSPECIFIED: _ClassVar[ServiceTier]
+    SERVICE_TIER_DEFAULT: _ClassVar[ServiceTier]
+    SERVICE_TIER_FLEX: _ClassVar[ServiceTier]
+    SERVICE_TIER_PRIORITY: _ClassVar[ServiceTier]
 
 class ModelTask(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -68,6 +76,11 @@ ERROR_REASON_UNAVAILABLE: ErrorReason
 ERROR_REASON_TIMEOUT: ErrorReason
 ERROR_REASON_CANCELLED: ErrorReason
 ERROR_REASON_INTERNAL: ErrorReason
+ERROR_REASON_RESOURCE_UNAVAILABLE: ErrorReason
+SERVICE_TIER_UNSPECIFIED: ServiceTier
+SERVICE_TIER_DEFAULT: ServiceTier
+SERVICE_TIER_FLEX: ServiceTier
+SERVICE_TIER_PRIORITY: ServiceTier
 MODEL_TASK_UNSPECIFIED: ModelTask
 MODEL_TASK_CHAT: ModelTask
 MODEL_TASK_COMPLETION: ModelTask
@@ -203,18 +216,27 @@ class ModelInfo(_message.Message):
     def __init__(self, id: _Optional[str] = ..., owned_by: _Optional[str] = ..., created: _Optional[int] = ..., tasks: _Optional[_Iterable[_Union[ModelTask, str]]] = ..., context_length: _Optional[int] = ..., pricing: _Optional[_Union[ModelPricing, _Mapping]] = ..., state: _Optional[_Union[ModelState, str]] = ...) -> None: ...
 
 class ModelPricing(_message.Message):
-    __slots__ = ("input_per_million_nanodollars", "output_per_million_nanodollars", "per_request_nanodollars", "version", "cached_input_per_million_nanodollars")
+    __slots__ = ("input_per_million_nanodollars", "output_per_million_nanodollars", "per_request_nanodollars", "version", "cached_input_per_million_nanodollars", "tier_multipliers")
+    class TierMultipliersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     INPUT_PER_MILLION_NANODOLLARS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_PER_MILLION_NANODOLLARS_FIELD_NUMBER: _ClassVar[int]
     PER_REQUEST_NANODOLLARS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CACHED_INPUT_PER_MILLION_NANODOLLARS_FIELD_NUMBER: _ClassVar[int]
+    TIER_MULTIPLIERS_FIELD_NUMBER: _ClassVar[int]
     input_per_million_nanodollars: int
     output_per_million_nanodollars: int
     per_request_nanodollars: int
     version: int
     cached_input_per_million_nanodollars: int
-    def __init__(self, input_per_million_nanodollars: _Optional[int] = ..., output_per_million_nanodollars: _Optional[int] = ..., per_request_nanodollars: _Optional[int] = ..., version: _Optional[int] = ..., cached_input_per_million_nanodollars: _Optional[int] = ...) -> None: ...
+    tier_multipliers: _containers.ScalarMap[str, str]
+    def __init__(self, input_per_million_nanodollars: _Optional[int] = ..., output_per_million_nanodollars: _Optional[int] = ..., per_request_nanodollars: _Optional[int] = ..., version: _Optional[int] = ..., cached_input_per_million_nanodollars: _Optional[int] = ..., tier_multipliers: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content", "name", "tool_calls", "tool_call_id")

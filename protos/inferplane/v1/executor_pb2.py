@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from inferplane.v1 import common_pb2 as inferplane_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cinferplane/v1/executor.proto\x12\rinferplane.v1\x1a\x1ainferplane/v1/common.proto\"\x91\x02\n\x17\x45xecutorGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x03\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.inferplane.v1.SamplingParams\x12\x16\n\x0estop_token_ids\x18\x05 \x03(\x03\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x17\n\x0fstream_interval\x18\x07 \x01(\x05\x12\x14\n\x0ctop_logprobs\x18\x08 \x01(\x05\x12-\n\nconstraint\x18\t \x01(\x0b\x32\x19.inferplane.v1.Constraint\"\xd4\x01\n\x18\x45xecutorGenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x32\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1b.inferplane.v1.FinishReason\x12(\n\x05usage\x18\x03 \x01(\x0b\x32\x14.inferplane.v1.UsageH\x00\x88\x01\x01\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x15\n\rtop_token_ids\x18\x05 \x03(\x03\x12\x14\n\x0ctop_logprobs\x18\x06 \x03(\x02\x42\x08\n\x06_usage\"d\n\x14\x45xecutorEmbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12)\n\x06inputs\x18\x02 \x03(\x0b\x32\x19.inferplane.v1.EmbedInput\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\x1f\n\nEmbedInput\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\"E\n\x15\x45xecutorEmbedResponse\x12,\n\nembeddings\x18\x01 \x03(\x0b\x32\x18.inferplane.v1.Embedding\"\x12\n\x10GetStatusRequest\"\x86\x01\n\x11GetStatusResponse\x12\x14\n\x0cready_models\x18\x01 \x03(\t\x12\x17\n\x0f\x61\x63tive_requests\x18\x02 \x01(\x05\x12\x16\n\x0etriton_version\x18\x03 \x01(\t\x12*\n\x06models\x18\x04 \x03(\x0b\x32\x1a.inferplane.v1.ModelStatus\"|\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.inferplane.v1.ModelState\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0e\n\x06idle_s\x18\x04 \x01(\x01\x12\x15\n\ridle_unload_s\x18\x05 \x01(\x01\"5\n\x10LoadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"N\n\x11LoadModelResponse\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.inferplane.v1.ModelStatus\x12\x0e\n\x06load_s\x18\x02 \x01(\x01\"#\n\x12UnloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"@\n\x13UnloadModelResponse\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.inferplane.v1.ModelStatus\"M\n\x0e\x43hannelRequest\x12*\n\x05opens\x18\x01 \x03(\x0b\x32\x1b.inferplane.v1.SequenceOpen\x12\x0f\n\x07\x63\x61ncels\x18\x02 \x03(\x04\"}\n\x0cSequenceOpen\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x37\n\x07request\x18\x02 \x01(\x0b\x32&.inferplane.v1.ExecutorGenerateRequest\x12\x12\n\ntimeout_ms\x18\x03 \x01(\r\x12\x13\n\x0btraceparent\x18\x04 \x01(\t\"\xb1\x02\n\x0c\x43hannelFrame\x12\x0b\n\x03seq\x18\x01 \x03(\x04\x12\r\n\x05\x63ount\x18\x02 \x03(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\x03\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12)\n\x05\x65nded\x18\x05 \x03(\x0b\x32\x1a.inferplane.v1.SequenceEnd\x12.\n\x06\x66\x61iled\x18\x06 \x03(\x0b\x32\x1e.inferplane.v1.SequenceFailure\x12\x30\n\theartbeat\x18\x07 \x01(\x0b\x32\x18.inferplane.v1.HeartbeatH\x00\x88\x01\x01\x12\x15\n\rtop_token_ids\x18\x08 \x03(\x03\x12\x14\n\x0ctop_logprobs\x18\t \x03(\x02\x12\x12\n\ntop_counts\x18\n \x03(\rB\x0c\n\n_heartbeatJ\x04\x08\x0b\x10\x10\"s\n\x0bSequenceEnd\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x32\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1b.inferplane.v1.FinishReason\x12#\n\x05usage\x18\x03 \x01(\x0b\x32\x14.inferplane.v1.Usage\"x\n\x0fSequenceFailure\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\r\x12*\n\x06reason\x18\x03 \x01(\x0e\x32\x1a.inferplane.v1.ErrorReason\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\r\n\x05param\x18\x05 \x01(\t\"\x1b\n\tHeartbeat\x12\x0e\n\x06\x61\x63tive\x18\x01 \x03(\x04\x32\x85\x04\n\x0f\x45xecutorService\x12]\n\x08Generate\x12&.inferplane.v1.ExecutorGenerateRequest\x1a\'.inferplane.v1.ExecutorGenerateResponse0\x01\x12I\n\x07\x43hannel\x12\x1d.inferplane.v1.ChannelRequest\x1a\x1b.inferplane.v1.ChannelFrame(\x01\x30\x01\x12R\n\x05\x45mbed\x12#.inferplane.v1.ExecutorEmbedRequest\x1a$.inferplane.v1.ExecutorEmbedResponse\x12N\n\tGetStatus\x12\x1f.inferplane.v1.GetStatusRequest\x1a .inferplane.v1.GetStatusResponse\x12N\n\tLoadModel\x12\x1f.inferplane.v1.LoadModelRequest\x1a .inferplane.v1.LoadModelResponse\x12T\n\x0bUnloadModel\x12!.inferplane.v1.UnloadModelRequest\x1a\".inferplane.v1.UnloadModelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cinferplane/v1/executor.proto\x12\rinferplane.v1\x1a\x1ainferplane/v1/common.proto\"\xc3\x02\n\x17\x45xecutorGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x03\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.inferplane.v1.SamplingParams\x12\x16\n\x0estop_token_ids\x18\x05 \x03(\x03\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x17\n\x0fstream_interval\x18\x07 \x01(\x05\x12\x14\n\x0ctop_logprobs\x18\x08 \x01(\x05\x12-\n\nconstraint\x18\t \x01(\x0b\x32\x19.inferplane.v1.Constraint\x12\x30\n\x0cservice_tier\x18\x14 \x01(\x0e\x32\x1a.inferplane.v1.ServiceTier\"\xd4\x01\n\x18\x45xecutorGenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x32\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1b.inferplane.v1.FinishReason\x12(\n\x05usage\x18\x03 \x01(\x0b\x32\x14.inferplane.v1.UsageH\x00\x88\x01\x01\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x15\n\rtop_token_ids\x18\x05 \x03(\x03\x12\x14\n\x0ctop_logprobs\x18\x06 \x03(\x02\x42\x08\n\x06_usage\"d\n\x14\x45xecutorEmbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12)\n\x06inputs\x18\x02 \x03(\x0b\x32\x19.inferplane.v1.EmbedInput\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\x1f\n\nEmbedInput\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\"E\n\x15\x45xecutorEmbedResponse\x12,\n\nembeddings\x18\x01 \x03(\x0b\x32\x18.inferplane.v1.Embedding\"\x12\n\x10GetStatusRequest\"\x86\x01\n\x11GetStatusResponse\x12\x14\n\x0cready_models\x18\x01 \x03(\t\x12\x17\n\x0f\x61\x63tive_requests\x18\x02 \x01(\x05\x12\x16\n\x0etriton_version\x18\x03 \x01(\t\x12*\n\x06models\x18\x04 \x03(\x0b\x32\x1a.inferplane.v1.ModelStatus\"|\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.inferplane.v1.ModelState\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0e\n\x06idle_s\x18\x04 \x01(\x01\x12\x15\n\ridle_unload_s\x18\x05 \x01(\x01\"5\n\x10LoadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"N\n\x11LoadModelResponse\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.inferplane.v1.ModelStatus\x12\x0e\n\x06load_s\x18\x02 \x01(\x01\"#\n\x12UnloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"@\n\x13UnloadModelResponse\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.inferplane.v1.ModelStatus\"M\n\x0e\x43hannelRequest\x12*\n\x05opens\x18\x01 \x03(\x0b\x32\x1b.inferplane.v1.SequenceOpen\x12\x0f\n\x07\x63\x61ncels\x18\x02 \x03(\x04\"}\n\x0cSequenceOpen\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x37\n\x07request\x18\x02 \x01(\x0b\x32&.inferplane.v1.ExecutorGenerateRequest\x12\x12\n\ntimeout_ms\x18\x03 \x01(\r\x12\x13\n\x0btraceparent\x18\x04 \x01(\t\"\xb1\x02\n\x0c\x43hannelFrame\x12\x0b\n\x03seq\x18\x01 \x03(\x04\x12\r\n\x05\x63ount\x18\x02 \x03(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\x03\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12)\n\x05\x65nded\x18\x05 \x03(\x0b\x32\x1a.inferplane.v1.SequenceEnd\x12.\n\x06\x66\x61iled\x18\x06 \x03(\x0b\x32\x1e.inferplane.v1.SequenceFailure\x12\x30\n\theartbeat\x18\x07 \x01(\x0b\x32\x18.inferplane.v1.HeartbeatH\x00\x88\x01\x01\x12\x15\n\rtop_token_ids\x18\x08 \x03(\x03\x12\x14\n\x0ctop_logprobs\x18\t \x03(\x02\x12\x12\n\ntop_counts\x18\n \x03(\rB\x0c\n\n_heartbeatJ\x04\x08\x0b\x10\x10\"s\n\x0bSequenceEnd\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x32\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1b.inferplane.v1.FinishReason\x12#\n\x05usage\x18\x03 \x01(\x0b\x32\x14.inferplane.v1.Usage\"x\n\x0fSequenceFailure\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\r\x12*\n\x06reason\x18\x03 \x01(\x0e\x32\x1a.inferplane.v1.ErrorReason\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\r\n\x05param\x18\x05 \x01(\t\"\x1b\n\tHeartbeat\x12\x0e\n\x06\x61\x63tive\x18\x01 \x03(\x04\x32\x85\x04\n\x0f\x45xecutorService\x12]\n\x08Generate\x12&.inferplane.v1.ExecutorGenerateRequest\x1a\'.inferplane.v1.ExecutorGenerateResponse0\x01\x12I\n\x07\x43hannel\x12\x1d.inferplane.v1.ChannelRequest\x1a\x1b.inferplane.v1.ChannelFrame(\x01\x30\x01\x12R\n\x05\x45mbed\x12#.inferplane.v1.ExecutorEmbedRequest\x1a$.inferplane.v1.ExecutorEmbedResponse\x12N\n\tGetStatus\x12\x1f.inferplane.v1.GetStatusRequest\x1a .inferplane.v1.GetStatusResponse\x12N\n\tLoadModel\x12\x1f.inferplane.v1.LoadModelRequest\x1a .inferplane.v1.LoadModelResponse\x12T\n\x0bUnloadModel\x12!.inferplane.v1.UnloadModelRequest\x1a\".inferplane.v1.UnloadModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,41 +33,41 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'inferplane.v1.executor_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EXECUTORGENERATEREQUEST']._serialized_start=76
-  _globals['_EXECUTORGENERATEREQUEST']._serialized_end=349
-  _globals['_EXECUTORGENERATERESPONSE']._serialized_start=352
-  _globals['_EXECUTORGENERATERESPONSE']._serialized_end=564
-  _globals['_EXECUTOREMBEDREQUEST']._serialized_start=566
-  _globals['_EXECUTOREMBEDREQUEST']._serialized_end=666
-  _globals['_EMBEDINPUT']._serialized_start=668
-  _globals['_EMBEDINPUT']._serialized_end=699
-  _globals['_EXECUTOREMBEDRESPONSE']._serialized_start=701
-  _globals['_EXECUTOREMBEDRESPONSE']._serialized_end=770
-  _globals['_GETSTATUSREQUEST']._serialized_start=772
-  _globals['_GETSTATUSREQUEST']._serialized_end=790
-  _globals['_GETSTATUSRESPONSE']._serialized_start=793
-  _globals['_GETSTATUSRESPONSE']._serialized_end=927
-  _globals['_MODELSTATUS']._serialized_start=929
-  _globals['_MODELSTATUS']._serialized_end=1053
-  _globals['_LOADMODELREQUEST']._serialized_start=1055
-  _globals['_LOADMODELREQUEST']._serialized_end=1108
-  _globals['_LOADMODELRESPONSE']._serialized_start=1110
-  _globals['_LOADMODELRESPONSE']._serialized_end=1188
-  _globals['_UNLOADMODELREQUEST']._serialized_start=1190
-  _globals['_UNLOADMODELREQUEST']._serialized_end=1225
-  _globals['_UNLOADMODELRESPONSE']._serialized_start=1227
-  _globals['_UNLOADMODELRESPONSE']._serialized_end=1291
-  _globals['_CHANNELREQUEST']._serialized_start=1293
-  _globals['_CHANNELREQUEST']._serialized_end=1370
-  _globals['_SEQUENCEOPEN']._serialized_start=1372
-  _globals['_SEQUENCEOPEN']._serialized_end=1497
-  _globals['_CHANNELFRAME']._serialized_start=1500
-  _globals['_CHANNELFRAME']._serialized_end=1805
-  _globals['_SEQUENCEEND']._serialized_start=1807
-  _globals['_SEQUENCEEND']._serialized_end=1922
-  _globals['_SEQUENCEFAILURE']._serialized_start=1924
-  _globals['_SEQUENCEFAILURE']._serialized_end=2044
-  _globals['_HEARTBEAT']._serialized_start=2046
-  _globals['_HEARTBEAT']._serialized_end=2073
-  _globals['_EXECUTORSERVICE']._serialized_start=2076
-  _globals['_EXECUTORSERVICE']._serialized_end=2593
+  _globals['_EXECUTORGENERATEREQUEST']._serialized_end=399
+  _globals['_EXECUTORGENERATERESPONSE']._serialized_start=402
+  _globals['_EXECUTORGENERATERESPONSE']._serialized_end=614
+  _globals['_EXECUTOREMBEDREQUEST']._serialized_start=616
+  _globals['_EXECUTOREMBEDREQUEST']._serialized_end=716
+  _globals['_EMBEDINPUT']._serialized_start=718
+  _globals['_EMBEDINPUT']._serialized_end=749
+  _globals['_EXECUTOREMBEDRESPONSE']._serialized_start=751
+  _globals['_EXECUTOREMBEDRESPONSE']._serialized_end=820
+  _globals['_GETSTATUSREQUEST']._serialized_start=822
+  _globals['_GETSTATUSREQUEST']._serialized_end=840
+  _globals['_GETSTATUSRESPONSE']._serialized_start=843
+  _globals['_GETSTATUSRESPONSE']._serialized_end=977
+  _globals['_MODELSTATUS']._serialized_start=979
+  _globals['_MODELSTATUS']._serialized_end=1103
+  _globals['_LOADMODELREQUEST']._serialized_start=1105
+  _globals['_LOADMODELREQUEST']._serialized_end=1158
+  _globals['_LOADMODELRESPONSE']._serialized_start=1160
+  _globals['_LOADMODELRESPONSE']._serialized_end=1238
+  _globals['_UNLOADMODELREQUEST']._serialized_start=1240
+  _globals['_UNLOADMODELREQUEST']._serialized_end=1275
+  _globals['_UNLOADMODELRESPONSE']._serialized_start=1277
+  _globals['_UNLOADMODELRESPONSE']._serialized_end=1341
+  _globals['_CHANNELREQUEST']._serialized_start=1343
+  _globals['_CHANNELREQUEST']._serialized_end=1420
+  _globals['_SEQUENCEOPEN']._serialized_start=1422
+  _globals['_SEQUENCEOPEN']._serialized_end=1547
+  _globals['_CHANNELFRAME']._serialized_start=1550
+  _globals['_CHANNELFRAME']._serialized_end=1855
+  _globals['_SEQUENCEEND']._serialized_start=1857
+  _globals['_SEQUENCEEND']._serialized_end=1972
+  _globals['_SEQUENCEFAILURE']._serialized_start=1974
+  _globals['_SEQUENCEFAILURE']._serialized_end=2094
+  _globals['_HEARTBEAT']._serialized_start=2096
+  _globals['_HEARTBEAT']._serialized_end=2123
+  _globals['_EXECUTORSERVICE']._serialized_start=2126
+  _globals['_EXECUTORSERVICE']._serialized_end=2643
 # @@protoc_insertion_point(module_scope)

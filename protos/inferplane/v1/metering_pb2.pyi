@@ -68,7 +68,7 @@ class VerifyKeyResponse(_message.Message):
     def __init__(self, key_id: _Optional[str] = ..., name: _Optional[str] = ..., tenant_id: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., scopes: _Optional[_Iterable[str]] = ..., requests_per_minute: _Optional[int] = ..., tokens_per_minute: _Optional[int] = ..., has_budget: _Optional[bool] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class UsageRecord(_message.Message):
-    __slots__ = ("request_id", "key_id", "model", "prompt_tokens", "completion_tokens", "finish_reason", "latency_ms", "time_to_first_token_ms", "created_at", "tenant_id", "cost_nanodollars", "price_version", "reservation_id", "cached", "cancelled", "model_version", "trace_id", "cached_tokens")
+    __slots__ = ("request_id", "key_id", "model", "prompt_tokens", "completion_tokens", "finish_reason", "latency_ms", "time_to_first_token_ms", "created_at", "tenant_id", "cost_nanodollars", "price_version", "reservation_id", "cached", "cancelled", "model_version", "trace_id", "cached_tokens", "service_tier", "tier_multiplier")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +87,8 @@ class UsageRecord(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TRACE_ID_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_TIER_FIELD_NUMBER: _ClassVar[int]
+    TIER_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     key_id: str
     model: str
@@ -105,7 +107,9 @@ class UsageRecord(_message.Message):
     model_version: int
     trace_id: str
     cached_tokens: int
-    def __init__(self, request_id: _Optional[str] = ..., key_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ..., latency_ms: _Optional[int] = ..., time_to_first_token_ms: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., tenant_id: _Optional[str] = ..., cost_nanodollars: _Optional[int] = ..., price_version: _Optional[int] = ..., reservation_id: _Optional[str] = ..., cached: _Optional[bool] = ..., cancelled: _Optional[bool] = ..., model_version: _Optional[int] = ..., trace_id: _Optional[str] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
+    service_tier: str
+    tier_multiplier: str
+    def __init__(self, request_id: _Optional[str] = ..., key_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ..., latency_ms: _Optional[int] = ..., time_to_first_token_ms: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., tenant_id: _Optional[str] = ..., cost_nanodollars: _Optional[int] = ..., price_version: _Optional[int] = ..., reservation_id: _Optional[str] = ..., cached: _Optional[bool] = ..., cancelled: _Optional[bool] = ..., model_version: _Optional[int] = ..., trace_id: _Optional[str] = ..., cached_tokens: _Optional[int] = ..., service_tier: _Optional[str] = ..., tier_multiplier: _Optional[str] = ...) -> None: ...
 
 class RecordUsageRequest(_message.Message):
     __slots__ = ("record",)
@@ -176,18 +180,20 @@ class Price(_message.Message):
     def __init__(self, model: _Optional[str] = ..., input_per_million_nanodollars: _Optional[int] = ..., output_per_million_nanodollars: _Optional[int] = ..., per_request_nanodollars: _Optional[int] = ..., version: _Optional[int] = ..., effective_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source: _Optional[str] = ..., cached_input_per_million_nanodollars: _Optional[int] = ...) -> None: ...
 
 class ReserveRequest(_message.Message):
-    __slots__ = ("reservation_id", "key_id", "model", "prompt_tokens", "max_tokens")
+    __slots__ = ("reservation_id", "key_id", "model", "prompt_tokens", "max_tokens", "tier_multiplier")
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TIER_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
     reservation_id: str
     key_id: str
     model: str
     prompt_tokens: int
     max_tokens: int
-    def __init__(self, reservation_id: _Optional[str] = ..., key_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+    tier_multiplier: str
+    def __init__(self, reservation_id: _Optional[str] = ..., key_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., tier_multiplier: _Optional[str] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
     __slots__ = ("reserved_nanodollars", "price")

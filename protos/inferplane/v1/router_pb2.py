@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from inferplane.v1 import common_pb2 as inferplane_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ainferplane/v1/router.proto\x12\rinferplane.v1\x1a\x1ainferplane/v1/common.proto\"9\n\tChatInput\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.inferplane.v1.ChatMessage\"\x8a\x04\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x18.inferplane.v1.ChatInputH\x00\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12/\n\x08sampling\x18\x05 \x01(\x0b\x32\x1d.inferplane.v1.SamplingParams\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x15\n\rinclude_usage\x18\x07 \x01(\x08\x12\x0e\n\x01n\x18\x08 \x01(\x05H\x02\x88\x01\x01\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x19\n\x0ctop_logprobs\x18\n \x01(\x05H\x03\x88\x01\x01\x12-\n\nconstraint\x18\x0b \x01(\x0b\x32\x19.inferplane.v1.Constraint\x12*\n\x05tools\x18\x0c \x03(\x0b\x32\x1b.inferplane.v1.FunctionTool\x12.\n\x0btool_choice\x18\r \x01(\x0b\x32\x19.inferplane.v1.ToolChoice\x12 \n\x13parallel_tool_calls\x18\x0e \x01(\x08H\x04\x88\x01\x01\x12\x0c\n\x04user\x18\x0f \x01(\tB\x07\n\x05inputB\r\n\x0b_max_tokensB\x04\n\x02_nB\x0f\n\r_top_logprobsB\x16\n\x14_parallel_tool_calls\"\xb3\x01\n\nToolChoice\x12,\n\x04mode\x18\x01 \x01(\x0e\x32\x1e.inferplane.v1.ToolChoice.Mode\x12\x15\n\rfunction_name\x18\x02 \x01(\t\"`\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\r\n\tMODE_NONE\x10\x01\x12\r\n\tMODE_AUTO\x10\x02\x12\x11\n\rMODE_REQUIRED\x10\x03\x12\x11\n\rMODE_FUNCTION\x10\x04\"K\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\x05\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"\xef\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x13\n\x0btoken_count\x18\x03 \x01(\x05\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.inferplane.v1.FinishReason\x12(\n\x05usage\x18\x05 \x01(\x0b\x32\x14.inferplane.v1.UsageH\x00\x88\x01\x01\x12\x0f\n\x07\x63reated\x18\x06 \x01(\x03\x12\r\n\x05model\x18\x07 \x01(\t\x12\x1a\n\rstop_sequence\x18\x08 \x01(\tH\x01\x88\x01\x01\x12\r\n\x05index\x18\t \x01(\x05\x12-\n\x08logprobs\x18\n \x03(\x0b\x32\x1b.inferplane.v1.TokenLogprob\x12\x30\n\ntool_calls\x18\x0b \x03(\x0b\x32\x1c.inferplane.v1.ToolCallDeltaB\x08\n\x06_usageB\x10\n\x0e_stop_sequence\"-\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\"\x85\x01\n\rEmbedResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\nembeddings\x18\x02 \x03(\x0b\x32\x18.inferplane.v1.Embedding\x12#\n\x05usage\x18\x03 \x01(\x0b\x32\x14.inferplane.v1.Usage\x12\r\n\x05model\x18\x04 \x01(\t\"\x13\n\x11ListModelsRequest\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.inferplane.v1.ModelInfo\"\x9d\x01\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x18.inferplane.v1.ChatInputH\x00\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x04 \x01(\x08H\x01\x88\x01\x01\x42\x07\n\x05inputB\x15\n\x13_add_special_tokens\"9\n\x10TokenizeResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\x03\x12\x15\n\rmax_model_len\x18\x02 \x01(\x05\"2\n\x11\x44\x65tokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x03\"$\n\x12\x44\x65tokenizeResponse\x12\x0e\n\x06prompt\x18\x01 \x01(\t\"K\n\x12\x43ountTokensRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x18.inferplane.v1.ChatInput\":\n\x13\x43ountTokensResponse\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x05\x12\r\n\x05model\x18\x02 \x01(\t2\xeb\x03\n\rRouterService\x12M\n\x08Generate\x12\x1e.inferplane.v1.GenerateRequest\x1a\x1f.inferplane.v1.GenerateResponse0\x01\x12\x42\n\x05\x45mbed\x12\x1b.inferplane.v1.EmbedRequest\x1a\x1c.inferplane.v1.EmbedResponse\x12Q\n\nListModels\x12 .inferplane.v1.ListModelsRequest\x1a!.inferplane.v1.ListModelsResponse\x12K\n\x08Tokenize\x12\x1e.inferplane.v1.TokenizeRequest\x1a\x1f.inferplane.v1.TokenizeResponse\x12Q\n\nDetokenize\x12 .inferplane.v1.DetokenizeRequest\x1a!.inferplane.v1.DetokenizeResponse\x12T\n\x0b\x43ountTokens\x12!.inferplane.v1.CountTokensRequest\x1a\".inferplane.v1.CountTokensResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ainferplane/v1/router.proto\x12\rinferplane.v1\x1a\x1ainferplane/v1/common.proto\"9\n\tChatInput\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.inferplane.v1.ChatMessage\"\xe9\x04\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x18.inferplane.v1.ChatInputH\x00\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12/\n\x08sampling\x18\x05 \x01(\x0b\x32\x1d.inferplane.v1.SamplingParams\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x15\n\rinclude_usage\x18\x07 \x01(\x08\x12\x0e\n\x01n\x18\x08 \x01(\x05H\x02\x88\x01\x01\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x19\n\x0ctop_logprobs\x18\n \x01(\x05H\x03\x88\x01\x01\x12-\n\nconstraint\x18\x0b \x01(\x0b\x32\x19.inferplane.v1.Constraint\x12*\n\x05tools\x18\x0c \x03(\x0b\x32\x1b.inferplane.v1.FunctionTool\x12.\n\x0btool_choice\x18\r \x01(\x0b\x32\x19.inferplane.v1.ToolChoice\x12 \n\x13parallel_tool_calls\x18\x0e \x01(\x08H\x04\x88\x01\x01\x12\x0c\n\x04user\x18\x0f \x01(\t\x12\x17\n\x0f\x66\x61llback_models\x18\x10 \x03(\t\x12\x30\n\x0cservice_tier\x18\x11 \x01(\x0e\x32\x1a.inferplane.v1.ServiceTier\x12\x12\n\nsession_id\x18\x12 \x01(\tB\x07\n\x05inputB\r\n\x0b_max_tokensB\x04\n\x02_nB\x0f\n\r_top_logprobsB\x16\n\x14_parallel_tool_calls\"\xb3\x01\n\nToolChoice\x12,\n\x04mode\x18\x01 \x01(\x0e\x32\x1e.inferplane.v1.ToolChoice.Mode\x12\x15\n\rfunction_name\x18\x02 \x01(\t\"`\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\r\n\tMODE_NONE\x10\x01\x12\r\n\tMODE_AUTO\x10\x02\x12\x11\n\rMODE_REQUIRED\x10\x03\x12\x11\n\rMODE_FUNCTION\x10\x04\"K\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\x05\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"\xa1\x03\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x13\n\x0btoken_count\x18\x03 \x01(\x05\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.inferplane.v1.FinishReason\x12(\n\x05usage\x18\x05 \x01(\x0b\x32\x14.inferplane.v1.UsageH\x00\x88\x01\x01\x12\x0f\n\x07\x63reated\x18\x06 \x01(\x03\x12\r\n\x05model\x18\x07 \x01(\t\x12\x1a\n\rstop_sequence\x18\x08 \x01(\tH\x01\x88\x01\x01\x12\r\n\x05index\x18\t \x01(\x05\x12-\n\x08logprobs\x18\n \x03(\x0b\x32\x1b.inferplane.v1.TokenLogprob\x12\x30\n\ntool_calls\x18\x0b \x03(\x0b\x32\x1c.inferplane.v1.ToolCallDelta\x12\x30\n\x0cservice_tier\x18\x0c \x01(\x0e\x32\x1a.inferplane.v1.ServiceTierB\x08\n\x06_usageB\x10\n\x0e_stop_sequence\"-\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\"\x85\x01\n\rEmbedResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\nembeddings\x18\x02 \x03(\x0b\x32\x18.inferplane.v1.Embedding\x12#\n\x05usage\x18\x03 \x01(\x0b\x32\x14.inferplane.v1.Usage\x12\r\n\x05model\x18\x04 \x01(\t\"\x13\n\x11ListModelsRequest\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.inferplane.v1.ModelInfo\"\x9d\x01\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x18.inferplane.v1.ChatInputH\x00\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x04 \x01(\x08H\x01\x88\x01\x01\x42\x07\n\x05inputB\x15\n\x13_add_special_tokens\"9\n\x10TokenizeResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\x03\x12\x15\n\rmax_model_len\x18\x02 \x01(\x05\"2\n\x11\x44\x65tokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x03\"$\n\x12\x44\x65tokenizeResponse\x12\x0e\n\x06prompt\x18\x01 \x01(\t\"K\n\x12\x43ountTokensRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x18.inferplane.v1.ChatInput\":\n\x13\x43ountTokensResponse\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x05\x12\r\n\x05model\x18\x02 \x01(\t2\xeb\x03\n\rRouterService\x12M\n\x08Generate\x12\x1e.inferplane.v1.GenerateRequest\x1a\x1f.inferplane.v1.GenerateResponse0\x01\x12\x42\n\x05\x45mbed\x12\x1b.inferplane.v1.EmbedRequest\x1a\x1c.inferplane.v1.EmbedResponse\x12Q\n\nListModels\x12 .inferplane.v1.ListModelsRequest\x1a!.inferplane.v1.ListModelsResponse\x12K\n\x08Tokenize\x12\x1e.inferplane.v1.TokenizeRequest\x1a\x1f.inferplane.v1.TokenizeResponse\x12Q\n\nDetokenize\x12 .inferplane.v1.DetokenizeRequest\x1a!.inferplane.v1.DetokenizeResponse\x12T\n\x0b\x43ountTokens\x12!.inferplane.v1.CountTokensRequest\x1a\".inferplane.v1.CountTokensResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,35 +35,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATINPUT']._serialized_start=73
   _globals['_CHATINPUT']._serialized_end=130
   _globals['_GENERATEREQUEST']._serialized_start=133
-  _globals['_GENERATEREQUEST']._serialized_end=655
-  _globals['_TOOLCHOICE']._serialized_start=658
-  _globals['_TOOLCHOICE']._serialized_end=837
-  _globals['_TOOLCHOICE_MODE']._serialized_start=741
-  _globals['_TOOLCHOICE_MODE']._serialized_end=837
-  _globals['_TOOLCALLDELTA']._serialized_start=839
-  _globals['_TOOLCALLDELTA']._serialized_end=914
-  _globals['_GENERATERESPONSE']._serialized_start=917
-  _globals['_GENERATERESPONSE']._serialized_end=1284
-  _globals['_EMBEDREQUEST']._serialized_start=1286
-  _globals['_EMBEDREQUEST']._serialized_end=1331
-  _globals['_EMBEDRESPONSE']._serialized_start=1334
-  _globals['_EMBEDRESPONSE']._serialized_end=1467
-  _globals['_LISTMODELSREQUEST']._serialized_start=1469
-  _globals['_LISTMODELSREQUEST']._serialized_end=1488
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1490
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1552
-  _globals['_TOKENIZEREQUEST']._serialized_start=1555
-  _globals['_TOKENIZEREQUEST']._serialized_end=1712
-  _globals['_TOKENIZERESPONSE']._serialized_start=1714
-  _globals['_TOKENIZERESPONSE']._serialized_end=1771
-  _globals['_DETOKENIZEREQUEST']._serialized_start=1773
-  _globals['_DETOKENIZEREQUEST']._serialized_end=1823
-  _globals['_DETOKENIZERESPONSE']._serialized_start=1825
-  _globals['_DETOKENIZERESPONSE']._serialized_end=1861
-  _globals['_COUNTTOKENSREQUEST']._serialized_start=1863
-  _globals['_COUNTTOKENSREQUEST']._serialized_end=1938
-  _globals['_COUNTTOKENSRESPONSE']._serialized_start=1940
-  _globals['_COUNTTOKENSRESPONSE']._serialized_end=1998
-  _globals['_ROUTERSERVICE']._serialized_start=2001
-  _globals['_ROUTERSERVICE']._serialized_end=2492
+  _globals['_GENERATEREQUEST']._serialized_end=750
+  _globals['_TOOLCHOICE']._serialized_start=753
+  _globals['_TOOLCHOICE']._serialized_end=932
+  _globals['_TOOLCHOICE_MODE']._serialized_start=836
+  _globals['_TOOLCHOICE_MODE']._serialized_end=932
+  _globals['_TOOLCALLDELTA']._serialized_start=934
+  _globals['_TOOLCALLDELTA']._serialized_end=1009
+  _globals['_GENERATERESPONSE']._serialized_start=1012
+  _globals['_GENERATERESPONSE']._serialized_end=1429
+  _globals['_EMBEDREQUEST']._serialized_start=1431
+  _globals['_EMBEDREQUEST']._serialized_end=1476
+  _globals['_EMBEDRESPONSE']._serialized_start=1479
+  _globals['_EMBEDRESPONSE']._serialized_end=1612
+  _globals['_LISTMODELSREQUEST']._serialized_start=1614
+  _globals['_LISTMODELSREQUEST']._serialized_end=1633
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1635
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1697
+  _globals['_TOKENIZEREQUEST']._serialized_start=1700
+  _globals['_TOKENIZEREQUEST']._serialized_end=1857
+  _globals['_TOKENIZERESPONSE']._serialized_start=1859
+  _globals['_TOKENIZERESPONSE']._serialized_end=1916
+  _globals['_DETOKENIZEREQUEST']._serialized_start=1918
+  _globals['_DETOKENIZEREQUEST']._serialized_end=1968
+  _globals['_DETOKENIZERESPONSE']._serialized_start=1970
+  _globals['_DETOKENIZERESPONSE']._serialized_end=2006
+  _globals['_COUNTTOKENSREQUEST']._serialized_start=2008
+  _globals['_COUNTTOKENSREQUEST']._serialized_end=2083
+  _globals['_COUNTTOKENSRESPONSE']._serialized_start=2085
+  _globals['_COUNTTOKENSRESPONSE']._serialized_end=2143
+  _globals['_ROUTERSERVICE']._serialized_start=2146
+  _globals['_ROUTERSERVICE']._serialized_end=2637
 # @@protoc_insertion_point(module_scope)

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import importlib.util
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +27,26 @@ from inferplane.common.money import MoneyError, PriceNanos, format_usd, usd_to_n
 
 # "infer": a raw Triton model, reached through the KServe v2 protocol (docs/api-kserve.md), priced per request.
 Task = Literal["chat", "completion", "embedding", "infer"]
+
+
+MAX_FALLBACKS = 8
+# A tier multiplier: a positive decimal of at most 6 places, at most 100.
+MAX_MULTIPLIER = Decimal(100)
+
+
+def parse_multiplier(value: object, tier: object = "tier") -> Decimal:
+    """``"0.5"`` → Decimal("0.5"); ``ValueError`` for anything not a positive decimal up to 100 with at most six
+    places (a float is read through its shortest ``repr``)."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float | Decimal):
+        raise ValueError(f"tier_multipliers[{tier}]: expected a decimal string such as \"0.5\", got {value!r}")
+    try:
+        out = Decimal(repr(value) if isinstance(value, float) else str(value).strip())
+    except InvalidOperation:
+        raise ValueError(f"tier_multipliers[{tier}]: {value!r} is not a decimal number") from None
+    if not out.is_finite() or not 0 < out <= MAX_MULTIPLIER or out != out.quantize(Decimal("0.000001")):
+        raise ValueError(f"tier_multipliers[{tier}]: {value!r} must be above 0, at most {MAX_MULTIPLIER}, with at "
+                         "most 6 decimal places")
+    return out.normalize() if out == out.to_integral_value() else out
 
 
 class ModelPrices(BaseModel):
@@ -109,6 +130,32 @@ class CatalogModel(BaseModel):
     # 0: no prefix cache.
     prefix_cache_blocks: int = Field(default=0, ge=0)
     prefix_block_size: int = Field(default=16, ge=1, le=1024)
+    # Fallback chain (docs/router.md): models tried in order when this one cannot serve now (no replica,
+    # unavailable, overloaded, failed to load), only before any output. A request's own list (REST ``models``)
+    # replaces it. Ids not in the catalog, of another task, or that the key may not use are skipped.
+    fallbacks: list[str] = Field(default_factory=list, max_length=MAX_FALLBACKS)
+    # Service tiers (docs/router.md): the price of ``flex`` and ``priority`` requests as a multiple of the model's
+    # price, decimal strings (``{"flex": "0.5", "priority": "2"}``); each price component times the multiplier is
+    # rounded half to even to a nano-dollar. A tier left out costs the default price.
+    tier_multipliers: dict[Literal["flex", "priority"], str] = Field(default_factory=dict)
+
+    @field_validator("tier_multipliers", mode="before")
+    @classmethod
+    def _exact_multipliers(cls, value: object) -> object:
+        if isinstance(value, dict):
+            return {tier: str(parse_multiplier(m, tier)) for tier, m in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _fallbacks_elsewhere(self) -> CatalogModel:
+        if self.id in self.fallbacks:
+            raise ValueError(f"fallbacks of {self.id!r} name the model itself")
+        return self
+
+    def multiplier(self, tier: str) -> Decimal:
+        """The price multiplier of ``tier`` (``default``, ``flex``, ``priority``): 1 unless the catalog says."""
+        value = self.tier_multipliers.get(tier)  # type: ignore[call-overload]
+        return Decimal(value) if value is not None else Decimal(1)
 
     @model_validator(mode="after")
     def _idle_unload_tracked(self) -> CatalogModel:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
+from fractions import Fraction
 
 NANOS_PER_USD = 10**9
 TOKENS_PER_PRICE_UNIT = 10**6  # token prices are per million tokens
@@ -91,18 +92,29 @@ class PriceNanos:
         """The price per million cached prompt tokens in force (the input price when none is set)."""
         return self.input_per_million if self.cached_input_per_million is None else self.cached_input_per_million
 
-    def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> int:
-        return cost_nanos(self, prompt_tokens, completion_tokens, cached_tokens)
+    def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, *,
+             multiplier: Decimal | None = None) -> int:
+        return cost_nanos(self, prompt_tokens, completion_tokens, cached_tokens, multiplier=multiplier)
 
 
-def cost_nanos(price: PriceNanos, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> int:
+def cost_nanos(price: PriceNanos, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, *,
+               multiplier: Decimal | None = None) -> int:
     """A request's cost in nano-dollars: exact, rounded once, half to even. Monotonic in both token counts and
     never more for cached tokens, so a reservation made for (prompt, max_tokens, 0 cached) always covers the cost of
-    (prompt, n <= max_tokens, any cached)."""
+    (prompt, n <= max_tokens, any cached).
+
+    ``multiplier`` (a service tier's, ``Decimal("0.5")``; None or 1: none) multiplies the exact cost before the one
+    rounding: ``round_half_even(((prompt - cached) * in + cached * cached_in + completion * out) / 10**6
+    + per_request) * multiplier)``."""
     assert prompt_tokens >= 0 and completion_tokens >= 0, "token counts are never negative"
+    assert isinstance(cached_tokens, int), "cached_tokens is a count (a tier multiplier goes by keyword)"
     assert 0 <= cached_tokens <= prompt_tokens, f"cached tokens ({cached_tokens}) are some of the prompt's"
     numerator = ((prompt_tokens - cached_tokens) * price.input_per_million + cached_tokens * price.cached_input
                  + completion_tokens * price.output_per_million)
+    if multiplier is not None and multiplier != 1:
+        assert multiplier > 0, "a tier multiplier is positive"
+        exact = (Fraction(numerator, TOKENS_PER_PRICE_UNIT) + price.per_request) * Fraction(multiplier)
+        return round(exact)  # Fraction rounds half to even
     whole, rest = divmod(numerator, TOKENS_PER_PRICE_UNIT)
     half = TOKENS_PER_PRICE_UNIT // 2
     if rest > half or (rest == half and whole % 2 == 1):

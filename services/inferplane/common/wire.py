@@ -161,6 +161,15 @@ REASON_UNAVAILABLE: Final = common_pb2.ERROR_REASON_UNAVAILABLE
 REASON_TIMEOUT: Final = common_pb2.ERROR_REASON_TIMEOUT
 REASON_CANCELLED: Final = common_pb2.ERROR_REASON_CANCELLED
 REASON_INTERNAL: Final = common_pb2.ERROR_REASON_INTERNAL
+REASON_RESOURCE_UNAVAILABLE: Final = common_pb2.ERROR_REASON_RESOURCE_UNAVAILABLE
+
+# Service tiers (OpenAI's ``service_tier``; "auto" is "default"), by name and on the wire.
+DEFAULT_TIER: Final = "default"
+FLEX_TIER: Final = "flex"
+PRIORITY_TIER: Final = "priority"
+TIER_TO_PB: Final = {DEFAULT_TIER: common_pb2.SERVICE_TIER_DEFAULT, FLEX_TIER: common_pb2.SERVICE_TIER_FLEX,
+                     PRIORITY_TIER: common_pb2.SERVICE_TIER_PRIORITY}
+TIER_FROM_PB: Final = {**{v: k for k, v in TIER_TO_PB.items()}, common_pb2.SERVICE_TIER_UNSPECIFIED: DEFAULT_TIER}
 
 # The reason an error has when nothing more precise is known than its status (a domain error's default, a
 # status that passes through from elsewhere without a detail).

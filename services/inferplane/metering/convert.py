@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from inferplane.common import wire
+from inferplane.common.catalog import parse_multiplier
 from inferplane.common.errors import InvalidArgument
 from inferplane.common.money import MoneyError, PriceNanos
 from inferplane.metering.catalog_db import ModelEntry
@@ -38,7 +40,18 @@ def usage_from_pb(pb: metering_pb2.UsageRecord) -> UsageRow:
         price_version=pb.price_version, reservation_id=pb.reservation_id, cached=pb.cached,
         model_version=pb.model_version, trace_id=pb.trace_id,
         cached_tokens=pb.cached_tokens,
+        service_tier=pb.service_tier, tier_multiplier=multiplier_from_pb(pb.tier_multiplier),
     )
+
+
+def multiplier_from_pb(text: str) -> Decimal | None:
+    """A service tier's price multiplier from the wire ("" : none); ``InvalidArgument`` when it is not one."""
+    if not text:
+        return None
+    try:
+        return parse_multiplier(text)
+    except ValueError as exc:
+        raise InvalidArgument(str(exc), param="tier_multiplier") from None
 
 
 def usage_to_pb(row: UsageRow) -> metering_pb2.UsageRecord:

@@ -25,6 +25,7 @@ from inferplane.metering.convert import (
     dt,
     key_to_pb,
     model_to_pb,
+    multiplier_from_pb,
     optional_cached_input,
     period_name,
     price_to_pb,
@@ -121,7 +122,8 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
                       context: grpc.aio.ServicerContext) -> metering_pb2.ReserveResponse:
         try:
             held = await asyncio.to_thread(self._store.reserve, request.reservation_id, request.key_id,
-                                           request.model, request.prompt_tokens, request.max_tokens)
+                                           request.model, request.prompt_tokens, request.max_tokens,
+                                           multiplier_from_pb(request.tier_multiplier))
         except BudgetExceeded:
             RESERVATIONS.labels("refused").inc()
             raise

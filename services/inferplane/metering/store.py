@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import case, func, select, text, update
@@ -137,6 +138,10 @@ class UsageRow:
     trace_id: str = ""
     # Of prompt_tokens, those the model reused from its prefix cache.
     cached_tokens: int = 0
+    # In only (no column): the service tier it was served at and that tier's price multiplier (None: 1), which the
+    # ledger's cost includes.
+    service_tier: str = ""
+    tier_multiplier: Decimal | None = None
 
     def __post_init__(self) -> None:
         _require_text("request_id", self.request_id, MAX_REQUEST_ID_LENGTH)
@@ -577,14 +582,15 @@ class MeteringStore:
             return [_budget_info(r) for r in session.scalars(query)]
 
     def reserve(self, reservation_id: str, key_id: str, model: str, prompt_tokens: int,
-                max_tokens: int) -> Reservation:
-        """Hold the worst-case cost of (``prompt_tokens``, ``max_tokens``) at the model's current price on the
-        key's and tenant's budgets; ``BudgetExceeded`` when either cannot take it. Idempotent on the id."""
+                max_tokens: int, multiplier: Decimal | None = None) -> Reservation:
+        """Hold the worst-case cost of (``prompt_tokens``, ``max_tokens``) at the model's current price (times a
+        service tier's ``multiplier``) on the key's and tenant's budgets; ``BudgetExceeded`` when either cannot
+        take it. Idempotent on the id."""
         _require_text("reservation_id", reservation_id, MAX_REQUEST_ID_LENGTH)
         if prompt_tokens < 0 or max_tokens < 0:
             raise InvalidArgument("token counts must not be negative", param="max_tokens")
         price = self.current_price(model)
-        amount = price.price.cost(prompt_tokens, max_tokens) if price is not None else 0
+        amount = price.price.cost(prompt_tokens, max_tokens, multiplier=multiplier) if price is not None else 0
         tenant = self.tenants_of([key_id]).get(key_id, DEFAULT_TENANT)
         now = _now()
         try:
@@ -628,7 +634,9 @@ class MeteringStore:
             if r.request_id in firsts:
                 continue
             price = self._price_for(r.model, r.price_version, r.created_at, history)
-            cost = price.price.cost(r.prompt_tokens, r.completion_tokens, r.cached_tokens) if price is not None else 0
+            # a service tier's multiplier (the one it was admitted with) times the price version's cost, rounded once
+            cost = price.price.cost(r.prompt_tokens, r.completion_tokens, r.cached_tokens,
+                                    multiplier=r.tier_multiplier) if price is not None else 0
             if r.cost_nanos is not None and r.cost_nanos != cost:
                 log.warning("request %s: the router said %d nano-dollars, the ledger charges %d", r.request_id,
                             r.cost_nanos, cost)

@@ -22,6 +22,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
+from decimal import Decimal
 
 import grpc
 from prometheus_client import Counter
@@ -59,6 +60,8 @@ class Ticket:
     reserved_nanos: int
     price: PriceNanos | None  # None: the model is not priced
     headers: Metadata  # x-ratelimit-* of the admitting decision (empty when the key has no limits)
+    tier: str = wire.DEFAULT_TIER  # the service tier it is served and billed at
+    multiplier: Decimal = Decimal(1)  # that tier's price multiplier (the catalog's, at admission)
 
     @property
     def price_version(self) -> int:
@@ -139,9 +142,11 @@ class Admission:
         self._timeout_s = timeout_s
 
     async def admit(self, key: KeyInfo, model: CatalogModel, prompt_tokens: int, max_tokens: int, *,
-                    request_id: str | None = None) -> Ticket:
+                    request_id: str | None = None, tier: str = wire.DEFAULT_TIER) -> Ticket:
         """Admit the request or raise (PermissionDenied, ``AdmissionRefused``, Unavailable). ``request_id`` names
-        the reservation (and must be the usage record's request id)."""
+        the reservation (and must be the usage record's request id). ``tier``: the service tier, priced at the
+        model's price times its ``tier_multipliers`` entry (the budget reservation too)."""
+        multiplier = model.multiplier(tier)
         if "inference" not in key.scopes:
             raise PermissionDenied("This API key lacks the 'inference' scope (an admin key cannot run models).")
         if not key.may_use(model.id):
@@ -155,12 +160,12 @@ class Admission:
                                    metadata=decision.headers())
         headers = decision.headers()
         if not key.has_budget:
-            return Ticket(key, model.id, "", 0, await self.prices.get(model.id), headers)
+            return Ticket(key, model.id, "", 0, await self.prices.get(model.id), headers, tier, multiplier)
         reservation_id = request_id or uuid.uuid4().hex
         try:
             held = await self._metering.reserve(reservation_id=reservation_id, key_id=key.key_id, model=model.id,
                                                 prompt_tokens=prompt_tokens, max_tokens=max_tokens,
-                                                timeout=self._timeout_s)
+                                                multiplier=multiplier, timeout=self._timeout_s)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 REFUSALS.labels("budget").inc()
@@ -172,7 +177,7 @@ class Admission:
         if price is not None:
             self.prices.update(model.id, price)
         return Ticket(key, model.id, reservation_id if held.reserved_nanodollars else "", held.reserved_nanodollars,
-                      price, headers)
+                      price, headers, tier, multiplier)
 
     def settle(self, ticket: Ticket, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> int:
         """The request's cost in nano-dollars at the price it was admitted with (no I/O, never suspends: it runs
@@ -180,7 +185,7 @@ class Admission:
         usage record (``stamp`` it with this cost and the ticket): exactly once, in metering's ledger write."""
         if ticket.price is None:
             return 0
-        return ticket.price.cost(prompt_tokens, completion_tokens, cached_tokens)
+        return ticket.price.cost(prompt_tokens, completion_tokens, cached_tokens, multiplier=ticket.multiplier)
 
     async def release(self, ticket: Ticket) -> None:
         """Give the reservation back when the request will leave no usage record (best effort: the TTL is the
@@ -199,6 +204,9 @@ def stamp(record: metering_pb2.UsageRecord, ticket: Ticket, cost_nanos: int) -> 
     record.tenant_id = ticket.key.tenant_id
     record.price_version = ticket.price_version
     record.reservation_id = ticket.reservation_id
+    record.service_tier = ticket.tier
+    if ticket.multiplier != 1:
+        record.tier_multiplier = str(ticket.multiplier)
     if ticket.price is not None:
         record.cost_nanodollars = cost_nanos
     return record

@@ -6,6 +6,7 @@ Tokenization (in process or through the tokenizer service) is ``inferplane.token
 from __future__ import annotations
 
 from dataclasses import dataclass
+from decimal import Decimal
 
 import grpc
 
@@ -70,10 +71,12 @@ class MeteringClient:
                                                  timeout=timeout)
 
     async def reserve(self, *, reservation_id: str, key_id: str, model: str, prompt_tokens: int, max_tokens: int,
-                      timeout: float = 5.0) -> metering_pb2.ReserveResponse:
-        """Hold the worst-case cost on the key's and tenant's budgets; RESOURCE_EXHAUSTED when it would overspend."""
+                      multiplier: Decimal | None = None, timeout: float = 5.0) -> metering_pb2.ReserveResponse:
+        """Hold the worst-case cost on the key's and tenant's budgets (at a service tier's ``multiplier``);
+        RESOURCE_EXHAUSTED when it would overspend."""
         req = metering_pb2.ReserveRequest(reservation_id=reservation_id, key_id=key_id, model=model,
-                                          prompt_tokens=prompt_tokens, max_tokens=max_tokens)
+                                          prompt_tokens=prompt_tokens, max_tokens=max_tokens,
+                                          tier_multiplier="" if multiplier in (None, 1) else str(multiplier))
         return await self._stub.Reserve(req, timeout=timeout)
 
     async def release(self, reservation_id: str, *, timeout: float = 5.0) -> bool:

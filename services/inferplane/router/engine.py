@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import re
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from opentelemetry import trace
+from prometheus_client import Counter
 
-from inferplane.common.catalog import Catalog, CatalogModel
-from inferplane.common.errors import InvalidArgument, NotFound, Unavailable
+from inferplane.common.catalog import MAX_FALLBACKS, Catalog, CatalogModel
+from inferplane.common.errors import InvalidArgument, NotFound, PermissionDenied, Unavailable
 from inferplane.common.wire import (
+    DEFAULT_TIER,
     ERROR,
     FINISH_FROM_PB,
     FINISH_TO_PB,
@@ -27,10 +30,11 @@ from inferplane.common.wire import (
     REASON_CONTEXT_LENGTH_EXCEEDED,
     REASON_MODEL_NOT_FOUND,
     STOP,
+    TIER_TO_PB,
 )
 from inferplane.router import canary, tools
 from inferplane.router.admission import Admission, Metadata
-from inferplane.router.capacity import Capacity
+from inferplane.router.capacity import Capacity, Overloaded
 from inferplane.router.channel import ChannelSequence, sampled_traceparent
 from inferplane.router.clients import KeyInfo, MeteringClient
 from inferplane.router.lease import Clock, Lease, trace_request
@@ -40,6 +44,10 @@ from inferplane.router.streaming import Delta, ExecutorStream, TextOut
 from inferplane.router.usage import UsageRecorder
 from inferplane.tokenization import Tokenizer
 from inferplane.v1 import common_pb2, executor_pb2, router_pb2
+
+log = logging.getLogger(__name__)
+FALLBACKS = Counter("inferplane_router_fallbacks", "Requests passed to a fallback model before any output",
+                    ["model", "to"])
 
 __all__ = ["Delta", "GenerationEngine", "GenerationInput", "completion_budget", "validate"]
 
@@ -76,6 +84,12 @@ class GenerationInput:
     parallel_tool_calls: bool = True
     # OpenAI's ``user``: a stable id of the end user; a model splitting its traffic serves one user one version.
     user: str = ""
+    # Models to try when ``model`` cannot serve now (REST ``models``); empty: the catalog's ``fallbacks``.
+    fallback_models: list[str] = field(default_factory=list)
+    # The service tier (``wire.TIER_TO_PB``'s names): its place in the queue and its price.
+    service_tier: str = DEFAULT_TIER
+    # A session id (REST: ``x-session-id``): its requests keep to one executor replica (else ``user`` does).
+    session_id: str = ""
 
 
 def validate(inp: GenerationInput, model: CatalogModel) -> None:
@@ -150,9 +164,10 @@ KEY_LIKE = re.compile(r"sk-[A-Za-z0-9_-]{8,}")
 class GenerationEngine:
     def __init__(self, *, catalog: Catalog, tokenizer: Tokenizer, executors: ReplicaSet,
                  metering: MeteringClient, request_timeout_s: float = 600.0, admission: Admission | None = None,
-                 outbox: UsageOutbox | None = None) -> None:
+                 outbox: UsageOutbox | None = None, fair_queue: bool = True) -> None:
         """``tokenizer`` encodes prompts and turns streamed ids into text (in process or through the tokenizer
-        service: the router's settings pick)."""
+        service: the router's settings pick). ``fair_queue``: each model's queue is fair across tenants within a
+        service tier (``capacity.ModelGate``)."""
         self.catalog = catalog
         self.tokenizer = tokenizer
         self.executors = executors
@@ -165,7 +180,7 @@ class GenerationEngine:
             lambda mid: executors.serving_count(self._known(mid).triton_model),
             per_replica=lambda mid: self._known(mid).concurrency_per_replica,
             max_queue=lambda mid: self._known(mid).max_queue,
-            queue_timeout_s=lambda mid: self._known(mid).queue_timeout_s)
+            queue_timeout_s=lambda mid: self._known(mid).queue_timeout_s, fair=fair_queue)
         executors.on_change = self.capacity.wake_all
 
     def swap_catalog(self, catalog: Catalog) -> None:
@@ -198,12 +213,12 @@ class GenerationEngine:
         return Clock.start(deadline, model.request_timeout_s or self.request_timeout_s)
 
     def admit(self, key: KeyInfo, model: CatalogModel, *, request_id: str, operation: str, clock: Clock,
-              prompt_tokens: int, max_tokens: int) -> Lease:
+              prompt_tokens: int, max_tokens: int, tier: str = DEFAULT_TIER) -> Lease:
         """The request's lease (``lease.py``): entering admits it and takes a slot of the model's queue; leaving
         leaves its one usage record, or gives back what it held when no executor was asked."""
         return Lease(self.admission, self.capacity.gate(model.id), self.usage, key=key, model=model,
                      request_id=request_id, operation=operation, clock=clock, prompt_tokens=prompt_tokens,
-                     max_tokens=max_tokens)
+                     max_tokens=max_tokens, tier=tier)
 
     async def count_tokens(self, model_id: str, messages: list[common_pb2.ChatMessage], *,
                            deadline: float | None = None) -> int:
@@ -213,15 +228,84 @@ class GenerationEngine:
         encoded = await self.tokenizer.encode_chat(model.id, messages, timeout=self.clock(model, deadline).left())
         return len(encoded.token_ids)
 
+    def chain(self, inp: GenerationInput, key: KeyInfo) -> list[CatalogModel]:
+        """The models to try for ``inp``, in order: its model, then its fallbacks (docs/router.md).
+
+        A request's own list (``fallback_models``) is checked as the model is (``NotFound``, ``PermissionDenied``,
+        ``InvalidArgument`` naming ``models``); the catalog's list is filtered silently (an id not in the catalog, of
+        another task, or that the key may not use is skipped)."""
+        primary = self.model(inp.model)
+        if len(inp.fallback_models) > MAX_FALLBACKS:
+            raise InvalidArgument(f"'models' takes at most {MAX_FALLBACKS + 1} models.", param="models")
+        chain = [primary]
+        for model_id in inp.fallback_models or primary.fallbacks:
+            model = self.catalog.get(model_id)
+            if model is None:
+                if inp.fallback_models:
+                    shown = "(a value that looks like an API key)" if KEY_LIKE.search(model_id) else model_id
+                    raise NotFound(f"The model `{shown}` in 'models' does not exist or you do not have access to it.",
+                                   param="models", reason=REASON_MODEL_NOT_FOUND)
+                continue
+            if any(m.id == model.id for m in chain):
+                continue
+            if not key.may_use(model.id):
+                if inp.fallback_models:
+                    raise PermissionDenied(f"This API key may not use the model `{model.id}`.", param="models")
+                continue
+            try:
+                validate(inp, model)
+            except InvalidArgument as exc:
+                if inp.fallback_models:
+                    raise InvalidArgument(f"'models': {exc}", param="models") from None
+                continue
+            chain.append(model)
+        return chain
+
     async def generate(self, inp: GenerationInput, *, key: KeyInfo, request_id: str,
                        deadline: float | None = None,
                        on_admitted: Callable[[Metadata], Awaitable[None]] | None = None) -> AsyncGenerator[Delta]:
-        """``on_admitted`` receives the rate-limit headers of an admitted request, before any work.
+        """``on_admitted`` receives the rate-limit headers of the first admitted attempt, before any work.
 
         Yields each choice's deltas (``n`` choices run at once, interleaved), then each choice's final delta (its
-        finish reason), the last of them with the usage of all (``Delta.last``)."""
+        finish reason), the last of them with the usage of all (``Delta.last``); every delta names the model that
+        serves (``Delta.model``: a fallback's, when the model could not serve).
+
+        Fallbacks: when a model cannot serve now (its queue is full or too slow: ``Overloaded``; no replica can take
+        it, or it failed to load: ``Unavailable`` before any executor was asked), the next model of ``chain`` is
+        tried, with its own admission (scope, rate limits, budget at its own price), its own queue and its own usage
+        record. Never after an executor was asked (a usage record is owed) or output was sent. When every model
+        fails, the first model's error is raised."""
+        chain = self.chain(inp, key)
+        admitted = _Once(on_admitted)
+        first_error: Exception | None = None
+        for i, model in enumerate(chain):
+            attempt = _Attempt()
+            run = self._generate_on(model, inp, key=key, request_id=request_id, deadline=deadline,
+                                    on_admitted=admitted, attempt=attempt)
+            try:
+                async with contextlib.aclosing(run):
+                    async for delta in run:
+                        attempt.yielded = True
+                        delta.model, delta.service_tier = model.id, inp.service_tier
+                        yield delta
+                return
+            except (Overloaded, Unavailable) as exc:
+                if not attempt.may_fall_back(exc) or i == len(chain) - 1:
+                    if first_error is not None:
+                        raise first_error from exc
+                    raise
+                first_error = first_error or exc
+                FALLBACKS.labels(model.id, chain[i + 1].id).inc()
+                log.info("request %s: model %s cannot serve now (%s); falling back to %s", request_id, model.id,
+                         exc, chain[i + 1].id)
+                trace.get_current_span().add_event("inferplane.fallback", {"from": model.id, "to": chain[i + 1].id})
+
+    async def _generate_on(self, model: CatalogModel, inp: GenerationInput, *, key: KeyInfo, request_id: str,
+                           deadline: float | None, on_admitted: Callable[[Metadata], Awaitable[None]],
+                           attempt: _Attempt) -> AsyncGenerator[Delta]:
+        """One model's try at the request (``generate`` walks the chain)."""
         # the version serving it (a canary split: sticky per user, else per request), kept to the request's end
-        model = canary.serving(self.model(inp.model), inp.user or request_id)
+        model = canary.serving(model, inp.user or request_id)
         validate(inp, model)
         clock = self.clock(model, deadline)
         operation = "chat" if inp.messages is not None else "text_completion"
@@ -252,9 +336,10 @@ class GenerationEngine:
                            if mode != "none" else None, mode) for i in range(inp.n)]
 
         async with self.admit(key, model, request_id=request_id, operation=operation, clock=clock,
-                              prompt_tokens=prompt_tokens, max_tokens=max_tokens * inp.n) as lease:
-            if on_admitted is not None:
-                await on_admitted(lease.headers)
+                              prompt_tokens=prompt_tokens, max_tokens=max_tokens * inp.n,
+                              tier=inp.service_tier) as lease:
+            attempt.lease = lease
+            await on_admitted(lease.headers)
 
             def settle() -> None:
                 """Once every choice has its finish: the request's (for the usage record, even if the caller leaves
@@ -296,7 +381,7 @@ class GenerationEngine:
 
         async with (TextOut(self.tokenizer.decoder(model.id, timeout=clock.left()), inp.stop) as text,
                     self.executors.open(model.triton_model, start, request_id=request_id,
-                                        wait_s=clock.left()) as stream, stream):
+                                        wait_s=clock.left(), session=inp.session_id or inp.user) as stream, stream):
             choice.text = text
             async for msg in stream:
                 if msg.token_ids:
@@ -357,7 +442,7 @@ def executor_request(inp: GenerationInput, model: CatalogModel, request_id: str,
     req = executor_pb2.ExecutorGenerateRequest(
         model=model.triton_model, prompt_token_ids=prompt_token_ids, max_tokens=max_tokens,
         stop_token_ids=stop_token_ids, request_id=request_id, stream_interval=model.stream_interval,
-        top_logprobs=inp.top_logprobs if inp.logprobs else 0)
+        top_logprobs=inp.top_logprobs if inp.logprobs else 0, service_tier=TIER_TO_PB[inp.service_tier])
     for name in ("temperature", "top_p", "top_k", "seed", "repetition_penalty", "presence_penalty",
                  "frequency_penalty", "min_tokens"):
         value = getattr(inp, name)
@@ -382,6 +467,33 @@ def _for_choice(req: executor_pb2.ExecutorGenerateRequest, index: int) -> execut
     if out.sampling.HasField("seed"):
         out.sampling.seed = (out.sampling.seed + index + 2**63) % 2**64 - 2**63
     return out
+
+
+class _Once:
+    """``on_admitted`` called for the first admitted attempt only (initial metadata goes out once)."""
+
+    def __init__(self, call: Callable[[Metadata], Awaitable[None]] | None) -> None:
+        self._call = call
+
+    async def __call__(self, headers: Metadata) -> None:
+        call, self._call = self._call, None
+        if call is not None:
+            await call(headers)
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """What one model's try of a request got to: its lease (once admitted), whether a delta went out."""
+
+    lease: Lease | None = None
+    yielded: bool = False
+
+    def may_fall_back(self, exc: Exception) -> bool:
+        """The model cannot serve now and nothing is owed: overloaded (its queue), or unavailable after admission
+        (not metering's budget check) with no executor asked."""
+        if self.yielded or (self.lease is not None and self.lease.working):
+            return False
+        return isinstance(exc, Overloaded) or self.lease is not None
 
 
 def _has_tool_turns(messages: list[common_pb2.ChatMessage]) -> bool:

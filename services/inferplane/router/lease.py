@@ -26,7 +26,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from opentelemetry import trace
 
 from inferplane.common.catalog import CatalogModel
-from inferplane.common.wire import CANCELLED, ERROR, FINISH_TO_PB, LENGTH, STOP
+from inferplane.common.wire import CANCELLED, DEFAULT_TIER, ERROR, FINISH_TO_PB, LENGTH, STOP
 from inferplane.router import metrics
 from inferplane.router.admission import Admission, Metadata, Ticket, stamp
 from inferplane.router.capacity import ModelGate
@@ -70,12 +70,13 @@ def trace_request(operation: str, model: str, request_id: str, key: KeyInfo) -> 
 class Lease:
     def __init__(self, admission: Admission | None, gate: ModelGate, recorder: UsageRecorder, *, key: KeyInfo,
                  model: CatalogModel, request_id: str, operation: str, clock: Clock, prompt_tokens: int,
-                 max_tokens: int) -> None:
+                 max_tokens: int, tier: str = DEFAULT_TIER) -> None:
         self._admission = admission
         self._gate = gate
         self._recorder = recorder
         self.key, self.model, self.request_id, self.operation, self.clock = key, model, request_id, operation, clock
         self.max_tokens = max_tokens
+        self.tier = tier  # the service tier: its place in the model's queue, its price
         self.ticket: Ticket | None = None
         self.working = False  # an executor was asked: the request leaves a usage record
         self.prompt_tokens, self.completion_tokens = prompt_tokens, 0
@@ -107,6 +108,7 @@ class Lease:
             trace.get_current_span().add_event("gen_ai.first_token")
         self.last_token_at = now
         self.completion_tokens += n
+        self._gate.served(self.key.tenant_id, n)  # the tenant's served tokens (the fair queue's count)
 
     def finished(self, reason: str, *, prompt_tokens: int | None = None, completion_tokens: int | None = None,
                  cached_tokens: int = 0) -> None:
@@ -124,9 +126,11 @@ class Lease:
         self._entered = True
         if self._admission is not None:  # raises PermissionDenied, AdmissionRefused (429) or Unavailable
             self.ticket = await self._admission.admit(self.key, self.model, self.prompt_tokens, self.max_tokens,
-                                                      request_id=self.request_id)
+                                                      request_id=self.request_id, tier=self.tier)
         try:
-            await self._gate.acquire(self.clock.left())  # Overloaded (503) when the queue is full or too slow
+            # Overloaded (503) when the queue is full or too slow; a flex request: FlexShed (429)
+            await self._gate.acquire(self.clock.left(), tier=self.tier, tenant=self.key.tenant_id,
+                                     tokens=self.prompt_tokens)
         except BaseException:
             await self._release()
             raise
@@ -155,6 +159,7 @@ class Lease:
         record.model_version = self.model.version  # the version that served it (its catalog entry's, at the start)
         record.trace_id = current_trace_id()
         record.cached_tokens = self.cached_tokens
+        record.service_tier = self.tier
         if self.ticket is not None and self._admission is not None:
             cost = self._admission.settle(self.ticket, self.prompt_tokens, self.completion_tokens, self.cached_tokens)
             stamp(record, self.ticket, cost)  # the record settles the reservation in metering, exactly once

@@ -23,7 +23,7 @@ from inferplane.router.kserve import SERVICE as KSERVE_SERVICE
 from inferplane.router.kserve import KServeServicer
 from inferplane.router.outbox import UsageOutbox, batch_sender
 from inferplane.router.ratelimit import LocalRateLimiter, RateLimiter, RedisRateLimiter
-from inferplane.router.replicas import ReplicaSet
+from inferplane.router.replicas import Affinity, ReplicaSet
 from inferplane.router.service import RouterServicer
 from inferplane.router.settings import RouterSettings
 from inferplane.tokenization import GrpcTokenizer, LocalTokenizer, SplitTokenizer, Tokenizer, TokenizerRegistry
@@ -64,7 +64,10 @@ class Router:
         self.replicas = ReplicaSet(settings.executor_addrs, channel_factory=client_channel,
                                    eject_base_s=settings.eject_base_s, eject_max_s=settings.eject_max_s,
                                    retry_ratio=settings.retry_budget_ratio, retry_burst=settings.retry_budget_burst,
-                                   channel_silence_s=settings.channel_silence())
+                                   channel_silence_s=settings.channel_silence(),
+                                   affinity=Affinity(max_sessions=settings.affinity_max_sessions,
+                                                     idle_s=settings.affinity_idle_s,
+                                                     max_imbalance=settings.affinity_max_imbalance))
         metering = MeteringClient(metering_channel)
         self.limiter: RateLimiter = (RedisRateLimiter(settings.redis_url, on_error=settings.ratelimit_on_redis_error)
                                      if settings.redis_url else LocalRateLimiter())
@@ -74,7 +77,7 @@ class Router:
         self.engine = GenerationEngine(catalog=catalog, tokenizer=self.tokenizer,
                                        executors=self.replicas, metering=metering,
                                        request_timeout_s=settings.request_timeout_s,
-                                       admission=admission, outbox=self.outbox)
+                                       admission=admission, outbox=self.outbox, fair_queue=settings.fair_queue)
         # served over gRPC, and called in process by a REST edge in this process (``inferplane.cli.edge``)
         keys = KeyVerifier(metering, ttl=settings.key_cache_ttl_s, stale_ttl=settings.key_stale_ttl_s)
         self.servicer = RouterServicer(self.engine, keys)

@@ -37,6 +37,7 @@ import os
 import random
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,8 @@ log = logging.getLogger(__name__)
 
 REPLICAS = Gauge("inferplane_router_executor_replicas", "Executor replicas known, by state", ["state"])
 EJECTIONS = Counter("inferplane_router_executor_ejections", "Replicas ejected after a failed call")
+AFFINITY = Counter("inferplane_router_session_affinity", "Requests of a pinned session: kept on its replica, or moved",
+                   ["outcome"])
 RETRIES = Counter("inferplane_router_retries", "Requests retried on another replica before their first token")
 LOADS = Counter("inferplane_router_model_loads", "Models this router asked an executor to load (scale from zero)",
                 ["model", "outcome"])
@@ -134,6 +137,49 @@ class RetryBudget:
         return False
 
 
+class Affinity:
+    """Session affinity: a session (its ``x-session-id``, else its ``user``) keeps going to the replica it went to,
+    per model. A bounded LRU (``max_sessions``) whose entries expire ``idle_s`` after their last use; the pinned
+    replica is used while it can take the model and is not overloaded (its load at most ``max_imbalance`` above the
+    least-loaded candidate's), else the request is picked as any other and the session pinned to the new replica."""
+
+    def __init__(self, *, max_sessions: int = 10_000, idle_s: float = 300.0, max_imbalance: int = 8) -> None:
+        self.max_sessions = max_sessions
+        self.idle_s = idle_s
+        self.max_imbalance = max_imbalance
+        self._pins: OrderedDict[tuple[str, str], tuple[str, float]] = OrderedDict()  # oldest use first
+
+    def __len__(self) -> int:
+        return len(self._pins)
+
+    def pinned(self, model: str, session: str, candidates: list[Replica], now: float) -> Replica | None:
+        """The session's replica among ``candidates`` if it may take the request now (None: pick as usual)."""
+        self._expire(now)
+        entry = self._pins.get((model, session))
+        if entry is None:
+            return None
+        replica = next((r for r in candidates if r.address == entry[0]), None)
+        if replica is None or replica.load() > min(r.load() for r in candidates) + self.max_imbalance:
+            AFFINITY.labels("moved").inc()
+            return None
+        AFFINITY.labels("kept").inc()
+        return replica
+
+    def pin(self, model: str, session: str, replica: Replica, now: float) -> None:
+        key = (model, session)
+        self._pins[key] = (replica.address, now)
+        self._pins.move_to_end(key)
+        while len(self._pins) > self.max_sessions:
+            self._pins.popitem(last=False)
+
+    def _expire(self, now: float) -> None:
+        while self._pins:
+            key, (_, used) = next(iter(self._pins.items()))
+            if now - used <= self.idle_s:
+                return
+            del self._pins[key]
+
+
 def choose(candidates: list[Replica], rng: random.Random) -> Replica:
     """Power of two choices: the less loaded of two random replicas (ties: the first drawn)."""
     if len(candidates) == 1:
@@ -147,7 +193,8 @@ class ReplicaSet:
                  status_interval_s: float = 1.0, dns_interval_s: float = 5.0, eject_base_s: float = 1.0,
                  eject_max_s: float = 30.0, retry_ratio: float = 0.2, retry_burst: float = 50.0,
                  seed: int | None = None, channel_silence_s: float | None = None, file_interval_s: float = 1.0,
-                 retire_timeout_s: float = 600.0, load_timeout_s: float = 300.0) -> None:
+                 retire_timeout_s: float = 600.0, load_timeout_s: float = 300.0,
+                 affinity: Affinity | None = None) -> None:
         """``channel_silence_s``: generations go over one ``ExecutorChannel`` per replica, broken when it stays
         silent that long with sequences live; None: one ``Generate`` call per request. ``load_timeout_s``: the
         longest a model load (scale from zero) may take, and the wait of a request that gives no deadline."""
@@ -171,6 +218,7 @@ class ReplicaSet:
         self._tasks: list[asyncio.Task[None]] = []
         # called when a replica's state changes (the router's capacity lets queued requests in)
         self.on_change: Callable[[], None] | None = None
+        self.affinity = affinity if affinity is not None else Affinity()
 
     # --- membership -------------------------------------------------------------------------------
 
@@ -359,14 +407,22 @@ class ReplicaSet:
         live = [r for r in self.replicas.values() if r.available(now)]
         return sum(model in r.models for r in live) or sum(not r.reported for r in live)
 
-    def pick(self, model: str, *, exclude: set[str] | frozenset[str] = frozenset()) -> Replica:
+    def pick(self, model: str, *, exclude: set[str] | frozenset[str] = frozenset(), session: str = "") -> Replica:
+        """A replica for ``model``: the ``session``'s own while it may take it (``Affinity``), else power of two
+        choices (and the session pinned to it)."""
         now = time.monotonic()
         live = [r for r in self.replicas.values() if r.available(now) and r.address not in exclude]
         # Prefer replicas known to serve the model; one whose status is not known yet may serve it too.
         serving = [r for r in live if model in r.models] or [r for r in live if not r.reported]
         if not serving:
             raise Unavailable(f"no executor is available for model {model!r}; retry later")
-        return choose(serving, self._rng)
+        if not session:
+            return choose(serving, self._rng)
+        replica = self.affinity.pinned(model, session, serving, now)
+        if replica is None:
+            replica = choose(serving, self._rng)
+        self.affinity.pin(model, session, replica, now)
+        return replica
 
     def model_state(self, model: str) -> int:
         """``common_pb2.ModelState`` of ``model`` across the live replicas: LOADED on any, else LOADING (this
@@ -432,7 +488,8 @@ class ReplicaSet:
 
     @contextlib.asynccontextmanager
     async def open(self, model: str, start: Callable[[Replica], Awaitable[T]], *, request_id: str = "",
-                   faults: frozenset[grpc.StatusCode] | None = None, wait_s: float | None = None) -> AsyncIterator[T]:
+                   faults: frozenset[grpc.StatusCode] | None = None, wait_s: float | None = None,
+                   session: str = "") -> AsyncIterator[T]:
         """Start a request for ``model`` on a replica; the block runs while the replica holds it.
 
         ``start(replica)`` is the part of the work that may be retried, because nothing of it has reached the
@@ -443,22 +500,23 @@ class ReplicaSet:
         ``pick`` compares) from ``start`` until the block exits. ``faults``: the statuses that say the replica is at
         fault (None: ``REPLICA_FAULTS``; a raw Triton model's own INTERNAL is the request's, not the replica's).
         A model loaded nowhere is loaded first (``ensure_loaded``), waiting at most ``wait_s`` (the seconds left
-        to the request's deadline; None: ``load_timeout_s``).
+        to the request's deadline; None: ``load_timeout_s``). ``session``: a session id whose requests keep to one
+        replica (``Affinity``); a retry moves it.
         """
         await self.ensure_loaded(model, wait_s=self._load_timeout_s if wait_s is None else wait_s,
                                  request_id=request_id)
-        replica, opened = await self._start(model, start, request_id, faults or REPLICA_FAULTS)
+        replica, opened = await self._start(model, start, request_id, faults or REPLICA_FAULTS, session)
         try:
             yield opened
         finally:
             replica.outstanding -= 1
 
     async def _start(self, model: str, start: Callable[[Replica], Awaitable[T]], request_id: str,
-                     faults: frozenset[grpc.StatusCode]) -> tuple[Replica, T]:
+                     faults: frozenset[grpc.StatusCode], session: str = "") -> tuple[Replica, T]:
         tried: set[str] = set()
         self.budget.on_request()
         while True:
-            replica = self.pick(model, exclude=tried)
+            replica = self.pick(model, exclude=tried, session=session)
             trace.get_current_span().set_attribute("inferplane.executor", replica.address)
             replica.outstanding += 1
             try:

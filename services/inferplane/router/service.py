@@ -37,6 +37,8 @@ def input_from_pb(req: router_pb2.GenerateRequest) -> GenerationInput:
     which = req.WhichOneof("input")
     if which is None:
         raise InvalidArgument("either 'prompt' or 'messages' is required", param="messages")
+    if req.service_tier not in wire.TIER_FROM_PB:
+        raise InvalidArgument(f"unknown service tier {req.service_tier}", param="service_tier")
     s = req.sampling
 
     def opt(msg: Any, name: str) -> Any:
@@ -66,6 +68,9 @@ def input_from_pb(req: router_pb2.GenerateRequest) -> GenerationInput:
         tool_choice=req.tool_choice,
         parallel_tool_calls=req.parallel_tool_calls if req.HasField("parallel_tool_calls") else True,
         user=req.user,
+        fallback_models=list(req.fallback_models),
+        service_tier=wire.TIER_FROM_PB.get(req.service_tier, wire.DEFAULT_TIER),
+        session_id=req.session_id,
     )
 
 
@@ -95,10 +100,12 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         async with contextlib.aclosing(deltas):
             async for delta in deltas:
                 msg = router_pb2.GenerateResponse(request_id=request_id, text=delta.text, token_count=delta.token_count,
-                                                  created=created, model=request.model,
+                                                  created=created, model=delta.model or request.model,
                                                   finish_reason=delta.finish_reason,  # type: ignore[arg-type]
                                                   index=delta.index, logprobs=delta.logprobs,
-                                                  tool_calls=delta.tool_calls)
+                                                  tool_calls=delta.tool_calls,
+                                                  service_tier=wire.TIER_TO_PB.get(
+                                                      delta.service_tier, common_pb2.SERVICE_TIER_UNSPECIFIED))
                 if delta.last:
                     msg.usage.prompt_tokens = delta.prompt_tokens
                     msg.usage.completion_tokens = delta.completion_tokens
@@ -142,14 +149,19 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         prices = self._engine.admission.prices if self._engine.admission is not None else None
         if prices is not None:
             await prices.ensure_fresh()
-        return router_pb2.ListModelsResponse(models=[
-            common_pb2.ModelInfo(id=m.id, owned_by=m.owned_by, created=m.created,
-                                 # "infer" has no ModelTask value: such a model lists no task here
-                                 tasks=[TASKS[t] for t in m.tasks if t in TASKS], context_length=m.context_length,
-                                 pricing=prices.pricing_pb(m.id) if prices is not None else None,
-                                 state=self._engine.executors.model_state(m.triton_model))  # type: ignore[arg-type]
-            for m in self._engine.catalog.models
-        ])
+        models = []
+        for m in self._engine.catalog.models:
+            info = common_pb2.ModelInfo(id=m.id, owned_by=m.owned_by, created=m.created,
+                                        # "infer" has no ModelTask value: such a model lists no task here
+                                        tasks=[TASKS[t] for t in m.tasks if t in TASKS],
+                                        context_length=m.context_length,
+                                        state=self._engine.executors.model_state(m.triton_model))  # type: ignore[arg-type]
+            pricing = prices.pricing_pb(m.id) if prices is not None else None
+            if pricing is not None:
+                pricing.tier_multipliers.update({str(k): v for k, v in m.tier_multipliers.items()})
+                info.pricing.CopyFrom(pricing)
+            models.append(info)
+        return router_pb2.ListModelsResponse(models=models)
 
     async def Tokenize(self, request: router_pb2.TokenizeRequest,
                        context: grpc.aio.ServicerContext) -> router_pb2.TokenizeResponse:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from inferplane.assets import CATALOG
@@ -58,6 +59,14 @@ class RouterSettings(BaseSettings):
     # Seconds between polls of metering's catalog version (a change is picked up within this time, without a
     # restart: docs/catalog.md); 0: the catalog file is the catalog, never polled.
     catalog_poll_s: float = 2.0
+    # Fair queue (docs/router.md): within a service tier, the waiting request of the tenant served the fewest tokens
+    # goes first (VTC); false: arrival order.
+    fair_queue: bool = True
+    # Session affinity (docs/router.md): sessions remembered (LRU), seconds a session's pin outlives its last request,
+    # and how many requests more than the least-loaded replica its replica may hold before the session moves.
+    affinity_max_sessions: int = Field(default=10_000, ge=0)
+    affinity_idle_s: float = Field(default=300.0, gt=0)
+    affinity_max_imbalance: int = Field(default=8, ge=0)
 
     def channel_silence(self) -> float | None:
         """The ``ReplicaSet``'s ``channel_silence_s``: None when requests use per-request ``Generate`` calls."""

@@ -36,6 +36,10 @@ class Delta:
     tool_calls: list[router_pb2.ToolCallDelta] = field(default_factory=list)
     # The request's last delta: it carries the usage of all choices (and the cost).
     last: bool = False
+    # The public model id serving the request (a fallback's when the model asked for could not serve).
+    model: str = ""
+    # The service tier serving it (``wire`` names; "" on deltas not from ``GenerationEngine.generate``).
+    service_tier: str = ""
 
 
 class ExecutorStream:
