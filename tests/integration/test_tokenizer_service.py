@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -177,3 +178,36 @@ def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
     assert settings.server.port == 6000
     assert settings.catalog == Path("/etc/catalog.yaml")
     assert TokenizerSettings.model_fields["server"].default.port == 50052
+
+
+async def test_a_model_the_catalog_just_added_is_found_by_polling_it_at_once(catalog_file: Path,
+                                                                          tmp_path: Path) -> None:
+    """The router may know a new model before this service's next catalog poll: an unknown model makes the service
+    poll at once (here a stand-in for the catalog watcher's poll_once, which adds the model) instead of answering
+    NOT_FOUND; concurrent askers share one poll, and a model still unknown afterwards is NOT_FOUND."""
+    from inferplane.tokenization.local import TokenizerRegistry
+
+    write_model(tmp_path / "new-model")
+    registry = TokenizerRegistry.from_catalog_file(catalog_file)
+    polls = []
+
+    async def poll_once() -> bool:
+        polls.append(1)
+        await asyncio.sleep(0.05)
+        registry.set_paths({"just-added": tmp_path / "new-model"})
+        return True
+
+    srv = build_server(TokenizerSettings(server=ServerSettings(port=0), catalog=catalog_file), registry, poll_once)
+    port = await srv.start()
+    try:
+        async with client_channel(f"127.0.0.1:{port}") as ch:
+            stub = tokenizer_pb2_grpc.TokenizerServiceStub(ch)
+            answers = await asyncio.gather(*(stub.Encode(tokenizer_pb2.EncodeRequest(model="just-added", text="Hello"))
+                                             for _ in range(4)))
+            assert all(a.token_ids for a in answers) and len(polls) == 1
+            await asyncio.sleep(0.6)  # past the minimum interval between polls
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Encode(tokenizer_pb2.EncodeRequest(model="never-added", text="Hello"))
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND and len(polls) == 2
+    finally:
+        await srv.stop(0)

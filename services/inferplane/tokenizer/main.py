@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Awaitable, Callable
 
 from inferplane.common import loop
 from inferplane.common.catalog_watch import CatalogWatcher, list_catalog_of
@@ -21,10 +22,12 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = "inferplane.v1.TokenizerService"
 
 
-def build_server(settings: TokenizerSettings, registry: TokenizerRegistry | None = None) -> GrpcServer:
-    """The gRPC server with every catalog tokenizer loaded (eagerly: a bad folder fails here)."""
+def build_server(settings: TokenizerSettings, registry: TokenizerRegistry | None = None,
+                 refresh: Callable[[], Awaitable[bool]] | None = None) -> GrpcServer:
+    """The gRPC server with every catalog tokenizer loaded (eagerly: a bad folder fails here); ``refresh``: poll
+    metering's catalog now (an unknown model may have just been added there)."""
     registry = (registry if registry is not None else TokenizerRegistry.from_catalog_file(settings.catalog)).load_all()
-    servicer = TokenizerServicer(registry)
+    servicer = TokenizerServicer(registry, refresh)
     return GrpcServer(
         settings.server, service_names=[SERVICE_NAME],
         register=lambda s: tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server(servicer, s))
@@ -33,8 +36,6 @@ def build_server(settings: TokenizerSettings, registry: TokenizerRegistry | None
 async def run(settings: TokenizerSettings) -> None:
     provider = setup_tracing("tokenizer", settings.telemetry)
     registry = TokenizerRegistry.from_catalog_file(settings.catalog)
-    server = build_server(settings, registry)
-    await server.start()
     channel = client_channel(settings.metering_addr) if settings.metering_addr and settings.catalog_poll_s > 0 \
         else None
     watch = None
@@ -42,6 +43,9 @@ async def run(settings: TokenizerSettings) -> None:
         watch = CatalogWatcher(list_catalog_of(channel), settings.catalog.parent,
                                lambda catalog: registry.set_paths({m.id: m.tokenizer for m in catalog.models}),
                                interval_s=settings.catalog_poll_s)
+    server = build_server(settings, registry, watch.poll_once if watch is not None else None)
+    await server.start()
+    if watch is not None:
         watch.start()
     try:
         await server.serve_until_signal()
