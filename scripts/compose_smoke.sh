@@ -112,8 +112,13 @@ base_image() {
 
 # --- 3. the images -------------------------------------------------------------------------------------------
 
-pip_setting() {  # the host's pip setting NAME (cert, find-links), from `pip config list`; empty when unset
-    python3 -m pip config list 2>/dev/null | sed -n "s/^global\.$1='\(.*\)'$/\1/p" | head -n1
+pip_setting() {  # the host's pip setting NAME (cert, find-links): PIP_<NAME>, else `pip config list`'s global.NAME
+    local env_name="PIP_$(echo "$1" | tr 'a-z-' 'A-Z_')"
+    if [ -n "${!env_name:-}" ]; then
+        echo "${!env_name%% *}"
+    else
+        python3 -m pip config list 2>/dev/null | sed -n "s/^global\.$1='\([^ ']*\).*'$/\1/p" | head -n1
+    fi
 }
 
 build_images() {
@@ -163,6 +168,19 @@ teardown() {
     podman network rm -f "${project}_default" >/dev/null 2>&1 || true
 }
 
+check_bridge_dns() {
+    # The compose file's service names must resolve between containers: podman's netavark backend with
+    # aardvark-dns does that on a bridge network (Debian's podman brings both). CNI without the dnsname plugin
+    # does not: say so instead of waiting for health checks that cannot pass.
+    local backend
+    backend="$(podman info --format '{{.Host.NetworkBackend}}')"
+    if [ "$backend" != netavark ] || ! { [ -x /usr/lib/podman/aardvark-dns ] || command -v aardvark-dns >/dev/null; }; then
+        echo "compose_smoke: podman's network backend is '$backend' without aardvark-dns: service names will not" \
+             "resolve on the bridge network (apt-get install netavark aardvark-dns; podman system reset)" >&2
+        exit 1
+    fi
+}
+
 wait_healthy() {
     # podman 4.3 runs health checks from systemd timers, and no systemd runs here: run each container's check
     # ourselves until every one passes (podman-compose 1.6 does not wait on `service_healthy` with podman < 4.6;
@@ -193,20 +211,25 @@ wait_healthy() {
 }
 
 result=FAIL
+network_mode=""
 finish() {
     local rc=$?
     set +e
     if [ "$keep" = 1 ] && [ "$down_only" = 0 ]; then
         log "--keep: the stack stays up (edge on 127.0.0.1:$edge_port); bash scripts/compose_smoke.sh --down"
     else
-        teardown
+        timed teardown teardown
     fi
     echo
-    echo "compose smoke figures (podman $(podman --version 2>/dev/null | awk '{print $3}'), bridge network with DNS):"
+    echo "compose smoke figures (podman $(podman --version 2>/dev/null | awk '{print $3}'), ${network_mode:-bridge} network; seconds):"
     local step
     for step in install base-image build up healthy client teardown; do
-        [ -n "${took[$step]:-}" ] && printf '  %-12s %5s s\n' "$step" "${took[$step]}"
+        [ -n "${took[$step]:-}" ] && printf '  %-11s %5s\n' "$step" "${took[$step]}"
     done
+    if [ -n "${took[up]:-}" ] && [ -n "${took[healthy]:-}" ]; then
+        printf '  %-11s %5s  (up + healthy: podman-compose up -d until every health check passes)\n' start \
+            "$(( took[up] + took[healthy] ))"
+    fi
     [ "$rc" = 0 ] || result=FAIL
     echo "compose smoke: $result"
     exit "$rc"
@@ -220,11 +243,13 @@ fi
 trap finish EXIT
 timed base-image base_image
 timed build build_images
+check_bridge_dns
 teardown  # a stack left by an earlier --keep or a killed run
 log "up: ${services[*]} (project $project, edge on 127.0.0.1:$edge_port)"
 timed up compose up -d "${services[@]}"
 timed healthy wait_healthy
-log "all healthy; network mode: $(podman inspect -f '{{.HostConfig.NetworkMode}}' "$(container envoy)")"
+network_mode="$(podman inspect -f '{{.HostConfig.NetworkMode}}' "$(container envoy)")"
+log "all healthy; network mode: $network_mode (service names resolved by aardvark-dns)"
 key="$(podman exec "$(container metering)" inferplane keys create --name compose-smoke \
     --config /etc/inferplane/stack.yaml | head -n1)"
 [ -n "$key" ] || { log "no key was created"; exit 1; }

@@ -5,7 +5,7 @@ the stack's own PostgreSQL, which must hold exactly the token counts the client 
     INFERPLANE_SMOKE_API_KEY=... python scripts/compose_smoke_client.py --base-url http://127.0.0.1:18480/v1 \\
         --psql 'podman exec inferplane-smoke_postgres_1 psql -U inferplane -d inferplane'
 
-It needs only ``openai`` (and the ``httpx`` it brings); PostgreSQL is read with ``psql`` in the postgres
+It needs only ``openai``; PostgreSQL is read with ``psql`` in the postgres
 container (the ``--psql`` command), so nothing of the project is imported. Exit status 0 when every check
 holds; each failed check is printed and the status is 1.
 """
@@ -13,16 +13,18 @@ holds; each failed check is printed and the status is 1.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from dataclasses import dataclass
 from decimal import Decimal
 
-import httpx
 import openai
 
 CHAT_MODEL = "tiny-llama"
@@ -140,11 +142,16 @@ def check_ledger(psql: list[str], told: list[Told], checks: Checks, deadline_s: 
 
 
 def check_usage_route(base_url: str, api_key: str, told: list[Told], checks: Checks) -> None:
-    resp = httpx.get(f"{base_url}/usage", headers={"Authorization": f"Bearer {api_key}"}, timeout=60)
-    checks.check(resp.status_code == 200, f"GET /v1/usage: HTTP {resp.status_code}")
-    if resp.status_code != 200:
+    request = urllib.request.Request(f"{base_url}/usage", headers={"Authorization": f"Bearer {api_key}"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as resp:  # noqa: S310 (our own http URL)
+            status, body = resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        status, body = err.code, err.read()
+    checks.check(status == 200, f"GET /v1/usage: HTTP {status}")
+    if status != 200:
         return
-    rows = resp.json()["data"]
+    rows = json.loads(body)["data"]
     for model in sorted({t.model for t in told}):
         mine = [t for t in told if t.model == model]
         got = [r for r in rows if r["model"] == model]
