@@ -241,12 +241,20 @@ if [ "$down_only" = 1 ]; then
     exit 0
 fi
 trap finish EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 timed base-image base_image
 timed build build_images
 check_bridge_dns
 teardown  # a stack left by an earlier --keep or a killed run
 log "up: ${services[*]} (project $project, edge on 127.0.0.1:$edge_port)"
-timed up compose up -d "${services[@]}"
+# podman-compose warns per service that podman 4.3 cannot wait on `service_healthy`, and podman that it has no
+# systemd for health-check timers: both are expected here (wait_healthy runs the checks); keep them in a file.
+up_stack() {
+    compose up -d "${services[@]}" >"$state/compose-up.log" 2>&1 \
+        || { tail -30 "$state/compose-up.log" >&2; return 1; }
+}
+timed up up_stack
 timed healthy wait_healthy
 network_mode="$(podman inspect -f '{{.HostConfig.NetworkMode}}' "$(container envoy)")"
 log "all healthy; network mode: $network_mode (service names resolved by aardvark-dns)"
