@@ -26,10 +26,11 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 import openai
+from openai.types.chat import ChatCompletionMessageParam
 
 CHAT_MODEL = "tiny-llama"
 EMBEDDING_MODEL = "all-minilm-l6-v2"
-MESSAGES = [{"role": "user", "content": "Return the absolute path of a file."}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Return the absolute path of a file."}]
 NANOS_PER_USD = Decimal(10) ** 9
 
 
@@ -144,7 +145,7 @@ def check_ledger(psql: list[str], told: list[Told], checks: Checks, deadline_s: 
 def check_usage_route(base_url: str, api_key: str, told: list[Told], checks: Checks) -> None:
     request = urllib.request.Request(f"{base_url}/usage", headers={"Authorization": f"Bearer {api_key}"})
     try:
-        with urllib.request.urlopen(request, timeout=60) as resp:  # noqa: S310 (our own http URL)
+        with urllib.request.urlopen(request, timeout=60) as resp:
             status, body = resp.status, resp.read()
     except urllib.error.HTTPError as err:
         status, body = err.code, err.read()
