@@ -64,6 +64,7 @@ install_tools() {
     command -v podman >/dev/null || missing+=(podman)
     command -v runc >/dev/null || missing+=(runc)
     command -v debootstrap >/dev/null || missing+=(debootstrap)
+    python3 -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)  # for the venv below
     if [ "${#missing[@]}" -gt 0 ]; then
         if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
             echo "compose_smoke: need ${missing[*]} (apt-get install, as root)" >&2
