@@ -216,6 +216,15 @@ network_mode=""
 finish() {
     local rc=$?
     set +e
+    if [ "$rc" != 0 ] && [ -n "${took[up]:-}" ] && [ -n "${took[healthy]:-}" ]; then
+        local name c  # failed after the stack was healthy: what the services said last
+        for name in "${services[@]}"; do
+            c="$(container "$name")"
+            [ -z "$c" ] && continue
+            log "--- $name ($c), last lines ---"
+            podman logs --tail 15 "$c" 2>&1 | sed 's/^/    /'
+        done
+    fi
     if [ "$keep" = 1 ] && [ "$down_only" = 0 ]; then
         log "--keep: the stack stays up (edge on 127.0.0.1:$edge_port); bash scripts/compose_smoke.sh --down"
     else
