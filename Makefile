@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: up test install lint typecheck protos check-protos bench clean
+.PHONY: up test install lint typecheck protos check-protos bench compose-smoke clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (Python 3.11) on PATH"; exit 1; }
@@ -39,6 +39,11 @@ protos: install
 
 bench: install
 	$(BIN)/python -m bench.mesh
+
+## The compose stack in containers with podman, built locally (no registry): build, up, openai client, ledger, down.
+## Minutes on first use (debootstrap, image builds); not part of `make test`. Needs root (apt-get, podman).
+compose-smoke:
+	bash scripts/compose_smoke.sh
 
 clean:
 	rm -rf .inferplane .pytest_cache .mypy_cache .ruff_cache

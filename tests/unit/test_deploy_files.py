@@ -157,6 +157,69 @@ def test_compose_triton_reserves_a_gpu_and_shares_the_repository() -> None:
     assert services["executor"]["environment"]["INFERPLANE_EXECUTOR_TRITON__URL"] == "triton:8001"
 
 
+def _local_compose() -> dict[str, Any]:
+    return yaml.safe_load((COMPOSE / "docker-compose.local.yaml").read_text())  # type: ignore[no-any-return]
+
+
+def test_registry_free_override_fits_the_compose_spec() -> None:
+    require(COMPOSE_SCHEMA.exists(), f"{COMPOSE_SCHEMA} not found (shared/ sits beside the clone in CI)")
+    schema = json.loads(COMPOSE_SCHEMA.read_text())
+    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(_local_compose()), key=lambda e: e.json_path)
+    assert not errors, "\n".join(f"{e.json_path}: {e.message}" for e in errors)
+
+
+def test_registry_free_override_builds_postgres_and_redis_from_files_that_exist() -> None:
+    local = _local_compose()["services"]
+    base = _compose()["services"]
+    assert set(local) == {"postgres", "redis"}
+    for name, svc in local.items():
+        assert name in base and "healthcheck" in base[name], name  # the override keeps the base's health check
+        dockerfile = COMPOSE / svc["build"]["context"] / svc["build"]["dockerfile"]
+        assert dockerfile.is_file(), dockerfile
+        assert svc["image"].startswith(f"localhost/inferplane-{name}:"), svc["image"]
+    assert (COMPOSE / "local" / "postgres-entrypoint.sh").is_file()
+
+
+def test_the_core_stack_needs_no_registry_image_but_postgres_and_redis() -> None:
+    """What compose_smoke.sh starts: every service without a profile, plus the CPU profile's executor. Its images
+    are built from compose/Dockerfile, or come from the override (PostgreSQL, Redis); the registry-only images
+    (collector, Jaeger, Prometheus, Grafana, NGC Triton) sit in profiles it does not enable."""
+    services = _compose()["services"]
+    core = {name for name, svc in services.items() if not set(svc.get("profiles", [])) - {"cpu"}}
+    assert core == {"postgres", "redis", "metering", "tokenizer", "executor-cpu", "router", "gateway", "envoy"}
+    smoke = (ROOT / "scripts" / "compose_smoke.sh").read_text()
+    listed = next(line for line in smoke.splitlines() if line.startswith("services=("))
+    assert set(listed[len("services=("):-1].split()) == core
+    for name in core:
+        deps = set(services[name].get("depends_on", {}))
+        assert deps <= core, f"{name} depends on {deps - core}, outside the core stack"
+        if name not in _local_compose()["services"]:
+            assert services[name]["build"]["dockerfile"] == "compose/Dockerfile", name
+    for name in set(services) - core:
+        assert services[name].get("profiles"), f"{name} would start with the core stack"
+
+
+def test_compose_smoke_script_is_valid_bash_and_its_files_exist() -> None:
+    script = ROOT / "scripts" / "compose_smoke.sh"
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 0, result.stderr
+    text = script.read_text()
+    for path in ("compose/Dockerfile", "compose/Dockerfile.dockerignore", "compose/docker-compose.yaml",
+                 "compose/docker-compose.local.yaml", "scripts/compose_smoke_client.py"):
+        assert path in text and (ROOT / path).is_file(), path
+    for name in ("postgres", "redis"):  # built as compose/local/$name.Dockerfile
+        assert (COMPOSE / "local" / f"{name}.Dockerfile").is_file()
+    assert "trap finish EXIT" in text, "the stack must be torn down on failure too"
+    assert "compose-smoke:" in (ROOT / "Makefile").read_text()
+
+
+def test_the_app_image_takes_its_base_image_as_a_build_argument() -> None:
+    dockerfile = (COMPOSE / "Dockerfile").read_text()
+    assert "ARG PYTHON_IMAGE=python:3.11" in dockerfile and "FROM ${PYTHON_IMAGE} AS app" in dockerfile
+    assert "ARG TRITON_IMAGE=nvcr.io/nvidia/tritonserver:" in dockerfile
+    assert "torch==2.13.0" in dockerfile  # an unpinned torch is a CUDA build of several GB
+
+
 def test_prometheus_scrapes_every_service() -> None:
     config = yaml.safe_load((COMPOSE / "prometheus.yml").read_text())
     targets = {t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
