@@ -314,7 +314,8 @@ async def test_concurrent_streams_equal_alone(triton: TritonProcess, reference: 
 async def test_metrics_show_slots_and_a_cancel_frees_its_slot(triton: TritonProcess, reference: Any) -> None:
     await wait_for_gauge(triton, "llm", "kv_slots_in_use", 0)  # earlier tests' streams have all ended
     assert gauges(triton, "llm") == {"active_sequences": 0, "queued_requests": 0, "kv_slots_in_use": 0,
-                                     "kv_slots_total": 32}
+                                     "kv_slots_total": 32, "prefix_cache_blocks_used": 0,
+                                     "prefix_cache_blocks_total": 0}  # this model has no prefix cache
     assert gauges(triton, "llm_ctx")["kv_slots_total"] == 1
     prompt = reference[1].encode("1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,").ids
     async with grpcclient.InferenceServerClient(triton.grpc_url) as client:
