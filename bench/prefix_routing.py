@@ -1,0 +1,244 @@
+"""Cache-aware routing against power of two choices and random, in one run, on ``inferplane up --executors 2``.
+
+    python -m bench.prefix_routing [--prompts 32] [--users 8] [--system-tokens 288] [--workers 4] [--max-tokens 16]
+                                   [--cache-share 0.73] [--plot docs/prefix-routing.png]
+
+The stack is started through the launcher (``LocalStack``: Envoy, the router with its REST edge, metering, two
+executors each with its own Triton serving tiny-llama), with tiny-llama's ``prefix_cache_blocks`` set so that the
+system prompts' blocks are ``--cache-share`` of the two replicas' caches together: more than one replica holds,
+less than both do (llm-d's benchmark: 73 %). The workload: ``--prompts`` system prompts of ``--system-tokens``
+tokens, each followed by ``--users`` users' own questions (~30 tokens); sent in ``--users`` rounds, each round every
+system prompt once in a shuffled order, by ``--workers`` closed-loop gRPC streams through Envoy.
+
+One phase per policy (``cache_aware``, ``p2c``, ``random``: the router's ``routing_policy``, the router restarted
+between phases), each with system prompts of its own, so every phase starts with cold caches. Prints TTFT p50/p90,
+completion tokens/s and the share of prompt tokens the model reused (``usage.cached_tokens``), and the ratios
+against ``p2c``; writes a plot. Asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import random
+import signal
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from bench._stack import catalog_with, progress
+from inferplane.assets import CATALOG
+from inferplane.cli.launcher import LocalStack, StackConfig, read_env
+from inferplane.v1 import router_pb2, router_pb2_grpc
+
+MODEL = "tiny-llama"
+POLICIES = ("cache_aware", "p2c", "random")
+BLOCK = 16  # the catalog's prefix_block_size for tiny-llama (the default)
+
+
+@dataclass
+class Phase:
+    policy: str
+    ttft: list[float] = field(default_factory=list)
+    completion_tokens: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+
+    def p(self, q: int) -> float:
+        if len(self.ttft) < 2:
+            return self.ttft[0] if self.ttft else math.nan
+        return statistics.quantiles(self.ttft, n=100)[q - 1]
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.completion_tokens / self.seconds if self.seconds else math.nan
+
+    @property
+    def cached_share(self) -> float:
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else math.nan
+
+
+def vocabulary() -> list[str]:
+    """Words of the standard library's docstrings (the text tiny-llama was trained on)."""
+    import collections
+    import json
+    import os
+    import pathlib
+    import string
+    words: set[str] = set()
+    for module in (os, json, string, pathlib, collections, statistics, asyncio, random, tempfile):
+        for name in dir(module):
+            doc = getattr(getattr(module, name, None), "__doc__", None)
+            if not isinstance(doc, str):
+                continue
+            words.update(w for w in doc.split() if w.isalpha() and len(w) > 2)
+    return sorted(words)
+
+
+def make_text(rng: random.Random, words: list[str], tokens: int, count) -> str:  # type: ignore[no-untyped-def]
+    """Random words until the text is ``tokens`` tokens long (``count``: the model's tokenizer)."""
+    out: list[str] = []
+    while count(" ".join(out)) < tokens:
+        out.append(rng.choice(words))
+    return " ".join(out)
+
+
+def workload(phase: int, args: argparse.Namespace, words: list[str], count) -> list[str]:  # type: ignore[no-untyped-def]
+    rng = random.Random(1000 + phase)
+    systems = [make_text(rng, words, args.system_tokens, count) for _ in range(args.prompts)]
+    prompts = []
+    for user in range(args.users):
+        order = list(range(args.prompts))
+        rng.shuffle(order)
+        for i in order:
+            question = make_text(rng, words, 24, count)
+            prompts.append(f"{systems[i]}\n\nUser {user}: {question}\nAnswer:")
+    return prompts
+
+
+async def run_phase(addr: str, key: str, prompts: list[str], phase: Phase, workers: int, max_tokens: int) -> None:
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    for prompt in prompts:
+        queue.put_nowait(prompt)
+    metadata = [("authorization", f"Bearer {key}")]
+    async with grpc.aio.insecure_channel(addr) as channel:
+        stub = router_pb2_grpc.RouterServiceStub(channel)
+
+        async def worker() -> None:
+            while not queue.empty():
+                prompt = queue.get_nowait()
+                started = time.perf_counter()
+                first = None
+                try:
+                    async for msg in stub.Generate(router_pb2.GenerateRequest(
+                            model=MODEL, prompt=prompt, max_tokens=max_tokens, include_usage=True),
+                            metadata=metadata, timeout=120):
+                        if first is None and msg.token_count:
+                            first = time.perf_counter() - started
+                        if msg.HasField("usage"):
+                            phase.prompt_tokens += msg.usage.prompt_tokens
+                            phase.completion_tokens += msg.usage.completion_tokens
+                            phase.cached_tokens += msg.usage.cached_tokens
+                except grpc.aio.AioRpcError as exc:
+                    phase.failed += 1
+                    progress(f"  {phase.policy}: request failed: {exc.code().name} {exc.details()}")
+                    continue
+                if first is not None:
+                    phase.ttft.append(first)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(workers)))
+        phase.seconds = time.perf_counter() - started
+
+
+def restart_router(stack: LocalStack, policy: str) -> None:
+    stack.settings["router"]["routing_policy"] = policy
+    stack.write_settings()
+    stack.supervisor.stop("router")
+    stack.spawn("router")
+
+
+def plot(phases: list[Phase], path: Path, note: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.6))
+    names = [p.policy for p in phases]
+    x = range(len(phases))
+    ax1.bar([i - 0.2 for i in x], [p.p(50) * 1000 for p in phases], 0.4, label="p50")
+    ax1.bar([i + 0.2 for i in x], [p.p(90) * 1000 for p in phases], 0.4, label="p90")
+    ax1.set_xticks(list(x), names)
+    ax1.set_ylabel("time to first token (ms)")
+    ax1.legend()
+    ax2.bar(list(x), [p.cached_share * 100 for p in phases], 0.5, color="tab:green")
+    ax2.set_xticks(list(x), names)
+    ax2.set_ylabel("prompt tokens reused from the prefix cache (%)")
+    for i, p in enumerate(phases):
+        ax2.text(i, p.cached_share * 100 + 1, f"{p.tokens_per_s:.0f} tok/s", ha="center", fontsize=8)
+    fig.suptitle(note, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    progress(f"plot: {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--users", type=int, default=8)
+    parser.add_argument("--system-tokens", type=int, default=288)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--cache-share", type=float, default=0.73,
+                        help="the system prompts' blocks as a share of the two replicas' prefix caches")
+    parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--plot", type=Path, default=Path("docs/prefix-routing.png"))
+    args = parser.parse_args()
+
+    from tokenizers import Tokenizer
+    tokenizer = Tokenizer.from_file(str(CATALOG.parent / "models" / MODEL / "tokenizer.json"))
+
+    def count(text: str) -> int:
+        return len(tokenizer.encode(text).ids)
+
+    demand = args.prompts * (args.system_tokens // BLOCK)
+    per_replica = math.ceil(demand / args.cache_share / 2)
+    catalog = catalog_with({MODEL: {"prefix_cache_blocks": per_replica}}, CATALOG)
+    words = vocabulary()
+    policies = args.policies.split(",")
+    plans = [workload(i, args, words, count) for i in range(len(policies) + 1)]  # the last: the warm-up's
+    progress(f"system prompts: {args.prompts} x {args.system_tokens} tokens ({demand} blocks of {BLOCK}), "
+             f"{args.users} users each; prefix_cache_blocks {per_replica} a replica "
+             f"(demand = {demand / (2 * per_replica):.0%} of the two, {demand / per_replica:.0%} of one)")
+
+    state = Path(tempfile.mkdtemp(prefix="inferplane-bench-"))
+    stack = LocalStack(StackConfig(state_dir=state, ports=dict.fromkeys(StackConfig().ports, 0), catalog=catalog,
+                                   executors=2, trace_exporter="none", router={"routing_policy": policies[0]}),
+                       log=progress)
+    previous = signal.signal(signal.SIGTERM, lambda s, f: (_ for _ in ()).throw(SystemExit(128 + s)))
+    phases: list[Phase] = []
+    try:
+        progress("starting the local stack (2 executors) ...")
+        started = time.monotonic()
+        stack.start()
+        stack.write_env(stack.create_demo_key())
+        env = read_env(state / "local.env")
+        key, addr = env["INFERPLANE_API_KEY"], env["INFERPLANE_GRPC_ADDR"]
+        progress(f"stack ready in {time.monotonic() - started:.0f}s; warming up")
+        asyncio.run(run_phase(addr, key, plans[-1][:16], Phase("warm-up"), args.workers, args.max_tokens))
+        for i, policy in enumerate(policies):
+            if i:
+                restart_router(stack, policy)
+            phase = Phase(policy)
+            progress(f"phase {policy}: {len(plans[i])} requests ...")
+            asyncio.run(run_phase(addr, key, plans[i], phase, args.workers, args.max_tokens))
+            progress(f"  {policy}: {phase.seconds:.1f}s, TTFT p50 {phase.p(50) * 1000:.1f} ms, "
+                     f"cached {phase.cached_share:.0%}")
+            phases.append(phase)
+    finally:
+        stack.stop()
+        signal.signal(signal.SIGTERM, previous)
+
+    base = next((p for p in phases if p.policy == "p2c"), phases[0])
+    print(f"\nprefix routing on 2 executors: {args.prompts} system prompts x ~{args.system_tokens} tokens x "
+          f"{args.users} users, {args.workers} streams, max_tokens {args.max_tokens}, prefix_cache_blocks "
+          f"{per_replica}/replica (demand {demand / (2 * per_replica):.0%} of both)")
+    print(f"{'policy':<12} {'requests':>8} {'TTFT p50':>10} {'TTFT p90':>10} {'tokens/s':>9} {'cached':>7} "
+          f"{'p50 vs p2c':>10}")
+    for p in phases:
+        print(f"{p.policy:<12} {len(p.ttft):>8} {p.p(50) * 1000:>8.1f}ms {p.p(90) * 1000:>8.1f}ms "
+              f"{p.tokens_per_s:>9.1f} {p.cached_share:>7.0%} {base.p(50) / p.p(50):>9.2f}x"
+              + (f"  ({p.failed} failed)" if p.failed else ""))
+    args.plot.parent.mkdir(parents=True, exist_ok=True)
+    plot(phases, args.plot, f"tiny-llama, 2 executors (CPU), {args.prompts} system prompts x {args.system_tokens} "
+         f"tokens x {args.users} users; prefix cache {per_replica} blocks/replica")
+
+
+if __name__ == "__main__":
+    main()
