@@ -197,7 +197,7 @@ class ReplicaSet:
                  eject_max_s: float = 30.0, retry_ratio: float = 0.2, retry_burst: float = 50.0,
                  seed: int | None = None, channel_silence_s: float | None = None, file_interval_s: float = 1.0,
                  retire_timeout_s: float = 600.0, load_timeout_s: float = 300.0,
-                 affinity: Affinity | None = None, policy: Policy = "cache_aware", cache_max_imbalance: int = 4,
+                 affinity: Affinity | None = None, policy: Policy = "cache_aware", cache_max_imbalance: int = 8,
                  cache_min_match: float = 0.1) -> None:
         """``channel_silence_s``: generations go over one ``ExecutorChannel`` per replica, broken when it stays
         silent that long with sequences live; None: one ``Generate`` call per request. ``load_timeout_s``: the

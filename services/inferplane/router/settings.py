@@ -72,7 +72,7 @@ class RouterSettings(BaseSettings):
     # cache_min_match of the prompt's blocks, or its replica holds more than cache_max_imbalance requests above the
     # least-loaded one), "p2c" (power of two choices on outstanding requests) or "random".
     routing_policy: Literal["cache_aware", "p2c", "random"] = "cache_aware"
-    cache_max_imbalance: int = Field(default=4, ge=0)
+    cache_max_imbalance: int = Field(default=8, ge=0)
     cache_min_match: float = Field(default=0.1, ge=0, le=1)
 
     def channel_silence(self) -> float | None:
