@@ -106,7 +106,8 @@ async def test_prompts_go_where_their_system_prompt_is_cached_and_the_model_reus
                     assert cached == 0  # a new system prompt: nothing cached anywhere
                 else:
                     # the whole system prompt (its full blocks, up to where the user's text starts) was reused
-                    system_tokens = len((await router.engine.tokenizer.encode_text(MODEL, system, timeout=10)).token_ids)
+                    alone = await router.engine.tokenizer.encode_text(MODEL, system, timeout=10)
+                    system_tokens = len(alone.token_ids)
                     assert cached >= model.prefix_block_size * (system_tokens // model.prefix_block_size - 1), \
                         (user, i, cached, system_tokens)
     # the index holds the blocks of the 8 system prompts (and the users' own), within both replicas' budgets
