@@ -1,6 +1,6 @@
 """Cache-aware routing against power of two choices and random, in one run, on ``inferplane up --executors 2``.
 
-    python -m bench.prefix_routing [--prompts 32] [--users 8] [--system-tokens 288] [--rate 16] [--max-tokens 8]
+    python -m bench.prefix_routing [--prompts 32] [--users 8] [--system-tokens 448] [--rate 12] [--max-tokens 8]
                                    [--cache-share 0.73] [--policies cache_aware,p2c,random]
                                    [--plot docs/prefix-routing.png]
 
@@ -214,9 +214,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--users", type=int, default=8)
-    parser.add_argument("--system-tokens", type=int, default=288)
+    parser.add_argument("--system-tokens", type=int, default=448)
     parser.add_argument("--workers", type=int, default=4, help="closed-loop streams (without --rate)")
-    parser.add_argument("--rate", type=float, default=16.0,
+    parser.add_argument("--rate", type=float, default=12.0,
                         help="open loop: Poisson arrivals a second (0: --workers closed-loop streams)")
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--cache-share", type=float, default=0.73,
