@@ -39,7 +39,7 @@ MODELING = Path(next(iter(inferplane.modeling.__path__)))  # the package copied 
 
 DEFAULT_MAX_SEQUENCES = 32  # sequences one LLM instance decodes together (its KV-cache slots)
 # What each kind of model imports from inferplane.modeling (files and folders of the package)
-MODELING_PARTS = {"llm": ("__init__.py", "contract.py", "instance.py", "channel.py", "llama"),
+MODELING_PARTS = {"llm": ("__init__.py", "contract.py", "instance.py", "channel.py", "blocks.py", "llama"),
                   "embedding": ("__init__.py", "contract.py", "instance.py", "bert.py")}
 # What a template of one's own (catalog triton_template) gets: the contract and the channel mode's IPC side
 CONTRACT_ONLY = ("__init__.py", "contract.py", "channel.py")

@@ -379,9 +379,11 @@ class GenerationEngine:
                 return await replica.link.open(req, timeout=clock.left(), traceparent=sampled_traceparent())
             return await ExecutorStream.open(replica.stub.Generate(req, timeout=clock.left()))
 
+        prefix = self.executors.prefix(list(req.prompt_token_ids), block_size=model.prefix_block_size,
+                                       capacity=model.prefix_cache_blocks)
         async with (TextOut(self.tokenizer.decoder(model.id, timeout=clock.left()), inp.stop) as text,
-                    self.executors.open(model.triton_model, start, request_id=request_id,
-                                        wait_s=clock.left(), session=inp.session_id or inp.user) as stream, stream):
+                    self.executors.open(model.triton_model, start, request_id=request_id, wait_s=clock.left(),
+                                        session=inp.session_id or inp.user, prefix=prefix) as stream, stream):
             choice.text = text
             async for msg in stream:
                 if msg.token_ids:

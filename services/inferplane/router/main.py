@@ -67,7 +67,9 @@ class Router:
                                    channel_silence_s=settings.channel_silence(),
                                    affinity=Affinity(max_sessions=settings.affinity_max_sessions,
                                                      idle_s=settings.affinity_idle_s,
-                                                     max_imbalance=settings.affinity_max_imbalance))
+                                                     max_imbalance=settings.affinity_max_imbalance),
+                                   policy=settings.routing_policy, cache_max_imbalance=settings.cache_max_imbalance,
+                                   cache_min_match=settings.cache_min_match)
         metering = MeteringClient(metering_channel)
         self.limiter: RateLimiter = (RedisRateLimiter(settings.redis_url, on_error=settings.ratelimit_on_redis_error)
                                      if settings.redis_url else LocalRateLimiter())

@@ -4,8 +4,10 @@ The router keeps one ``Replica`` per executor endpoint. A replica takes requests
 stream says SERVING (an executor that drains flips to NOT_SERVING and gets nothing new at once) and it
 is not ejected; a replica that fails a call is ejected with exponential backoff and returns after the
 backoff, or at once when its health goes from down (or NOT_SERVING) to SERVING: a restarted executor starts
-afresh. Choice is power-of-two-choices on the least outstanding requests (this router's own in-flight calls
-plus the executor's reported queue), among replicas that serve the model.
+afresh. Choice (``policy``), among replicas that serve the model: ``cache_aware`` (the replica that probably holds
+the longest run of the prompt's leading blocks in its prefix cache, ``prefix_index.py``, unless the match is poor or
+that replica is overloaded: then as ``p2c``), ``p2c`` (power of two choices on the least outstanding requests: this
+router's own in-flight calls plus the executor's reported queue) or ``random``. A pinned session goes first.
 
 With ``channel_silence_s`` set, each replica also has an ``ExecutorChannel`` (``channel.py``): the one
 long-lived ``Channel`` stream that carries all of this router's generations on that replica.
@@ -51,6 +53,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from inferplane.common.errors import DeadlineExceeded, Unavailable
 from inferplane.common.server import channel_options
 from inferplane.router.channel import ExecutorChannel
+from inferplane.router.prefix_index import Policy, Prefix, PrefixIndex, choose_cached, power_of_two
 from inferplane.v1 import common_pb2, executor_pb2, executor_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -59,6 +62,9 @@ REPLICAS = Gauge("inferplane_router_executor_replicas", "Executor replicas known
 EJECTIONS = Counter("inferplane_router_executor_ejections", "Replicas ejected after a failed call")
 AFFINITY = Counter("inferplane_router_session_affinity", "Requests of a pinned session: kept on its replica, or moved",
                    ["outcome"])
+ROUTED = Counter("inferplane_router_routing_decisions",
+                 "Replica choices by policy and outcome (cache_aware: cached, poor_match, imbalanced)",
+                 ["policy", "outcome"])
 RETRIES = Counter("inferplane_router_retries", "Requests retried on another replica before their first token")
 LOADS = Counter("inferplane_router_model_loads", "Models this router asked an executor to load (scale from zero)",
                 ["model", "outcome"])
@@ -182,10 +188,7 @@ class Affinity:
 
 def choose(candidates: list[Replica], rng: random.Random) -> Replica:
     """Power of two choices: the less loaded of two random replicas (ties: the first drawn)."""
-    if len(candidates) == 1:
-        return candidates[0]
-    a, b = rng.sample(candidates, 2)
-    return a if a.load() <= b.load() else b
+    return power_of_two(candidates, rng)
 
 
 class ReplicaSet:
@@ -194,10 +197,13 @@ class ReplicaSet:
                  eject_max_s: float = 30.0, retry_ratio: float = 0.2, retry_burst: float = 50.0,
                  seed: int | None = None, channel_silence_s: float | None = None, file_interval_s: float = 1.0,
                  retire_timeout_s: float = 600.0, load_timeout_s: float = 300.0,
-                 affinity: Affinity | None = None) -> None:
+                 affinity: Affinity | None = None, policy: Policy = "cache_aware", cache_max_imbalance: int = 8,
+                 cache_min_match: float = 0.1) -> None:
         """``channel_silence_s``: generations go over one ``ExecutorChannel`` per replica, broken when it stays
         silent that long with sequences live; None: one ``Generate`` call per request. ``load_timeout_s``: the
-        longest a model load (scale from zero) may take, and the wait of a request that gives no deadline."""
+        longest a model load (scale from zero) may take, and the wait of a request that gives no deadline.
+        ``policy``: how a replica is chosen (``cache_aware``: ``choose_cached`` with ``cache_max_imbalance`` and
+        ``cache_min_match``)."""
         if not targets:
             raise ValueError("at least one executor address is required")
         self._targets = targets
@@ -219,6 +225,10 @@ class ReplicaSet:
         # called when a replica's state changes (the router's capacity lets queued requests in)
         self.on_change: Callable[[], None] | None = None
         self.affinity = affinity if affinity is not None else Affinity()
+        self.policy: Policy = policy
+        self.cache_max_imbalance = cache_max_imbalance
+        self.cache_min_match = cache_min_match
+        self.index = PrefixIndex()  # cache_aware's: the blocks each replica probably holds
 
     # --- membership -------------------------------------------------------------------------------
 
@@ -264,6 +274,7 @@ class ReplicaSet:
 
     async def _remove(self, address: str) -> None:
         replica = self.replicas.pop(address)
+        self.index.forget(address)
         for task in replica.tasks:
             task.cancel()
         for task in replica.tasks:
@@ -358,6 +369,7 @@ class ReplicaSet:
                         log.info("executor %s is %s", replica.address, "SERVING" if serving else "NOT SERVING")
                         if serving:
                             replica.recovered()
+                        self.index.forget(replica.address)  # a restarted executor's prefix cache is empty
                     replica.serving = serving
                     backoff = 0.2
                     self._gauges()
@@ -407,9 +419,28 @@ class ReplicaSet:
         live = [r for r in self.replicas.values() if r.available(now)]
         return sum(model in r.models for r in live) or sum(not r.reported for r in live)
 
-    def pick(self, model: str, *, exclude: set[str] | frozenset[str] = frozenset(), session: str = "") -> Replica:
-        """A replica for ``model``: the ``session``'s own while it may take it (``Affinity``), else power of two
-        choices (and the session pinned to it)."""
+    def prefix(self, token_ids: list[int], *, block_size: int, capacity: int) -> Prefix | None:
+        """What ``cache_aware`` routes a prompt by (None: another policy, or a model without a prefix cache)."""
+        if self.policy != "cache_aware" or capacity <= 0:
+            return None
+        return Prefix.of(token_ids, block_size=block_size, capacity=capacity)
+
+    def _choose(self, model: str, serving: list[Replica], prefix: Prefix | None) -> Replica:
+        if self.policy == "random":
+            ROUTED.labels("random", "random").inc()
+            return self._rng.choice(serving)
+        if self.policy == "cache_aware" and prefix is not None:
+            replica, outcome = choose_cached(serving, model, prefix, self.index, self._rng,
+                                             max_imbalance=self.cache_max_imbalance, min_match=self.cache_min_match)
+            ROUTED.labels("cache_aware", outcome).inc()
+            return replica
+        ROUTED.labels("p2c", "p2c").inc()
+        return choose(serving, self._rng)
+
+    def pick(self, model: str, *, exclude: set[str] | frozenset[str] = frozenset(), session: str = "",
+             prefix: Prefix | None = None) -> Replica:
+        """A replica for ``model``: the ``session``'s own while it may take it (``Affinity``), else the ``policy``'s
+        choice (and the session pinned to it). ``prefix``: the prompt's blocks, for ``cache_aware``."""
         now = time.monotonic()
         live = [r for r in self.replicas.values() if r.available(now) and r.address not in exclude]
         # Prefer replicas known to serve the model; one whose status is not known yet may serve it too.
@@ -417,10 +448,10 @@ class ReplicaSet:
         if not serving:
             raise Unavailable(f"no executor is available for model {model!r}; retry later")
         if not session:
-            return choose(serving, self._rng)
+            return self._choose(model, serving, prefix)
         replica = self.affinity.pinned(model, session, serving, now)
         if replica is None:
-            replica = choose(serving, self._rng)
+            replica = self._choose(model, serving, prefix)
         self.affinity.pin(model, session, replica, now)
         return replica
 
@@ -489,7 +520,7 @@ class ReplicaSet:
     @contextlib.asynccontextmanager
     async def open(self, model: str, start: Callable[[Replica], Awaitable[T]], *, request_id: str = "",
                    faults: frozenset[grpc.StatusCode] | None = None, wait_s: float | None = None,
-                   session: str = "") -> AsyncIterator[T]:
+                   session: str = "", prefix: Prefix | None = None) -> AsyncIterator[T]:
         """Start a request for ``model`` on a replica; the block runs while the replica holds it.
 
         ``start(replica)`` is the part of the work that may be retried, because nothing of it has reached the
@@ -501,22 +532,24 @@ class ReplicaSet:
         fault (None: ``REPLICA_FAULTS``; a raw Triton model's own INTERNAL is the request's, not the replica's).
         A model loaded nowhere is loaded first (``ensure_loaded``), waiting at most ``wait_s`` (the seconds left
         to the request's deadline; None: ``load_timeout_s``). ``session``: a session id whose requests keep to one
-        replica (``Affinity``); a retry moves it.
+        replica (``Affinity``); a retry moves it. ``prefix``: the prompt's blocks (``prefix``), recorded in the
+        index as held by the replica that took the request.
         """
         await self.ensure_loaded(model, wait_s=self._load_timeout_s if wait_s is None else wait_s,
                                  request_id=request_id)
-        replica, opened = await self._start(model, start, request_id, faults or REPLICA_FAULTS, session)
+        replica, opened = await self._start(model, start, request_id, faults or REPLICA_FAULTS, session, prefix)
         try:
             yield opened
         finally:
             replica.outstanding -= 1
 
     async def _start(self, model: str, start: Callable[[Replica], Awaitable[T]], request_id: str,
-                     faults: frozenset[grpc.StatusCode], session: str = "") -> tuple[Replica, T]:
+                     faults: frozenset[grpc.StatusCode], session: str = "",
+                     prefix: Prefix | None = None) -> tuple[Replica, T]:
         tried: set[str] = set()
         self.budget.on_request()
         while True:
-            replica = self.pick(model, exclude=tried, session=session)
+            replica = self.pick(model, exclude=tried, session=session, prefix=prefix)
             trace.get_current_span().set_attribute("inferplane.executor", replica.address)
             replica.outstanding += 1
             try:
@@ -535,6 +568,8 @@ class ReplicaSet:
                             replica.address)
                 continue
             replica.succeeded()
+            if prefix is not None:
+                self.index.record(model, replica.address, prefix)
             return replica, opened
 
     def failed(self, replica: Replica, exc: grpc.aio.AioRpcError) -> None:

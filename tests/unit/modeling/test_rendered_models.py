@@ -76,8 +76,8 @@ def test_a_rendered_model_imports_without_the_mesh(repo: Path, model: str, packa
 def test_only_the_model_code_a_model_needs_is_copied(repo: Path) -> None:
     llm = repo / "tiny-llama" / "1" / "inferplane" / "modeling"
     emb = repo / "all-minilm-l6-v2" / "1" / "inferplane" / "modeling"
-    assert sorted(p.name for p in llm.iterdir()) == ["__init__.py", "channel.py", "contract.py", "instance.py",
-                                                     "llama"]
+    assert sorted(p.name for p in llm.iterdir()) == ["__init__.py", "blocks.py", "channel.py", "contract.py",
+                                                     "instance.py", "llama"]
     assert sorted(p.name for p in emb.iterdir()) == ["__init__.py", "bert.py", "contract.py", "instance.py"]
     for name in ("model.py", "batching.py", "loader.py"):
         assert (llm / "llama" / name).read_bytes() == (MODELING / "llama" / name).read_bytes()

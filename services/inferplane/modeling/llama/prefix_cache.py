@@ -22,33 +22,17 @@ Single-threaded: the scheduler's stepping thread is its only user. Imports torch
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from inferplane.modeling.blocks import DEFAULT_BLOCK_SIZE, ROOT_HASH, block_hash, block_hashes
 from inferplane.modeling.llama.model import LlamaForCausalLM
 
-ROOT_HASH = 0  # the parent of a prompt's first block
-DEFAULT_BLOCK_SIZE = 16
-
-
-def block_hash(parent: int, token_ids: Sequence[int]) -> int:
-    """The chained hash of one block: 64 bits of BLAKE2b over the parent's hash and the block's token ids."""
-    h = hashlib.blake2b(parent.to_bytes(8, "little"), digest_size=8)
-    h.update(b"".join(int(t).to_bytes(8, "little", signed=True) for t in token_ids))
-    return int.from_bytes(h.digest(), "little")
-
-
-def block_hashes(token_ids: Sequence[int], block_size: int) -> list[int]:
-    """The hashes of the full blocks of ``token_ids``, in order (a partial last block has none)."""
-    hashes, parent = [], ROOT_HASH
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
-        parent = block_hash(parent, token_ids[start:start + block_size])
-        hashes.append(parent)
-    return hashes
+# The block hash lives in ``inferplane.modeling.blocks`` (stdlib only), which the router imports too.
+__all__ = ["DEFAULT_BLOCK_SIZE", "ROOT_HASH", "PrefixCache", "PrefixMatch", "PrefixStats", "block_hash", "block_hashes"]
 
 
 @dataclass(slots=True)
