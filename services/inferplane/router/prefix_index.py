@@ -9,7 +9,7 @@ recomputed prefix, never a wrong answer (the model matches tokens, not this inde
 
 Memory: at most ``capacity`` hashes per (model, replica); one entry of the ``OrderedDict`` (the key's int and the
 dict's slots and the order's links, with the tables' spare room) is about 160 bytes on CPython 3.11
-(``tests/unit/test_prefix_routing.py`` measures it): about 1.3 KB per 128 prompt tokens with 16-token blocks, bounded
+(``tests/unit/test_prefix_index.py`` measures it): about 1.3 KB per 128 prompt tokens with 16-token blocks, bounded
 by the budget (two replicas of 394 blocks: about 125 KB).
 """
 
