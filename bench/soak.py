@@ -1,11 +1,14 @@
 """Soak: 32 streams without pause for 10 minutes; errors and each process's memory over time.
 
-    python -m bench.soak [--minutes 10] [--streams 32] [--max-tokens 64] [--state-dir DIR] [--out bench/results]
+    python -m bench.soak [--minutes 10] [--streams 32] [--max-tokens 64] [--new-prefixes WORDS] [--executors N]
+                         [--state-dir DIR] [--out bench/results]
 
 Starts a local stack on free ports (as ``inferplane up`` does) unless ``--state-dir`` names a running one.
 Each of ``--streams`` clients streams completions back to back through the edge (REST, SSE, usage in the
 last chunk) and checks every answer: status 200, a ``[DONE]``, the usage it was told matches the tokens of the
-stream's chunks. Every 5 s it samples the RSS of every service process and of the executor's children
+stream's chunks. ``--new-prefixes WORDS`` starts every prompt with WORDS random words of its own, so that every
+request brings prefix blocks nobody has seen (the models' prefix caches and the router's cache-aware index churn at
+their bounds). Every 5 s it samples the RSS of every service process and of the executor's children
 (tritonserver, the Python backend stubs) from /proc, and the tokens delivered.
 
 Passes (exit status 0) when there were 0 errors and no process grew more than ``--max-growth`` (10 %) from
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import signal
 import sys
 import time
@@ -69,17 +73,27 @@ def processes(state: Path) -> dict[str, int]:
     return pids
 
 
+# Words a fresh prefix is drawn from (``--new-prefixes``): common English, several tokens apart in any vocabulary.
+PREFIX_WORDS = ("river stone garden window paper music orange silver winter market yellow doctor bridge pocket "
+                "letter engine forest candle butter planet rabbit circle hammer island jacket kitten ladder mirror "
+                "needle pencil rocket saddle tunnel violin wallet zipper anchor basket cotton dragon feather").split()
+
+
 class Soak:
-    def __init__(self, base_url: str, key: str, max_tokens: int) -> None:
+    def __init__(self, base_url: str, key: str, max_tokens: int, new_prefix_words: int = 0) -> None:
         self.http = httpx.AsyncClient(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=120,
                                       limits=httpx.Limits(max_connections=256))
         self.max_tokens = max_tokens
+        self.new_prefix_words = new_prefix_words
+        self._rng = random.Random(20261205)
         self.requests = 0
         self.tokens = 0
         self.errors: list[str] = []
 
     async def one(self) -> None:
-        body = {"model": MODEL, "prompt": PROMPT, "max_tokens": self.max_tokens, "temperature": 0.8,
+        prompt = PROMPT if not self.new_prefix_words else \
+            " ".join(self._rng.choice(PREFIX_WORDS) for _ in range(self.new_prefix_words)) + "\n" + PROMPT
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": self.max_tokens, "temperature": 0.8,
                 "stream": True, "stream_options": {"include_usage": True}}
         done, usage, chunks, finish = False, None, 0, None
         async with self.http.stream("POST", "/completions", json=body) as r:
@@ -114,9 +128,9 @@ class Soak:
                 await asyncio.sleep(0.5)
 
 
-async def soak(state: Path, minutes: float, streams: int, max_tokens: int) -> dict[str, Any]:
+async def soak(state: Path, minutes: float, streams: int, max_tokens: int, new_prefix_words: int = 0) -> dict[str, Any]:
     env = read_env(state / "local.env")
-    run = Soak(env["INFERPLANE_BASE_URL"], env["INFERPLANE_API_KEY"], max_tokens)
+    run = Soak(env["INFERPLANE_BASE_URL"], env["INFERPLANE_API_KEY"], max_tokens, new_prefix_words)
     pids = processes(state)
     started = time.monotonic()
     until = started + minutes * 60
@@ -140,7 +154,8 @@ async def soak(state: Path, minutes: float, streams: int, max_tokens: int) -> di
                  f"{len(run.errors)} errors")
     await asyncio.gather(*clients)
     await run.http.aclose()
-    return {"minutes": minutes, "streams": streams, "max_tokens": max_tokens, "requests": run.requests,
+    return {"minutes": minutes, "streams": streams, "max_tokens": max_tokens, "new_prefix_words": new_prefix_words,
+            "requests": run.requests,
             "tokens": run.tokens, "errors": run.errors, "samples": samples}
 
 
@@ -200,13 +215,16 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--streams", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--new-prefixes", type=int, default=0, metavar="WORDS",
+                        help="start every prompt with this many random words of its own (0: the same prompt)")
+    parser.add_argument("--executors", type=int, default=1, help="executor replicas of the stack it starts")
     parser.add_argument("--max-growth", type=float, default=10.0, help="allowed RSS growth, %% (minute 2 to end)")
     parser.add_argument("--state-dir", type=Path)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a stopped soak still stops its stack
-    with local_stack(args.state_dir) as state:
-        result = asyncio.run(soak(state, args.minutes, args.streams, args.max_tokens))
+    with local_stack(args.state_dir, executors=args.executors) as state:
+        result = asyncio.run(soak(state, args.minutes, args.streams, args.max_tokens, args.new_prefixes))
     grow = growth(result)
     result["growth"] = grow
     print(table(result, grow))
