@@ -199,3 +199,39 @@ async def test_heartbeats_list_the_live_sequences(backend: ScriptedBackend) -> N
         pass
     assert list(frame.heartbeat.active) == [2]
     await router.frames.aclose()
+
+
+def test_block_reports_merge_per_model_in_a_frame() -> None:
+    b = FrameBuilder()
+    b.blocks("m", False, [1, 2], [])
+    b.blocks("m", False, [3], [2])  # 2 gained then lost: lost (harmless where it was never held)
+    b.blocks("n", True, [7, 8], [])  # a snapshot
+    b.blocks("n", False, [9], [8])  # a change after it: merged into the snapshot
+    assert b
+    frame = b.take()
+    m, n = frame.blocks
+    assert (m.model, m.reset, sorted(m.stored), list(m.removed)) == ("m", False, [1, 3], [2])
+    assert (n.model, n.reset, sorted(n.stored), list(n.removed)) == ("n", True, [7, 9], [])
+    assert not b and not b.take().blocks
+
+
+async def test_a_router_gets_every_models_blocks_first_then_their_changes(service: ChannelService) -> None:
+    service.blocks.apply("m", True, [1, 2, 3], [])  # reported before this router came
+    service.blocks.apply("m", False, [4], [1])
+    first, second = Router(service), Router(service)
+    frame = await first.frame()
+    (report,) = frame.blocks
+    assert report.model == "m" and report.reset and sorted(report.stored) == [2, 3, 4]
+    service.blocks.apply("m", False, [5], [2])
+    for router in (first, second):  # every router: the second's first frame is a snapshot with the change in it
+        frame = await router.frame()
+        (report,) = frame.blocks
+        if router is first:
+            assert not report.reset and list(report.stored) == [5] and list(report.removed) == [2]
+        else:
+            assert report.reset and sorted(report.stored) == [3, 4, 5]
+    assert service.blocks.held("m") == {3, 4, 5}
+    await first.frames.aclose()
+    service.blocks.apply("m", False, [6], [])  # a router that left gets nothing more
+    assert len(service.blocks._subscribers) == 1
+    await second.frames.aclose()

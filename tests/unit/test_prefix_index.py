@@ -157,3 +157,85 @@ def test_the_policy_is_a_router_setting() -> None:
     assert RouterSettings(routing_policy="random").routing_policy == "random"
     with pytest.raises(ValueError):
         RouterSettings(routing_policy="round_robin")  # type: ignore[arg-type]
+
+
+# --- precise: the replicas report their blocks ------------------------------------------------------------
+
+
+def test_reports_replace_guesses_and_follow_evictions_exactly() -> None:
+    index = PrefixIndex()
+    system = tokens(64, seed=20)
+    p = prefix(system)  # 4 blocks
+    index.record("m", "a", p)  # a guess
+    assert not index.is_precise("m", "a") and index.matched("m", "a", p.hashes) == 4
+    index.apply("m", "a", True, [], [])  # the replica's snapshot: its cache is empty (a restart the router missed)
+    assert index.is_precise("m", "a") and index.matched("m", "a", p.hashes) == 0
+    index.record("m", "a", p)  # guesses no longer count where the replica reports
+    assert index.matched("m", "a", p.hashes) == 0
+    index.apply("m", "a", False, list(p.hashes), [])
+    assert index.matched("m", "a", p.hashes) == 4
+    index.apply("m", "a", False, [], [p.hashes[2]])  # evicted (for another router's request, say)
+    assert index.matched("m", "a", p.hashes) == 2  # the chain stops at the hole
+    assert index.matched("m", "b", p.hashes) == 0 and index.matched("n", "a", p.hashes) == 0  # per replica, model
+    index.apply("m", "a", True, list(p.hashes[:1]), [])  # a snapshot replaces everything
+    assert index.matched("m", "a", p.hashes) == 1 and index.precise_blocks() == 1
+
+
+def test_a_lost_channel_goes_back_to_guessing_and_forget_drops_both() -> None:
+    index = PrefixIndex()
+    p = prefix(tokens(64, seed=21))
+    index.apply("m", "a", True, list(p.hashes), [])
+    index.record("m", "b", p)
+    index.forget_guesses("a")  # a health flap: the reports stay (the channel did not break)
+    assert index.matched("m", "a", p.hashes) == 4
+    index.lost("a")
+    assert not index.is_precise("m", "a") and index.matched("m", "a", p.hashes) == 0
+    index.record("m", "a", p)  # guessing again
+    assert index.matched("m", "a", p.hashes) == 4
+    index.apply("m", "b", True, list(p.hashes), [])
+    index.forget("b")
+    assert len(index) == 4 and index.matched("m", "b", p.hashes) == 0
+
+
+def test_the_precise_index_is_bounded_even_against_a_faulty_report() -> None:
+    index = PrefixIndex(max_precise=10)
+    index.apply("m", "a", True, list(range(8)), [])
+    index.apply("m", "a", False, list(range(100, 120)), [])
+    assert index.precise_blocks() == 10
+
+
+def test_the_precise_index_memory_per_block() -> None:
+    """What docs/router.md states: about 105 bytes a reported block (one int in a set, the set's spare room
+    included; CPython 3.11)."""
+    index = PrefixIndex()
+    rng = random.Random(1)
+    hashes = [rng.getrandbits(64) for _ in range(20_000)]
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for at in range(0, len(hashes), 100):  # as changes arrive, 100 at a time
+        index.apply("m", "a", at == 0, hashes[at:at + 100], [])
+    used = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert index.precise_blocks() == len(hashes)
+    per_block = used / len(hashes)
+    print(f"precise prefix index: {per_block:.0f} bytes a block")
+    assert per_block < 130
+
+
+async def test_reported_blocks_steer_requests_to_the_replica_that_holds_them() -> None:
+    """Through ``ReplicaSet.open``: the replica that reports a prompt's blocks gets it, even though this router
+    sent that prompt elsewhere before (another router's traffic filled b's cache; a's was evicted)."""
+    rs = replica_set("a", "b")
+    system = tokens(160, seed=30)
+    p = rs.prefix(system + tokens(20, seed=31), block_size=16, capacity=400)
+    assert p is not None
+    rs.index.apply("m", "a", True, [], [])
+    rs.index.apply("m", "b", True, list(p.hashes[:10]), [])
+    for _ in range(10):
+        async with rs.open("m", Starts(fail=set()), prefix=p) as got:
+            assert got == "b"
+    rs.index.apply("m", "b", False, [], list(p.hashes))  # b evicted it; a reports it now
+    rs.index.apply("m", "a", False, list(p.hashes[:10]), [])
+    async with rs.open("m", Starts(fail=set()), prefix=p) as got:
+        assert got == "a"

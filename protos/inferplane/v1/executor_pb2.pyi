@@ -148,7 +148,7 @@ class SequenceOpen(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., request: _Optional[_Union[ExecutorGenerateRequest, _Mapping]] = ..., timeout_ms: _Optional[int] = ..., traceparent: _Optional[str] = ...) -> None: ...
 
 class ChannelFrame(_message.Message):
-    __slots__ = ("seq", "count", "token_ids", "logprobs", "ended", "failed", "heartbeat", "top_token_ids", "top_logprobs", "top_counts")
+    __slots__ = ("seq", "count", "token_ids", "logprobs", "ended", "failed", "heartbeat", "top_token_ids", "top_logprobs", "top_counts", "blocks")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -159,6 +159,7 @@ class ChannelFrame(_message.Message):
     TOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TOP_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
     seq: _containers.RepeatedScalarFieldContainer[int]
     count: _containers.RepeatedScalarFieldContainer[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -169,7 +170,20 @@ class ChannelFrame(_message.Message):
     top_token_ids: _containers.RepeatedScalarFieldContainer[int]
     top_logprobs: _containers.RepeatedScalarFieldContainer[float]
     top_counts: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, seq: _Optional[_Iterable[int]] = ..., count: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., ended: _Optional[_Iterable[_Union[SequenceEnd, _Mapping]]] = ..., failed: _Optional[_Iterable[_Union[SequenceFailure, _Mapping]]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., top_token_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ..., top_counts: _Optional[_Iterable[int]] = ...) -> None: ...
+    blocks: _containers.RepeatedCompositeFieldContainer[BlockEvents]
+    def __init__(self, seq: _Optional[_Iterable[int]] = ..., count: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., ended: _Optional[_Iterable[_Union[SequenceEnd, _Mapping]]] = ..., failed: _Optional[_Iterable[_Union[SequenceFailure, _Mapping]]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., top_token_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ..., top_counts: _Optional[_Iterable[int]] = ..., blocks: _Optional[_Iterable[_Union[BlockEvents, _Mapping]]] = ...) -> None: ...
+
+class BlockEvents(_message.Message):
+    __slots__ = ("model", "reset", "stored", "removed")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    RESET_FIELD_NUMBER: _ClassVar[int]
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    reset: bool
+    stored: _containers.RepeatedScalarFieldContainer[int]
+    removed: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, model: _Optional[str] = ..., reset: _Optional[bool] = ..., stored: _Optional[_Iterable[int]] = ..., removed: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SequenceEnd(_message.Message):
     __slots__ = ("seq", "finish_reason", "usage")

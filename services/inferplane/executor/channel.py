@@ -6,6 +6,10 @@ column-wise ``ChannelFrame``s: the events of one event-loop iteration (one sched
 out together, and while the router reads slowly they keep merging into the next frame, so a frame never waits
 for a consumer and a slow one gets fewer, larger frames.
 
+Each session also subscribes to the executor's ``BlockBook``: the blocks its models' prefix caches gain and lose
+go to the router in ``ChannelFrame.blocks`` (a snapshot of every model first), merged per model while the router
+reads slowly, like the tokens.
+
 Per sequence, the session enforces the open's relative timeout (the router's cancel may be lost) and keeps the
 executor's gauges and counters. A channel that breaks (the router is gone) cancels every sequence on it. While
 the executor drains, new opens fail with UNAVAILABLE (the router retries them elsewhere), live sequences run to
@@ -31,6 +35,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from inferplane.common.errors import DeadlineExceeded, InferplaneError, Unavailable
 from inferplane.common.wire import CANCELLED, FINISH_TO_PB, LENGTH, STOP
 from inferplane.executor.backend import GenerationBackend, SequenceSink
+from inferplane.executor.block_book import BlockBook
 from inferplane.executor.service import ACTIVE, FINISHED, QUEUE_DEPTH, TRITON_CANCELS, params_from_pb
 from inferplane.executor.triton_client import GenerateParams, TritonLLMClient
 from inferplane.v1 import common_pb2, executor_pb2
@@ -62,9 +67,27 @@ class FrameBuilder:
         self._top: dict[int, tuple[int, list[int], list[float]]] = {}  # seq -> (k, ids, logprobs)
         self._ended: list[executor_pb2.SequenceEnd] = []
         self._failed: list[executor_pb2.SequenceFailure] = []
+        self._blocks: dict[str, dict[int, bool]] = {}  # model -> block hash -> gained (True) or lost
+        self._blocks_reset: set[str] = set()  # models whose blocks are a snapshot
 
     def __bool__(self) -> bool:
-        return bool(self._tokens or self._ended or self._failed)
+        return bool(self._tokens or self._ended or self._failed or self._blocks)
+
+    def blocks(self, model: str, reset: bool, stored: Sequence[int], removed: Sequence[int]) -> None:
+        """A model's prefix cache changed (``BlockBook``): merged with what the frame holds for it already."""
+        if reset:
+            self._blocks_reset.add(model)
+            self._blocks[model] = dict.fromkeys(stored, True)
+            return
+        changes = self._blocks.setdefault(model, {})
+        snapshot = model in self._blocks_reset
+        for h in removed:
+            if snapshot:
+                changes.pop(h, None)
+            else:
+                changes[h] = False
+        for h in stored:
+            changes[h] = True
 
     def tokens(self, seq: int, token_ids: Sequence[int], logprobs: Sequence[float], top_k: int = 0,
                top_ids: Sequence[int] = (), top_logprobs: Sequence[float] = ()) -> None:
@@ -103,6 +126,10 @@ class FrameBuilder:
                 if s in self._top:
                     frame.top_token_ids.extend(self._top[s][1])
                     frame.top_logprobs.extend(self._top[s][2])
+        for model, changes in self._blocks.items():
+            frame.blocks.add(model=model, reset=model in self._blocks_reset,
+                             stored=[h for h, held in changes.items() if held],
+                             removed=[h for h, held in changes.items() if not held])
         if heartbeat is not None:
             frame.heartbeat.active.extend(heartbeat)
         self._reset()
@@ -151,6 +178,7 @@ class ChannelSession(SequenceSink):
         reader = asyncio.create_task(self._read(requests))
         self._schedule_beat()
         CHANNELS.inc()
+        self._service.blocks.subscribe(self)  # a snapshot of every model's blocks goes out in the first frame
         try:
             while True:
                 await self._wake.wait()
@@ -166,6 +194,7 @@ class ChannelSession(SequenceSink):
                     return  # every end written (one that came while the last frame was sent sets _wake again)
         finally:
             CHANNELS.dec()
+            self._service.blocks.unsubscribe(self)
             if self._beat is not None:
                 self._beat.cancel()
             reader.cancel()
@@ -173,6 +202,12 @@ class ChannelSession(SequenceSink):
 
     def wake(self) -> None:
         self._wake.set()
+
+    def blocks(self, model: str, reset: bool, stored: Sequence[int], removed: Sequence[int]) -> None:
+        """``BlockSubscriber``: a model's prefix-cache change, for the next frame."""
+        if not self._closed:
+            self._frame.blocks(model, reset, stored, removed)
+            self._wake.set()
 
     def _schedule_beat(self) -> None:
         self._beat = asyncio.get_running_loop().call_later(self._service.heartbeat_s, self._beat_now)
@@ -321,9 +356,11 @@ class ChannelSession(SequenceSink):
 class ChannelService:
     """Every channel of this executor, over one backend; ``drain`` at SIGTERM."""
 
-    def __init__(self, backend: GenerationBackend, *, heartbeat_s: float = 1.0) -> None:
+    def __init__(self, backend: GenerationBackend, *, heartbeat_s: float = 1.0,
+                 blocks: BlockBook | None = None) -> None:
         self.backend = backend
         self.heartbeat_s = heartbeat_s
+        self.blocks = blocks if blocks is not None else BlockBook()  # the models' prefix-cache blocks
         self.sessions: set[ChannelSession] = set()
         self.active = 0  # live sequences on all channels
         self.draining = False

@@ -28,6 +28,7 @@ from inferplane.common.settings import service_arguments, settings_from_args
 from inferplane.common.supervisor import Event, RestartPolicy
 from inferplane.common.tasks import spawn
 from inferplane.common.telemetry import head_sampled, setup_tracing
+from inferplane.executor.block_book import BlockBook
 from inferplane.executor.channel import ChannelService, PerRequestBackend
 from inferplane.executor.kserve import passthrough
 from inferplane.executor.model_control import ControlledBackend, ModelControl
@@ -74,11 +75,14 @@ class Executor:
         # every sequence and one response per model step (the step backend), or, for a model that cannot take it
         # (more than one instance), one Triton stream per sequence.
         self.per_request = PerRequestBackend(self.client)
-        self.step = TritonStepBackend(url, fallback=self.per_request)
+        # What the models' prefix caches hold, as their step channels report it, for every router (precise
+        # cache-aware routing).
+        self.blocks = BlockBook()
+        self.step = TritonStepBackend(url, fallback=self.per_request, on_blocks=self.blocks.apply)
         # Explicit model control (model_control.py): load/unload at run time, idle models scaled to zero.
         idle = idle_unload_times(self.catalog, self.triton_models)
         self.control = ModelControl(url, idle, release=self.step.release)
-        self.channels = ChannelService(ControlledBackend(self.step, self.control))
+        self.channels = ChannelService(ControlledBackend(self.step, self.control), blocks=self.blocks)
         self.servicer = ExecutorServicer(self.client, self.triton_models, self.channels, control=self.control)
         self.server = GrpcServer(
             settings.server, service_names=["inferplane.v1.ExecutorService"], register=self._register,

@@ -15,6 +15,11 @@ the token models (``contract.LLMChannel``; the model side is ``inferplane.modeli
   open) fails that sequence with ``Unavailable``;
 - a broken stream (an error status, its end, the model ending the attach, an error naming no open) fails every
   live sequence on it with ``Unavailable``; the next ``open`` of that model opens a new stream and channel.
+A model with a prefix cache also reports the blocks its cache gains and loses (``BLOCKS_*`` columns: a snapshot
+on attach, changes after); they go to ``on_blocks(model, reset, stored, removed)`` (the executor's ``BlockBook``),
+taken only from the model's newest stream (a retired one still finishing its sequences repeats them; the newest one
+started with a snapshot). A broken newest stream reports the model's cache empty: Triton, or the model, may have
+restarted, and a new stream's snapshot tells what it holds.
 Cancelling one sequence is in-band (a cancel request naming it): cancelling the gRPC call would cancel them all.
 The stream is opened WITHOUT ``contract.STREAM_ERRORS_AS_STATUS``, so that one request's error does not end it.
 Tracing: an open carries the caller's ``traceparent`` (request parameter ``LLMChannel.TRACEPARENT``) only when
@@ -26,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,9 +60,15 @@ _ENDED, _REASONS = LLMChannel.ENDED.name, LLMChannel.ENDED_REASONS.name
 _PROMPTS, _COMPLETIONS = LLMChannel.ENDED_PROMPT_TOKENS.name, LLMChannel.ENDED_COMPLETION_TOKENS.name
 _CACHED = LLMChannel.ENDED_CACHED_TOKENS.name  # absent from a model that predates it (or has no prefix cache)
 _FAILED, _CODES, _MESSAGES = LLMChannel.FAILED.name, LLMChannel.FAILED_CODES.name, LLMChannel.FAILED_MESSAGES.name
-_I64, _I32, _F32 = np.dtype("<i8"), np.dtype("<i4"), np.dtype("<f4")
+_STORED, _REMOVED, _RESET = (LLMChannel.BLOCKS_STORED.name, LLMChannel.BLOCKS_REMOVED.name,
+                             LLMChannel.BLOCKS_RESET.name)
+_I64, _U64, _I32, _F32 = np.dtype("<i8"), np.dtype("<u8"), np.dtype("<i4"), np.dtype("<f4")
 assert LLMChannel.SEQS.numpy_dtype == LLM.TOKEN_IDS.numpy_dtype == "<i8" and LLM.LOGPROBS.numpy_dtype == "<f4"
 assert LLMChannel.COUNTS.numpy_dtype == LLMChannel.ENDED_PROMPT_TOKENS.numpy_dtype == "<i4"
+assert LLMChannel.BLOCKS_STORED.numpy_dtype == LLMChannel.BLOCKS_REMOVED.numpy_dtype == "<u8"
+
+# model, reset, stored, removed: a model's prefix-cache change (``executor.block_book.BlockBook.apply``)
+BlocksCallback = Callable[[str, bool, Sequence[int], Sequence[int]], None]
 
 
 def _bytes_tensor(values: list[str]) -> bytes:
@@ -111,10 +122,12 @@ class _ModelStream:
         self.wake = asyncio.Event()
         self.broken = False
         self.retiring = False  # takes no more opens; ends with its last live sequence
+        self.publishes_blocks = False  # the model reported its prefix-cache blocks on this stream
         self.call: Any = None
         self.reader: asyncio.Future[Any] | None = None
         self.writer = spawn(self._write())
         backend.streams_opened += 1
+        backend._newest[model] = self
 
     # ------------------------------------------------------------------ the event loop's callers
 
@@ -254,6 +267,8 @@ class _ModelStream:
     def _dispatch(self, response: service_pb2.ModelInferResponse) -> None:
         """One frame to the sinks, in one go: every sequence's tokens, then the ends, then the failures."""
         cols = {out.name: raw for out, raw in zip(response.outputs, response.raw_output_contents, strict=False)}
+        if _STORED in cols or _REMOVED in cols:
+            self._blocks(_RESET in cols, cols.get(_STORED, b""), cols.get(_REMOVED, b""))
         live = self.live
         raw = cols.get(_SEQS)
         if raw is not None:
@@ -291,6 +306,13 @@ class _ModelStream:
                 if entry is not None:
                     entry.sink.failed(entry.key, triton_error(_STATUS.get(code), message, self.model))
 
+    def _blocks(self, reset: bool, stored: bytes, removed: bytes) -> None:
+        self.publishes_blocks = True
+        backend = self.backend
+        if backend.on_blocks is not None and backend._newest.get(self.model) is self:
+            backend.on_blocks(self.model, reset, np.frombuffer(stored, dtype=_U64).tolist(),
+                              np.frombuffer(removed, dtype=_U64).tolist())
+
     def _end(self, seq: int) -> _Seq | None:
         entry = self.live.pop(seq, None)
         if entry is not None:
@@ -314,6 +336,10 @@ class _ModelStream:
             return
         self.broken = True
         self.backend._forget(self)
+        if self.backend._newest.get(self.model) is self:
+            del self.backend._newest[self.model]
+            if self.publishes_blocks and self.backend.on_blocks is not None and not self.retiring:
+                self.backend.on_blocks(self.model, True, [], [])  # nothing known held until a new stream says
         live, self.live, self.seq_of = self.live, {}, {}
         if live:
             log.warning("%s: failing %d sequences of %r", error, len(live), self.model)
@@ -341,7 +367,8 @@ class TritonStepBackend:
     """``GenerationBackend`` on the token models' channel mode: one Triton stream per model (module docstring).
 
     ``url``: Triton's gRPC address (host:port). ``fallback``: the per-request backend for a model that cannot take
-    the step path (more than one instance, or no channel mode); this backend does not close it.
+    the step path (more than one instance, or no channel mode); this backend does not close it. ``on_blocks``: where
+    the models' prefix-cache block reports go (module docstring).
 
     A sequence opened inside a *sampled* trace also goes to ``fallback`` when there is one: Triton takes a trace
     context only from a stream's gRPC headers, so only a stream of its own puts Triton's spans (queue, compute)
@@ -350,7 +377,7 @@ class TritonStepBackend:
     """
 
     def __init__(self, url: str, *, fallback: GenerationBackend | None = None,
-                 sequences_per_stream: int = SEQUENCES_PER_STREAM) -> None:
+                 sequences_per_stream: int = SEQUENCES_PER_STREAM, on_blocks: BlocksCallback | None = None) -> None:
         self.url = url
         self.sequences_per_stream = sequences_per_stream
         self.streams_opened = 0  # Triton streams this backend has opened (recycling included)
@@ -361,6 +388,8 @@ class TritonStepBackend:
         self._streams: dict[str, _ModelStream] = {}
         self._step_models: dict[str, bool] = {}  # model -> takes the step path (asked once)
         self._where: dict[Hashable, _ModelStream] = {}  # live key -> its stream
+        self._newest: dict[str, _ModelStream] = {}  # model -> its newest stream (retiring or not): block reports
+        self.on_blocks = on_blocks  # a model's prefix-cache blocks (precise cache-aware routing)
         self._closed = False
 
     def open(self, key: Hashable, model: str, params: GenerateParams, request_id: str, sink: SequenceSink) -> None:

@@ -7,6 +7,9 @@ one ``ChannelHub`` and:
   sequences, an open calls ``start(request, key)``, which parses the generation and enqueues it (a ``ValueError``
   from it becomes a failed sequence, INVALID_ARG, in the channel's next frame);
 - reports each sequence's news with ``tokens`` / ``finished`` / ``failed`` (from any thread; they only record);
+- with a prefix cache (``publishes_blocks``), reports the blocks its cache gained and lost with ``blocks`` (any
+  thread): the hub keeps the set the cache holds and gives each channel its changes in its next frame, and a new
+  attach (or a ``reset``) the whole set, so that the client always knows exactly which blocks the instance holds;
 - calls ``flush()`` on its one IPC thread once per round: it ends the open and cancel requests handled since the
   last round (empty final responses), sends every channel with news ONE response carrying all its sequences, and
   asks each attach ``is_cancelled()`` at most every ``CANCEL_POLL_S``; a cancelled attach, or one whose send
@@ -37,9 +40,10 @@ from inferplane.modeling.contract import INVALID_ARG, LLM, UNAVAILABLE, LLMChann
 CANCEL_POLL_S = 0.05  # each attach is asked is_cancelled() at most this often
 PUBLISH_EVERY_S = 1.0  # the response counter is published at most this often (each set is an IPC)
 
-_INT64, _INT32, _FP32 = np.dtype("<i8"), np.dtype("<i4"), np.dtype("<f4")
+_INT64, _UINT64, _INT32, _FP32 = np.dtype("<i8"), np.dtype("<u8"), np.dtype("<i4"), np.dtype("<f4")
 assert np.dtype(LLM.TOKEN_IDS.numpy_dtype) == _INT64 and np.dtype(LLM.LOGPROBS.numpy_dtype) == _FP32
 assert np.dtype(LLMChannel.COUNTS.numpy_dtype) == _INT32 == np.dtype(LLMChannel.ENDED_PROMPT_TOKENS.numpy_dtype)
+assert np.dtype(LLMChannel.BLOCKS_STORED.numpy_dtype) == _UINT64 == np.dtype(LLMChannel.BLOCKS_REMOVED.numpy_dtype)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +83,11 @@ class _Channel:
     live: set[int] = field(default_factory=set)  # sequences opened and not yet ended or failed
     news: dict[int, _News] = field(default_factory=dict)
     polled: float = 0.0
+    blocks: dict[int, bool] = field(default_factory=dict)  # block hash -> held (True) or lost, for the next frame
+    blocks_reset: bool = False  # the next frame's blocks are the whole set
+
+    def has_news(self) -> bool:
+        return bool(self.news or self.blocks or self.blocks_reset)
 
 
 class ResponseCounter:
@@ -113,7 +122,7 @@ class ChannelHub:
     """The channels of one model instance (see the module docstring for who calls what, on which thread)."""
 
     def __init__(self, pb_utils: Any, counter: ResponseCounter, on_cancel: Callable[[SeqKey], None],
-                 notify: Callable[[], None] = lambda: None) -> None:
+                 notify: Callable[[], None] = lambda: None, *, publishes_blocks: bool = False) -> None:
         self._pb = pb_utils
         self._counter = counter
         self._on_cancel = on_cancel  # stops a sequence in the engine (from execute's or the IPC thread)
@@ -121,6 +130,8 @@ class ChannelHub:
         self._lock = threading.Lock()
         self._channels: dict[str, _Channel] = {}
         self._completions: list[tuple[Any, ChannelError | None]] = []  # open/cancel senders to end, with an error
+        self._publishes_blocks = publishes_blocks
+        self._held: set[int] = set()  # the prefix cache's blocks, as ``blocks`` reported them
 
     @staticmethod
     def channel_of(pb_utils: Any, request: Any) -> str | None:
@@ -163,7 +174,9 @@ class ChannelHub:
         with self._lock:
             if name in self._channels:
                 raise ChannelError(f"channel {name!r} is already attached", INVALID_ARG)
-            self._channels[name] = _Channel(name, request, sender)
+            channel = self._channels[name] = _Channel(name, request, sender)
+            if self._publishes_blocks:  # the first frame tells the whole set
+                channel.blocks_reset, channel.blocks = True, dict.fromkeys(self._held, True)
 
     def _open(self, request: Any, key: SeqKey, start: Callable[[Any, SeqKey], None]) -> None:
         with self._lock:
@@ -228,6 +241,29 @@ class ChannelHub:
                 self._channels[key.channel].live.discard(key.seq)
         self._notify()
 
+    def blocks(self, stored: list[int], removed: list[int], *, reset: bool = False) -> None:
+        """The prefix cache gained ``stored`` and lost ``removed`` (disjoint); with ``reset``, it holds exactly
+        ``stored`` (a new, empty cache: ``reset`` with nothing stored). A no-op unless ``publishes_blocks``."""
+        if not self._publishes_blocks:
+            return
+        with self._lock:
+            if reset:
+                self._held = set(stored)
+                for channel in self._channels.values():
+                    channel.blocks_reset, channel.blocks = True, dict.fromkeys(self._held, True)
+                return
+            self._held.difference_update(removed)
+            self._held.update(stored)
+            for channel in self._channels.values():
+                changes = channel.blocks
+                for h in removed:
+                    if channel.blocks_reset:
+                        changes.pop(h, None)
+                    else:
+                        changes[h] = False
+                for h in stored:
+                    changes[h] = True
+
     def live_keys(self) -> list[SeqKey]:
         with self._lock:
             return [SeqKey(c.name, seq) for c in self._channels.values() for seq in c.live]
@@ -240,9 +276,9 @@ class ChannelHub:
             completions, self._completions = self._completions, []
             frames = []
             for channel in self._channels.values():
-                if channel.news:
-                    frames.append((channel, channel.news))
-                    channel.news = {}
+                if channel.has_news():
+                    frames.append((channel, channel.news, channel.blocks, channel.blocks_reset))
+                    channel.news, channel.blocks, channel.blocks_reset = {}, {}, False
         final = self._pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         for sender, error in completions:
             response = None if error is None else self._pb.InferenceResponse(
@@ -251,9 +287,9 @@ class ChannelHub:
                 sender.send(response, flags=final)
             except Exception:  # the client has gone: its attach's poll or send ends the channel
                 pass
-        for channel, news in frames:
+        for channel, news, blocks, reset in frames:
             try:
-                channel.sender.send(self._frame(news))
+                channel.sender.send(self._frame(news, blocks, reset))
             except Exception:  # the client went away between two polls
                 self._drop(channel)
                 continue
@@ -265,7 +301,7 @@ class ChannelHub:
                 if channel.request.is_cancelled():
                     self._drop(channel)
 
-    def _frame(self, news: dict[int, _News]) -> Any:
+    def _frame(self, news: dict[int, _News], blocks: dict[int, bool], reset: bool) -> Any:
         """One response with the columns of ``LLMChannel.OUTPUTS`` (a group only when it has rows)."""
         seqs, counts, ids, logprobs = [], [], [], []
         top_counts, top_ids, top_logprobs = [], [], []
@@ -310,6 +346,14 @@ class ChannelHub:
             out += [tensor(LLMChannel.FAILED.name, np.array(failed, dtype=_INT64)),
                     tensor(LLMChannel.FAILED_CODES.name, _bytes(codes)),
                     tensor(LLMChannel.FAILED_MESSAGES.name, _bytes(messages))]
+        if reset:
+            out.append(tensor(LLMChannel.BLOCKS_RESET.name, np.ones(1, dtype=_INT32)))
+        stored = [h for h, held in blocks.items() if held]
+        removed = [h for h, held in blocks.items() if not held]
+        if stored or reset:
+            out.append(tensor(LLMChannel.BLOCKS_STORED.name, np.array(stored, dtype=_UINT64)))
+        if removed:
+            out.append(tensor(LLMChannel.BLOCKS_REMOVED.name, np.array(removed, dtype=_UINT64)))
         return self._pb.InferenceResponse(output_tensors=out)
 
     def _drop(self, channel: _Channel) -> None:

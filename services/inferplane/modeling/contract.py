@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Final
 
 # KServe v2 datatype -> numpy dtype of its raw little-endian contents (BYTES: 4-byte length + bytes per item)
-NUMPY_DTYPES: Final = {"INT64": "<i8", "INT32": "<i4", "FP32": "<f4", "BYTES": "object"}
+NUMPY_DTYPES: Final = {"INT64": "<i8", "UINT64": "<u8", "INT32": "<i4", "FP32": "<f4", "BYTES": "object"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +137,11 @@ class LLMChannel:
     - ``ENDED`` [e], ``ENDED_REASONS`` [e] (``LLM.FINISH_REASONS``), ``ENDED_PROMPT_TOKENS`` [e],
       ``ENDED_COMPLETION_TOKENS`` [e], ``ENDED_CACHED_TOKENS`` [e]: the sequences that finished (after their last
       tokens in the same frame);
-    - ``FAILED`` [f], ``FAILED_CODES`` [f] (the TritonError code names above), ``FAILED_MESSAGES`` [f].
+    - ``FAILED`` [f], ``FAILED_CODES`` [f] (the TritonError code names above), ``FAILED_MESSAGES`` [f];
+    - a model with a prefix cache: ``BLOCKS_STORED`` [s] and ``BLOCKS_REMOVED`` [r], the hashes
+      (``inferplane.modeling.blocks``) of the blocks its cache gained and lost since the channel's previous frame
+      (disjoint); with ``BLOCKS_RESET`` [1] (= 1), ``BLOCKS_STORED`` is every block it holds now (the first frame
+      of an attach, and after the cache was emptied) and ``BLOCKS_REMOVED`` is absent.
     """
 
     CHANNEL: Final = TensorSpec("channel", "BYTES", (1,), optional=True)  # the client's channel id, UTF-8
@@ -156,8 +160,12 @@ class LLMChannel:
     FAILED: Final = TensorSpec("failed_seqs", "INT64", (-1,))
     FAILED_CODES: Final = TensorSpec("failed_codes", "BYTES", (-1,))
     FAILED_MESSAGES: Final = TensorSpec("failed_messages", "BYTES", (-1,))
+    BLOCKS_STORED: Final = TensorSpec("blocks_stored", "UINT64", (-1,))  # prefix-cache blocks gained (hashes)
+    BLOCKS_REMOVED: Final = TensorSpec("blocks_removed", "UINT64", (-1,))  # and lost (evicted)
+    BLOCKS_RESET: Final = TensorSpec("blocks_reset", "INT32", (1,))  # 1: BLOCKS_STORED is the whole cache
     OUTPUTS: Final = (SEQS, COUNTS, TOP_COUNTS, ENDED, ENDED_REASONS, ENDED_PROMPT_TOKENS, ENDED_COMPLETION_TOKENS,
-                      FAILED, FAILED_CODES, FAILED_MESSAGES, ENDED_CACHED_TOKENS)
+                      FAILED, FAILED_CODES, FAILED_MESSAGES, ENDED_CACHED_TOKENS, BLOCKS_STORED, BLOCKS_REMOVED,
+                      BLOCKS_RESET)
 
     TRACEPARENT: Final = "traceparent"  # an open's request parameter (string): the caller's sampled span
     # Triton's custom metric of the responses a model sent, labels model and mode (MODES): the hop counter

@@ -15,6 +15,11 @@ before its end, cancels the sequence. A failure the executor reports for a seque
 retry, ejection and error mapping are the same for both paths; a broken channel fails its sequences with
 UNAVAILABLE (those without a token yet are retried by ``ReplicaSet.open``). The request's deadline bounds every
 wait.
+
+A frame's ``blocks`` (what the executor's models' prefix caches gained and lost) go to the channel's
+``BlockListener`` (the router's ``PrefixIndex``), before the frame's tokens; a link that breaks tells it the
+replica's reports stopped (``lost``). ``connect`` opens the link before any request, so that a replica's
+snapshot is in the index by the time requests come.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import logging
 import math
 from collections.abc import Sequence
 from types import TracebackType
+from typing import Protocol
 
 import grpc
 from opentelemetry import propagate, trace
@@ -44,11 +50,22 @@ TOKENS = Counter("inferplane_router_channel_tokens", "Token ids received on exec
 LATE = Counter("inferplane_router_channel_late_events",
                "Events for sequences the router no longer waits for (ended, cancelled, or of a broken channel)")
 BREAKS = Counter("inferplane_router_channel_breaks", "Executor channels that broke, by cause", ["cause"])
+BLOCK_REPORTS = Counter("inferplane_router_channel_block_reports",
+                        "Prefix-cache block reports received on executor channels (snapshot or change)", ["kind"])
 FORGOTTEN = Counter("inferplane_router_channel_forgotten_cancelled",
                     "Sequences a heartbeat listed that the router had no record of (a lost cancel): cancelled again")
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 _MAX_TIMEOUT_MS = 2**32 - 1
+
+
+class BlockListener(Protocol):
+    """Where a channel's block reports go (``prefix_index.PrefixIndex``)."""
+
+    def apply(self, model: str, address: str, reset: bool, stored: Sequence[int],
+              removed: Sequence[int]) -> None: ...
+
+    def lost(self, address: str) -> None: ...
 
 
 def status_error(code: grpc.StatusCode, message: str, reason: wire.Reason = wire.REASON_UNSPECIFIED,
@@ -184,8 +201,10 @@ class ChannelSequence:
 class _Link:
     """One ``Channel`` call: its writer, reader and watchdog, and the sequences live on it."""
 
-    def __init__(self, address: str, stub: executor_pb2_grpc.ExecutorServiceStub, silence_s: float) -> None:
+    def __init__(self, address: str, stub: executor_pb2_grpc.ExecutorServiceStub, silence_s: float,
+                 blocks: BlockListener | None = None) -> None:
         self.address = address
+        self._blocks = blocks
         self._silence_s = silence_s
         self._loop = asyncio.get_running_loop()
         self.sequences: dict[int, ChannelSequence] = {}
@@ -251,6 +270,10 @@ class _Link:
     def dispatch(self, frame: executor_pb2.ChannelFrame) -> None:
         """Hand a frame's news to its sequences: tokens first, then ends and failures. Never awaits."""
         FRAMES.inc()
+        if self._blocks is not None:
+            for report in frame.blocks:
+                BLOCK_REPORTS.labels("snapshot" if report.reset else "change").inc()
+                self._blocks.apply(report.model, self.address, report.reset, report.stored, report.removed)
         ids = frame.token_ids
         TOKENS.inc(len(ids))
         lps = frame.logprobs
@@ -318,6 +341,8 @@ class _Link:
             sequence.fail(self.broken)
         self.sequences.clear()
         self._cancelling.clear()
+        if self._blocks is not None:
+            self._blocks.lost(self.address)
         self._call.cancel()
         current = asyncio.current_task()
         for task in self._tasks:
@@ -332,8 +357,10 @@ class _Link:
 class ExecutorChannel:
     """The channel to one executor replica: sequences numbered here, on the current link (reopened lazily)."""
 
-    def __init__(self, address: str, channel: grpc.aio.Channel, *, silence_s: float = 20.0) -> None:
+    def __init__(self, address: str, channel: grpc.aio.Channel, *, silence_s: float = 20.0,
+                 blocks: BlockListener | None = None) -> None:
         self.address = address
+        self._blocks = blocks
         self._channel = channel
         self._stub = executor_pb2_grpc.ExecutorServiceStub(channel)
         self._silence_s = silence_s
@@ -347,9 +374,7 @@ class ExecutorChannel:
     async def open(self, request: executor_pb2.ExecutorGenerateRequest, *, timeout: float,
                    traceparent: str = "") -> ChannelSequence:
         """Start ``request`` as a sequence and wait for its first event (bounded by ``timeout``)."""
-        link = self._link
-        if link is None or link.broken is not None:
-            link = self._link = _Link(self.address, self._stub, self._silence_s)
+        link = self.connect()
         sequence = link.open(next(self._seqs), request, timeout, traceparent)
         try:
             await sequence.first()
@@ -357,6 +382,13 @@ class ExecutorChannel:
             sequence.close()
             raise
         return sequence
+
+    def connect(self) -> _Link:
+        """The current link, opened now if there is none (or it broke)."""
+        link = self._link
+        if link is None or link.broken is not None:
+            link = self._link = _Link(self.address, self._stub, self._silence_s, self._blocks)
+        return link
 
     async def close(self) -> None:
         if self._link is not None:

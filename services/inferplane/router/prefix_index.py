@@ -1,6 +1,16 @@
-"""Cache-aware routing's index: which prompt blocks each executor replica probably holds in its prefix cache.
+"""Cache-aware routing's index: which prompt blocks each executor replica holds in its prefix cache.
 
-Approximate (docs/router.md): the router records, per model and replica, the block hashes of the prompts it sent
+Precise, where the replica reports its blocks: an executor whose model has a prefix cache and runs on the step
+path sends, on this router's channel to it, the hashes of every block the model's cache gains and loses
+(``ChannelFrame.blocks``: a snapshot when the channel opens, changes after; ``executor/block_book.py``).
+``apply`` keeps them as one set per (model, replica): the index then knows what the replica holds, evictions
+caused by other routers' requests included. A channel that breaks drops the replica's sets (``lost``): the next
+channel starts with a snapshot. Memory: one int in a set per block, about 105 bytes with the set's spare room
+(measured in ``tests/unit/test_prefix_index.py``), bounded by the model's cache budget (the replica never reports
+more; the index refuses more than ``max_precise`` per set).
+
+Approximate, for a replica that does not report (a model served per request, or ``executor_transport:
+generate``; docs/router.md): the router records, per model and replica, the block hashes of the prompts it sent
 there (``inferplane.modeling.blocks``: the very hash the model's prefix cache names its blocks by), in LRU order and
 bounded by the model's cache budget (the catalog's ``prefix_cache_blocks``), as the model's own pool ages them: a
 prompt's chain is touched head last, so an old chain's tail goes before its head. It does not see what the model
@@ -39,17 +49,38 @@ class Prefix:
         return cls(tuple(block_hashes(token_ids, block_size, limit=capacity)), capacity)
 
 
+MAX_PRECISE = 1 << 20  # blocks per (model, replica) the precise index keeps at most (a guard: budgets are smaller)
+
+
 class PrefixIndex:
-    def __init__(self) -> None:
+    def __init__(self, *, max_precise: int = MAX_PRECISE) -> None:
         self._held: dict[tuple[str, str], OrderedDict[int, None]] = {}  # (model, address) -> hashes, oldest first
+        self._precise: dict[tuple[str, str], set[int]] = {}  # (model, address) -> the hashes it reported holding
+        self._max_precise = max_precise
 
     def __len__(self) -> int:
-        """Block hashes held, over every model and replica (the index's memory is about 160 bytes each)."""
+        """Block hashes held, over every model and replica, both kinds."""
+        return self.approximate_blocks() + self.precise_blocks()
+
+    def approximate_blocks(self) -> int:
         return sum(len(held) for held in self._held.values())
 
+    def precise_blocks(self) -> int:
+        return sum(len(held) for held in self._precise.values())
+
+    def is_precise(self, model: str, address: str) -> bool:
+        return (model, address) in self._precise
+
+    def reported(self, model: str, address: str) -> frozenset[int] | None:
+        """The blocks ``address`` reported holding for ``model``; None where it does not report."""
+        held = self._precise.get((model, address))
+        return None if held is None else frozenset(held)
+
     def matched(self, model: str, address: str, hashes: Sequence[int]) -> int:
-        """How many of ``hashes``' leading blocks ``address`` probably holds (a chain stops at its first miss)."""
-        held = self._held.get((model, address))
+        """How many of ``hashes``' leading blocks ``address`` holds (a chain stops at its first miss)."""
+        held: set[int] | OrderedDict[int, None] | None = self._precise.get((model, address))
+        if held is None:
+            held = self._held.get((model, address))
         if not held:
             return 0
         n = 0
@@ -61,8 +92,9 @@ class PrefixIndex:
 
     def record(self, model: str, address: str, prefix: Prefix) -> None:
         """``address`` prefilled a prompt with these blocks: they are its most recent; the oldest beyond the budget
-        go. The chain is touched deepest first (as the model releases it), so its head is the most recent."""
-        if prefix.capacity <= 0 or not prefix.hashes:
+        go. The chain is touched deepest first (as the model releases it), so its head is the most recent. A no-op
+        where the replica reports its blocks (its own report came with the request's first token)."""
+        if prefix.capacity <= 0 or not prefix.hashes or (model, address) in self._precise:
             return
         held = self._held.setdefault((model, address), OrderedDict())
         for h in reversed(prefix.hashes):
@@ -71,10 +103,37 @@ class PrefixIndex:
         while len(held) > prefix.capacity:
             held.popitem(last=False)
 
-    def forget(self, address: str) -> None:
-        """The replica is gone or restarted: its cache is empty."""
+    def apply(self, model: str, address: str, reset: bool, stored: Sequence[int], removed: Sequence[int]) -> None:
+        """The replica reported its model's blocks: gained ``stored`` and lost ``removed``; with ``reset``, it holds
+        exactly ``stored``. The replica's guesses (``record``) for the model are dropped: reports replace them."""
+        key = (model, address)
+        held = self._precise.get(key)
+        if reset or held is None:
+            held = self._precise[key] = set()
+            self._held.pop(key, None)
+        else:
+            held.difference_update(removed)
+        room = self._max_precise - len(held)
+        if len(stored) <= room:
+            held.update(stored)
+        else:  # more than any budget: a faulty report; keep what fits
+            held.update(stored[:max(room, 0)])
+
+    def lost(self, address: str) -> None:
+        """The replica's reports stopped (its channel broke): back to guessing until a new channel's snapshot."""
+        for key in [k for k in self._precise if k[1] == address]:
+            del self._precise[key]
+
+    def forget_guesses(self, address: str) -> None:
+        """The replica restarted (its health went down and up): what the router guessed it holds is gone; what it
+        reports is kept (a new channel's snapshot replaces it)."""
         for key in [k for k in self._held if k[1] == address]:
             del self._held[key]
+
+    def forget(self, address: str) -> None:
+        """The replica is gone: nothing of it is kept."""
+        self.forget_guesses(address)
+        self.lost(address)
 
 
 class Loaded(Protocol):

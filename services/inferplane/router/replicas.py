@@ -10,7 +10,8 @@ that replica is overloaded: then as ``p2c``), ``p2c`` (power of two choices on t
 router's own in-flight calls plus the executor's reported queue) or ``random``. A pinned session goes first.
 
 With ``channel_silence_s`` set, each replica also has an ``ExecutorChannel`` (``channel.py``): the one
-long-lived ``Channel`` stream that carries all of this router's generations on that replica.
+long-lived ``Channel`` stream that carries all of this router's generations on that replica, and (``cache_aware``)
+the replica's prefix-cache block reports into the index, opened as soon as the replica is SERVING.
 
 Discovery: a ``host:port`` target is one replica for good; ``dns:///name:port`` is one replica per address the
 name resolves to, re-resolved every ``dns_interval_s``; ``file:///path`` is one replica per line of that file
@@ -265,7 +266,8 @@ class ReplicaSet:
             # A connection of its own, without the tracing interceptors: the channel's call outlives every request
             # (each sequence carries its own traceparent).
             replica.link = ExecutorChannel(address, grpc.aio.insecure_channel(address, options=channel_options()),
-                                           silence_s=self._channel_silence_s)
+                                           silence_s=self._channel_silence_s,
+                                           blocks=self.index if self.policy == "cache_aware" else None)
         replica.tasks = [asyncio.create_task(self._watch_health(replica)),
                          asyncio.create_task(self._poll_status(replica))]
         self.replicas[address] = replica
@@ -369,7 +371,9 @@ class ReplicaSet:
                         log.info("executor %s is %s", replica.address, "SERVING" if serving else "NOT SERVING")
                         if serving:
                             replica.recovered()
-                        self.index.forget(replica.address)  # a restarted executor's prefix cache is empty
+                            if replica.link is not None and self.policy == "cache_aware":
+                                replica.link.connect()  # its block reports (a snapshot first) start now
+                        self.index.forget_guesses(replica.address)  # a restarted executor's cache is empty
                     replica.serving = serving
                     backoff = 0.2
                     self._gauges()

@@ -149,6 +149,29 @@ def test_lru_prefers_the_least_recently_used_and_a_chain_tail_first() -> None:
     assert (m_new.tokens, m_old.tokens) == (4, 8)
 
 
+def test_changes_name_every_block_gained_and_lost_for_the_routers() -> None:
+    """What the model reports to the routers (precise cache-aware routing): exactly the blocks held."""
+    model = seeded_model()
+    model.setup_caches(1, 128)
+    cache = PrefixCache(model, capacity=4, block_size=4)
+    a, b, c = ids(9, seed=20), ids(9, seed=21), ids(9, seed=22)
+    assert cache.take_changes() == ([], [])
+    cache.store(model, a, 0)
+    cache.store(model, b, 0)
+    stored, removed = cache.take_changes()
+    assert sorted(stored) == sorted(block_hashes(a, 4) + block_hashes(b, 4)) and removed == []
+    cache.release(cache.match(b))  # b used last: a's blocks go first
+    cache.store(model, c, 0)
+    stored, removed = cache.take_changes()
+    assert sorted(stored) == sorted(block_hashes(c, 4)) and sorted(removed) == sorted(block_hashes(a, 4))
+    assert sorted(cache.held()) == sorted(block_hashes(b, 4) + block_hashes(c, 4))
+    cache.store(model, a, 0)  # a back, c evicted (b's were used more recently), then b evicted for d
+    cache.store(model, ids(9, seed=23), 0)
+    stored, removed = cache.take_changes()
+    assert not set(stored) & set(removed), "each block's last change only"
+    assert set(cache.held()) == set(stored) | (set(block_hashes(b, 4) + block_hashes(c, 4)) - set(removed))
+
+
 # ---------------------------------------------------------------- the scheduler with a prefix cache
 
 

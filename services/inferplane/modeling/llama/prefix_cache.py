@@ -17,6 +17,10 @@ Unreferenced blocks wait in LRU order and the least recently used is evicted whe
 blocks are released deepest first, so a chain's tail is evicted before its head (a block whose parent was evicted
 can no longer be matched; it only waits for its own eviction).
 
+Changes: every block gained (``store``) or lost (eviction) is noted by hash until ``take_changes``, which the model
+publishes to the executor (and the executor to every router) so that cache-aware routing knows exactly which
+blocks each replica holds (``modeling/channel.py``, docs/prefix-cache.md).
+
 Single-threaded: the scheduler's stepping thread is its only user. Imports torch and the standard library only.
 """
 
@@ -78,6 +82,7 @@ class PrefixCache:
         self._free = list(range(capacity - 1, -1, -1))  # never-used pool slots (a stack: lowest first)
         self._hits = self._queried = self._evictions = 0
         self._used = self._referenced = 0  # blocks held, and of those referenced: kept as counts (stats is cheap)
+        self._changes: dict[int, bool] = {}  # block hash -> held now (True) or not, since the last take_changes
 
     @staticmethod
     def bytes_per_block(model: LlamaForCausalLM, block_size: int = DEFAULT_BLOCK_SIZE) -> int:
@@ -139,10 +144,21 @@ class PrefixCache:
         old = self._blocks[slot]
         assert old is not None and old.refs == 0
         del self._index[old.hash]
+        self._changes[old.hash] = False
         self._blocks[slot] = None
         self._evictions += 1
         self._used -= 1
         return slot
+
+    def take_changes(self) -> tuple[list[int], list[int]]:
+        """The hashes of the blocks gained and of those lost since the last call: disjoint, each block's last change
+        (one gained and then lost in between is reported lost, which is harmless where it was not held before)."""
+        changes, self._changes = self._changes, {}
+        return [h for h, held in changes.items() if held], [h for h, held in changes.items() if not held]
+
+    def held(self) -> list[int]:
+        """The hashes of every block the pool holds now."""
+        return list(self._index)
 
     # ------------------------------------------------------------------ keys and values
 
@@ -180,6 +196,7 @@ class PrefixCache:
                     break
                 self._blocks[slot] = _Block(h, parent, tokens)
                 self._index[h] = slot
+                self._changes[h] = True
                 self._used += 1
                 new_slots.append(slot)
                 new_starts.append(start)

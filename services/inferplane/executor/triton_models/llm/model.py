@@ -235,7 +235,7 @@ class TritonPythonModel:
         self.gauges.update(self.scheduler.stats)
         self.counter = ResponseCounter(pb_utils, self.name)
         self.hub = ChannelHub(pb_utils, self.counter, on_cancel=lambda key: self.scheduler.cancel(key),
-                              notify=self._wake_ipc)
+                              notify=self._wake_ipc, publishes_blocks=self.prefix_cache_blocks > 0)
         # What the IPC thread is to send: per request id, filled by the scheduler thread and by execute.
         self._outbox: dict[Hashable, _Outgoing] = {}
         self._outbox_ready = threading.Condition()
@@ -377,6 +377,7 @@ class TritonPythonModel:
                 self.log_later(f"scheduler step failed: {e!r}; failing {len(self.streams)} requests")
                 self._fail_all(repr(e))
                 continue
+            self._publish_blocks()
             self._post(events)
             steps, rows = steps + 1, rows + self.scheduler.stats.active
             busy_s, cpu_s = busy_s + time.monotonic() - t0, cpu_s + time.thread_time() - c0
@@ -386,6 +387,14 @@ class TritonPythonModel:
                                f"({cpu_s / steps * 1e3:.2f} ms CPU), {rows / steps:.1f} sequences/step, "
                                f"now {self.scheduler.stats}")
                 steps, busy_s, cpu_s, rows, last_stats = 0, 0.0, 0.0, 0, t0
+
+    def _publish_blocks(self) -> None:
+        """The prefix cache's changes of the step, to every channel (before the step's tokens: same frame)."""
+        cache = self.scheduler.prefix_cache
+        if cache is not None:
+            stored, removed = cache.take_changes()
+            if stored or removed:
+                self.hub.blocks(stored, removed)
 
     def _post(self, events: list[Event]) -> None:
         """Hand a step's events to the IPC thread; a stream's tokens queue up while that thread is busy."""
@@ -423,6 +432,7 @@ class TritonPythonModel:
         for rid in [*self.streams, *self.hub.live_keys()]:
             self._post_error(rid, message, INTERNAL)
         self.scheduler = self._new_scheduler(self.scheduler.max_sequences)
+        self.hub.blocks([], [], reset=True)  # the new scheduler's prefix cache is empty
 
     def _new_scheduler(self, max_sequences: int) -> BatchScheduler:
         return BatchScheduler(self.model, max_sequences=max_sequences, max_context=self.max_context,
