@@ -4,10 +4,11 @@ The router keeps one ``Replica`` per executor endpoint. A replica takes requests
 stream says SERVING (an executor that drains flips to NOT_SERVING and gets nothing new at once) and it
 is not ejected; a replica that fails a call is ejected with exponential backoff and returns after the
 backoff, or at once when its health goes from down (or NOT_SERVING) to SERVING: a restarted executor starts
-afresh. Choice (``policy``), among replicas that serve the model: ``cache_aware`` (the replica that probably holds
-the longest run of the prompt's leading blocks in its prefix cache, ``prefix_index.py``, unless the match is poor or
-that replica is overloaded: then as ``p2c``), ``p2c`` (power of two choices on the least outstanding requests: this
-router's own in-flight calls plus the executor's reported queue) or ``random``. A pinned session goes first.
+afresh. Choice (``policy``), among replicas that serve the model: ``cache_aware`` (the replica that holds the
+longest run of the prompt's leading blocks in its prefix cache, as it reports them or else as guessed,
+``prefix_index.py``, unless the match is poor or that replica is overloaded: then as ``p2c``), ``p2c`` (power of
+two choices on the least outstanding requests: this router's own in-flight calls plus the executor's reported queue)
+or ``random``. A pinned session goes first.
 
 With ``channel_silence_s`` set, each replica also has an ``ExecutorChannel`` (``channel.py``): the one
 long-lived ``Channel`` stream that carries all of this router's generations on that replica, and (``cache_aware``)
@@ -229,7 +230,7 @@ class ReplicaSet:
         self.policy: Policy = policy
         self.cache_max_imbalance = cache_max_imbalance
         self.cache_min_match = cache_min_match
-        self.index = PrefixIndex()  # cache_aware's: the blocks each replica probably holds
+        self.index = PrefixIndex()  # cache_aware's: the blocks each replica holds (reported, else guessed)
 
     # --- membership -------------------------------------------------------------------------------
 

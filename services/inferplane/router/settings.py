@@ -67,7 +67,7 @@ class RouterSettings(BaseSettings):
     affinity_max_sessions: int = Field(default=10_000, ge=0)
     affinity_idle_s: float = Field(default=300.0, gt=0)
     affinity_max_imbalance: int = Field(default=8, ge=0)
-    # How a replica is chosen (docs/router.md): "cache_aware" (the replica that probably holds the longest run of the
+    # How a replica is chosen (docs/router.md): "cache_aware" (the replica that holds the longest run of the
     # prompt's leading prefix-cache blocks; power of two choices when the best match covers less than
     # cache_min_match of the prompt's blocks, or its replica holds more than cache_max_imbalance requests above the
     # least-loaded one), "p2c" (power of two choices on outstanding requests) or "random".

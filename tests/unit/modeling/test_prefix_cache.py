@@ -13,7 +13,13 @@ from tokenizers import Tokenizer
 
 from inferplane.assets import TINY_LLAMA
 from inferplane.modeling.llama import LlamaConfig, LlamaForCausalLM, load_model
-from inferplane.modeling.llama.batching import BatchScheduler, FinishEvent, SequenceRequest, TokenEvent
+from inferplane.modeling.llama.batching import (
+    BatchScheduler,
+    FinishEvent,
+    SequenceRequest,
+    TokenEvent,
+    _length_groups,
+)
 from inferplane.modeling.llama.prefix_cache import ROOT_HASH, PrefixCache, block_hash, block_hashes
 
 EOS = frozenset({1})
@@ -211,6 +217,35 @@ def test_a_batched_prefill_mixes_hits_and_misses() -> None:
     assert tokens == ref_tokens
     assert [finish[i].cached_tokens for i in range(5)] == [32, 0, 16, 0, 32]
     assert cached.prefills_shared == 1
+
+
+def test_rows_of_very_different_lengths_are_prefilled_in_groups_with_the_same_tokens() -> None:
+    assert _length_groups([300, 20, 310, 5, 40, 33]) == [[3, 1], [5, 4], [0, 2]]  # <= 32 share; then up to 2x
+    assert _length_groups([]) == []
+    model = seeded_model(seed=3)
+    system = ids(96, seed=50)
+    warm = SequenceRequest("warm", [*system, 5], 4, stop_ids=EOS)
+    mixed = [SequenceRequest(i, p, 8, stop_ids=EOS) for i, p in enumerate([
+        system + ids(4, seed=51),  # a hit: 4 tokens left to compute
+        ids(100, seed=52),  # a miss of 100: a forward of its own
+        system + ids(3, seed=53),  # another hit, grouped with the first
+    ])]
+    ref_tokens, _ = run(BatchScheduler(model, max_sequences=4, max_context=128), {0: mixed})
+    cached = BatchScheduler(model, max_sequences=4, max_context=128, prefix_cache_blocks=16, prefix_block_size=16)
+    run(cached, {0: [warm]})
+    calls: list[int] = []
+    for name in ("prefill_slots", "prefill_slots_at"):
+        original = getattr(model, name)
+
+        def counted(idx: torch.Tensor, *args: torch.Tensor, _original=original) -> torch.Tensor:  # type: ignore[no-untyped-def]
+            calls.append(idx.shape[0] * idx.shape[1])  # rows x padded length: the tokens computed
+            return _original(idx, *args)
+
+        setattr(model, name, counted)
+    tokens, finish = run(cached, {0: mixed})
+    assert tokens == ref_tokens
+    assert [finish[i].cached_tokens for i in range(3)] == [96, 0, 96]
+    assert sorted(calls[:2]) == [2 * 4, 100], "two forwards: the hits' 4 tokens each, the miss's 100 alone"
 
 
 def test_shipped_tiny_llama_same_text_with_a_warm_cache() -> None:

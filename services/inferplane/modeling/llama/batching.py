@@ -136,6 +136,23 @@ class _Sequence:
     produced: dict[int, int] | None = None  # completion token id -> count, kept only when shaping needs it
 
 
+PAD_FLOOR = 32  # rows of at most this many tokens always share a forward (padding them costs little)
+
+
+def _length_groups(lengths: list[int]) -> list[list[int]]:
+    """Indices of ``lengths`` in groups to prefill together: sorted by length, a group takes rows up to twice its
+    shortest (or ``PAD_FLOOR``), so padding never more than doubles a group's work."""
+    groups: list[list[int]] = []
+    bound = 0
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if groups and lengths[i] <= bound:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+            bound = max(2 * lengths[i], PAD_FLOOR)
+    return groups
+
+
 class BatchScheduler:
     """Continuous batching over ``model`` with at most ``max_sequences`` sequences of ``max_context`` tokens."""
 
@@ -308,7 +325,9 @@ class BatchScheduler:
         """One batched prefill of distinct prompts into their slots; returns each one's last logits [u, V].
 
         With a prefix cache, each prompt's cached blocks are copied into its slot first and only the rest of it is
-        computed (at its offset; hits and misses share the forward); afterwards its new full blocks are kept.
+        computed (at its offset); afterwards its new full blocks are kept. A batch pads every row to its longest, so
+        rows of very different lengths (a cache hit's few tokens beside a miss's whole prompt) go in forwards of
+        their own (``_length_groups``): a hit does not pay for a miss's length.
         """
         device = self.model.device
         cache = self.prefix_cache
@@ -319,15 +338,21 @@ class BatchScheduler:
                 cache.load(self.model, m, s.slot)
                 s.cached_tokens = m.tokens
         rest = [list(s.req.prompt_ids[off:]) for s, off in zip(unique, offsets, strict=True)]
-        longest = max(len(r) for r in rest)
-        idx = torch.tensor([r + [0] * (longest - len(r)) for r in rest], dtype=torch.long, device=device)  # [u, S]
-        slots = torch.tensor([s.slot for s in unique], dtype=torch.long, device=device)  # [u]
-        last = torch.tensor([len(r) - 1 for r in rest], dtype=torch.long, device=device)  # [u]
-        if any(offsets):
-            start = torch.tensor(offsets, dtype=torch.long, device=device)  # [u]
-            logits = self.model.prefill_slots_at(idx, slots, start, last)  # [u, V]
-        else:
-            logits = self.model.prefill_slots(idx, slots, last)  # [u, V]
+        rows: list[Tensor] = [torch.empty(0)] * len(unique)
+        for group in _length_groups([len(r) for r in rest]):
+            longest = max(len(rest[i]) for i in group)
+            idx = torch.tensor([rest[i] + [0] * (longest - len(rest[i])) for i in group], dtype=torch.long,
+                               device=device)  # [g, S]
+            slots = torch.tensor([unique[i].slot for i in group], dtype=torch.long, device=device)  # [g]
+            last = torch.tensor([len(rest[i]) - 1 for i in group], dtype=torch.long, device=device)  # [g]
+            if any(offsets[i] for i in group):
+                start = torch.tensor([offsets[i] for i in group], dtype=torch.long, device=device)  # [g]
+                out = self.model.prefill_slots_at(idx, slots, start, last)  # [g, V]
+            else:
+                out = self.model.prefill_slots(idx, slots, last)  # [g, V]
+            for j, i in enumerate(group):
+                rows[i] = out[j]
+        logits = torch.stack(rows)  # [u, V]
         if cache is not None:
             for s in unique:
                 cache.store(self.model, s.req.prompt_ids, s.slot)
