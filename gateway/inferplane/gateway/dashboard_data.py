@@ -1,9 +1,9 @@
 """The numbers of the usage dashboard, from what metering and the router already keep.
 
-Plain functions, no I/O: metering's usage rows (``GetUsageSummary``: per UTC day, key, model and service tier) summed
-per day, model and key; its recent records (``ListUsage``); keys and their budgets; and the router's Prometheus histograms
-read back into percentiles. Money stays integer nano-dollars until it leaves here as exact USD strings
-(``format_usd``): the page never does arithmetic on money.
+Plain functions, no I/O: metering's usage rows (``GetUsageSummary``: per UTC day, key, model and service tier)
+summed per day, model and key; its recent records (``ListUsage``); keys and their budgets; and the router's
+Prometheus histograms read back into percentiles. Money stays integer nano-dollars until it leaves here as exact
+USD strings (``format_usd``): the page never does arithmetic on money.
 """
 
 from __future__ import annotations
