@@ -21,7 +21,9 @@
     var out = [head];
     rows.forEach(function (r) {
       var tr = document.createElement("tr");
-      (keys || []).forEach(function (k) { tr.setAttribute("data-" + k.replace(/_/g, "-"), r[k]); });
+      (keys || []).forEach(function (k) {
+        tr.setAttribute("data-" + k.replace(/_/g, "-"), r[k] === null ? "" : r[k]);
+      });
       columns.forEach(function (c) {
         var td = cell("td", typeof c[1] === "function" ? c[1](r) : r[c[1]], c[2] ? "n" : "");
         td.setAttribute("data-field", typeof c[1] === "function" ? c[0] : c[1]);
