@@ -3,7 +3,8 @@ a real Triton serving tiny-llama, and the gateway app. The model asked for, ``no
 no executor has (its executors are "down"); its catalog ``fallbacks`` and a request's own ``models`` send the
 request to tiny-llama before any token, the response says so (streamed and not), and the usage record stamps
 tiny-llama and is charged at tiny-llama's price, not the primary's. A key that may not use the fallback gets no
-fallback; a caller's own error is never retried elsewhere."""
+fallback; a request that falls back counts once against its key's rate limit; a caller's own error is never retried
+elsewhere."""
 
 from __future__ import annotations
 
@@ -130,6 +131,15 @@ async def test_a_model_that_cannot_serve_falls_back_before_any_token_and_bills_t
     r = await gateway.post("/v1/chat/completions", headers=user, json=chat(models=[PRIMARY, "no-such-model"]))
     assert r.status_code == 404 and r.json()["error"]["param"] == "models", r.text
 
+    # A fallback counts once against the key's rate limits: a key allowed one request per minute is served by the
+    # fallback (its primary's admission and the fallback's are one request), and only its next request is refused.
+    _, one_rpm_key = metering.store.create_key("one-rpm", requests_per_minute=1)
+    one_rpm = {"authorization": f"Bearer {one_rpm_key}"}
+    r = await gateway.post("/v1/chat/completions", headers=one_rpm, json=chat(PRIMARY))
+    assert r.status_code == 200 and r.json()["model"] == "tiny-llama", r.text
+    r = await gateway.post("/v1/chat/completions", headers=one_rpm, json=chat("tiny-llama"))
+    assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded", r.text
+
     # The caller's own error is not retried on the fallback: a completion longer than the context is a 400.
     r = await gateway.post("/v1/chat/completions", headers=user, json=chat(PRIMARY, max_tokens=100_000))
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
@@ -141,10 +151,11 @@ async def test_a_model_that_cannot_serve_falls_back_before_any_token_and_bills_t
 async def test_tiers_are_echoed_billed_at_their_multiplier_and_listed(
         stack: tuple[httpx.AsyncClient, Router], metering: Metering) -> None:  # noqa: F811
     """A copy of tiny-llama with flex at half price and priority at double: each tier's request is echoed, its usage
-    record is charged the price times the multiplier (one rounding), and ``/v1/models`` lists the tiers' prices."""
+    record is charged the price times the multiplier (one rounding) and keeps the tier, ``/v1/usage`` sums each tier
+on a row of its own, and ``/v1/models`` lists the tiers' prices."""
     gateway, router = stack
     _, admin_key = metering.store.create_key("ops", scopes=["admin"])
-    _, user_key = metering.store.create_key("app")
+    app, user_key = metering.store.create_key("app")
     admin, user = {"authorization": f"Bearer {admin_key}"}, {"authorization": f"Bearer {user_key}"}
     made = await gateway.post("/admin/models", headers=admin, json={
         "id": "tiered-llama", "triton_model": "tiny-llama",
@@ -180,6 +191,22 @@ async def test_tiers_are_echoed_billed_at_their_multiplier_and_listed(
             m = multipliers[row.request_id[len("tier-"):]]
             assert row.cost_nanos == price.price.cost(row.prompt_tokens, row.completion_tokens, row.cached_tokens,
                     multiplier=Decimal(m)), row
+            assert row.service_tier == ("default" if row.request_id == "tier-auto" else row.request_id[5:]), row
+
+    # The ledger keeps the tier that served: /v1/usage has a row per tier, its sums the records' (exact).
+    async def all_recorded() -> bool:
+        return len(metering.store.list_usage(limit=100, key_id=app.key_id)) == 5  # and the streamed flex one
+
+    await eventually(all_recorded, 30, "the streamed request's usage record")
+    records = metering.store.list_usage(limit=100, key_id=app.key_id)
+    summary = (await gateway.get("/v1/usage", headers=user)).json()["data"]
+    assert sorted((r["service_tier"], r["requests"]) for r in summary) == [("default", 2), ("flex", 2), ("priority", 1)]
+    for r in summary:
+        mine = [u for u in records if u.service_tier == r["service_tier"]]
+        assert (r["prompt_tokens"], r["cached_tokens"], r["completion_tokens"]) == (
+            sum(u.prompt_tokens for u in mine), sum(u.cached_tokens for u in mine),
+            sum(u.completion_tokens for u in mine))
+        assert Decimal(r["cost"]) * 10**9 == sum(u.cost_nanos or 0 for u in mine)
 
     listed = {m["id"]: m for m in (await gateway.get("/v1/models", headers=user)).json()["data"]}
     tiers = listed["tiered-llama"]["pricing"]["tiers"]

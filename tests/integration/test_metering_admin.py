@@ -167,12 +167,13 @@ def test_cli_keys_prices_budgets_usage(config: Path, capsys: pytest.CaptureFixtu
     now = datetime.now(UTC)
     for i in range(3):
         store.record_usage(UsageRow(request_id=f"u{i}", key_id=key_id, model="tiny-llama", prompt_tokens=1000,
-                                    completion_tokens=1000, finish_reason="stop", latency_ms=1,
+                                    completion_tokens=1000, finish_reason="stop", latency_ms=1, cached_tokens=100 * i,
                                     created_at=now + timedelta(milliseconds=i)))  # after the price was set
     store.close()
     assert cli("usage", "--summary", "--csv", "--since", "1d", "--config", c) == 0
     [row] = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-    assert (row["key_id"], row["requests"], row["cost_usd"]) == (key_id, "3", "0.00225")
+    assert (row["key_id"], row["requests"], row["tier"], row["cached"]) == (key_id, "3", "default", "300")
+    assert row["cost_usd"] == "0.00225"  # no cached-input price: cached tokens at the input price
     assert cli("usage", "--json", "--tenant", "acme", "--config", c) == 0
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 3 and rows[0]["cost"] == "0.00075" and rows[0]["tenant_id"] == "acme"

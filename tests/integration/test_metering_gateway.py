@@ -104,6 +104,29 @@ async def test_usage_own_and_admin_with_csv(metering: Metering, http: httpx.Asyn
     assert (await http.get("/v1/usage", params={"format": "xml"}, headers=auth(a_plain))).status_code == 400
 
 
+async def test_usage_totals_cached_tokens_per_service_tier_in_json_and_csv(
+        metering: Metering, http: httpx.AsyncClient) -> None:  # noqa: F811
+    _, admin = metering.store.create_key("ops", scopes=["admin"])
+    plain = metering.store.create_key("a", tenant_id="t1")[1]
+    a = await metering.client.verify_key(plain, timeout=5)
+    recs = [record("c1", a, 300, 10), record("c2", a, 40, 2), record("c3", a, 50, 5), record("c4", a, 9, 1)]
+    recs[0].cached_tokens, recs[1].cached_tokens, recs[2].cached_tokens = 288, 32, 48
+    recs[2].service_tier, recs[2].tier_multiplier = "flex", "0.5"
+    recs[3].service_tier = "default"
+    await metering.client.record_usage_batch(recs)
+
+    mine = (await http.get("/v1/usage", headers=auth(plain))).json()["data"]
+    got = {r["service_tier"]: (r["requests"], r["prompt_tokens"], r["cached_tokens"], r["completion_tokens"])
+           for r in mine}
+    assert got == {"default": (3, 349, 320, 13), "flex": (1, 50, 48, 5)}
+    everyone = await http.get("/admin/usage", params={"format": "csv"}, headers=auth(admin))
+    rows = {r["service_tier"]: r for r in csv.DictReader(io.StringIO(everyone.text))}
+    assert (rows["default"]["cached_tokens"], rows["flex"]["cached_tokens"]) == ("320", "48")
+    assert (rows["default"]["prompt_tokens"], rows["flex"]["requests"]) == ("349", "1")
+    listed = {u.request_id: u.service_tier for u in metering.store.list_usage(key_id=a.key_id)}
+    assert listed == {"c1": "default", "c2": "default", "c3": "flex", "c4": "default"}
+
+
 def test_exhausted_budget_is_insufficient_quota_and_a_rate_limit_is_not() -> None:
     quota = from_status(grpc.StatusCode.RESOURCE_EXHAUSTED, "You exceeded the budget of this API key.",
                         (("x-inferplane-error-code", "insufficient_quota"), ("x-ratelimit-limit-requests", "5")))

@@ -19,9 +19,12 @@ import pytest_asyncio
 
 from inferplane.common.errors import Unavailable
 from inferplane.router.admission import Admission, AdmissionRefused, PriceBook
+from inferplane.router.engine import GenerationInput
 from inferplane.router.ratelimit import Limits, RedisRateLimiter
 from tests.conftest import require
 from tests.integration.test_admission import CATALOG, MODEL, Metering, metering  # noqa: F401  (the fixture)
+from tests.unit.test_engine_cleanup import CHAT
+from tests.unit.test_engine_fallbacks import LIMITED, fall_back_under_limits
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 
@@ -113,3 +116,23 @@ async def test_when_redis_is_down(prefix: str) -> None:
         await closed.check("k", requests=1, tokens=0, limits=limits)
     for rl in (local, opened, closed):
         await rl.close()
+
+
+async def test_a_fallback_through_redis_counts_the_request_once(prefix: str) -> None:
+    """The engine's fallback (``tests/unit/test_engine_fallbacks.py``) with the limiter in Redis: the fallback's
+    admission counts no second request, and gives back the tokens the primary counted beyond its own (a negative
+    cost in the Lua script)."""
+    limiter = RedisRateLimiter(redis_url(), prefix=prefix, on_error="closed", timeout_s=10)
+    try:
+        engine, _ = await fall_back_under_limits(limiter)
+        # requests_per_minute 1: a second request is refused; tokens_per_minute 1000 refill 1 per 60 ms, so what
+        # is left is b's 40 counted plus what time refilled, never a's 100 on top
+        left = await limiter.check(LIMITED.key_id, requests=0, tokens=0,
+                                   limits=Limits(LIMITED.requests_per_minute, LIMITED.tokens_per_minute))
+        assert left.remaining_requests == 0
+        assert left.remaining_tokens is not None and 1000 - 40 <= left.remaining_tokens < 1000 - 40 + 50
+        with pytest.raises(AdmissionRefused, match="requests per minute"):
+            [d async for d in engine.generate(GenerationInput(model="b", messages=CHAT), key=LIMITED,
+                                              request_id="r2")]
+    finally:
+        await limiter.close()

@@ -15,19 +15,22 @@ from inferplane.v1 import metering_pb2
 
 
 def _row(day: str, key: str, model: str, requests: int, prompt: int, completion: int, cost: int,
-         cancelled: int = 0) -> metering_pb2.UsageSummaryRow:
+         cancelled: int = 0, cached: int = 0, tier: str = "default") -> metering_pb2.UsageSummaryRow:
     return metering_pb2.UsageSummaryRow(day=day, key_id=key, tenant_id="t", model=model, requests=requests,
                                         prompt_tokens=prompt, completion_tokens=completion, cost_nanodollars=cost,
-                                        cancelled_requests=cancelled)
+                                        cancelled_requests=cancelled, cached_tokens=cached, service_tier=tier)
 
 
 def test_usage_sums_are_exact_and_grouped() -> None:
-    rows = [_row("2026-12-04", "a", "m1", 2, 10, 20, 1), _row("2026-12-05", "a", "m1", 1, 5, 5, 2),
-            _row("2026-12-05", "b", "m2", 3, 7, 0, 100_000_000_000_000_001, cancelled=1)]
+    rows = [_row("2026-12-04", "a", "m1", 2, 10, 20, 1, cached=8), _row("2026-12-05", "a", "m1", 1, 5, 5, 2),
+            _row("2026-12-05", "b", "m2", 3, 7, 0, 100_000_000_000_000_001, cancelled=1, cached=3, tier="")]
     out = usage_section(rows, {"a": "alpha"})
     # 100000 dollars and 4 nano-dollars: a float would lose the nano-dollars
-    assert out["totals"] == {"requests": 6, "prompt_tokens": 22, "completion_tokens": 25, "cancelled_requests": 1,
-                             "total_tokens": 47, "cost": "100000000.000000004"}
+    assert out["totals"] == {"requests": 6, "prompt_tokens": 22, "cached_tokens": 11, "completion_tokens": 25,
+                             "cancelled_requests": 1, "total_tokens": 47, "cost": "100000000.000000004"}
+    assert [(r["service_tier"], r["cached_tokens"]) for r in out["rows"]] == [("default", 8), ("default", 0),
+                                                                               (None, 3)]
+    assert [(m["model"], m["cached_tokens"]) for m in out["by_model"]] == [("m1", 8), ("m2", 3)]
     assert Decimal(out["totals"]["cost"]) == sum(Decimal(r["cost"]) for r in out["rows"])
     assert [(k["key_id"], k["name"], k["requests"], k["cost"]) for k in out["by_key"]] == [
         ("a", "alpha", 3, "0.000000003"), ("b", "", 3, "100000000.000000001")]

@@ -1,7 +1,8 @@
 """The engine's fallback rule with a fake executor stub inside the router's real replica set, queue and lease (the
 test is about the router's logic: which failure falls back, and what is recorded). A full queue on the model asked
 for falls back; an executor that was asked and failed does not (a record is owed for the model that was asked);
-the executor request carries the service tier."""
+the executor request carries the service tier; a request counts once against its key's rate limits however many
+models its chain tries."""
 
 from __future__ import annotations
 
@@ -13,10 +14,13 @@ import pytest
 
 from inferplane.common.catalog import Catalog, CatalogModel
 from inferplane.common.errors import Unavailable
+from inferplane.router.admission import Admission, AdmissionRefused, PriceBook
 from inferplane.router.capacity import Overloaded
+from inferplane.router.clients import KeyInfo
 from inferplane.router.engine import GenerationEngine, GenerationInput
+from inferplane.router.ratelimit import Limits, LocalRateLimiter, RateLimiter
 from inferplane.router.replicas import Replica, ReplicaSet
-from inferplane.v1 import common_pb2, executor_pb2
+from inferplane.v1 import common_pb2, executor_pb2, metering_pb2
 from tests.unit.test_engine_cleanup import CHAT, KEY, FakeMetering, FakeTokenizers, stream_of
 
 PRIMARY = CatalogModel(id="a", triton_model="ta", tokenizer="/tmp", context_length=100, max_queue=0,
@@ -104,3 +108,40 @@ async def test_a_failure_after_the_executor_was_asked_does_not_fall_back() -> No
     assert [r.model for r in stub.requests] == ["ta"]  # asked once (no other replica to retry on), never "tb"
     [record] = metering.records  # the primary's, as before fallbacks existed
     assert (record.model, record.finish_reason) == ("a", "error")
+
+
+class PricelessMetering(FakeMetering):
+    """Metering with no prices (the admission asks for them)."""
+
+    async def list_prices(self, timeout: float) -> list[metering_pb2.Price]:
+        return []
+
+
+LIMITED = KeyInfo(key_id="k-limited", name="k", tenant_id="t1", requests_per_minute=1, tokens_per_minute=1000)
+
+
+async def fall_back_under_limits(limiter: RateLimiter) -> tuple[GenerationEngine, list[Any]]:
+    """One request whose primary's queue is full: served by the fallback, with a real admission and ``limiter``.
+    No ``max_tokens``: each model counts its whole context (a: 100 tokens, b: 40), so the counts tell them apart."""
+    stub = Stub()
+    engine, _ = engine_for(stub)
+    engine.catalog = Catalog(models=[PRIMARY, FALLBACK.model_copy(update={"context_length": 40})])
+    metering = PricelessMetering()
+    engine.admission = Admission(metering, limiter, PriceBook(metering))  # type: ignore[arg-type]
+    await engine.capacity.gate("a").acquire(1.0)  # the primary's one slot is taken, and it may queue nobody
+    inp = GenerationInput(model="a", messages=CHAT)
+    deltas = [d async for d in engine.generate(inp, key=LIMITED, request_id="r-limited")]
+    await engine.drain()
+    assert [r.model for r in stub.requests] == ["tb"] and {d.model for d in deltas} == {"b"}
+    return engine, deltas
+
+
+async def test_a_fallback_counts_the_request_once_and_the_tokens_of_the_model_that_served() -> None:
+    limiter = LocalRateLimiter(clock=lambda: 1000.0)  # a frozen clock: nothing refills during the test
+    engine, _ = await fall_back_under_limits(limiter)
+    # the key's one request per minute is this one (counted once, not once per model tried) ...
+    left = limiter.check_now(LIMITED.key_id, requests=0, tokens=0,
+                             limits=Limits(LIMITED.requests_per_minute, LIMITED.tokens_per_minute))
+    assert (left.remaining_requests, left.remaining_tokens) == (0, 1000 - 40)  # ... with b's 40 tokens, not a's 100
+    with pytest.raises(AdmissionRefused, match="requests per minute"):
+        [d async for d in engine.generate(GenerationInput(model="b", messages=CHAT), key=LIMITED, request_id="r2")]

@@ -12,7 +12,7 @@ import pytest
 
 from inferplane.common.catalog import CatalogModel
 from inferplane.common.money import PriceNanos
-from inferplane.router.admission import Ticket
+from inferplane.router.admission import Counted, Ticket
 from inferplane.router.capacity import ModelGate, Overloaded
 from inferplane.router.clients import KeyInfo
 from inferplane.router.lease import Clock, Lease
@@ -30,7 +30,7 @@ class FakeAdmission:
         self.released: list[str] = []
 
     async def admit(self, key: KeyInfo, model: CatalogModel, prompt_tokens: int, max_tokens: int, *,
-                    request_id: str | None = None, tier: str = "default") -> Ticket:
+                    request_id: str | None = None, tier: str = "default", counted: Counted | None = None) -> Ticket:
         return Ticket(key, model.id, f"res-{request_id}", PRICE.cost(prompt_tokens, max_tokens), PRICE,
                       (("x-ratelimit-remaining-requests", "4"),))
 

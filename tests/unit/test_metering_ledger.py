@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -201,6 +202,35 @@ def test_usage_summary_by_day_model_and_key_with_a_range(store: MeteringStore) -
     assert [r.day for r in store.usage_summary(start=day2, end=end, key_id=a.key_id)] == ["2025-12-02"] * 2
     with pytest.raises(InvalidArgument):
         store.usage_summary(start=end, end=start)
+
+
+def test_summaries_total_cached_tokens_and_split_by_the_tier_that_served(store: MeteringStore) -> None:
+    key, _ = store.create_key("k")
+    v = store.set_price("tiny-llama", PriceNanos(input_per_million=150_000_000, output_per_million=600_000_000,
+                                                 cached_input_per_million=30_000_000)).price.version
+    at = datetime(2025, 12, 1, 12, tzinfo=UTC)
+    store.record_usage_batch([
+        usage("d1", key.key_id, at=at, prompt=300, completion=10, price_version=v, cached_tokens=288,
+              service_tier="default"),
+        usage("d2", key.key_id, at=at, prompt=7, completion=3, price_version=v, cached_tokens=5),  # "": default
+        usage("f1", key.key_id, at=at, prompt=300, completion=10, price_version=v, cached_tokens=100,
+              service_tier="flex", tier_multiplier=Decimal("0.5")),
+        usage("p1", key.key_id, at=at, prompt=11, completion=2, price_version=v, service_tier="priority",
+              tier_multiplier=Decimal("2")),
+    ])
+    listed = {r.request_id: r.service_tier for r in store.list_usage()}
+    assert listed == {"d1": "default", "d2": "default", "f1": "flex", "p1": "priority"}
+    rows = store.usage_summary(start=at - timedelta(hours=1), end=at + timedelta(hours=1))
+    got = {r.service_tier: (r.requests, r.prompt_tokens, r.cached_tokens, r.completion_tokens, r.cost_nanos)
+           for r in rows}
+    assert [r.service_tier for r in rows] == ["default", "flex", "priority"]
+    assert got == {
+        "default": (2, 307, 293, 13, (12 * 150 + 288 * 30 + 10 * 600) + (2 * 150 + 5 * 30 + 3 * 600)),
+        "flex": (1, 300, 100, 10, (200 * 150 + 100 * 30 + 10 * 600) // 2),
+        "priority": (1, 11, 0, 2, (11 * 150 + 2 * 600) * 2),
+    }
+    with pytest.raises(InvalidArgument, match="service_tier"):
+        usage("bad", key.key_id, service_tier="auto")  # a request asks for "auto"; it is served at a tier
 
 
 def test_list_usage_filters(store: MeteringStore) -> None:

@@ -22,7 +22,7 @@ from inferplane.metering.store import MeteringStore
 SECRET = b"migration-test-secret-0123456789"
 
 
-HEAD = "0005"
+HEAD = "0006"
 
 
 @pytest.fixture
@@ -70,6 +70,26 @@ def test_a_database_from_before_migrations_is_adopted_with_its_rows(database_url
     assert row.trace_id == ""  # from before trace ids
     assert row.created_at == datetime(2025, 12, 1, tzinfo=UTC)
     assert current_revision(store.engine) == HEAD
+    store.close()
+
+
+def test_records_from_before_0006_keep_an_unknown_tier(database_url: str) -> None:
+    engine = make_engine(database_url)
+    migrate(engine, "0005")
+    at = datetime(2025, 12, 1, 12)
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO usage_records (request_id, key_id, model, prompt_tokens, completion_tokens, "
+                          "finish_reason, latency_ms, created_at, recorded_at, cost_nanos, cached_tokens) VALUES "
+                          "('old-1', 'legacyKey001', 'tiny-llama', 30, 4, 'stop', 5, :t, :t, 100, 20)"), {"t": at})
+    engine.dispose()
+
+    store = MeteringStore(database_url, SECRET)
+    store.migrate()
+    assert current_revision(store.engine) == HEAD
+    [row] = store.list_usage()
+    assert (row.request_id, row.service_tier, row.cached_tokens) == ("old-1", "", 20)  # not known, not "default"
+    [summary] = store.usage_summary(start=datetime(2025, 12, 1, tzinfo=UTC), end=datetime(2025, 12, 2, tzinfo=UTC))
+    assert (summary.service_tier, summary.requests, summary.cached_tokens, summary.cost_nanos) == ("", 1, 20, 100)
     store.close()
 
 

@@ -111,3 +111,15 @@ def test_idle_keys_are_forgotten_beyond_the_bound(clock: Clock) -> None:
 
 def test_decision_defaults_allow() -> None:
     assert Decision(True).headers() == ()
+
+
+def test_a_negative_cost_gives_back_but_never_beyond_a_full_bucket(clock: Clock) -> None:
+    rl = limiter(clock)
+    limits = Limits(tokens_per_minute=100)
+    assert rl.check_now("k", requests=0, tokens=70, limits=limits).remaining_tokens == 30
+    back = rl.check_now("k", requests=0, tokens=-30, limits=limits)  # a fallback counting 40 instead of 70
+    assert back.allowed and back.remaining_tokens == 60
+    clock.now += 60.0  # a full refill: the bucket is full; giving back more leaves it full, not fuller
+    full = rl.check_now("k", requests=0, tokens=-40, limits=limits)
+    assert full.allowed and full.remaining_tokens == 100 and full.reset_tokens_s == 0.0
+    assert admitted(rl, 1, limits, tokens=100) == 1 and admitted(rl, 1, limits, tokens=1) == 0

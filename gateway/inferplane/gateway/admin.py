@@ -41,8 +41,8 @@ from inferplane.gateway.dashboard import add_dashboard_routes
 from inferplane.gateway.errors import GatewayError, from_rpc_error, from_validation_error
 from inferplane.v1 import metering_pb2, metering_pb2_grpc
 
-USAGE_COLUMNS = ["date", "key_id", "tenant_id", "model", "requests", "prompt_tokens", "completion_tokens",
-                 "cancelled_requests", "cost"]
+USAGE_COLUMNS = ["date", "key_id", "tenant_id", "model", "service_tier", "requests", "prompt_tokens",
+                 "cached_tokens", "completion_tokens", "cancelled_requests", "cost"]
 
 
 # --- bodies ------------------------------------------------------------------------------------------
@@ -158,8 +158,11 @@ def budget_dict(b: metering_pb2.Budget) -> dict[str, Any]:
 
 
 def usage_row(r: metering_pb2.UsageSummaryRow) -> dict[str, Any]:
-    return {"date": r.day, "key_id": r.key_id, "tenant_id": r.tenant_id, "model": r.model, "requests": r.requests,
-            "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
+    """One summary row; ``service_tier`` is None (JSON null, CSV empty) for records from before the ledger kept
+    tiers; ``cached_tokens`` are part of ``prompt_tokens`` (OpenAI's ``prompt_tokens_details.cached_tokens``)."""
+    return {"date": r.day, "key_id": r.key_id, "tenant_id": r.tenant_id, "model": r.model,
+            "service_tier": r.service_tier or None, "requests": r.requests, "prompt_tokens": r.prompt_tokens,
+            "cached_tokens": r.cached_tokens, "completion_tokens": r.completion_tokens,
             "cancelled_requests": r.cancelled_requests, "cost": format_usd(r.cost_nanodollars)}
 
 

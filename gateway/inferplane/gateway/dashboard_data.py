@@ -1,9 +1,9 @@
 """The numbers of the usage dashboard, from what metering and the router already keep.
 
-Plain functions, no I/O: metering's usage rows (``GetUsageSummary``: per UTC day, key and model) summed per day,
-model and key; its recent records (``ListUsage``); keys and their budgets; and the router's Prometheus histograms
-read back into percentiles. Money stays integer nano-dollars until it leaves here as exact USD strings
-(``format_usd``): the page never does arithmetic on money.
+Plain functions, no I/O: metering's usage rows (``GetUsageSummary``: per UTC day, key, model and service tier)
+summed per day, model and key; its recent records (``ListUsage``); keys and their budgets; and the router's
+Prometheus histograms read back into percentiles. Money stays integer nano-dollars until it leaves here as exact
+USD strings (``format_usd``): the page never does arithmetic on money.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ TTFT_METRIC = "gen_ai_server_time_to_first_token_seconds"
 ITL_METRIC = "gen_ai_server_time_per_output_token_seconds"
 REQUESTS_METRIC = "inferplane_router_requests"
 QUANTILES = (0.5, 0.9, 0.99)
-USAGE_FIELDS = ("requests", "prompt_tokens", "completion_tokens", "cancelled_requests", "cost_nanodollars")
+USAGE_FIELDS = ("requests", "prompt_tokens", "cached_tokens", "completion_tokens", "cancelled_requests",
+                "cost_nanodollars")
 
 
 def _sums(rows: Iterable[metering_pb2.UsageSummaryRow], by: str) -> list[dict[str, Any]]:
@@ -47,8 +48,9 @@ def _money(values: dict[str, Any]) -> dict[str, Any]:
 def usage_section(rows: list[metering_pb2.UsageSummaryRow], key_names: dict[str, str]) -> dict[str, Any]:
     """Totals, and sums per day, model, key and (day, model) for the charts; every row as metering gave it."""
     total = _sums(rows, "tenant_id")  # one group per tenant, summed below
-    whole = {name: sum(t[name] for t in total) for name in ("requests", "prompt_tokens", "completion_tokens",
-                                                             "cancelled_requests", "total_tokens")}
+    whole = {name: sum(t[name] for t in total) for name in ("requests", "prompt_tokens", "cached_tokens",
+                                                             "completion_tokens", "cancelled_requests",
+                                                             "total_tokens")}
     by_key = _sums(rows, "key_id")
     for item in by_key:
         item["name"] = key_names.get(item["key_id"], "")
@@ -63,8 +65,9 @@ def usage_section(rows: list[metering_pb2.UsageSummaryRow], key_names: dict[str,
         "by_model": _sums(rows, "model"),
         "by_key": by_key,
         "by_day_model": [_money({"day": d, "model": m, **v}) for (d, m), v in sorted(day_model.items())],
-        "rows": [{"date": r.day, "key_id": r.key_id, "model": r.model, "requests": r.requests,
-                  "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
+        "rows": [{"date": r.day, "key_id": r.key_id, "model": r.model, "service_tier": r.service_tier or None,
+                  "requests": r.requests, "prompt_tokens": r.prompt_tokens, "cached_tokens": r.cached_tokens,
+                  "completion_tokens": r.completion_tokens,
                   "cancelled_requests": r.cancelled_requests, "cost": format_usd(r.cost_nanodollars)} for r in rows],
     }
 
@@ -74,7 +77,7 @@ def recent_section(records: Iterable[metering_pb2.UsageRecord]) -> list[dict[str
     collector's UI finds it by the trace id)."""
     return [{"request_id": r.request_id, "trace_id": r.trace_id or None,
              "created_at": r.created_at.ToDatetime().isoformat() + "Z", "key_id": r.key_id, "model": r.model,
-             "prompt_tokens": r.prompt_tokens,
+             "service_tier": r.service_tier or None, "prompt_tokens": r.prompt_tokens, "cached_tokens": r.cached_tokens,
              "completion_tokens": r.completion_tokens, "finish_reason": r.finish_reason,
              "cancelled": r.cancelled, "latency_ms": r.latency_ms,
              "ttft_ms": r.time_to_first_token_ms if r.HasField("time_to_first_token_ms") else None,

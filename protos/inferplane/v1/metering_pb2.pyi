@@ -240,7 +240,7 @@ class GetUsageSummaryRequest(_message.Message):
     def __init__(self, key_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class UsageSummaryRow(_message.Message):
-    __slots__ = ("day", "key_id", "tenant_id", "model", "requests", "prompt_tokens", "completion_tokens", "cost_nanodollars", "cancelled_requests")
+    __slots__ = ("day", "key_id", "tenant_id", "model", "requests", "prompt_tokens", "completion_tokens", "cost_nanodollars", "cancelled_requests", "cached_tokens", "service_tier")
     DAY_FIELD_NUMBER: _ClassVar[int]
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -250,6 +250,8 @@ class UsageSummaryRow(_message.Message):
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COST_NANODOLLARS_FIELD_NUMBER: _ClassVar[int]
     CANCELLED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_TIER_FIELD_NUMBER: _ClassVar[int]
     day: str
     key_id: str
     tenant_id: str
@@ -259,7 +261,9 @@ class UsageSummaryRow(_message.Message):
     completion_tokens: int
     cost_nanodollars: int
     cancelled_requests: int
-    def __init__(self, day: _Optional[str] = ..., key_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., model: _Optional[str] = ..., requests: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cost_nanodollars: _Optional[int] = ..., cancelled_requests: _Optional[int] = ...) -> None: ...
+    cached_tokens: int
+    service_tier: str
+    def __init__(self, day: _Optional[str] = ..., key_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., model: _Optional[str] = ..., requests: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cost_nanodollars: _Optional[int] = ..., cancelled_requests: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., service_tier: _Optional[str] = ...) -> None: ...
 
 class GetUsageSummaryResponse(_message.Message):
     __slots__ = ("rows", "start", "end")

@@ -199,7 +199,7 @@ class MeteringServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetUsageSummary(self, request, context):
-        """Usage summed by day (UTC), key and model over a time range.
+        """Usage summed by day (UTC), key, model and service tier over a time range.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -94,7 +94,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     usage.add_argument("--tenant", default=None, help="only this tenant's records")
     usage.add_argument("--since", default=None, help="from: 7d, 24h, or an ISO date/time (UTC)")
     usage.add_argument("--until", default=None, help="until (exclusive): an ISO date/time (UTC); default now")
-    usage.add_argument("--summary", action="store_true", help="sum by day, key and model")
+    usage.add_argument("--summary", action="store_true", help="sum by day, key, model and service tier")
     usage.add_argument("--limit", type=int, default=DEFAULT_USAGE_LIMIT, help="at most this many records")
     fmt = usage.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
@@ -210,15 +210,18 @@ def _usage(store: MeteringStore, args: argparse.Namespace) -> int:
         end = until or datetime.now(UTC)
         summary = store.usage_summary(start=start or end - timedelta(days=30), end=end, key_id=args.key_id,
                                       tenant_id=args.tenant)
-        header = ["DAY", "KEY_ID", "TENANT", "MODEL", "REQUESTS", "PROMPT", "COMPLETION", "CANCELLED", "COST_USD"]
-        table = [[r.day, r.key_id, r.tenant_id, r.model, str(r.requests), str(r.prompt_tokens),
-                  str(r.completion_tokens), str(r.cancelled_requests), format_usd(r.cost_nanos)] for r in summary]
+        header = ["DAY", "KEY_ID", "TENANT", "MODEL", "TIER", "REQUESTS", "PROMPT", "CACHED", "COMPLETION", "CANCELLED",
+                  "COST_USD"]
+        table = [[r.day, r.key_id, r.tenant_id, r.model, r.service_tier or "-", str(r.requests), str(r.prompt_tokens),
+                  str(r.cached_tokens), str(r.completion_tokens), str(r.cancelled_requests), format_usd(r.cost_nanos)]
+                 for r in summary]
         dicts: list[dict[str, Any]] = [{**dataclasses.asdict(r), "cost": format_usd(r.cost_nanos)} for r in summary]
     else:
         rows = store.list_usage(key_id=args.key_id, limit=args.limit, tenant_id=args.tenant, start=start, end=until)
-        header = ["CREATED", "REQUEST_ID", "KEY_ID", "TENANT", "MODEL", "PROMPT", "CACHED", "COMPLETION", "FINISH",
-                  "LATENCY_MS", "TTFT_MS", "COST_USD", "PRICE_V"]
-        table = [[_when(r.created_at), r.request_id, r.key_id, r.tenant_id, r.model, str(r.prompt_tokens),
+        header = ["CREATED", "REQUEST_ID", "KEY_ID", "TENANT", "MODEL", "TIER", "PROMPT", "CACHED", "COMPLETION",
+                  "FINISH", "LATENCY_MS", "TTFT_MS", "COST_USD", "PRICE_V"]
+        table = [[_when(r.created_at), r.request_id, r.key_id, r.tenant_id, r.model, r.service_tier or "-",
+                  str(r.prompt_tokens),
                   str(r.cached_tokens), str(r.completion_tokens), r.finish_reason, str(r.latency_ms),
                   "-" if r.time_to_first_token_ms is None else str(r.time_to_first_token_ms),
                   format_usd(r.cost_nanos or 0), str(r.price_version or "-")] for r in rows]

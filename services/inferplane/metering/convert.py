@@ -61,7 +61,7 @@ def usage_to_pb(row: UsageRow) -> metering_pb2.UsageRecord:
         time_to_first_token_ms=row.time_to_first_token_ms, tenant_id=row.tenant_id,
         cost_nanodollars=row.cost_nanos, price_version=row.price_version, cached=row.cached,
         cancelled=row.cancelled, model_version=row.model_version, trace_id=row.trace_id,
-        cached_tokens=row.cached_tokens,
+        cached_tokens=row.cached_tokens, service_tier=row.service_tier,
     )
     pb.created_at.FromDatetime(row.created_at)
     return pb
@@ -109,7 +109,8 @@ def summary_to_pb(row: SummaryRow) -> metering_pb2.UsageSummaryRow:
     return metering_pb2.UsageSummaryRow(day=row.day, key_id=row.key_id, tenant_id=row.tenant_id, model=row.model,
                                         requests=row.requests, prompt_tokens=row.prompt_tokens,
                                         completion_tokens=row.completion_tokens, cost_nanodollars=row.cost_nanos,
-                                        cancelled_requests=row.cancelled_requests)
+                                        cancelled_requests=row.cancelled_requests,
+                                        cached_tokens=row.cached_tokens, service_tier=row.service_tier)
 
 
 def scope_name(value: int) -> str:

@@ -32,6 +32,7 @@ MAX_REQUEST_ID_LENGTH = 128
 MAX_MODEL_LENGTH = 256
 MAX_FINISH_REASON_LENGTH = 32
 TRACE_ID_LENGTH = 32  # W3C trace id: 16 bytes as lowercase hex
+MAX_SERVICE_TIER_LENGTH = 16
 DEFAULT_TENANT = "default"
 DEFAULT_SCOPES = "inference"
 
@@ -123,6 +124,9 @@ class UsageRecord(Base):
     trace_id: Mapped[str | None] = mapped_column(String(TRACE_ID_LENGTH), nullable=True)
     # Of prompt_tokens, those the model reused from its prefix cache (charged at the cached-input price).
     cached_tokens: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    # The service tier that served it ("default", "flex", "priority"; its cost includes the tier's multiplier).
+    # NULL: not known (recorded before migration 0006).
+    service_tier: Mapped[str | None] = mapped_column(String(MAX_SERVICE_TIER_LENGTH), nullable=True)
 
 
 class PriceRow(Base):

@@ -67,6 +67,7 @@ KEY_ID_LENGTH = 12
 _KEY_ID_ALPHABET = string.ascii_letters + string.digits
 _KEY_RE = re.compile(rf"^{KEY_PREFIX}(?P<key_id>[A-Za-z0-9]{{{KEY_ID_LENGTH}}})-[A-Za-z0-9_-]{{16,256}}$")
 TRACE_ID = re.compile(rf"[0-9a-f]{{{TRACE_ID_LENGTH}}}")
+SERVED_TIERS = tuple(wire.TIER_TO_PB)  # the tiers a request is served at ("auto" is served as "default")
 _TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # The one message for every bad key: it must not say which check failed, nor echo the key.
 BAD_KEY_MESSAGE = "Incorrect API key provided."
@@ -138,9 +139,10 @@ class UsageRow:
     trace_id: str = ""
     # Of prompt_tokens, those the model reused from its prefix cache.
     cached_tokens: int = 0
-    # In only (no column): the service tier it was served at and that tier's price multiplier (None: 1), which the
-    # ledger's cost includes.
+    # The service tier it was served at. In: empty means default; out: empty when not known (recorded before the
+    # ledger kept tiers).
     service_tier: str = ""
+    # In only (no column): that tier's price multiplier (None: 1), which the ledger's cost includes.
     tier_multiplier: Decimal | None = None
 
     def __post_init__(self) -> None:
@@ -164,6 +166,9 @@ class UsageRow:
             raise InvalidArgument("created_at must carry a time zone", param="created_at")
         if self.trace_id and not TRACE_ID.fullmatch(self.trace_id):
             raise InvalidArgument("trace_id must be 32 lowercase hex digits", param="trace_id")
+        if self.service_tier and self.service_tier not in SERVED_TIERS:
+            raise InvalidArgument(f"service_tier must be one of {', '.join(SERVED_TIERS)} (got {self.service_tier!r})",
+                                  param="service_tier")
 
     @property
     def cancelled(self) -> bool:
@@ -214,6 +219,10 @@ class SummaryRow:
     completion_tokens: int
     cost_nanos: int
     cancelled_requests: int
+    # Of prompt_tokens, those reused from the model's prefix cache.
+    cached_tokens: int = 0
+    # The tier that served these requests; empty: not known (recorded before the ledger kept tiers).
+    service_tier: str = ""
 
 
 class BudgetExceeded(ResourceExhausted):
@@ -253,7 +262,7 @@ def _usage_row(row: UsageRecord) -> UsageRow:
         recorded_at=row.recorded_at, tenant_id=row.tenant_id, cost_nanos=row.cost_nanos,
         price_version=row.price_version or 0, cached=row.cached, model_version=row.model_version or 0,
         trace_id=row.trace_id or "",
-        cached_tokens=row.cached_tokens,
+        cached_tokens=row.cached_tokens, service_tier=row.service_tier or "",
     )
 
 
@@ -648,7 +657,7 @@ class MeteringStore:
                 tenant_id=tenants.get(r.key_id) or r.tenant_id or DEFAULT_TENANT, cost_nanos=cost,
                 price_version=price.price.version if price is not None else None, cached=r.cached,
                 cancelled=r.cancelled, model_version=r.model_version or None, trace_id=r.trace_id or None,
-                cached_tokens=r.cached_tokens)
+                cached_tokens=r.cached_tokens, service_tier=r.service_tier or wire.DEFAULT_TIER)
         reservations = {r.request_id: r.reservation_id for r in recs if r.reservation_id}
         insert = (postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert)(UsageRecord)
         statement = insert.on_conflict_do_nothing(index_elements=["request_id"]).returning(UsageRecord.request_id)
@@ -706,19 +715,24 @@ class MeteringStore:
 
     def usage_summary(self, *, start: datetime, end: datetime, key_id: str | None = None,
                       tenant_id: str | None = None) -> list[SummaryRow]:
-        """Usage summed per UTC day, key and model in [start, end)."""
+        """Usage summed per UTC day, key, model and service tier in [start, end) (a tier has its own price, as in
+        OpenAI's usage API grouped by ``service_tier``); records from before the ledger kept tiers sum under "".
+        Sums are the database's, over integers: exact."""
         if start >= end:
             raise InvalidArgument("start must be before end", param="start")
         day = func.date(UsageRecord.created_at)
-        query = (select(day, UsageRecord.key_id, UsageRecord.tenant_id, UsageRecord.model, func.count(),
+        tier = func.coalesce(UsageRecord.service_tier, "")
+        query = (select(day, UsageRecord.key_id, UsageRecord.tenant_id, UsageRecord.model, tier, func.count(),
                         func.sum(UsageRecord.prompt_tokens), func.sum(UsageRecord.completion_tokens),
-                        func.sum(UsageRecord.cost_nanos), func.sum(case((UsageRecord.cancelled, 1), else_=0)))
+                        func.sum(UsageRecord.cost_nanos), func.sum(case((UsageRecord.cancelled, 1), else_=0)),
+                        func.sum(UsageRecord.cached_tokens))
                  .where(*self._usage_query(key_id=key_id, tenant_id=tenant_id, start=start, end=end))
-                 .group_by(day, UsageRecord.key_id, UsageRecord.tenant_id, UsageRecord.model)
-                 .order_by(day, UsageRecord.key_id, UsageRecord.model))
+                 .group_by(day, UsageRecord.key_id, UsageRecord.tenant_id, UsageRecord.model, tier)
+                 .order_by(day, UsageRecord.key_id, UsageRecord.model, tier))
         with self._session() as session:
-            return [SummaryRow(str(d), k, t, m, int(n), int(p or 0), int(c or 0), int(cost or 0), int(x or 0))
-                    for d, k, t, m, n, p, c, cost, x in session.execute(query)]
+            return [SummaryRow(str(d), k, t, m, int(n), int(p or 0), int(c or 0), int(cost or 0), int(x or 0),
+                               cached_tokens=int(ct or 0), service_tier=str(st))
+                    for d, k, t, m, st, n, p, c, cost, x, ct in session.execute(query)]
 
     def sqlite_journal_mode(self) -> str | None:
         """The SQLite journal mode (``"wal"``), or None on other backends; for diagnostics and tests."""

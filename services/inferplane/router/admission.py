@@ -3,7 +3,9 @@
 ``Admission.admit`` (after the prompt is encoded, before an executor is called):
 1. the key needs the ``inference`` scope, and the model must be one it may use (PermissionDenied);
 2. rate limits: one request and ``prompt_tokens + max_tokens`` tokens against the key's per-minute limits
-   (``AdmissionRefused``: RESOURCE_EXHAUSTED with ``retry-after`` and ``x-ratelimit-*`` metadata);
+   (``AdmissionRefused``: RESOURCE_EXHAUSTED with ``retry-after`` and ``x-ratelimit-*`` metadata); once per request
+   however many models its fallback chain tries (``Counted``: a fallback's admission counts no second request, and
+   its tokens replace the earlier model's);
 3. budget: when the key or its tenant has one, metering reserves the worst-case cost (prompt + max_tokens at
    the current price) atomically (``AdmissionRefused`` with ``x-inferplane-error-code: insufficient_quota``);
    metering unreachable means no budget check, so the request is refused (UNAVAILABLE): money fails closed.
@@ -48,6 +50,16 @@ class AdmissionRefused(ResourceExhausted):
 
     def __init__(self, message: str, *, reason: wire.Reason, metadata: Metadata) -> None:
         super().__init__(message, reason=reason, metadata=metadata)
+
+
+@dataclass(slots=True)
+class Counted:
+    """What one request has counted against its key's rate limits so far: one per request, shared by the
+    admissions of the models its fallback chain tries, so the request counts once and its tokens are those of the
+    last model admitted (the one that serves)."""
+
+    requests: int = 0
+    tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,22 +154,28 @@ class Admission:
         self._timeout_s = timeout_s
 
     async def admit(self, key: KeyInfo, model: CatalogModel, prompt_tokens: int, max_tokens: int, *,
-                    request_id: str | None = None, tier: str = wire.DEFAULT_TIER) -> Ticket:
+                    request_id: str | None = None, tier: str = wire.DEFAULT_TIER,
+                    counted: Counted | None = None) -> Ticket:
         """Admit the request or raise (PermissionDenied, ``AdmissionRefused``, Unavailable). ``request_id`` names
         the reservation (and must be the usage record's request id). ``tier``: the service tier, priced at the
-        model's price times its ``tier_multipliers`` entry (the budget reservation too)."""
+        model's price times its ``tier_multipliers`` entry (the budget reservation too). ``counted``: what this
+        request's earlier admissions (models of its fallback chain that could not serve) counted against the rate
+        limits; only the difference is counted now (no second request; the tokens of this model, not of both)."""
         multiplier = model.multiplier(tier)
         if "inference" not in key.scopes:
             raise PermissionDenied("This API key lacks the 'inference' scope (an admin key cannot run models).")
         if not key.may_use(model.id):
             raise PermissionDenied(f"This API key may not use the model `{model.id}`.", param="model")
+        counted = counted if counted is not None else Counted()
+        tokens = prompt_tokens + max_tokens
         decision = await self._limiter.check(
-            key.key_id, requests=1, tokens=prompt_tokens + max_tokens,
+            key.key_id, requests=1 - counted.requests, tokens=tokens - counted.tokens,
             limits=Limits(key.requests_per_minute, key.tokens_per_minute))
         if not decision.allowed:
             REFUSALS.labels("rate_limit").inc()
-            raise AdmissionRefused(_rate_message(decision, prompt_tokens + max_tokens), reason=REASON_RATE_LIMITED,
+            raise AdmissionRefused(_rate_message(decision, tokens), reason=REASON_RATE_LIMITED,
                                    metadata=decision.headers())
+        counted.requests, counted.tokens = 1, tokens
         headers = decision.headers()
         if not key.has_budget:
             return Ticket(key, model.id, "", 0, await self.prices.get(model.id), headers, tier, multiplier)

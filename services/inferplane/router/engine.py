@@ -33,7 +33,7 @@ from inferplane.common.wire import (
     TIER_TO_PB,
 )
 from inferplane.router import canary, tools
-from inferplane.router.admission import Admission, Metadata
+from inferplane.router.admission import Admission, Counted, Metadata
 from inferplane.router.capacity import Capacity, Overloaded
 from inferplane.router.channel import ChannelSequence, sampled_traceparent
 from inferplane.router.clients import KeyInfo, MeteringClient
@@ -213,12 +213,13 @@ class GenerationEngine:
         return Clock.start(deadline, model.request_timeout_s or self.request_timeout_s)
 
     def admit(self, key: KeyInfo, model: CatalogModel, *, request_id: str, operation: str, clock: Clock,
-              prompt_tokens: int, max_tokens: int, tier: str = DEFAULT_TIER) -> Lease:
+              prompt_tokens: int, max_tokens: int, tier: str = DEFAULT_TIER, counted: Counted | None = None) -> Lease:
         """The request's lease (``lease.py``): entering admits it and takes a slot of the model's queue; leaving
-        leaves its one usage record, or gives back what it held when no executor was asked."""
+        leaves its one usage record, or gives back what it held when no executor was asked. ``counted``: shared by
+        the leases of one request's fallback chain (it counts once against the key's rate limits)."""
         return Lease(self.admission, self.capacity.gate(model.id), self.usage, key=key, model=model,
                      request_id=request_id, operation=operation, clock=clock, prompt_tokens=prompt_tokens,
-                     max_tokens=max_tokens, tier=tier)
+                     max_tokens=max_tokens, tier=tier, counted=counted)
 
     async def count_tokens(self, model_id: str, messages: list[common_pb2.ChatMessage], *,
                            deadline: float | None = None) -> int:
@@ -272,16 +273,18 @@ class GenerationEngine:
 
         Fallbacks: when a model cannot serve now (its queue is full or too slow: ``Overloaded``; no replica can take
         it, or it failed to load: ``Unavailable`` before any executor was asked), the next model of ``chain`` is
-        tried, with its own admission (scope, rate limits, budget at its own price), its own queue and its own usage
-        record. Never after an executor was asked (a usage record is owed) or output was sent. When every model
-        fails, the first model's error is raised."""
+        tried, with its own admission (scope, budget at its own price; the rate limits count the request once: a
+        fallback counts no second request, and its tokens replace those the model before it counted), its own queue
+        and its own usage record. Never after an executor was asked (a usage record is owed) or output was sent.
+        When every model fails, the first model's error is raised."""
         chain = self.chain(inp, key)
         admitted = _Once(on_admitted)
+        counted = Counted()  # what the chain's admissions counted against the key's rate limits: once per request
         first_error: Exception | None = None
         for i, model in enumerate(chain):
             attempt = _Attempt()
             run = self._generate_on(model, inp, key=key, request_id=request_id, deadline=deadline,
-                                    on_admitted=admitted, attempt=attempt)
+                                    on_admitted=admitted, attempt=attempt, counted=counted)
             try:
                 async with contextlib.aclosing(run):
                     async for delta in run:
@@ -302,7 +305,7 @@ class GenerationEngine:
 
     async def _generate_on(self, model: CatalogModel, inp: GenerationInput, *, key: KeyInfo, request_id: str,
                            deadline: float | None, on_admitted: Callable[[Metadata], Awaitable[None]],
-                           attempt: _Attempt) -> AsyncGenerator[Delta]:
+                           attempt: _Attempt, counted: Counted) -> AsyncGenerator[Delta]:
         """One model's try at the request (``generate`` walks the chain)."""
         # the version serving it (a canary split: sticky per user, else per request), kept to the request's end
         model = canary.serving(model, inp.user or request_id)
@@ -337,7 +340,7 @@ class GenerationEngine:
 
         async with self.admit(key, model, request_id=request_id, operation=operation, clock=clock,
                               prompt_tokens=prompt_tokens, max_tokens=max_tokens * inp.n,
-                              tier=inp.service_tier) as lease:
+                              tier=inp.service_tier, counted=counted) as lease:
             attempt.lease = lease
             await on_admitted(lease.headers)
 

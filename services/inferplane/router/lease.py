@@ -28,7 +28,7 @@ from opentelemetry import trace
 from inferplane.common.catalog import CatalogModel
 from inferplane.common.wire import CANCELLED, DEFAULT_TIER, ERROR, FINISH_TO_PB, LENGTH, STOP
 from inferplane.router import metrics
-from inferplane.router.admission import Admission, Metadata, Ticket, stamp
+from inferplane.router.admission import Admission, Counted, Metadata, Ticket, stamp
 from inferplane.router.capacity import ModelGate
 from inferplane.router.clients import KeyInfo
 from inferplane.router.usage import UsageRecorder, current_trace_id, usage_record
@@ -70,8 +70,11 @@ def trace_request(operation: str, model: str, request_id: str, key: KeyInfo) -> 
 class Lease:
     def __init__(self, admission: Admission | None, gate: ModelGate, recorder: UsageRecorder, *, key: KeyInfo,
                  model: CatalogModel, request_id: str, operation: str, clock: Clock, prompt_tokens: int,
-                 max_tokens: int, tier: str = DEFAULT_TIER) -> None:
+                 max_tokens: int, tier: str = DEFAULT_TIER, counted: Counted | None = None) -> None:
+        """``counted``: what the request's earlier leases (models of its fallback chain) counted against the key's
+        rate limits, shared so that the request counts once (``Admission.admit``)."""
         self._admission = admission
+        self._counted = counted
         self._gate = gate
         self._recorder = recorder
         self.key, self.model, self.request_id, self.operation, self.clock = key, model, request_id, operation, clock
@@ -126,7 +129,8 @@ class Lease:
         self._entered = True
         if self._admission is not None:  # raises PermissionDenied, AdmissionRefused (429) or Unavailable
             self.ticket = await self._admission.admit(self.key, self.model, self.prompt_tokens, self.max_tokens,
-                                                      request_id=self.request_id, tier=self.tier)
+                                                      request_id=self.request_id, tier=self.tier,
+                                                      counted=self._counted)
         try:
             # Overloaded (503) when the queue is full or too slow; a flex request: FlexShed (429)
             await self._gate.acquire(self.clock.left(), tier=self.tier, tenant=self.key.tenant_id,

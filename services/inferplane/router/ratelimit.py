@@ -98,7 +98,9 @@ def format_reset(seconds: float) -> str:
 
 class RateLimiter(Protocol):
     async def check(self, key_id: str, *, requests: int, tokens: int, limits: Limits) -> Decision:
-        """Admit (and count) ``requests`` and ``tokens`` for ``key_id``, or refuse (and count nothing)."""
+        """Admit (and count) ``requests`` and ``tokens`` for ``key_id``, or refuse (and count nothing). A negative
+        cost gives back what an earlier check of the same request counted (a fallback's tokens replacing the first
+        model's): it always conforms, and gives back no more than the bucket's full burst."""
         ...
 
 
@@ -121,7 +123,7 @@ def _gcra(tat: float, now: float, limit: int, cost: int) -> _Dim:
     new_tat = base + cost * interval
     allow_at = new_tat - PERIOD_S
     remaining = (_remaining(new_tat, now, interval), _remaining(base, now, interval))
-    reset = (new_tat - now, base - now)
+    reset = (max(new_tat - now, 0.0), base - now)
     if cost > limit:  # can never conform
         return _Dim(False, tat, remaining, reset, None)
     if allow_at > now + 1e-9:
@@ -130,7 +132,8 @@ def _gcra(tat: float, now: float, limit: int, cost: int) -> _Dim:
 
 
 def _remaining(tat: float, now: float, interval: float) -> int:
-    return max(0, math.floor((PERIOD_S - (tat - now)) / interval + 1e-9))
+    # a TAT before now (a refund past the bucket's refill) is a full bucket, never more
+    return max(0, math.floor((PERIOD_S - max(tat - now, 0.0)) / interval + 1e-9))
 
 
 def decide(state: tuple[float, float], now: float, *, requests: int, tokens: int,
@@ -210,8 +213,8 @@ end
 local function report(d, admitted)
   local tat = d.base
   if admitted then tat = d.new end
-  d.remaining = math.max(0, math.floor((period - (tat - now)) / d.interval + 1e-9))
-  d.reset = tat - now
+  d.remaining = math.max(0, math.floor((period - math.max(tat - now, 0)) / d.interval + 1e-9))
+  d.reset = math.max(tat - now, 0)
 end
 local r = dim('r', tonumber(ARGV[1]), tonumber(ARGV[3]))
 local t = dim('t', tonumber(ARGV[2]), tonumber(ARGV[4]))

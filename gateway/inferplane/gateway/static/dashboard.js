@@ -21,7 +21,9 @@
     var out = [head];
     rows.forEach(function (r) {
       var tr = document.createElement("tr");
-      (keys || []).forEach(function (k) { tr.setAttribute("data-" + k.replace(/_/g, "-"), r[k]); });
+      (keys || []).forEach(function (k) {
+        tr.setAttribute("data-" + k.replace(/_/g, "-"), r[k] === null ? "" : r[k]);
+      });
       columns.forEach(function (c) {
         var td = cell("td", typeof c[1] === "function" ? c[1](r) : r[c[1]], c[2] ? "n" : "");
         td.setAttribute("data-field", typeof c[1] === "function" ? c[0] : c[1]);
@@ -76,6 +78,7 @@
     $("days").textContent = d.days;
     var cards = [card("total-requests", t.requests, "requests"), card("total-cancelled", t.cancelled_requests,
                  "cancelled"), card("total-prompt-tokens", t.prompt_tokens, "prompt tokens"),
+                 card("total-cached-tokens", t.cached_tokens, "cached prompt tokens"),
                  card("total-completion-tokens", t.completion_tokens, "completion tokens"),
                  card("total-cost", t.cost, "spend (USD)")];
     $("totals").replaceChildren.apply($("totals"), cards);
@@ -97,7 +100,8 @@
       if (lat) $("latency").replaceChildren(cell("p", lat.unavailable, "error"));
     }
     var sums = [["requests", "requests", 1], ["cancelled", "cancelled_requests", 1], ["prompt tokens", "prompt_tokens", 1],
-                ["completion tokens", "completion_tokens", 1], ["spend (USD)", "cost", 1]];
+                ["cached", "cached_tokens", 1], ["completion tokens", "completion_tokens", 1],
+                ["spend (USD)", "cost", 1]];
     table("by-model", [["model", "model"]].concat(sums), u.by_model, ["model"]);
     table("by-key", [["key", "key_id"], ["name", "name"]].concat(sums), u.by_key, ["key_id"]);
     table("keys", [["key", "key_id"], ["name", "name"], ["tenant", "tenant"], ["scopes", function (k) {
@@ -106,11 +110,12 @@
       ["left", function (k) { return k.budget && k.budget.left; }, 1],
       ["state", function (k) { return k.revoked ? "revoked" : "active"; }]], d.keys, ["key_id"]);
     table("recent", [["time (UTC)", function (r) { return r.created_at.slice(0, 19).replace("T", " "); }],
-      ["request id", "request_id"], ["trace id", "trace_id"], ["key", "key_id"], ["model", "model"], ["prompt", "prompt_tokens", 1],
-      ["completion", "completion_tokens", 1], ["finish", "finish_reason"], ["TTFT ms", "ttft_ms", 1],
+      ["request id", "request_id"], ["trace id", "trace_id"], ["key", "key_id"], ["model", "model"], ["tier", "service_tier"],
+      ["prompt", "prompt_tokens", 1], ["cached", "cached_tokens", 1], ["completion", "completion_tokens", 1],
+      ["finish", "finish_reason"], ["TTFT ms", "ttft_ms", 1],
       ["latency ms", "latency_ms", 1], ["cost (USD)", "cost", 1]], d.recent, ["request_id", "key_id"]);
-    table("rows", [["date", "date"], ["key", "key_id"], ["model", "model"]].concat(sums), u.rows,
-          ["date", "key_id", "model"]);
+    table("rows", [["date", "date"], ["key", "key_id"], ["model", "model"], ["tier", "service_tier"]].concat(sums),
+          u.rows, ["date", "key_id", "model", "service_tier"]);
     $("updated").textContent = "updated " + new Date(d.time * 1000).toISOString().slice(11, 19) + " UTC";
     $("board").hidden = false;
     $("signin").hidden = true;
