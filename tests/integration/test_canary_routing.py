@@ -6,64 +6,18 @@ version; ``/promote`` sends everyone to version 2."""
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
-
 import httpx
 import pytest
-import pytest_asyncio
 
-from inferplane.assets import CATALOG
-from inferplane.cli.launcher import free_port
-from inferplane.common.settings import ServerSettings
-from inferplane.executor.main import Executor
-from inferplane.executor.settings import ExecutorSettings, TritonSettings
-from inferplane.gateway.app import create_app
-from inferplane.gateway.settings import GatewaySettings
-from inferplane.metering.main import seed_catalog
 from inferplane.router.canary import choose_version
 from inferplane.router.main import Router
-from inferplane.router.settings import RouterSettings
 from tests.integration.test_admission import Metering, metering  # noqa: F401  (fixture)
 from tests.integration.test_edge_modes import database_url  # noqa: F401  (fixture: SQLite)
+from tests.integration.triton_stack import eventually, stack  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.triton
-POLL_S = 0.2
 MODEL = "canary-llama"
 USERS = [f"user-{i}" for i in range(24)]
-
-
-@pytest_asyncio.fixture
-async def stack(metering: Metering, tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Router]]:  # noqa: F811
-    seed_catalog(metering.store, CATALOG)
-    executor = Executor(ExecutorSettings(
-        server=ServerSettings(port=0, grace_seconds=1), catalog=CATALOG,
-        triton=TritonSettings(grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
-                              work_dir=tmp_path / "executor", exit_timeout_s=1, ready_timeout_s=180)))
-    await executor.start()
-    metering_addr = f"127.0.0.1:{metering.server.port}"
-    router = Router(RouterSettings(server=ServerSettings(port=0, grace_seconds=0), metering_addr=metering_addr,
-                                   executor_addrs=[f"127.0.0.1:{executor.server.port}"],
-                                   outbox_path=tmp_path / "outbox.db", request_timeout_s=60, catalog_poll_s=POLL_S))
-    await router.start()  # metering's catalog, the executor's replica, the server
-    app = create_app(GatewaySettings(router_addr=f"127.0.0.1:{router.server.port}", metering_addr=metering_addr,
-                                     request_timeout_s=60))
-    try:
-        async with app.router.lifespan_context(app), httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app), base_url="http://gw", timeout=60) as client:
-            yield client, router
-    finally:
-        await router.stop(0)
-        await executor.stop(0)
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], within_s: float, what: str) -> None:
-    start = time.monotonic()
-    while not await check():
-        assert time.monotonic() - start < within_s, f"{what}: not within {within_s}s"
-        await asyncio.sleep(0.1)
 
 
 async def test_a_split_serves_each_user_its_version_and_promote_moves_everyone(

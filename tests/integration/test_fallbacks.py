@@ -9,54 +9,18 @@ elsewhere."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from decimal import Decimal
-from pathlib import Path
 
 import httpx
 import pytest
-import pytest_asyncio
 
-from inferplane.assets import CATALOG
-from inferplane.cli.launcher import free_port
-from inferplane.common.settings import ServerSettings
-from inferplane.executor.main import Executor
-from inferplane.executor.settings import ExecutorSettings, TritonSettings
-from inferplane.gateway.app import create_app
-from inferplane.gateway.settings import GatewaySettings
-from inferplane.metering.main import seed_catalog
 from inferplane.router.main import Router
-from inferplane.router.settings import RouterSettings
 from tests.integration.test_admission import Metering, metering  # noqa: F401  (fixture)
-from tests.integration.test_canary_routing import eventually
 from tests.integration.test_edge_modes import database_url  # noqa: F401  (fixture: SQLite)
+from tests.integration.triton_stack import eventually, stack  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.triton
 PRIMARY = "nowhere-llama"
-
-
-@pytest_asyncio.fixture
-async def stack(metering: Metering, tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Router]]:  # noqa: F811
-    seed_catalog(metering.store, CATALOG)
-    executor = Executor(ExecutorSettings(
-        server=ServerSettings(port=0, grace_seconds=1), catalog=CATALOG,
-        triton=TritonSettings(grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
-                              work_dir=tmp_path / "executor", exit_timeout_s=1, ready_timeout_s=180)))
-    await executor.start()
-    metering_addr = f"127.0.0.1:{metering.server.port}"
-    router = Router(RouterSettings(server=ServerSettings(port=0, grace_seconds=0), metering_addr=metering_addr,
-                                   executor_addrs=[f"127.0.0.1:{executor.server.port}"],
-                                   outbox_path=tmp_path / "outbox.db", request_timeout_s=60, catalog_poll_s=0.2))
-    await router.start()
-    app = create_app(GatewaySettings(router_addr=f"127.0.0.1:{router.server.port}", metering_addr=metering_addr,
-                                     request_timeout_s=60))
-    try:
-        async with app.router.lifespan_context(app), httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app), base_url="http://gw", timeout=60) as client:
-            yield client, router
-    finally:
-        await router.stop(0)
-        await executor.stop(0)
 
 
 def chat(model: str | None = None, **extra: object) -> dict[str, object]:

@@ -23,8 +23,9 @@ from inferplane.common.errors import InvalidArgument, Unavailable
 from inferplane.executor.repository import render_llm_model, render_repository
 from inferplane.executor.triton_channel import TritonStepBackend
 from inferplane.executor.triton_client import GenerateParams, TritonChunk, TritonLLMClient
-from inferplane.executor.triton_process import TritonProcess, prepare_backend_dir
+from inferplane.executor.triton_process import TritonProcess
 from tests.channel_sink import PerRequestBackend, RecordingSink
+from tests.integration.triton_stack import running_triton
 
 pytestmark = pytest.mark.triton
 
@@ -47,13 +48,8 @@ def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonProcess]:
     two = render_llm_model("fast-sim-2", model.checkpoint, work / "repo", template=model.triton_template,
                            extra=model.triton_parameters, max_context=model.context_length)
     (two / "config.pbtxt").write_text(config.replace('"fast-sim"', '"fast-sim-2"').replace("count: 1", "count: 2"))
-    server = TritonProcess(work / "repo", backend_dir=prepare_backend_dir(work / "cache"), log_path=work / "log")
-    server.start()
-    try:
-        server.wait_ready(timeout=120)
+    with running_triton(work, ready_timeout_s=120) as server:
         yield server
-    finally:
-        server.stop()
 
 
 async def generate(server: TritonProcess, params: GenerateParams, stop_after: int | None = None) -> list[TritonChunk]:

@@ -17,19 +17,17 @@ import pytest
 import pytest_asyncio
 
 from inferplane.assets import CATALOG
-from inferplane.cli.launcher import free_port
 from inferplane.common.catalog import load_catalog
 from inferplane.common.settings import ServerSettings
 from inferplane.executor.main import Executor
-from inferplane.executor.settings import ExecutorSettings, TritonSettings
 from inferplane.metering.main import seed_catalog
 from inferplane.router.main import Router
 from inferplane.router.prefix_index import Prefix
 from inferplane.router.settings import RouterSettings
 from inferplane.v1 import router_pb2, router_pb2_grpc
 from tests.integration.test_admission import Metering, metering  # noqa: F401  (fixture)
-from tests.integration.test_canary_routing import eventually
 from tests.integration.test_edge_modes import database_url  # noqa: F401  (fixture: SQLite)
+from tests.integration.triton_stack import eventually, executor_settings
 
 pytestmark = pytest.mark.triton
 MODEL = "tiny-llama"
@@ -38,11 +36,7 @@ MODEL = "tiny-llama"
 @pytest_asyncio.fixture
 async def executors(metering: Metering, tmp_path: Path) -> AsyncIterator[list[Executor]]:  # noqa: F811
     seed_catalog(metering.store, CATALOG)
-    all_ = [Executor(ExecutorSettings(
-        server=ServerSettings(port=0, grace_seconds=1), catalog=CATALOG,
-        triton=TritonSettings(grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
-                              work_dir=tmp_path / f"executor-{i}", exit_timeout_s=1, ready_timeout_s=180)))
-        for i in range(2)]
+    all_ = [Executor(executor_settings(tmp_path / f"executor-{i}")) for i in range(2)]
     started: list[Executor] = []
     try:
         for executor in all_:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,8 +21,9 @@ from inferplane.common.errors import InvalidArgument, NotFound, Unavailable
 from inferplane.executor.repository import render_llm_model
 from inferplane.executor.triton_channel import TritonStepBackend
 from inferplane.executor.triton_client import GenerateParams, TritonLLMClient
-from inferplane.executor.triton_process import TritonProcess, prepare_backend_dir
+from inferplane.executor.triton_process import TritonProcess
 from tests.channel_sink import RecordingSink
+from tests.integration.triton_stack import metrics_page, running_triton
 
 pytestmark = pytest.mark.triton
 
@@ -37,13 +37,8 @@ LONG = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,"  # greedy keeps counting: a gene
 def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonProcess]:
     work = tmp_path_factory.mktemp("channel")
     render_llm_model("llm", TINY_LLAMA, work / "repo", torch_threads=1)
-    server = TritonProcess(work / "repo", backend_dir=prepare_backend_dir(work / "cache"), log_path=work / "log")
-    server.start()
-    try:
-        server.wait_ready(timeout=180)
+    with running_triton(work) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +47,7 @@ def tok() -> Tokenizer:
 
 
 def metric(server: TritonProcess, name: str, **labels: str) -> float:
-    with urllib.request.urlopen(f"http://{server.host}:{server.metrics_port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    for line in text.splitlines():
+    for line in metrics_page(server).splitlines():
         if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
             return float(line.rsplit(" ", 1)[1])
     return 0.0

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import urllib.request
 from collections.abc import Iterator
 from importlib.util import find_spec
 from pathlib import Path
@@ -23,8 +22,9 @@ from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
 
 from inferplane.executor.repository import minilm_dir, render_embedding_model
-from inferplane.executor.triton_process import TritonProcess, prepare_backend_dir
+from inferplane.executor.triton_process import TritonProcess
 from tests.conftest import require
+from tests.integration.triton_stack import metrics_page, running_triton
 
 pytestmark = pytest.mark.triton
 
@@ -50,13 +50,8 @@ def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonProcess]:
     work = tmp_path_factory.mktemp("triton-embedding")
     render_embedding_model(MODEL, minilm_dir(), work / "repo", max_batch_size=64, max_queue_delay_us=20_000,
                            torch_threads=1)
-    server = TritonProcess(work / "repo", backend_dir=prepare_backend_dir(work / "cache"), log_path=work / "log")
-    server.start()
-    try:
-        server.wait_ready(timeout=180)
+    with running_triton(work) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +89,7 @@ async def embed(client: grpcclient.InferenceServerClient, ids: list[int], mask: 
 
 
 def metrics(server: TritonProcess) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://{server.host}:{server.metrics_port}/metrics", timeout=5) as r:
-        text = r.read().decode()
+    text = metrics_page(server)
     out = {}
     for name in ("nv_inference_count", "nv_inference_exec_count", "nv_inference_request_success"):
         m = re.search(rf'^{name}{{model="{MODEL}",version="1"}} (\S+)$', text, re.M)

@@ -13,7 +13,6 @@ import asyncio
 import os
 import re
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +28,9 @@ from inferplane.assets import TINY_LLAMA as ASSET_TINY_LLAMA
 from inferplane.common.errors import InvalidArgument, NotFound
 from inferplane.executor.repository import render_llm_model
 from inferplane.executor.triton_client import GenerateParams, TritonLLMClient
-from inferplane.executor.triton_process import TritonProcess, prepare_backend_dir
+from inferplane.executor.triton_process import TritonProcess
 from inferplane.modeling.llama import LlamaForCausalLM, generate, load_model
+from tests.integration.triton_stack import metrics_page, running_triton
 
 pytestmark = pytest.mark.triton
 
@@ -52,15 +52,10 @@ def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonProcess]:
     render_model(work / "repo", "llm_ctx", max_context=SHORT_CONTEXT, max_sequences=1)
     render_model(work / "repo", "llm_prefix", max_context=0, max_sequences=4,
                  extra={"prefix_cache_blocks": "32", "prefix_block_size": "8"})
-    server = TritonProcess(work / "repo", backend_dir=prepare_backend_dir(work / "cache"), log_path=work / "log")
-    server.start()
-    assert server.proc is not None
-    group = server.proc.pid  # start_new_session: the server leads its own process group
-    try:
-        server.wait_ready(timeout=180)
+    with running_triton(work) as server:
+        assert server.proc is not None
+        group = server.proc.pid  # start_new_session: the server leads its own process group
         yield server
-    finally:
-        server.stop()
     with pytest.raises(ProcessLookupError):  # nothing of the group (server, stubs) is left
         os.killpg(group, 0)
 
@@ -277,9 +272,7 @@ async def test_cancel_stops_the_model_and_next_request_works(triton: TritonProce
 
 def gauges(server: TritonProcess, model: str) -> dict[str, float]:
     """The scheduler's custom metrics of ``model`` on Triton's metrics endpoint."""
-    with urllib.request.urlopen(f"http://{server.host}:{server.metrics_port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    found = re.findall(rf'^inferplane_llm_(\w+){{model="{model}"}} (\S+)$', text, re.M)
+    found = re.findall(rf'^inferplane_llm_(\w+){{model="{model}"}} (\S+)$', metrics_page(server), re.M)
     return {name: float(value) for name, value in found}
 
 

@@ -1,13 +1,29 @@
 """The autoscaler's decision on synthetic demand series (one sample a second, as the launcher's loop takes them):
-the stable window, the panic window at 2x capacity, and the MIN/MAX bounds."""
+the stable window, the panic window at 2x capacity, and the MIN/MAX bounds; and its measurement over real HTTP
+metrics pages (one fetch of each page per tick)."""
 
 from __future__ import annotations
 
 import argparse
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from inferplane.cli.autoscale import Autoscaler, AutoscaleSettings, Decision, ModelTraffic
+from inferplane.cli.autoscale import (
+    ROUTER_DEMAND_METRICS,
+    TRITON_BUSY_GAUGES,
+    TRITON_TRAFFIC_COUNTER,
+    Autoscaler,
+    AutoscaleSettings,
+    Decision,
+    ExecutorReplica,
+    ExecutorScaler,
+    ModelTraffic,
+    sum_by_model,
+)
 from inferplane.cli.launcher import StackConfig, autoscale_settings, stack_settings
 
 
@@ -145,3 +161,75 @@ def test_a_new_replica_loads_the_models_with_traffic_in_the_stable_window() -> N
     # streams in progress count before any of them has ended (Triton counts a streamed request at its end)
     traffic.observe(300.0, "executor", {"tiny-llama": 90.0}, busy={"tiny-llama": 64.0, "all-minilm-l6-v2": 0.0})
     assert traffic.hot(300.0) == ["tiny-llama"]
+
+
+TRITON_PAGE = """# TYPE nv_inference_request_success counter
+nv_inference_request_success{model="tiny-llama",version="1"} 40
+nv_inference_request_success{model="all-minilm-l6-v2",version="1"} 0
+# TYPE nv_inference_pending_request_count gauge
+nv_inference_pending_request_count{model="all-minilm-l6-v2",version="1"} 3
+# TYPE inferplane_llm_active_sequences gauge
+inferplane_llm_active_sequences{model="tiny-llama"} 0
+"""
+EXECUTOR_PAGE = """# TYPE inferplane_executor_active_requests gauge
+inferplane_executor_active_requests 5
+# TYPE inferplane_executor_queue_depth gauge
+inferplane_executor_queue_depth 1
+"""
+ROUTER_PAGE = """# TYPE inferplane_router_model_queued gauge
+inferplane_router_model_queued{model="tiny-llama"} 2
+"""
+
+
+class _MetricsPages:
+    """Real HTTP metrics pages on an ephemeral port, counting the GETs of each path."""
+
+    def __init__(self, pages: dict[str, str]) -> None:
+        hits: Counter[str] = Counter()
+        self.hits = hits
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                hits[self.path] += 1
+                body = pages[self.path].encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def metrics_url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/{name}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_measure_fetches_each_triton_page_once_and_reads_traffic_and_busy_from_it() -> None:
+    pages = _MetricsPages({"/executor": EXECUTOR_PAGE, "/triton": TRITON_PAGE, "/router": ROUTER_PAGE})
+    try:
+        scaler = ExecutorScaler(stack=pages, settings=settings())  # type: ignore[arg-type]
+        scaler.replicas["executor"] = ExecutorReplica("executor", "serving")
+        scaler.traffic = ModelTraffic(window_s=60.0)
+        assert ROUTER_DEMAND_METRICS == ("inferplane_router_model_queued",)
+        assert scaler.measure() == 5 + 1 + 2  # the executor's active + queued, the router's queued
+        assert pages.hits == {"/executor": 1, "/triton": 1, "/router": 1}
+        # tiny-llama holds nothing now but its counter grew (Triton writes it without _total: read under its own
+        # name); all-minilm-l6-v2 counted nothing yet but holds 3 pending requests
+        assert scaler.traffic.hot(time.monotonic()) == ["all-minilm-l6-v2", "tiny-llama"]
+    finally:
+        pages.close()
+
+
+def test_sum_by_model_reads_several_groups_from_one_page() -> None:
+    totals, busy = sum_by_model(TRITON_PAGE, (TRITON_TRAFFIC_COUNTER,), TRITON_BUSY_GAUGES)
+    assert totals == {"tiny-llama": 40.0, "all-minilm-l6-v2": 0.0}
+    assert busy == {"all-minilm-l6-v2": 3.0, "tiny-llama": 0.0}

@@ -12,7 +12,6 @@ final assistant turn (prefill) are refused, never dropped.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from typing import Annotated, Any, Literal, TypeVar
@@ -27,7 +26,8 @@ from starlette.requests import ClientDisconnect
 from inferplane.common import wire
 from inferplane.common.money import format_usd
 from inferplane.gateway.auth import key_metadata
-from inferplane.gateway.errors import CLIENT_CLOSED_REQUEST, GatewayError, forwarded_headers
+from inferplane.gateway.disconnect import client_gone, unless_gone
+from inferplane.gateway.errors import GatewayError, forwarded_headers
 from inferplane.gateway.protocol import MAX_STOP_SEQUENCES, finish_reason
 from inferplane.gateway.upstream import GenerateCall, RouterApi
 from inferplane.v1 import router_pb2
@@ -55,7 +55,6 @@ UNSUPPORTED_FIELDS = frozenset({"tools", "tool_choice", "thinking", "service_tie
 STREAM_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 STOP_REASONS = {wire.LENGTH: "max_tokens"}  # wire.STOP: "end_turn" or "stop_sequence"
 
-T = TypeVar("T")
 ConversationT = TypeVar("ConversationT", bound="Conversation")
 
 
@@ -347,27 +346,6 @@ async def _events(call: GenerateCall, first: router_pb2.GenerateResponse, enc: M
         await call.close()
 
 
-async def _unless_gone(request: Request, work: Awaitable[T]) -> T:
-    """Await ``work``; a caller that disconnects first cancels it (and with it the router call)."""
-    task = asyncio.ensure_future(work)
-
-    async def gone() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    watcher = asyncio.ensure_future(gone())
-    try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.wait((task,))
-    if task.cancelled():
-        raise GatewayError(CLIENT_CLOSED_REQUEST, "The client closed the connection.")
-    return task.result()
-
-
 async def messages_route(request: Request) -> Response:
     """``POST /v1/messages``."""
     return await _answered(_messages(request))
@@ -379,7 +357,7 @@ async def count_tokens_route(request: Request) -> Response:
         metadata = (*caller_metadata(request.headers), (wire.REQUEST_ID, request.state.request_id))
         body = parse_request(await request.body(), CountTokensRequest)
         router: RouterApi = request.app.state.router
-        resp = await _unless_gone(request, router.count_tokens(body.to_pb(), metadata=metadata))
+        resp = await unless_gone(request, router.count_tokens(body.to_pb(), metadata=metadata))
         return JSONResponse({"input_tokens": resp.input_tokens})
 
     return await _answered(count())
@@ -394,7 +372,7 @@ async def _answered(work: Awaitable[Response]) -> Response:
     except StarletteHTTPException as exc:  # the body limit, raised from the middleware's receive
         return error_response(GatewayError(exc.status_code, str(exc.detail)))
     except ClientDisconnect:
-        return error_response(GatewayError(CLIENT_CLOSED_REQUEST, "The client closed the connection."))
+        return error_response(client_gone())
 
 
 async def _messages(request: Request) -> Response:
@@ -404,7 +382,7 @@ async def _messages(request: Request) -> Response:
     opened = router.generate(body.to_generate_request(), metadata=metadata)
     call: GenerateCall | None = opened
     try:
-        first = await _unless_gone(request, opened.first())
+        first = await unless_gone(request, opened.first())
         headers = forwarded_headers(await opened.initial_metadata())
         enc = MessageEncoder(first)
         if body.stream:
@@ -412,7 +390,7 @@ async def _messages(request: Request) -> Response:
                                        headers={**headers, **STREAM_HEADERS})
             call = None  # the stream closes it
             return stream
-        return await _unless_gone(request, _message(opened, first, enc, headers))
+        return await unless_gone(request, _message(opened, first, enc, headers))
     finally:
         if call is not None:
             await call.close()

@@ -7,13 +7,11 @@ first message has arrived (an error before it is a plain JSON error with its sta
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -32,6 +30,7 @@ from inferplane.gateway.admin import admin_router
 from inferplane.gateway.admin_upload import UPLOAD_PATH
 from inferplane.gateway.anthropic import count_tokens_route, messages_route
 from inferplane.gateway.auth import key_metadata
+from inferplane.gateway.disconnect import unless_gone
 from inferplane.gateway.embeddings import EmbeddingRequest, embeddings_body
 from inferplane.gateway.errors import (
     INTERNAL_MESSAGE,
@@ -40,7 +39,7 @@ from inferplane.gateway.errors import (
     body_too_large,
     install_handlers,
 )
-from inferplane.gateway.generation import GENERATION_ROUTES, GenerationEndpoint, client_gone, parse_body
+from inferplane.gateway.generation import GENERATION_ROUTES, GenerationEndpoint, parse_body
 from inferplane.gateway.kserve import kserve_router
 from inferplane.gateway.protocol import models_body
 from inferplane.gateway.responses import ResponseStore, create_response, delete_response, get_response
@@ -160,9 +159,6 @@ class EdgeMiddleware:
 
 # --- routes -------------------------------------------------------------------------------------------
 
-WorkT = TypeVar("WorkT")
-
-
 def _router(request: Request) -> RouterApi:
     router: RouterApi = request.app.state.router
     return router
@@ -171,27 +167,6 @@ def _router(request: Request) -> RouterApi:
 def _metadata(request: Request) -> tuple[tuple[str, str], ...]:
     """The caller's API key (401 before any router call when absent or ill-formed) and the request id."""
     return (*key_metadata(request.headers), (wire.REQUEST_ID, request.state.request_id))
-
-
-async def _until_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _unless_gone(request: Request, work: Awaitable[WorkT]) -> WorkT:
-    """Await ``work``; a caller that disconnects first gets it cancelled (so is the router call)."""
-    task = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(_until_disconnect(request))
-    try:
-        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.wait((task,))
-    if task.cancelled():
-        raise client_gone()
-    return task.result()
 
 
 async def generation_route(request: Request) -> Response:
@@ -208,7 +183,7 @@ async def embeddings(request: Request) -> Response:
     body = await parse_body(request, EmbeddingRequest)
     if body.dimensions is not None:
         raise GatewayError(400, "This model does not support the 'dimensions' parameter.", param="dimensions")
-    resp = await _unless_gone(request, _router(request).embed(body.to_embed_request(), metadata=metadata))
+    resp = await unless_gone(request, _router(request).embed(body.to_embed_request(), metadata=metadata))
     return JSONResponse(embeddings_body(resp, body))
 
 
@@ -276,7 +251,7 @@ def create_app(settings: GatewaySettings, *, tracer_provider: trace.TracerProvid
         settings.metering_addr, uploads_dir=Path(settings.uploads_dir) if settings.uploads_dir else None,
         max_upload_bytes=settings.max_upload_bytes, dashboard_credentials_file=settings.dashboard_credentials_file,
         router_metrics_url=settings.router_metrics_url))
-    app.include_router(kserve_router(_unless_gone))  # /v2: the KServe v2 protocol (tritonclient.http)
+    app.include_router(kserve_router(unless_gone))  # /v2: the KServe v2 protocol (tritonclient.http)
     install_handlers(app)
     app.add_middleware(EdgeMiddleware, max_body_bytes=settings.max_body_bytes,
                        tracer=trace.get_tracer(TRACER_NAME, tracer_provider=tracer_provider),

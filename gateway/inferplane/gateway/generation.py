@@ -29,6 +29,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from inferplane.common import wire
 from inferplane.gateway.auth import key_metadata
+from inferplane.gateway.disconnect import client_gone
 from inferplane.gateway.errors import (
     CLIENT_CLOSED_REQUEST,
     INTERNAL_MESSAGE,
@@ -64,10 +65,6 @@ GENERATION_ROUTES: dict[str, type[GenerationRequest]] = {"/v1/chat/completions":
 
 class ClientGone(Exception):
     """The caller disconnected (while its body was read, or during the answer)."""
-
-
-def client_gone() -> GatewayError:
-    return GatewayError(CLIENT_CLOSED_REQUEST, "The client closed the connection.", code="request_cancelled")
 
 
 ParsedT = TypeVar("ParsedT", bound=BaseModel)

@@ -9,14 +9,13 @@ bounded in-process ``ResponseStore`` (see ``docs/api-responses.md``).
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -25,8 +24,8 @@ from starlette.requests import ClientDisconnect
 from inferplane.common import wire
 from inferplane.common.money import format_usd
 from inferplane.gateway.auth import key_metadata
+from inferplane.gateway.disconnect import client_gone, unless_gone
 from inferplane.gateway.errors import GatewayError, forwarded_headers
-from inferplane.gateway.generation import client_gone
 from inferplane.gateway.protocol import finish_reason
 from inferplane.gateway.responses_protocol import ResponsesRequest, parse_request
 from inferplane.gateway.upstream import GenerateCall, RouterApi
@@ -39,8 +38,6 @@ FAILED_CODES = {429: "rate_limit_exceeded", 400: "invalid_prompt"}
 ROUTER_PARAMS = {"max_tokens": "max_output_tokens", "messages": "input", "response_format": "text.format"}
 STORE_MAX_RESPONSES = 1000
 STORE_MAX_BYTES = 64 * 1024 * 1024
-
-T = TypeVar("T")
 
 
 # --- response ---------------------------------------------------------------------------------------------
@@ -321,27 +318,6 @@ async def _events(call: GenerateCall, first: router_pb2.GenerateResponse, turn: 
         await call.close()
 
 
-async def _unless_gone(request: Request, work: Awaitable[T]) -> T:
-    """Await ``work``; a caller that disconnects first cancels it (and with it the router call)."""
-    task = asyncio.ensure_future(work)
-
-    async def gone() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    watcher = asyncio.ensure_future(gone())
-    try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.wait((task,))
-    if task.cancelled():
-        raise client_gone()
-    return task.result()
-
-
 async def _metadata_and_body(request: Request) -> tuple[tuple[tuple[str, str], ...], ResponsesRequest]:
     metadata = (*key_metadata(request.headers), (wire.REQUEST_ID, request.state.request_id))
     try:
@@ -368,7 +344,7 @@ async def create_response(request: Request) -> Response:
     call: GenerateCall | None = opened
     try:
         try:
-            first = await _unless_gone(request, opened.first())
+            first = await unless_gone(request, opened.first())
         except GatewayError as err:
             err.param = ROUTER_PARAMS.get(err.param or "", err.param)
             raise
@@ -378,7 +354,7 @@ async def create_response(request: Request) -> Response:
                                        headers={**headers, **STREAM_HEADERS})
             call = None  # the stream closes it
             return stream
-        return await _unless_gone(request, _complete(opened, first, turn, headers))
+        return await unless_gone(request, _complete(opened, first, turn, headers))
     finally:
         if call is not None:
             await call.close()
@@ -388,7 +364,7 @@ async def _stored(request: Request) -> tuple[str, ResponseStore]:
     """The caller's store name, once the router has accepted its key (a revoked key reads nothing)."""
     metadata = (*key_metadata(request.headers), (wire.REQUEST_ID, request.state.request_id))
     router: RouterApi = request.app.state.router
-    await _unless_gone(request, router.list_models(metadata=metadata))
+    await unless_gone(request, router.list_models(metadata=metadata))
     return owner_of(metadata), store_of(request)
 
 

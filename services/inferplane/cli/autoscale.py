@@ -34,7 +34,7 @@ import threading
 import time
 import urllib.request
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -174,30 +174,43 @@ class Autoscaler:
                         panic=panic, target=s.target, observed_s=min(observed, s.stable_window_s))
 
 
-def scrape(url: str, names: tuple[str, ...], timeout: float = 0.5) -> float | None:
-    """The sum of every sample of ``names`` at a Prometheus endpoint; None when it does not answer."""
+def fetch_metrics(url: str, timeout: float = 0.5) -> str | None:
+    """A Prometheus endpoint's page; None when it does not answer."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
-            text = resp.read().decode()
+            return str(resp.read().decode())
     except OSError:
         return None
-    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
-               if sample.name in names)
 
 
-def scrape_by_model(url: str, names: tuple[str, ...], timeout: float = 0.5) -> dict[str, float] | None:
-    """Each ``model`` label's sum of the samples of ``names`` at a Prometheus endpoint; None when it does not
-    answer."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            text = resp.read().decode()
-    except OSError:
-        return None
-    out: dict[str, float] = {}
+def _samples(text: str) -> Iterator[tuple[str, dict[str, str], float]]:
+    """(name, labels, value) of each sample on a metrics page, a counter's under the name its exporter wrote: the
+    parser calls Triton's ``nv_inference_request_success`` samples ``nv_inference_request_success_total``."""
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name in names and "model" in sample.labels:
-                out[sample.labels["model"]] = out.get(sample.labels["model"], 0.0) + sample.value
+            name = family.name if family.type == "counter" and sample.name == family.name + "_total" else sample.name
+            yield name, sample.labels, sample.value
+
+
+def scrape(url: str, names: tuple[str, ...], timeout: float = 0.5) -> float | None:
+    """The sum of every sample of ``names`` at a Prometheus endpoint; None when it does not answer."""
+    text = fetch_metrics(url, timeout)
+    if text is None:
+        return None
+    return sum(value for name, _, value in _samples(text) if name in names)
+
+
+def sum_by_model(text: str, *groups: tuple[str, ...]) -> list[dict[str, float]]:
+    """For each group of metric names, each ``model`` label's sum of those samples on one metrics page: one parse
+    of the page, however many groups."""
+    out: list[dict[str, float]] = [{} for _ in groups]
+    for name, labels, value in _samples(text):
+        model = labels.get("model")
+        if model is None:
+            continue
+        for names, sums in zip(groups, out, strict=True):
+            if name in names:
+                sums[model] = sums.get(model, 0.0) + value
     return out
 
 
@@ -293,9 +306,9 @@ class ExecutorScaler:
         now = time.monotonic()
         for name in live:
             url = self.stack.metrics_url("triton" + name.removeprefix("executor"))
-            totals = scrape_by_model(url, (TRITON_TRAFFIC_COUNTER,))
-            busy = scrape_by_model(url, TRITON_BUSY_GAUGES)
-            if totals is not None:
+            page = fetch_metrics(url)  # one fetch per replica and tick, read for both the counter and the gauges
+            if page is not None:
+                totals, busy = sum_by_model(page, (TRITON_TRAFFIC_COUNTER,), TRITON_BUSY_GAUGES)
                 self.traffic.observe(now, name, totals, busy)
         answered = [v for v in found if v is not None]
         if not answered:

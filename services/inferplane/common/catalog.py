@@ -99,6 +99,9 @@ class CatalogModel(BaseModel):
     # Streaming: after the first token, messages of at least this many tokens on every hop (executor, router,
     # gateway): fewer messages under load, longer gaps between them. 1: every token as it comes.
     stream_interval: int = Field(default=1, ge=1, le=64)
+    # Sampling temperature for a request that names none (the router sends it to the executor in its place).
+    # 1.0: what the OpenAI and Anthropic APIs promise when it is left out; 0 makes such requests greedy.
+    default_temperature: float = Field(default=1.0, ge=0, le=2)
     # This model's deadline for one request (None: the router's request_timeout_s); the caller's own is kept
     # when shorter.
     request_timeout_s: float | None = Field(default=None, gt=0)

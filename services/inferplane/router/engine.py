@@ -448,8 +448,10 @@ def executor_request(inp: GenerationInput, model: CatalogModel, request_id: str,
         model=model.triton_model, prompt_token_ids=prompt_token_ids, max_tokens=max_tokens,
         stop_token_ids=stop_token_ids, request_id=request_id, stream_interval=model.stream_interval,
         top_logprobs=inp.top_logprobs if inp.logprobs else 0, service_tier=TIER_TO_PB[inp.service_tier])
-    for name in ("temperature", "top_p", "top_k", "seed", "repetition_penalty", "presence_penalty",
-                 "frequency_penalty", "min_tokens"):
+    # always explicit: the executor (and the Triton model) would take an absent temperature for greedy
+    req.sampling.temperature = model.default_temperature if inp.temperature is None else inp.temperature
+    for name in ("top_p", "top_k", "seed", "repetition_penalty", "presence_penalty", "frequency_penalty",
+                 "min_tokens"):
         value = getattr(inp, name)
         if value is not None:
             setattr(req.sampling, name, value)
