@@ -70,6 +70,18 @@ def test_up_prints_a_working_key_and_stops_every_child_on_ctrl_c(tmp_path: Path)
             time.sleep(0.5)
         assert channel and float(channel.group(1)) > 0, [line for line in scraped.splitlines() if "responses" in line]
 
+        # Precise cache-aware routing: the model's prefix cache reports its blocks through the executor to the
+        # router (a snapshot when the model's step channel attached, then the blocks the curl's prompt stored).
+        router = yaml.safe_load((tmp_path / "stack.yaml").read_text())["router"]["server"]
+        reports: dict[str, float] = {}
+        deadline = time.monotonic() + 30
+        while not (reports.get("snapshot") and reports.get("change")) and time.monotonic() < deadline:
+            scraped = httpx.get(f"http://{router['host']}:{router['metrics_port']}/metrics", timeout=10).text
+            reports = {k: float(v) for k, v in re.findall(
+                r'^inferplane_router_channel_block_reports_total\{kind="(\w+)"\} (\S+)$', scraped, re.M)}
+            time.sleep(0.2)
+        assert reports.get("snapshot", 0) >= 1 and reports.get("change", 0) >= 1, reports
+
         # Default sampling keeps the trace of every failed request: `inferplane trace` finds this one.
         refused = httpx.post(f"{env['INFERPLANE_BASE_URL']}/chat/completions",
                              headers={"Authorization": f"Bearer {env['INFERPLANE_API_KEY']}",

@@ -249,13 +249,20 @@ class BatchScheduler:
 
     # ------------------------------------------------------------------ the stepping thread
 
-    def step(self) -> list[Event]:
-        """Cancel, admit (one batched prefill), then advance every active sequence by one token in one forward."""
+    def step(self, early: Callable[[list[Event]], None] | None = None) -> list[Event]:
+        """Cancel, admit (batched prefills), then advance every active sequence by one token in one forward.
+
+        ``early``: given the events of the cancels and prefills (the admitted sequences' first tokens) before the
+        decode forward runs, so that a caller on another thread can deliver them meanwhile (time to first token
+        does not wait for the batch's decode); the returned events are then the decode's only."""
         events: list[Event] = []
         with torch.inference_mode():
             admitted = self._take_cancels_and_admissions(events)
             if admitted:
                 self._prefill(admitted, events)
+            if early is not None and events and self._active:
+                early(events)
+                events = []
             if self._active:
                 self._decode(events)
         return events

@@ -25,8 +25,8 @@ The names, types and shapes are ``inferplane.modeling.contract.LLM``'s.
 ``execute`` only validates and enqueues. Two threads do the rest:
 - the scheduler thread steps ``inferplane.modeling.llama.batching.BatchScheduler``: new requests are prefilled
   and join between decode steps, up to ``max_sequences`` at once (the rest wait FIFO); each step advances
-  every sequence by one token in one forward and posts the step's events to the outbox. It makes no
-  ``pb_utils`` call.
+  every sequence by one token in one forward and posts the step's events to the outbox (the prefills' first
+  tokens before the decode forward, so that they go out while it runs). It makes no ``pb_utils`` call.
 - the IPC thread makes every ``pb_utils`` call after ``initialize``: the responses (drained from the
   outbox), ``request.is_cancelled()`` of each stream at most every ``CANCEL_POLL_S``, the gauges
   ``inferplane_llm_{active_sequences,queued_requests,kv_slots_in_use,kv_slots_total}{model=...}`` and the
@@ -372,13 +372,12 @@ class TritonPythonModel:
                 continue
             t0, c0 = time.monotonic(), time.thread_time()
             try:
-                events = self.scheduler.step()
+                events = self.scheduler.step(early=self._post_step)  # first tokens go out before the decode
             except Exception as e:  # a broken step must not leave streams hanging
                 self.log_later(f"scheduler step failed: {e!r}; failing {len(self.streams)} requests")
                 self._fail_all(repr(e))
                 continue
-            self._publish_blocks()
-            self._post(events)
+            self._post_step(events)
             steps, rows = steps + 1, rows + self.scheduler.stats.active
             busy_s, cpu_s = busy_s + time.monotonic() - t0, cpu_s + time.thread_time() - c0
             if t0 - last_stats > STATS_EVERY_S:
@@ -387,6 +386,11 @@ class TritonPythonModel:
                                f"({cpu_s / steps * 1e3:.2f} ms CPU), {rows / steps:.1f} sequences/step, "
                                f"now {self.scheduler.stats}")
                 steps, busy_s, cpu_s, rows, last_stats = 0, 0.0, 0.0, 0, t0
+
+    def _post_step(self, events: list[Event]) -> None:
+        """A step's news for the IPC thread: the prefix cache's block changes, then the events (same frame)."""
+        self._publish_blocks()
+        self._post(events)
 
     def _publish_blocks(self) -> None:
         """The prefix cache's changes of the step, to every channel (before the step's tokens: same frame)."""
