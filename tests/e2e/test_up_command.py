@@ -71,7 +71,12 @@ def test_up_prints_a_working_key_and_stops_every_child_on_ctrl_c(tmp_path: Path)
         assert channel and float(channel.group(1)) > 0, [line for line in scraped.splitlines() if "responses" in line]
 
         # Precise cache-aware routing: the model's prefix cache reports its blocks through the executor to the
-        # router (a snapshot when the model's step channel attached, then the blocks the curl's prompt stored).
+        # router (a snapshot when the model's step channel attached, then the blocks a long prompt stored).
+        long = httpx.post(f"{env['INFERPLANE_BASE_URL']}/completions",
+                          headers={"Authorization": f"Bearer {env['INFERPLANE_API_KEY']}"},
+                          json={"model": "tiny-llama", "prompt": "Return the path of a file joined with a name. " * 8,
+                                "max_tokens": 2}, timeout=60)
+        assert long.status_code == 200 and long.json()["usage"]["prompt_tokens"] > 32, long.text
         router = yaml.safe_load((tmp_path / "stack.yaml").read_text())["router"]["server"]
         reports: dict[str, float] = {}
         deadline = time.monotonic() + 30
