@@ -179,17 +179,20 @@ def main() -> None:
             ("router", lambda r: router(address("router"), key, r, tokenizer)),
             ("envoy", lambda r: router(env["INFERPLANE_GRPC_ADDR"], key, r, tokenizer)),
         ]
-        asyncio.run(router(address("router"), key, prompts()[:5], tokenizer))  # warm-up
         print(f"\nTTFT, one request at a time: {args.requests} requests a layer, {args.prompt_tokens}-token prompts, "
               f"{MAX_TOKENS} tokens asked")
-        for round_ in range(1, args.rounds + 1):
-            inner = None
-            for name, run in layers:
-                p50 = statistics.median(asyncio.run(run(prompts()))) * 1000
-                added = f"+{p50 - inner:5.2f} ms" if inner is not None else ""
-                print(f"round {round_}  {name:<12} p50 {p50:6.2f} ms  {added}", flush=True)
-                inner = p50
 
+        async def measure() -> None:  # one event loop for every layer (grpc.aio binds its poller to the first)
+            await router(address("router"), key, prompts()[:5], tokenizer)  # warm-up
+            for round_ in range(1, args.rounds + 1):
+                inner = None
+                for name, run in layers:
+                    p50 = statistics.median(await run(prompts())) * 1000
+                    added = f"+{p50 - inner:5.2f} ms" if inner is not None else ""
+                    print(f"round {round_}  {name:<12} p50 {p50:6.2f} ms  {added}", flush=True)
+                    inner = p50
+
+        asyncio.run(measure())
 
 if __name__ == "__main__":
     main()
