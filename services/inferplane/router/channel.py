@@ -268,7 +268,8 @@ class _Link:
             self.break_("error", f"unreadable frame ({type(exc).__name__})")
 
     def dispatch(self, frame: executor_pb2.ChannelFrame) -> None:
-        """Hand a frame's news to its sequences: tokens first, then ends and failures. Never awaits."""
+        """Hand a frame's news on: its block reports to the index, then to its sequences their tokens, then ends and
+        failures. Never awaits."""
         FRAMES.inc()
         if self._blocks is not None:
             for report in frame.blocks:
