@@ -38,6 +38,7 @@ from inferplane.executor.backend import GenerationBackend, SequenceSink
 from inferplane.executor.block_book import BlockBook
 from inferplane.executor.service import ACTIVE, FINISHED, QUEUE_DEPTH, TRITON_CANCELS, params_from_pb
 from inferplane.executor.triton_client import GenerateParams, TritonLLMClient
+from inferplane.modeling.blocks import BlockChanges
 from inferplane.v1 import common_pb2, executor_pb2
 
 log = logging.getLogger(__name__)
@@ -67,27 +68,18 @@ class FrameBuilder:
         self._top: dict[int, tuple[int, list[int], list[float]]] = {}  # seq -> (k, ids, logprobs)
         self._ended: list[executor_pb2.SequenceEnd] = []
         self._failed: list[executor_pb2.SequenceFailure] = []
-        self._blocks: dict[str, dict[int, bool]] = {}  # model -> block hash -> gained (True) or lost
-        self._blocks_reset: set[str] = set()  # models whose blocks are a snapshot
+        self._blocks: dict[str, BlockChanges] = {}  # model -> its prefix cache's changes (or snapshot)
 
     def __bool__(self) -> bool:
         return bool(self._tokens or self._ended or self._failed or self._blocks)
 
     def blocks(self, model: str, reset: bool, stored: Sequence[int], removed: Sequence[int]) -> None:
         """A model's prefix cache changed (``BlockBook``): merged with what the frame holds for it already."""
+        changes = self._blocks.setdefault(model, BlockChanges())
         if reset:
-            self._blocks_reset.add(model)
-            self._blocks[model] = dict.fromkeys(stored, True)
-            return
-        changes = self._blocks.setdefault(model, {})
-        snapshot = model in self._blocks_reset
-        for h in removed:
-            if snapshot:
-                changes.pop(h, None)
-            else:
-                changes[h] = False
-        for h in stored:
-            changes[h] = True
+            changes.snapshot(stored)
+        else:
+            changes.change(stored, removed)
 
     def tokens(self, seq: int, token_ids: Sequence[int], logprobs: Sequence[float], top_k: int = 0,
                top_ids: Sequence[int] = (), top_logprobs: Sequence[float] = ()) -> None:
@@ -127,9 +119,8 @@ class FrameBuilder:
                     frame.top_token_ids.extend(self._top[s][1])
                     frame.top_logprobs.extend(self._top[s][2])
         for model, changes in self._blocks.items():
-            frame.blocks.add(model=model, reset=model in self._blocks_reset,
-                             stored=[h for h, held in changes.items() if held],
-                             removed=[h for h, held in changes.items() if not held])
+            reset, stored, removed = changes.take()
+            frame.blocks.add(model=model, reset=reset, stored=stored, removed=removed)
         if heartbeat is not None:
             frame.heartbeat.active.extend(heartbeat)
         self._reset()

@@ -9,7 +9,7 @@ the executor's renderer copies it into each LLM's model folder with the rest of 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 ROOT_HASH = 0  # the parent of a prompt's first block
 DEFAULT_BLOCK_SIZE = 16
@@ -32,3 +32,36 @@ def block_hashes(token_ids: Sequence[int], block_size: int, limit: int | None = 
         parent = block_hash(parent, token_ids[start:start + block_size])
         hashes.append(parent)
     return hashes
+
+
+class BlockChanges:
+    """What a reader of a set of block hashes has yet to be told: each block's last change since the last ``take``
+    (gained or lost), or, after ``snapshot``, the whole set with later changes merged into it. The model's channel
+    hub keeps one per channel, the executor's frame builder one per model: a slow reader gets the net change."""
+
+    __slots__ = ("_changes", "reset")
+
+    def __init__(self) -> None:
+        self.reset = False  # the pending blocks are the whole set, not a change
+        self._changes: dict[int, bool] = {}  # block hash -> gained (True) or lost
+
+    def __bool__(self) -> bool:
+        return self.reset or bool(self._changes)
+
+    def snapshot(self, held: Iterable[int]) -> None:
+        self.reset, self._changes = True, dict.fromkeys(held, True)
+
+    def change(self, stored: Iterable[int], removed: Iterable[int]) -> None:
+        for h in removed:
+            if self.reset:  # a snapshot lists only what is held
+                self._changes.pop(h, None)
+            else:
+                self._changes[h] = False
+        for h in stored:
+            self._changes[h] = True
+
+    def take(self) -> tuple[bool, list[int], list[int]]:
+        """(reset, stored, removed), disjoint; the pending changes start afresh."""
+        reset, changes = self.reset, self._changes
+        self.reset, self._changes = False, {}
+        return reset, [h for h, held in changes.items() if held], [h for h, held in changes.items() if not held]

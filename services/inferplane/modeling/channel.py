@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from inferplane.modeling.blocks import BlockChanges
 from inferplane.modeling.contract import INVALID_ARG, LLM, UNAVAILABLE, LLMChannel
 
 CANCEL_POLL_S = 0.05  # each attach is asked is_cancelled() at most this often
@@ -83,11 +84,10 @@ class _Channel:
     live: set[int] = field(default_factory=set)  # sequences opened and not yet ended or failed
     news: dict[int, _News] = field(default_factory=dict)
     polled: float = 0.0
-    blocks: dict[int, bool] = field(default_factory=dict)  # block hash -> held (True) or lost, for the next frame
-    blocks_reset: bool = False  # the next frame's blocks are the whole set
+    blocks: BlockChanges = field(default_factory=BlockChanges)  # the prefix cache's, for the next frame
 
     def has_news(self) -> bool:
-        return bool(self.news or self.blocks or self.blocks_reset)
+        return bool(self.news or self.blocks)
 
 
 class ResponseCounter:
@@ -176,7 +176,7 @@ class ChannelHub:
                 raise ChannelError(f"channel {name!r} is already attached", INVALID_ARG)
             channel = self._channels[name] = _Channel(name, request, sender)
             if self._publishes_blocks:  # the first frame tells the whole set
-                channel.blocks_reset, channel.blocks = True, dict.fromkeys(self._held, True)
+                channel.blocks.snapshot(self._held)
 
     def _open(self, request: Any, key: SeqKey, start: Callable[[Any, SeqKey], None]) -> None:
         with self._lock:
@@ -250,19 +250,12 @@ class ChannelHub:
             if reset:
                 self._held = set(stored)
                 for channel in self._channels.values():
-                    channel.blocks_reset, channel.blocks = True, dict.fromkeys(self._held, True)
+                    channel.blocks.snapshot(self._held)
                 return
             self._held.difference_update(removed)
             self._held.update(stored)
             for channel in self._channels.values():
-                changes = channel.blocks
-                for h in removed:
-                    if channel.blocks_reset:
-                        changes.pop(h, None)
-                    else:
-                        changes[h] = False
-                for h in stored:
-                    changes[h] = True
+                channel.blocks.change(stored, removed)
 
     def live_keys(self) -> list[SeqKey]:
         with self._lock:
@@ -277,8 +270,8 @@ class ChannelHub:
             frames = []
             for channel in self._channels.values():
                 if channel.has_news():
-                    frames.append((channel, channel.news, channel.blocks, channel.blocks_reset))
-                    channel.news, channel.blocks, channel.blocks_reset = {}, {}, False
+                    frames.append((channel, channel.news, channel.blocks.take()))
+                    channel.news = {}
         final = self._pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         for sender, error in completions:
             response = None if error is None else self._pb.InferenceResponse(
@@ -287,9 +280,9 @@ class ChannelHub:
                 sender.send(response, flags=final)
             except Exception:  # the client has gone: its attach's poll or send ends the channel
                 pass
-        for channel, news, blocks, reset in frames:
+        for channel, news, blocks in frames:
             try:
-                channel.sender.send(self._frame(news, blocks, reset))
+                channel.sender.send(self._frame(news, *blocks))
             except Exception:  # the client went away between two polls
                 self._drop(channel)
                 continue
@@ -301,7 +294,7 @@ class ChannelHub:
                 if channel.request.is_cancelled():
                     self._drop(channel)
 
-    def _frame(self, news: dict[int, _News], blocks: dict[int, bool], reset: bool) -> Any:
+    def _frame(self, news: dict[int, _News], reset: bool, stored: list[int], removed: list[int]) -> Any:
         """One response with the columns of ``LLMChannel.OUTPUTS`` (a group only when it has rows)."""
         seqs, counts, ids, logprobs = [], [], [], []
         top_counts, top_ids, top_logprobs = [], [], []
@@ -348,8 +341,6 @@ class ChannelHub:
                     tensor(LLMChannel.FAILED_MESSAGES.name, _bytes(messages))]
         if reset:
             out.append(tensor(LLMChannel.BLOCKS_RESET.name, np.ones(1, dtype=_INT32)))
-        stored = [h for h, held in blocks.items() if held]
-        removed = [h for h, held in blocks.items() if not held]
         if stored or reset:
             out.append(tensor(LLMChannel.BLOCKS_STORED.name, np.array(stored, dtype=_UINT64)))
         if removed:

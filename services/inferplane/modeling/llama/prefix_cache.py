@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from inferplane.modeling.blocks import DEFAULT_BLOCK_SIZE, ROOT_HASH, block_hash, block_hashes
+from inferplane.modeling.blocks import DEFAULT_BLOCK_SIZE, ROOT_HASH, BlockChanges, block_hash, block_hashes
 from inferplane.modeling.llama.model import LlamaForCausalLM
 
 # The block hash lives in ``inferplane.modeling.blocks`` (stdlib only), which the router imports too.
@@ -82,7 +82,7 @@ class PrefixCache:
         self._free = list(range(capacity - 1, -1, -1))  # never-used pool slots (a stack: lowest first)
         self._hits = self._queried = self._evictions = 0
         self._used = self._referenced = 0  # blocks held, and of those referenced: kept as counts (stats is cheap)
-        self._changes: dict[int, bool] = {}  # block hash -> held now (True) or not, since the last take_changes
+        self._changes = BlockChanges()  # blocks gained and lost since the last take_changes
 
     @staticmethod
     def bytes_per_block(model: LlamaForCausalLM, block_size: int = DEFAULT_BLOCK_SIZE) -> int:
@@ -144,7 +144,7 @@ class PrefixCache:
         old = self._blocks[slot]
         assert old is not None and old.refs == 0
         del self._index[old.hash]
-        self._changes[old.hash] = False
+        self._changes.change((), (old.hash,))
         self._blocks[slot] = None
         self._evictions += 1
         self._used -= 1
@@ -153,8 +153,8 @@ class PrefixCache:
     def take_changes(self) -> tuple[list[int], list[int]]:
         """The hashes of the blocks gained and of those lost since the last call: disjoint, each block's last change
         (one gained and then lost in between is reported lost, which is harmless where it was not held before)."""
-        changes, self._changes = self._changes, {}
-        return [h for h, held in changes.items() if held], [h for h, held in changes.items() if not held]
+        _, stored, removed = self._changes.take()
+        return stored, removed
 
     def held(self) -> list[int]:
         """The hashes of every block the pool holds now."""
@@ -196,7 +196,7 @@ class PrefixCache:
                     break
                 self._blocks[slot] = _Block(h, parent, tokens)
                 self._index[h] = slot
-                self._changes[h] = True
+                self._changes.change((h,), ())
                 self._used += 1
                 new_slots.append(slot)
                 new_starts.append(start)
