@@ -20,6 +20,14 @@ from tests.e2e.procs import alive, descendants
 pytestmark = pytest.mark.e2e
 
 
+def sched_policy(pid: int) -> int | None:
+    """A live process's scheduling policy (None: it is gone)."""
+    try:
+        return os.sched_getscheduler(pid) if alive(pid) else None
+    except ProcessLookupError:
+        return None
+
+
 def test_up_prints_a_working_key_and_stops_every_child_on_ctrl_c(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "inferplane.cli", "up", "--state-dir", str(tmp_path),
                              "--free-ports", "--ready-timeout", "300"],
@@ -106,6 +114,11 @@ def test_up_prints_a_working_key_and_stops_every_child_on_ctrl_c(tmp_path: Path)
         children = descendants(proc.pid)
         names = {Path(f"/proc/{p}/exe").resolve().name for p in children if alive(p)}
         assert "tritonserver" in names, names
+        # The default CPU policy: every process of the stack (Envoy, Triton and its stubs included) runs under
+        # SCHED_BATCH; the launcher itself keeps its own.
+        policies = {p: policy for p in children if (policy := sched_policy(p)) is not None}
+        assert len(policies) >= 5 and set(policies.values()) == {os.SCHED_BATCH}, policies
+        assert os.sched_getscheduler(proc.pid) == os.sched_getscheduler(0)
     finally:
         children = descendants(proc.pid)
         proc.send_signal(signal.SIGINT)

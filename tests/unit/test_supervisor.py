@@ -201,3 +201,30 @@ def test_children_start_cleanly_while_grpc_threads_run(sup: Supervisor, events: 
     finally:
         stop.set()
     assert codes == [0] * 100
+
+
+@pytest.mark.parametrize("die_with_parent", [True, False])
+def test_a_child_runs_under_its_cpu_policy_and_its_own_children_inherit_it(sup: Supervisor, tmp_path: Path,
+                                                                           die_with_parent: bool) -> None:
+    """``cpu_policy="batch"``: the child and what it starts run under SCHED_BATCH (as Triton under the executor);
+    without one the child keeps the parent's policy."""
+    out = tmp_path / "policies.txt"
+    grandchild = "import os; print(os.sched_getscheduler(0))"
+    script = ("import os, subprocess, sys\n"
+              f"own = os.sched_getscheduler(0)\n"
+              f"child = subprocess.run([sys.executable, '-c', {grandchild!r}], capture_output=True, text=True)\n"
+              f"open({str(out)!r}, 'w').write(f'{{own}} {{child.stdout.strip()}}')\n")
+    sup.start(ChildSpec("batched", [sys.executable, "-c", script], restart=None, cpu_policy="batch",
+                        die_with_parent=die_with_parent), supervised=False)
+    wait_for(lambda: out.exists() and out.read_text().count(" ") == 1, 30, "the child's report")
+    assert out.read_text().split() == [str(os.SCHED_BATCH)] * 2
+    plain = tmp_path / "plain.txt"
+    sup.start(ChildSpec("plain", [sys.executable, "-c", f"import os; open({str(plain)!r}, 'w').write("
+                                  "str(os.sched_getscheduler(0)))"], restart=None), supervised=False)
+    wait_for(lambda: plain.exists() and plain.read_text() != "", 30, "the plain child's report")
+    assert plain.read_text() == str(os.sched_getscheduler(0))
+
+
+def test_an_unknown_cpu_policy_is_refused() -> None:
+    with pytest.raises(AssertionError, match="cpu_policy"):
+        ChildSpec("x", SLEEPER, cpu_policy="realtime")

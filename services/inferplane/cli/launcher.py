@@ -43,7 +43,7 @@ from inferplane.assets import CATALOG
 from inferplane.cli.autoscale import AutoscaleSettings, ExecutorScaler
 from inferplane.common.metrics import start_metrics_server
 from inferplane.common.ports import free_port
-from inferplane.common.supervisor import ChildSpec, Event, RestartPolicy, Supervisor, last_line
+from inferplane.common.supervisor import CPU_POLICIES, ChildSpec, Event, RestartPolicy, Supervisor, last_line
 from inferplane.edge.envoy import edge_settings, envoy_command, write_envoy_yaml
 from inferplane.gateway.dashboard import ADMIN_KEY_VAR, DASHBOARD_URL_VAR, dashboard_url
 
@@ -111,9 +111,14 @@ class StackConfig:
     edge_mode: str = DEFAULT_EDGE_MODE
     # Executors that follow the load (``inferplane.cli.autoscale``); None: ``executors`` of them, fixed.
     autoscale: AutoscaleSettings | None = None
+    # The scheduling policy of every child (``CPU_POLICIES``; Triton and its stubs inherit the executor's).
+    # "batch": a process woken by a message does not preempt the one that sent it, so each relay works through
+    # every message that is ready in one turn (docs/deployment.md, "CPU policy").
+    cpu_policy: str = "batch"
 
     def __post_init__(self) -> None:
         assert self.edge_mode in EDGE_MODES, f"edge_mode must be one of {EDGE_MODES}, not {self.edge_mode!r}"
+        assert self.cpu_policy in CPU_POLICIES, f"cpu_policy must be one of {sorted(CPU_POLICIES)}"
         if self.autoscale is not None:
             self.executors = self.autoscale.min_replicas
 
@@ -325,7 +330,8 @@ class LocalStack:
         """Start (or start again) one component, wait until it is ready, then supervise it."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         spec = ChildSpec(name, self._command(name), cwd=self.state, env=env, log_path=self._log_path(name),
-                         restart=self.cfg.restart, ready=lambda: self._ready(name), stop_timeout_s=20.0)
+                         restart=self.cfg.restart, ready=lambda: self._ready(name), stop_timeout_s=20.0,
+                         cpu_policy=self.cfg.cpu_policy)
         self._starting.add(name)
         try:
             self.supervisor.start(spec, supervised=False)  # a death during start-up fails the start
@@ -540,6 +546,10 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--edge", choices=EDGE_MODES, default=DEFAULT_EDGE_MODE,
                         help="where the REST edge runs: in the router's process (no gRPC hop per token), or as a "
                              "separate gateway process (as compose and Kubernetes run it); see docs/deployment.md")
+    parser.add_argument("--cpu-policy", choices=sorted(CPU_POLICIES), default=StackConfig.cpu_policy,
+                        help="the Linux scheduling policy of every process of the stack: batch (SCHED_BATCH: a "
+                             "process woken by a message does not preempt its sender; less CPU per token under "
+                             "load) or normal (default %(default)s; see docs/deployment.md)")
 
 
 def autoscale_settings(args: argparse.Namespace) -> AutoscaleSettings | None:
@@ -582,7 +592,7 @@ def up(args: argparse.Namespace) -> int:
         return 2
     cfg = StackConfig(state_dir=args.state_dir, catalog=args.catalog.resolve(), ports=ports,
                       ready_timeout_s=args.ready_timeout, executors=max(1, args.executors), edge_mode=args.edge,
-                      trace_sample_ratio=args.trace_sample, autoscale=autoscale)
+                      trace_sample_ratio=args.trace_sample, autoscale=autoscale, cpu_policy=args.cpu_policy)
     stack = LocalStack(cfg, log=lambda line: print(line, flush=True), reap_orphans=True)
     stop = stack.interrupted
     for sig in STOP_SIGNALS:

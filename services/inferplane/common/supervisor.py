@@ -13,7 +13,8 @@ What it guarantees:
 - Each child gets ``PR_SET_PDEATHSIG`` = SIGKILL: it dies when its parent dies, at every level (launcher →
   services → tritonserver). The kernel sends that signal when the *thread* that forked the child ends, so
   every child is forked by the supervisor's own thread, which lives until ``close()``. The prctl runs in a
-  small exec wrapper (``die_with_parent``), never in a ``preexec_fn``.
+  small exec wrapper (``exec_wrapper``), never in a ``preexec_fn``.
+- A child may run under another scheduling policy (``ChildSpec.cpu_policy``), set by the same wrapper.
 - A supervised child that exits without being asked is restarted after an exponential backoff (capped);
   one that crashes ``max_crashes`` times within ``window_s`` is given up (an event says so). Each restart
   is an event (for a log line) and a count in ``inferplane_supervisor_restarts_total{child}``.
@@ -86,6 +87,13 @@ class ChildSpec:
     # unloads its models and lets the stubs finalize). SIGKILL always goes to the whole group.
     term_group: bool = True
     die_with_parent: bool = True
+    # The Linux scheduling policy the child runs under, inherited by what it starts (``CPU_POLICIES``): "batch"
+    # (SCHED_BATCH: a woken child does not preempt the running one, so a relay works through what is ready
+    # before the next process runs) or None (the parent's policy).
+    cpu_policy: str | None = None
+
+    def __post_init__(self) -> None:
+        assert self.cpu_policy is None or self.cpu_policy in CPU_POLICIES, f"unknown cpu_policy {self.cpu_policy!r}"
 
 
 @dataclass(frozen=True)
@@ -118,22 +126,31 @@ def ordinal(n: int) -> str:
     return f"{n}{suffix}"
 
 
-# Run first in the child, by a fresh interpreter that then execs the real command: PR_SET_PDEATHSIG, and
-# SIGKILL at once if the parent died before that. Not a ``preexec_fn``: Python code between fork and exec
-# in a process with gRPC's threads crashed (SIGSEGV, gRPC's fork-handler aborts) or hung the child in about
-# 1% of spawns; without one, subprocess uses vfork and runs no fork handlers at all.
-_DIE_WITH_PARENT = (
+# The scheduling policies a child may be given (``ChildSpec.cpu_policy``): name -> os.SCHED_*.
+CPU_POLICIES = {"batch": "SCHED_BATCH", "normal": "SCHED_OTHER"}
+
+# Run first in the child, by a fresh interpreter that then execs the real command: PR_SET_PDEATHSIG (when
+# argv[1] is a pid: SIGKILL at once if that parent died before), and the scheduling policy (argv[2], "-": keep).
+# Not a ``preexec_fn``: Python code between fork and exec in a process with gRPC's threads crashed (SIGSEGV,
+# gRPC's fork-handler aborts) or hung the child in about 1% of spawns; without one, subprocess uses vfork and
+# runs no fork handlers at all.
+_EXEC_WRAPPER = (
     "import ctypes, os, signal, sys\n"
-    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG\n"
-    "if os.getppid() != int(sys.argv[1]):\n"
-    "    os.kill(os.getpid(), signal.SIGKILL)\n"
-    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+    "if sys.argv[1] != '-':\n"
+    "    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG\n"
+    "    if os.getppid() != int(sys.argv[1]):\n"
+    "        os.kill(os.getpid(), signal.SIGKILL)\n"
+    "if sys.argv[2] != '-':\n"
+    "    os.sched_setscheduler(0, getattr(os, sys.argv[2]), os.sched_param(0))\n"
+    "os.execvp(sys.argv[3], sys.argv[3:])\n"
 )
 
 
-def die_with_parent(argv: Sequence[str]) -> list[str]:
-    """``argv`` run so that it gets SIGKILL when the thread that forks it (and so this process) ends."""
-    return [sys.executable, "-S", "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv]
+def exec_wrapper(argv: Sequence[str], *, die_with_parent: bool = True, cpu_policy: str | None = None) -> list[str]:
+    """``argv`` run so that it gets SIGKILL when the thread that forks it (and so this process) ends, and under
+    ``cpu_policy`` (``CPU_POLICIES``; None: the parent's)."""
+    policy = CPU_POLICIES[cpu_policy] if cpu_policy is not None else "-"
+    return [sys.executable, "-S", "-c", _EXEC_WRAPPER, str(os.getpid()) if die_with_parent else "-", policy, *argv]
 
 
 def last_line(path: Path | None) -> str:
@@ -360,7 +377,9 @@ class Supervisor:
         if spec.log_path is not None:
             spec.log_path.parent.mkdir(parents=True, exist_ok=True)
             out = spec.log_path.open("ab")
-        argv = die_with_parent(spec.argv) if spec.die_with_parent else list(spec.argv)
+        wrapped = spec.die_with_parent or spec.cpu_policy is not None
+        argv = (exec_wrapper(spec.argv, die_with_parent=spec.die_with_parent, cpu_policy=spec.cpu_policy)
+                if wrapped else list(spec.argv))
         try:
             child.proc = subprocess.Popen(
                 argv, cwd=spec.cwd, env=dict(spec.env) if spec.env is not None else None,
