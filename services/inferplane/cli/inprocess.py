@@ -19,6 +19,7 @@ from collections.abc import AsyncGenerator, Callable
 from typing import Any, cast
 
 import grpc
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
@@ -103,20 +104,34 @@ class _Rpc:
 
 
 class InProcessGenerateCall:
-    """One ``Generate``: the servicer's generator, stepped under the call's span."""
+    """One ``Generate``: the servicer's generator, stepped under the call's span.
 
-    __slots__ = ("_context", "_done", "_gen", "_rpc")
+    The span is made current in the caller's task at the first step and stays so until the call ends (not entered
+    and left around every message: that was a context switch of OpenTelemetry's per token); the gateway's task
+    makes the call, steps it and closes it, so the span is current in it from the first message to the end."""
+
+    __slots__ = ("_attached", "_context", "_done", "_gen", "_rpc")
 
     def __init__(self, servicer: RouterServicer, request: router_pb2.GenerateRequest, context: LocalContext) -> None:
         self._context = context
         self._rpc = _Rpc("Generate")
         self._gen = cast(AsyncGenerator[router_pb2.GenerateResponse], servicer.Generate(request, context.grpc))
         self._done = False
+        self._attached: object | None = None
+
+    def _enter(self) -> None:
+        if self._attached is None and not self._done:
+            self._attached = otel_context.attach(trace.set_span_in_context(self._rpc.span))
+
+    def _leave(self) -> None:
+        if self._attached is not None:
+            token, self._attached = self._attached, None
+            otel_context.detach(token)  # type: ignore[arg-type]
 
     async def _next(self) -> router_pb2.GenerateResponse | None:
+        self._enter()
         try:
-            with trace.use_span(self._rpc.span, record_exception=False, set_status_on_exception=False):
-                return await anext(self._gen)
+            return await anext(self._gen)
         except StopAsyncIteration:
             self._end(grpc.StatusCode.OK)
             return None
@@ -129,6 +144,7 @@ class InProcessGenerateCall:
             raise err from None
 
     def _end(self, code: grpc.StatusCode, message: str | None = None) -> None:
+        self._leave()
         if not self._done:
             self._done = True
             self._rpc.end(code, message)
@@ -150,10 +166,11 @@ class InProcessGenerateCall:
         """Cancel unless finished: the servicer's generator is closed now, in this task (its cleanup cancels the
         executor and records the usage), as the gRPC stream writer closes it when an RPC is cancelled."""
         if self._done:
+            self._leave()
             return
+        self._enter()
         try:
-            with trace.use_span(self._rpc.span, record_exception=False, set_status_on_exception=False):
-                await self._gen.aclose()
+            await self._gen.aclose()
         finally:
             self._end(grpc.StatusCode.CANCELLED, "cancelled")
 

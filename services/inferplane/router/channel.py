@@ -100,7 +100,6 @@ class ChannelSequence:
     def __init__(self, link: _Link, seq: int, end_at: float, interval: int = 1) -> None:
         self._link = link
         self.seq = seq
-        self._end_at = end_at  # loop time of the request's deadline
         # The request's stream_interval: after the first message, each holds at least this many ids (the last: what
         # is left), as the executor's Generate groups them; 1: whatever has arrived.
         self._want = 1
@@ -115,6 +114,9 @@ class ChannelSequence:
         self.ended = False  # the executor ended it (finished or failed) or the channel broke
         self.finished = False  # the final message was handed to the reader
         self._consumed = False
+        # One timer for the deadline (not one per wait: a wait per token would arm and cancel one per token).
+        self._expired = False
+        self._deadline = link.loop.call_at(end_at, self._expire)
 
     # --- from the link's reader ------------------------------------------------------------------------
 
@@ -140,6 +142,10 @@ class ChannelSequence:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
+    def _expire(self) -> None:
+        self._expired = True
+        self._wake()
+
     # --- for the engine --------------------------------------------------------------------------------
 
     async def first(self) -> None:
@@ -150,14 +156,15 @@ class ChannelSequence:
             raise self._error
 
     async def _wait(self) -> None:
-        self._waiter = asyncio.get_running_loop().create_future()
-        try:
-            async with asyncio.timeout_at(self._end_at):
+        """Until the reader brings something; past the request's deadline, ``DeadlineExceeded``."""
+        if not self._expired:
+            self._waiter = self._link.loop.create_future()
+            try:
                 await self._waiter
-        except TimeoutError:
-            raise DeadlineExceeded("deadline exceeded while waiting for the executor") from None
-        finally:
-            self._waiter = None
+            finally:
+                self._waiter = None
+        if self._expired:
+            raise DeadlineExceeded("deadline exceeded while waiting for the executor")
 
     def __aiter__(self) -> ChannelSequence:
         return self
@@ -193,6 +200,7 @@ class ChannelSequence:
     def close(self) -> None:
         """Leave the sequence: cancelled on the executor unless it ended. Synchronous: nothing to lose at an
         await on the way out."""
+        self._deadline.cancel()
         if not self.ended:
             self.ended = True
             self._link.cancel(self.seq)
@@ -206,14 +214,14 @@ class _Link:
         self.address = address
         self._blocks = blocks
         self._silence_s = silence_s
-        self._loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
         self.sequences: dict[int, ChannelSequence] = {}
         self._cancelling: set[int] = set()  # cancelled here, their end not seen yet
         self._opens: list[executor_pb2.SequenceOpen] = []
         self._cancels: list[int] = []
         self._pending = asyncio.Event()
         self.broken: BaseException | None = None
-        self.last_heard = self._loop.time()
+        self.last_heard = self.loop.time()
         # Opened by whichever request comes first, but no request's: its call and tasks run in a context of their
         # own (no trace span or log field of that request on the channel's lifetime).
         clean = contextvars.Context()
@@ -225,7 +233,7 @@ class _Link:
 
     def open(self, seq: int, request: executor_pb2.ExecutorGenerateRequest, timeout: float,
              traceparent: str) -> ChannelSequence:
-        sequence = self.sequences[seq] = ChannelSequence(self, seq, self._loop.time() + timeout,
+        sequence = self.sequences[seq] = ChannelSequence(self, seq, self.loop.time() + timeout,
                                                          request.stream_interval)
         self._opens.append(executor_pb2.SequenceOpen(seq=seq, request=request, traceparent=traceparent,
                                                      timeout_ms=min(_MAX_TIMEOUT_MS, math.ceil(timeout * 1000))))
@@ -259,7 +267,7 @@ class _Link:
                 if frame is grpc.aio.EOF:  # type: ignore[attr-defined]
                     self.break_("ended", "the executor ended the channel (draining)")
                     return
-                self.last_heard = self._loop.time()
+                self.last_heard = self.loop.time()
                 self.dispatch(frame)
         except grpc.aio.AioRpcError as exc:
             self.break_("error", f"{exc.code().name}: {exc.details()}")
@@ -321,7 +329,7 @@ class _Link:
         """A channel with live sequences that stays silent (no frame, no heartbeat) is treated as broken."""
         while True:
             await asyncio.sleep(min(1.0, self._silence_s / 4))
-            silent = self._loop.time() - self.last_heard
+            silent = self.loop.time() - self.last_heard
             if self.sequences and silent > self._silence_s:
                 self.break_("silent", f"the executor sent nothing for {silent:.1f}s")
                 return
