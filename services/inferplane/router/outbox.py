@@ -50,7 +50,7 @@ CREATE TABLE IF NOT EXISTS outbox (
 
 class UsageOutbox:
     def __init__(self, path: Path, send_batch: SendBatch, *, batch_size: int = 500, min_backoff_s: float = 0.2,
-                 max_backoff_s: float = 10.0, linger_s: float = 0.2, fsync_interval_s: float = 1.0) -> None:
+                 max_backoff_s: float = 10.0, linger_s: float = 1.0, fsync_interval_s: float = 1.0) -> None:
         """``linger_s``: after a record arrives, how long the sender waits for more before sending a batch (fewer,
         larger RecordUsageBatch calls and outbox deletes; off the requests' path either way). ``fsync_interval_s``:
         the longest a committed record waits for the fsync that makes it survive a power loss."""
