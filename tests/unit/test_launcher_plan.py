@@ -39,3 +39,16 @@ def test_free_ports_are_distinct_within_a_stack(tmp_path: Path, monkeypatch) -> 
     monkeypatch.setattr(launcher, "free_port", lambda: next(picks))
     ports = stack(tmp_path).ports
     assert len(set(ports.values())) == len(ports)
+
+
+def test_envoy_runs_one_worker_unless_the_edge_settings_say_otherwise(tmp_path: Path) -> None:
+    plain = stack(tmp_path / "plain")
+    plain.state.mkdir(parents=True)
+    plain.write_settings()
+    command = plain._command("envoy")
+    assert command[command.index("--concurrency") + 1] == "1"
+    wide = LocalStack(StackConfig(state_dir=tmp_path / "wide", ports=dict.fromkeys(StackConfig().ports, 0),
+                                  edge={"workers": 0}), log=lambda m: None)
+    wide.state.mkdir(parents=True)
+    wide.write_settings()
+    assert "--concurrency" not in wide._command("envoy")  # 0: Envoy's own default, one worker per CPU

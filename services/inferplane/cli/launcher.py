@@ -287,7 +287,8 @@ class LocalStack:
 
     def _command(self, name: str) -> list[str]:
         if name == "envoy":
-            return [*envoy_command(self.envoy_file), "--log-format", ENVOY_LOG_FORMAT]
+            workers = edge_settings(self.settings_file).workers
+            return [*envoy_command(self.envoy_file, concurrency=workers or None), "--log-format", ENVOY_LOG_FORMAT]
         if name == "router" and self.edge_in_router:
             return [sys.executable, "-m", "inferplane.cli", "serve", "router-gateway", "--config",
                     str(self.settings_file)]

@@ -27,7 +27,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import model_validator
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from inferplane.common.settings import load_settings
@@ -89,6 +89,10 @@ class EdgeSettings(BaseSettings):
     max_pending_requests: int = 1024
     max_retries: int = 3
     num_retries: int = 2
+    # Envoy's worker threads (``--concurrency``) as ``inferplane up`` runs it: one worker relays far more than the
+    # Python services behind it produce on one machine, and every stream's bytes then wake one thread, not
+    # several (less CPU per token: docs/benchmarks.md); 0: one per CPU, Envoy's own default.
+    workers: int = Field(default=1, ge=0)
     # Seconds of draining (listeners keep serving in-flight streams) on shutdown and hot restart.
     drain_timeout_s: float = 10.0
     # TLS on the listener when both are set (PEM files); h2 and http/1.1 by ALPN.
