@@ -161,3 +161,19 @@ async def test_commits_are_fsynced_together_within_the_interval(tmp_path: Path) 
     await asyncio.wait_for(box.synced(), 30)
     assert 1 <= box.fsyncs < 50  # one fsync covers many commits (a group commit)
     await box.stop(drain_timeout_s=0)
+
+
+async def test_the_writer_never_checkpoints_the_group_fsync_does(tmp_path: Path) -> None:
+    """Commits in the event loop only append to the WAL (no checkpoint, so no fsync on the loop); the group fsync's
+    checkpoint, in a worker thread on its own connection, moves the records into the database file."""
+    path = tmp_path / "outbox.db"
+    box = UsageOutbox(path, Sender(up=False), fsync_interval_s=0.2)
+    blob = "x" * 400
+    # ~6 MB in one commit: past SQLite's automatic checkpoint (1,000 pages), which the writer would run at commit
+    await asyncio.gather(*(box.put(metering_pb2.UsageRecord(request_id=f"r{i}", model=blob)) for i in range(12_000)))
+    before = path.stat().st_size
+    assert before < 64 * 1024, before  # the records are in the WAL only
+    await asyncio.wait_for(box.synced(), 30)
+    assert path.stat().st_size > 4 * 2**20  # checkpointed into the database file
+    assert box.depth() == 12_000
+    await box.stop(drain_timeout_s=0)
