@@ -177,3 +177,26 @@ async def test_the_writer_never_checkpoints_the_group_fsync_does(tmp_path: Path)
     assert path.stat().st_size > 4 * 2**20  # checkpointed into the database file
     assert box.depth() == 12_000
     await box.stop(drain_timeout_s=0)
+
+
+async def test_records_put_while_a_batch_is_sent_stay_for_the_next_batch(tmp_path: Path) -> None:
+    """The acknowledged batch is deleted by sequence range: what arrived during its send is kept and sent next."""
+    release, first = asyncio.Event(), asyncio.Event()
+    sent: list[list[str]] = []
+
+    async def slow(records: list[metering_pb2.UsageRecord]) -> None:
+        sent.append([r.request_id for r in records])
+        if len(sent) == 1:
+            first.set()
+            await release.wait()
+
+    box = UsageOutbox(tmp_path / "outbox.db", slow, linger_s=0)
+    box.start()
+    await asyncio.gather(*(box.put(rec(f"a{i}")) for i in range(5)))
+    await asyncio.wait_for(first.wait(), 10)
+    await asyncio.gather(*(box.put(rec(f"b{i}")) for i in range(3)))  # while the first batch is in flight
+    release.set()
+    assert await box.flushed(10)
+    assert sent[0] == [f"a{i}" for i in range(5)]
+    assert sorted(r for batch in sent[1:] for r in batch) == [f"b{i}" for i in range(3)]
+    await box.stop(drain_timeout_s=0)

@@ -260,7 +260,7 @@ class UsageOutbox:
                     backoff = min(backoff * 2, self._max_backoff)
                     continue
                 backoff = self._min_backoff
-                removed = await asyncio.to_thread(self._delete, [seq for seq, _ in rows])
+                removed = await asyncio.to_thread(self._delete_through, rows[-1][0])
                 self._set_depth(self._depth - removed)
                 OUTBOX_SENT.inc(len(records))
 
@@ -269,12 +269,14 @@ class UsageOutbox:
             return [(int(seq), bytes(blob)) for seq, blob in
                     self._db.execute("SELECT seq, record FROM outbox ORDER BY seq LIMIT ?", (limit,))]
 
-    def _delete(self, seqs: list[int]) -> int:
+    def _delete_through(self, last_seq: int) -> int:
+        """Delete the batch just acknowledged: the oldest rows, through ``last_seq`` (one range delete, so the lock a
+        put on the event loop may wait for is held briefly; later puts have higher sequence numbers)."""
         with self._db_lock:
             before = self._db.total_changes
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.executemany("DELETE FROM outbox WHERE seq = ?", [(s,) for s in seqs])
+                self._db.execute("DELETE FROM outbox WHERE seq <= ?", (last_seq,))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
