@@ -268,6 +268,40 @@ async def test_non_streaming_answer_slower_than_the_request_timeout_completes(ed
     assert resp.json()["usage"]["completion_tokens"] == 6
 
 
+async def test_the_gateway_behind_a_unix_socket_streams_through_envoy(edge: Edge) -> None:
+    """``inferplane up``'s wiring: the gateway listens on its TCP port and on a Unix socket, Envoy's gateway cluster
+    is the socket (a pipe address). A stream and a plain answer go through it; the TCP port still answers; the
+    socket is removed when the gateway stops."""
+    path = edge.work / f"gw-{uuid.uuid4().hex[:6]}.sock"
+    gateway = GatewayServer(GatewaySettings(port=0, unix_socket=str(path), router_addr=f"127.0.0.1:{edge.router_port}",
+                                            request_timeout_s=30, grace_seconds=1), handle_signals=False)
+    task = asyncio.create_task(gateway.serve())
+    await asyncio.wait_for(gateway.ready.wait(), 10)
+    try:
+        assert path.is_socket() and path.stat().st_mode & 0o777 == 0o600
+        with another_envoy(edge, gateway_addr=f"unix:{path}") as envoy:
+            async with httpx.AsyncClient(base_url=envoy.base, timeout=30) as client:
+                events = await _sse_events(client, "/v1/completions", _completion("steady", 3, stream=True),
+                                           "sse-unix")
+                plain = await client.post("/v1/completions", json=_completion("steady", 2, stream=False),
+                                          headers=AUTH)
+            assert envoy.stats("cluster.gateway.upstream_rq_completed")["cluster.gateway.upstream_rq_completed"] >= 2
+        assert events[-1] == "[DONE]"
+        assert sum(1 for e in events if e.startswith("{") and json.loads(e)["choices"]) >= 3
+        assert plain.status_code == 200 and plain.json()["usage"]["completion_tokens"] == 2
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.port}", timeout=30) as client:
+            assert (await client.get("/healthz")).status_code in (200, 503)  # the TCP listener still answers
+    finally:
+        gateway.should_exit = True
+        await asyncio.wait_for(task, 10)
+    assert not path.exists()
+
+
+def test_a_unix_gateway_address_must_be_absolute() -> None:
+    with pytest.raises(ValueError, match="unix:/absolute/path"):
+        EdgeSettings(gateway_addr="unix:relative.sock")
+
+
 async def test_grpc_stream_longer_than_the_request_timeout_completes(edge: Edge) -> None:
     started = time.monotonic()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{edge.envoy.settings.port}") as channel:

@@ -52,3 +52,30 @@ def test_envoy_runs_one_worker_unless_the_edge_settings_say_otherwise(tmp_path: 
     wide.state.mkdir(parents=True)
     wide.write_settings()
     assert "--concurrency" not in wide._command("envoy")  # 0: Envoy's own default, one worker per CPU
+
+
+def test_envoy_reaches_the_gateway_on_a_unix_socket_in_the_state_dir(tmp_path: Path) -> None:
+    import yaml
+
+    from inferplane.edge.envoy import edge_settings, envoy_config
+
+    plan = stack(tmp_path / "s")
+    plan.state.mkdir(parents=True)
+    plan.write_settings()
+    settings = yaml.safe_load(plan.settings_file.read_text())
+    sock = str(plan.state / "gateway.sock")
+    assert settings["gateway"]["unix_socket"] == sock and settings["gateway"]["port"]  # TCP too (health, metrics)
+    clusters = {c["name"]: c for c in envoy_config(edge_settings(plan.settings_file))["static_resources"]["clusters"]}
+    endpoint = clusters["gateway"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    assert endpoint["address"] == {"pipe": {"path": sock}} and clusters["gateway"]["type"] == "STATIC"
+    assert "upstream_connection_options" not in clusters["gateway"]  # TCP keepalive: not for a pipe
+    assert "socket_address" in clusters["router"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0][
+        "endpoint"]["address"]
+
+    # a state directory too deep for a Unix socket's address (108 bytes): the gateway's TCP port
+    deep = stack(tmp_path / ("d" * 120))
+    deep.state.mkdir(parents=True)
+    deep.write_settings()
+    settings = yaml.safe_load(deep.settings_file.read_text())
+    assert settings["gateway"]["unix_socket"] == ""
+    assert settings["edge"]["gateway_addr"] == f"127.0.0.1:{settings['gateway']['port']}"

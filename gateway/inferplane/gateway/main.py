@@ -7,8 +7,10 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import signal
 import socket
+import stat
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -42,6 +44,7 @@ class GatewayServer(uvicorn.Server):
         super().__init__(config)
         self.ready = ready or asyncio.Event()
         self.handle_signals = handle_signals
+        self.unix_socket = settings.unix_socket
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -60,10 +63,19 @@ class GatewayServer(uvicorn.Server):
                 loop.remove_signal_handler(sig)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        if sockets is None and self.unix_socket:
+            sockets = [self.config.bind_socket(), bind_unix_socket(self.unix_socket)]
         await super().startup(sockets)
         if self.started:
-            log.info("gateway listening on %s:%d", self.config.host, self.port)
+            log.info("gateway listening on %s:%d%s", self.config.host, self.port,
+                     f" and {self.unix_socket}" if self.unix_socket else "")
             self.ready.set()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().shutdown(sockets)
+        if self.unix_socket:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.unix_socket)
 
     @property
     def port(self) -> int:
@@ -72,6 +84,22 @@ class GatewayServer(uvicorn.Server):
             for sock in server.sockets:
                 return int(sock.getsockname()[1])
         return int(self.config.port)
+
+
+def bind_unix_socket(path: str) -> socket.socket:
+    """A listening Unix stream socket at ``path`` (one left by a process that died is replaced), for this user
+    only."""
+    if os.path.exists(path) and stat.S_ISSOCK(os.stat(path).st_mode):
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o600)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
 
 
 async def serve(settings: GatewaySettings, *, ready: asyncio.Event | None = None) -> None:

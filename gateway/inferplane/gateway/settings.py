@@ -13,6 +13,10 @@ class GatewaySettings(BaseSettings):
     host: str = "127.0.0.1"
     # 0 picks a free port (``GatewayServer.port`` tells which).
     port: int = 8081  # behind the edge (Envoy, 8080)
+    # Also listen on this Unix socket ("" = TCP only): the edge's upstream when both run on one machine
+    # (``inferplane up``). A small write costs about half as much on a Unix socket as on loopback TCP, for the
+    # writer and for the reader, and every streamed chunk is one (docs/benchmarks.md, "round three").
+    unix_socket: str = ""
     router_addr: str = "127.0.0.1:50051"
     # Metering's gRPC address, for /v1/usage and the /admin routes.
     metering_addr: str = "127.0.0.1:50054"

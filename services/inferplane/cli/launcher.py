@@ -55,6 +55,9 @@ DEFAULT_PORTS = {"edge": 8080, "envoy_admin": 9901, "gateway": 8081, "router": 5
                  "executor_metrics": 9103, "metering_metrics": 9104, "launcher_metrics": 9105}
 # The user's credentials (mode 0600): the keys, the dashboard's sign-in link; the one file of the stack with keys.
 CREDENTIALS_FILE = "local.env"
+# The gateway's Unix socket in the state directory (Envoy's upstream); Linux allows 108 bytes of path, NUL included.
+GATEWAY_SOCKET = "gateway.sock"
+UNIX_PATH_MAX = 108
 START_ORDER = ["metering", "tokenizer", "executor", "router", "gateway", "envoy"]
 # Where the REST edge runs: in the router's process (one event loop, no gRPC hop per token; the "router" child
 # serves both, ``inferplane serve router-gateway``), or as its own "gateway" process calling the router over gRPC.
@@ -149,6 +152,10 @@ def stack_settings(cfg: StackConfig, ports: dict[str, int]) -> dict[str, Any]:
                 "metrics_port": ports[f"{name}_metrics"]}
 
     addr = {name: f"{cfg.host}:{ports[name]}" for name in ("router", "tokenizer", "metering")}
+    # The edge reaches the gateway on a Unix socket in the state directory (cheaper per streamed chunk than
+    # loopback TCP), or on its TCP port where the path would be too long for a Unix socket address.
+    gateway_socket = state / GATEWAY_SOCKET
+    unix_socket = str(gateway_socket) if len(os.fsencode(gateway_socket)) < UNIX_PATH_MAX else ""
     replicas = replica_names(cfg.executors)
     executor_addrs = ([f"file://{state / 'executors'}"] if cfg.autoscale is not None else
                       [f"{cfg.host}:{ports[replica_port_key('executor', r)]}" for r in replicas])
@@ -163,7 +170,8 @@ def stack_settings(cfg: StackConfig, ports: dict[str, int]) -> dict[str, Any]:
                    "tokenizer_addr": addr["tokenizer"], "metering_addr": addr["metering"],
                    "executor_addrs": executor_addrs,
                    "outbox_path": str(state / "router-outbox.db"), **cfg.router},
-        "gateway": {"host": cfg.host, "port": ports["gateway"], "router_addr": addr["router"],
+        "gateway": {"host": cfg.host, "port": ports["gateway"], "unix_socket": unix_socket,
+                    "router_addr": addr["router"],
                     "metering_addr": addr["metering"], "uploads_dir": str(state / "uploads"),
                     "dashboard_credentials_file": str(state / CREDENTIALS_FILE),
                     # in the router's process the gateway reads the router's registry; apart, it scrapes it
@@ -171,7 +179,8 @@ def stack_settings(cfg: StackConfig, ports: dict[str, int]) -> dict[str, Any]:
                     f"http://{cfg.host}:{ports['router_metrics']}/metrics",
                     "telemetry": telemetry},
         "edge": {"host": cfg.host, "port": ports["edge"], "admin_port": ports["envoy_admin"],
-                 "gateway_addr": f"{cfg.host}:{ports['gateway']}", "router_addr": addr["router"],
+                 "gateway_addr": f"unix:{unix_socket}" if unix_socket else f"{cfg.host}:{ports['gateway']}",
+                 "router_addr": addr["router"],
                  "access_log_path": str(state / "logs" / "edge-access.log"), **cfg.edge},
     }
 

@@ -40,6 +40,7 @@ KSERVE_SERVICE = "inference.GRPCInferenceService"
 # then v1alpha) and health checks (grpc.health.v1: the router's own status).
 ROUTER_DISCOVERY_SERVICES = ("grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection",
                              "grpc.health.v1.Health")
+UNIX_PREFIX = "unix:"
 GATEWAY_CLUSTER = "gateway"
 ROUTER_CLUSTER = "router"
 OTEL_CLUSTER = "otel_collector"
@@ -66,7 +67,8 @@ class EdgeSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8080
     # host:port of the REST gateway (HTTP/1.1) and of the router (gRPC, HTTP/2). A DNS name resolves to
-    # every address it has (a headless Service gives one per pod).
+    # every address it has (a headless Service gives one per pod). The gateway's may be ``unix:/path``, a Unix
+    # socket it listens on (``GatewaySettings.unix_socket``: one machine, ``inferplane up``).
     gateway_addr: str = "127.0.0.1:8081"
     router_addr: str = "127.0.0.1:50051"
     # The admin interface always listens on 127.0.0.1 only.
@@ -108,8 +110,9 @@ class EdgeSettings(BaseSettings):
     def _check(self) -> EdgeSettings:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file go together")
-        for name in ("gateway_addr", "router_addr"):
-            split_addr(getattr(self, name))
+        if unix_path(self.gateway_addr) is None:
+            split_addr(self.gateway_addr)
+        split_addr(self.router_addr)
         if self.otlp_endpoint:
             split_addr(self.otlp_endpoint)
         assert self.max_body_bytes > 0 and self.max_downstream_connections > 0, "limits must be positive"
@@ -122,6 +125,16 @@ def split_addr(addr: str) -> tuple[str, int]:
     if parsed.hostname is None or parsed.port is None:
         raise ValueError(f"expected host:port, got {addr!r}")
     return parsed.hostname, parsed.port
+
+
+def unix_path(addr: str) -> str | None:
+    """The path of a ``unix:/path`` address (absolute), None for any other address."""
+    if not addr.startswith(UNIX_PREFIX):
+        return None
+    path = addr[len(UNIX_PREFIX):]
+    if not path.startswith("/"):
+        raise ValueError(f"expected unix:/absolute/path, got {addr!r}")
+    return path
 
 
 def _duration(seconds: float) -> str:
@@ -147,20 +160,22 @@ def _is_ip(host: str) -> bool:
 # --- clusters -------------------------------------------------------------------------------------------
 
 def _upstream_cluster(name: str, addr: str, s: EdgeSettings, *, http2: bool) -> dict[str, Any]:
-    host, port = split_addr(addr)
+    path = unix_path(addr)
+    host, port = split_addr(addr) if path is None else ("", 0)
     protocol: dict[str, Any] = (
         {"http2_protocol_options": {"max_concurrent_streams": 1024,
                                     "connection_keepalive": {"interval": "30s", "timeout": "5s"}}}
         if http2 else {"http_protocol_options": {}})
     cluster: dict[str, Any] = {
         "name": name,
-        # A literal address is static; a name is re-resolved (every A record is a host: headless Services).
-        "type": "STATIC" if _is_ip(host) else "STRICT_DNS",
+        # A literal address (or a Unix socket) is static; a name is re-resolved (every A record is a host:
+        # headless Services).
+        "type": "STATIC" if path is not None or _is_ip(host) else "STRICT_DNS",
         "connect_timeout": _duration(s.connect_timeout_s),
         # Streams are long and uneven: least-request beats round-robin.
         "lb_policy": "LEAST_REQUEST",
         "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
-            {"endpoint": {"address": _socket(host, port)}}]}]},
+            {"endpoint": {"address": _socket(host, port) if path is None else {"pipe": {"path": path}}}}]}]},
         "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
             common_http_protocol_options={"idle_timeout": f"{UPSTREAM_IDLE_TIMEOUT_S}s"},
@@ -187,9 +202,10 @@ def _upstream_cluster(name: str, addr: str, s: EdgeSettings, *, http2: bool) -> 
             "base_ejection_time": "15s",
             "max_ejection_time": "120s",
             "max_ejection_percent": 50},
-        "upstream_connection_options": {"tcp_keepalive": {"keepalive_time": 60, "keepalive_interval": 10}},
     }
-    if not _is_ip(host):
+    if path is None:
+        cluster["upstream_connection_options"] = {"tcp_keepalive": {"keepalive_time": 60, "keepalive_interval": 10}}
+    if path is None and not _is_ip(host):
         cluster.update({"dns_lookup_family": "V4_PREFERRED", "dns_refresh_rate": "5s", "respect_dns_ttl": True})
     return cluster
 
@@ -475,7 +491,9 @@ def edge_settings(config_file: Path | None, **overrides: Any) -> EdgeSettings:
     if config_file is not None:
         data = yaml.safe_load(Path(config_file).read_text()) or {}
         gateway = data.get("gateway") or {}
-        if "port" in gateway:
+        if gateway.get("unix_socket"):
+            defaults["gateway_addr"] = f"{UNIX_PREFIX}{gateway['unix_socket']}"
+        elif "port" in gateway:
             host = gateway.get("host", "127.0.0.1")
             defaults["gateway_addr"] = f"{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{gateway['port']}"
         if "router_addr" in gateway:
