@@ -170,6 +170,9 @@ async def one_run(state: Path, args: argparse.Namespace) -> dict[str, Any]:
     with Phase(pids, idle) as p:
         out["direct_tokens"] = await stream_phase(direct, args.streams, args.max_tokens)
     out["direct_tokens"]["triton_us_per_token"] = p.triton() * 1e6 / out["direct_tokens"]["tokens"]
+    # Triton's model publishes its response counter at most once a second: wait, so that the direct phase's last
+    # responses are not counted in the mesh's window
+    await asyncio.sleep(SETTLE_S)
     hops_before = await hop_counters(scrape, urls)
     with Phase(pids, idle) as p:
         out["mesh_tokens"] = m = await stream_phase(mesh, args.streams, args.max_tokens)

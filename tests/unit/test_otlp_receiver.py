@@ -11,7 +11,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
 from inferplane.executor import trace_links
-from inferplane.executor.otlp_receiver import OtlpFileReceiver
+from inferplane.executor.otlp_receiver import OtlpFileReceiver, Rehomer, otlp_json_to_spans
 
 
 def triton_span(trace_id: str, span_id: str, parent: str | None, name: str, request_id: str | None = None) -> dict:
@@ -75,3 +75,23 @@ def test_an_unsampled_request_leaves_no_link() -> None:
     with tracer.start_as_current_span("x"):
         trace_links.remember(rid)
     assert trace_links.lookup(rid) is None
+
+
+def test_only_the_kept_spans_are_read_and_a_moved_trace_is_kept_whole() -> None:
+    """With ``keep`` (the mesh's sampling), a span of a trace it drops is never converted (here its attributes would
+    not even parse), and an orphaned trace moved into a kept trace is kept whole, the spans before its model span
+    in the export included."""
+    rid = f"req-{uuid.uuid4().hex[:8]}"
+    trace_id, parent = sampled_request(rid)
+    orphan, unsampled = uuid.uuid4().hex, uuid.uuid4().hex
+    unreadable = triton_span(unsampled, "9" * 16, None, "InferRequest")
+    unreadable["attributes"].append({"key": "broken", "value": {"intValue": "not a number"}})
+    payload = {"resourceSpans": [{"resource": {"attributes": []}, "scopeSpans": [{"spans": [
+        triton_span(orphan, "b" * 16, None, "InferRequest"),  # before the model span that names the request
+        triton_span(orphan, "a" * 16, "b" * 16, "tiny-llama", rid),
+        unreadable,
+        triton_span(unsampled, "8" * 16, "9" * 16, "tiny-llama", "never-sampled")]}]}]}
+    spans = otlp_json_to_spans(payload, keep=lambda tid: tid == trace_id, rehome=Rehomer())
+    assert [(s["span_id"], s["trace_id"], s["parent_span_id"]) for s in spans] == [
+        ("b" * 16, trace_id, parent), ("a" * 16, trace_id, "b" * 16)]
+    assert spans[1]["attributes"]["triton.request_id"] == rid and spans[0]["service"] == "triton"
