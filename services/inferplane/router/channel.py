@@ -175,9 +175,13 @@ class ChannelSequence:
         while not (len(self._ids) >= self._want or self.ended):
             await self._wait()
         if self._ids:
-            msg = Message(token_ids=self._ids, logprobs=self._logprobs, top_token_ids=self._top_ids,
-                          top_logprobs=self._top_logprobs)
-            self._ids, self._logprobs, self._top_ids, self._top_logprobs = [], [], [], []
+            if self._logprobs or self._top_ids:
+                msg = Message(token_ids=self._ids, logprobs=self._logprobs, top_token_ids=self._top_ids,
+                              top_logprobs=self._top_logprobs)
+                self._logprobs, self._top_ids, self._top_logprobs = [], [], []
+            else:  # the common case: ids only (empty lists still cost their conversion)
+                msg = Message(token_ids=self._ids)
+            self._ids = []
         else:
             msg = Message()
         self._want = self._interval

@@ -99,13 +99,18 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         deltas = self._engine.generate(inp, key=key, request_id=request_id, deadline=deadline, on_admitted=admitted)
         async with contextlib.aclosing(deltas):
             async for delta in deltas:
+                # one message per delta: only the fields that are set are passed (an empty list or a default
+                # still costs its conversion, and most deltas are a few tokens of text)
                 msg = router_pb2.GenerateResponse(request_id=request_id, text=delta.text, token_count=delta.token_count,
                                                   created=created, model=delta.model or request.model,
-                                                  finish_reason=delta.finish_reason,  # type: ignore[arg-type]
-                                                  index=delta.index, logprobs=delta.logprobs,
-                                                  tool_calls=delta.tool_calls,
-                                                  service_tier=wire.TIER_TO_PB.get(
+                                                  index=delta.index, service_tier=wire.TIER_TO_PB.get(
                                                       delta.service_tier, common_pb2.SERVICE_TIER_UNSPECIFIED))
+                if delta.finish_reason:
+                    msg.finish_reason = delta.finish_reason  # type: ignore[assignment]
+                if delta.logprobs:
+                    msg.logprobs.extend(delta.logprobs)
+                if delta.tool_calls:
+                    msg.tool_calls.extend(delta.tool_calls)
                 if delta.last:
                     msg.usage.prompt_tokens = delta.prompt_tokens
                     msg.usage.completion_tokens = delta.completion_tokens
