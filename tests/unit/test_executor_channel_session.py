@@ -40,9 +40,9 @@ class ScriptedBackend:
     async def close(self) -> None:
         pass
 
-    def tokens(self, seq: int, ids: list[int]) -> None:
+    def tokens(self, seq: int, ids: list[int], logprobs: tuple[float, ...] = ()) -> None:
         assert self.sink is not None
-        self.sink.tokens(self.live[seq], ids, ())
+        self.sink.tokens(self.live[seq], ids, logprobs)
 
     def finish(self, seq: int, completion: int) -> None:
         assert self.sink is not None
@@ -60,10 +60,11 @@ class Router:
         while (req := await self.requests.get()) is not None:
             yield req
 
-    def open(self, *seqs: int, timeout_ms: int = 0, max_tokens: int = 8) -> None:
+    def open(self, *seqs: int, timeout_ms: int = 0, max_tokens: int = 8, omit_logprobs: bool = False) -> None:
         self.requests.put_nowait(executor_pb2.ChannelRequest(opens=[executor_pb2.SequenceOpen(
             seq=s, timeout_ms=timeout_ms,
-            request=executor_pb2.ExecutorGenerateRequest(model="m", prompt_token_ids=[1, 2], max_tokens=max_tokens))
+            request=executor_pb2.ExecutorGenerateRequest(model="m", prompt_token_ids=[1, 2], max_tokens=max_tokens,
+                                                         omit_logprobs=omit_logprobs))
             for s in seqs]))
 
     def cancel(self, *seqs: int) -> None:
@@ -235,3 +236,24 @@ async def test_a_router_gets_every_models_blocks_first_then_their_changes(servic
     service.blocks.apply("m", False, [6], [])  # a router that left gets nothing more
     assert len(service.blocks._subscribers) == 1
     await second.frames.aclose()
+
+
+async def test_a_sequence_opened_with_omit_logprobs_sends_none(service: ChannelService,
+                                                               backend: ScriptedBackend) -> None:
+    """The model always computes them; a sequence whose router asked for none leaves them out of the frame (the
+    other sequences' stay aligned with their ids)."""
+    router = Router(service)
+    router.open(1, omit_logprobs=True)
+    router.open(2)
+    next_frame = asyncio.create_task(router.frame())
+    await until(lambda: {1, 2} <= set(backend.live))
+    backend.tokens(1, [10, 11], (-0.5, -0.25))
+    backend.tokens(2, [20], (-1.0,))
+    frame = await next_frame
+    assert list(frame.seq) == [1, 2] and list(frame.token_ids) == [10, 11, 20]
+    assert math.isnan(frame.logprobs[0]) and math.isnan(frame.logprobs[1]) and frame.logprobs[2] == -1.0
+    next_frame = asyncio.create_task(router.frame())
+    await settle()
+    backend.tokens(1, [12], (-0.75,))  # alone: no logprobs column at all
+    frame = await next_frame
+    assert list(frame.token_ids) == [12] and not frame.logprobs

@@ -307,3 +307,22 @@ def test_the_router_uses_the_channel_unless_told_otherwise() -> None:
 
     assert RouterSettings().channel_silence() == 20.0
     assert RouterSettings(executor_transport="generate").channel_silence() is None
+
+
+async def test_a_sequence_that_asked_for_no_logprobs_gets_none_from_a_frame_that_has_them(scripted) -> None:  # type: ignore[no-untyped-def]
+    """``omit_logprobs`` goes to the executor; should a frame carry logprobs anyway (an executor that does not know
+    the field), they are dropped at the dispatch for that sequence and kept for one that asked."""
+    script, ch = scripted
+    plain = request("plain")
+    plain.omit_logprobs = True
+    tasks = [asyncio.create_task(ch.open(req, timeout=10, traceparent="")) for req in (plain, request("lp"))]
+    ops = await opened(script, 2)
+    assert [op.request.omit_logprobs for op in ops] == [True, False]
+    script.send(executor_pb2.ChannelFrame(seq=[ops[0].seq, ops[1].seq], count=[2, 1], token_ids=[10, 11, 20],
+                                          logprobs=[-0.5, -0.25, -1.0]))
+    without, with_ = await asyncio.gather(*tasks)
+    first, second = await without.__anext__(), await with_.__anext__()
+    assert list(first.token_ids) == [10, 11] and not first.logprobs
+    assert list(second.token_ids) == [20] and list(second.logprobs) == [-1.0]
+    for s in (without, with_):
+        await s.__aexit__(None, None, None)

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ExecutorGenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt_token_ids", "max_tokens", "sampling", "stop_token_ids", "request_id", "stream_interval", "top_logprobs", "constraint", "service_tier")
+    __slots__ = ("model", "prompt_token_ids", "max_tokens", "sampling", "stop_token_ids", "request_id", "stream_interval", "top_logprobs", "constraint", "omit_logprobs", "service_tier")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,7 @@ class ExecutorGenerateRequest(_message.Message):
     STREAM_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     CONSTRAINT_FIELD_NUMBER: _ClassVar[int]
+    OMIT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     SERVICE_TIER_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -28,8 +29,9 @@ class ExecutorGenerateRequest(_message.Message):
     stream_interval: int
     top_logprobs: int
     constraint: _common_pb2.Constraint
+    omit_logprobs: bool
     service_tier: _common_pb2.ServiceTier
-    def __init__(self, model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., request_id: _Optional[str] = ..., stream_interval: _Optional[int] = ..., top_logprobs: _Optional[int] = ..., constraint: _Optional[_Union[_common_pb2.Constraint, _Mapping]] = ..., service_tier: _Optional[_Union[_common_pb2.ServiceTier, str]] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., request_id: _Optional[str] = ..., stream_interval: _Optional[int] = ..., top_logprobs: _Optional[int] = ..., constraint: _Optional[_Union[_common_pb2.Constraint, _Mapping]] = ..., omit_logprobs: _Optional[bool] = ..., service_tier: _Optional[_Union[_common_pb2.ServiceTier, str]] = ...) -> None: ...
 
 class ExecutorGenerateResponse(_message.Message):
     __slots__ = ("token_ids", "finish_reason", "usage", "logprobs", "top_token_ids", "top_logprobs")

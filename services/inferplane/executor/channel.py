@@ -141,6 +141,7 @@ class LiveSequence:
     expired: bool = False  # its timeout passed: it was cancelled here
     timer: asyncio.TimerHandle | None = None
     span: trace.Span | None = None
+    omit_logprobs: bool = False  # the router asked for none (``ExecutorGenerateRequest.omit_logprobs``)
 
 
 class ChannelSession(SequenceSink):
@@ -252,7 +253,7 @@ class ChannelSession(SequenceSink):
             self._frame.fail(seq, exc)
             self._wake.set()
             return
-        live = self._live[seq] = LiveSequence(seq, op.request.request_id)
+        live = self._live[seq] = LiveSequence(seq, op.request.request_id, omit_logprobs=op.request.omit_logprobs)
         self._service.active += 1
         ACTIVE.inc()
         QUEUE_DEPTH.inc()
@@ -308,7 +309,7 @@ class ChannelSession(SequenceSink):
             key.queued = False
             QUEUE_DEPTH.dec()
         if not self._closed:
-            self._frame.tokens(key.seq, token_ids, logprobs, top_k, top_ids, top_logprobs)
+            self._frame.tokens(key.seq, token_ids, () if key.omit_logprobs else logprobs, top_k, top_ids, top_logprobs)
             self._wake.set()
 
     def finished(self, key: Hashable, reason: str, prompt_tokens: int, completion_tokens: int,

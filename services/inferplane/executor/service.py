@@ -68,8 +68,10 @@ def constraint_spec(c: common_pb2.Constraint) -> str | None:
     return json.dumps({kind: value})
 
 
-def chunk_to_pb(chunk: TritonChunk, final: TritonChunk | None) -> executor_pb2.ExecutorGenerateResponse:
-    msg = executor_pb2.ExecutorGenerateResponse(token_ids=chunk.token_ids, logprobs=chunk.logprobs,
+def chunk_to_pb(chunk: TritonChunk, final: TritonChunk | None, *,
+                omit_logprobs: bool = False) -> executor_pb2.ExecutorGenerateResponse:
+    msg = executor_pb2.ExecutorGenerateResponse(token_ids=chunk.token_ids,
+                                               logprobs=() if omit_logprobs else chunk.logprobs,
                                                top_token_ids=chunk.top_ids, top_logprobs=chunk.top_logprobs)
     if final is not None:
         msg.finish_reason = FINISH_TO_PB.get(final.finish_reason or "", common_pb2.FINISH_REASON_ERROR)
@@ -169,7 +171,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
                         queued = False
                         QUEUE_DEPTH.dec()
                     finished = final is not None
-                    yield chunk_to_pb(tokens, final)
+                    yield chunk_to_pb(tokens, final, omit_logprobs=request.omit_logprobs)
         finally:
             self.active -= 1
             ACTIVE.dec()

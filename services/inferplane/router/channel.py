@@ -97,9 +97,12 @@ class ChannelSequence:
     """One request's generation on a channel. The link's reader fills its buffer (``push``, ``finish``,
     ``fail``: never an await); the engine reads it with ``async for`` inside ``async with``."""
 
-    def __init__(self, link: _Link, seq: int, end_at: float, interval: int = 1) -> None:
+    def __init__(self, link: _Link, seq: int, end_at: float, interval: int = 1, *, logprobs: bool = True) -> None:
         self._link = link
         self.seq = seq
+        # whether its messages carry the frames' logprobs (an executor that does not know ``omit_logprobs`` sends
+        # them anyway: they are dropped here, not carried per token to a caller that never reads them)
+        self.logprobs = logprobs
         # The request's stream_interval: after the first message, each holds at least this many ids (the last: what
         # is left), as the executor's Generate groups them; 1: whatever has arrived.
         self._want = 1
@@ -238,7 +241,8 @@ class _Link:
     def open(self, seq: int, request: executor_pb2.ExecutorGenerateRequest, timeout: float,
              traceparent: str) -> ChannelSequence:
         sequence = self.sequences[seq] = ChannelSequence(self, seq, self.loop.time() + timeout,
-                                                         request.stream_interval)
+                                                         request.stream_interval,
+                                                         logprobs=not request.omit_logprobs)
         self._opens.append(executor_pb2.SequenceOpen(seq=seq, request=request, traceparent=traceparent,
                                                      timeout_ms=min(_MAX_TIMEOUT_MS, math.ceil(timeout * 1000))))
         self._pending.set()
@@ -295,7 +299,7 @@ class _Link:
         for seq, count, k in zip(frame.seq, frame.count, tops, strict=False):  # tops: as long as seq, or endless
             sequence = self.sequences.get(seq)
             if sequence is not None:
-                if not lps:
+                if not lps or not sequence.logprobs:
                     sequence.push(ids[at:at + count])
                 else:
                     top_end = top_at + count * k

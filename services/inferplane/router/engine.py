@@ -447,7 +447,8 @@ def executor_request(inp: GenerationInput, model: CatalogModel, request_id: str,
     req = executor_pb2.ExecutorGenerateRequest(
         model=model.triton_model, prompt_token_ids=prompt_token_ids, max_tokens=max_tokens,
         stop_token_ids=stop_token_ids, request_id=request_id, stream_interval=model.stream_interval,
-        top_logprobs=inp.top_logprobs if inp.logprobs else 0, service_tier=TIER_TO_PB[inp.service_tier])
+        top_logprobs=inp.top_logprobs if inp.logprobs else 0, omit_logprobs=not inp.logprobs,
+        service_tier=TIER_TO_PB[inp.service_tier])
     # always explicit: the executor (and the Triton model) would take an absent temperature for greedy
     req.sampling.temperature = model.default_temperature if inp.temperature is None else inp.temperature
     for name in ("top_p", "top_k", "seed", "repetition_penalty", "presence_penalty", "frequency_penalty",
