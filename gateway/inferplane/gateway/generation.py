@@ -250,6 +250,7 @@ async def _stream(call: GenerateCall, first: router_pb2.GenerateResponse, enc: R
     ``[DONE]`` follow the last choice's finish (n = 1: one message, one send, as before)."""
     await answer.start(200, [*SSE_HEADERS, *_raw_headers(answer.request_id, headers)])
     send = answer.send
+    writes = 0  # counted into SSE_WRITES once, at the end (not a lock per token)
     # Frames not sent yet: the opening chunks go out with the first text; an error frame goes after them.
     pending = b"".join(sse_frame(chunk) for chunk in enc.opening())
     try:
@@ -265,12 +266,12 @@ async def _stream(call: GenerateCall, first: router_pb2.GenerateResponse, enc: R
                     usage = sse_frame(enc.usage_chunk(usage_dict(msg))) if enc.include_usage else b""
                     async for _ in messages:
                         pass  # nothing counts after the last finish message; read on to the call's status
-                    SSE_WRITES.inc()
+                    writes += 1
                     await send({"type": "http.response.body", "body": pending + usage + DONE_FRAME,
                                 "more_body": False})
                     return
                 if pending:
-                    SSE_WRITES.inc()
+                    writes += 1
                     await send({"type": "http.response.body", "body": pending, "more_body": True})
                     pending = b""
                 msg = await anext(messages, None)
@@ -280,5 +281,7 @@ async def _stream(call: GenerateCall, first: router_pb2.GenerateResponse, enc: R
         span.set_attribute("inferplane.stream_error", err.code or err.type)
         if err.status >= 500:
             span.set_status(Status(StatusCode.ERROR, err.message))
-        SSE_WRITES.inc()
+        writes += 1
         await send({"type": "http.response.body", "body": pending + sse_frame(err.body()), "more_body": False})
+    finally:
+        SSE_WRITES.inc(writes)
