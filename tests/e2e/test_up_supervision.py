@@ -267,6 +267,24 @@ async def test_sigkill_of_tritonserver_under_32_streams_restarts_it(up2: Up) -> 
     assert up2.proc.poll() is None and "executor exited" not in up2.output  # the executor itself lived on
 
 
+async def test_sigkill_of_the_router_restarts_it_on_a_fresh_edge_socket(up2: Up) -> None:
+    """The router's process also serves the REST edge, which Envoy reaches on ``STATE/gateway.sock``: SIGKILLed, it
+    leaves that socket file behind; the restarted one replaces it and the public port serves again."""
+    sock = up2.state / "gateway.sock"
+    before = sock.stat().st_ino
+    victim = next(p for p in descendants(up2.proc.pid) if alive(p) and "router-gateway" in cmdline(p))
+    t0 = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    up2.wait_line(lambda ln: ln.startswith("inferplane: router exited with -9; restarting (1st restart)"), 30)
+    up2.wait_line(lambda ln: ln.startswith("inferplane: router ready again after"), 120)
+    async with httpx.AsyncClient(timeout=60) as http:
+        result = await stream_one(http, up2, max_tokens=2)
+    print(f"\nrouter SIGKILLed: serving through Envoy again {time.monotonic() - t0:.1f}s after the kill")
+    assert result["status"] == 200 and result["done"], result
+    assert sock.is_socket() and sock.stat().st_ino != before
+    assert launcher_restarts(up2, "router") == 1
+
+
 def test_a_second_up_on_a_taken_port_fails_fast_naming_it(up2: Up, tmp_path: Path) -> None:
     edge = int(up2.env["INFERPLANE_BASE_URL"].rsplit(":", 1)[1].split("/")[0])
     t0 = time.monotonic()

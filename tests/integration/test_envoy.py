@@ -296,6 +296,22 @@ async def test_the_gateway_behind_a_unix_socket_streams_through_envoy(edge: Edge
         await asyncio.wait_for(task, 10)
     assert not path.exists()
 
+    # A gateway leaves a socket file another process has bound since (its replacement) where it is.
+    gateway = GatewayServer(GatewaySettings(port=0, unix_socket=str(path), router_addr=f"127.0.0.1:{edge.router_port}",
+                                            grace_seconds=1), handle_signals=False)
+    task = asyncio.create_task(gateway.serve())
+    await asyncio.wait_for(gateway.ready.wait(), 10)
+    path.unlink()
+    replacement = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        replacement.bind(str(path))
+        gateway.should_exit = True
+        await asyncio.wait_for(task, 10)
+        assert path.is_socket()
+    finally:
+        replacement.close()
+        path.unlink(missing_ok=True)
+
 
 def test_a_unix_gateway_address_must_be_absolute() -> None:
     with pytest.raises(ValueError, match="unix:/absolute/path"):

@@ -45,6 +45,7 @@ class GatewayServer(uvicorn.Server):
         self.ready = ready or asyncio.Event()
         self.handle_signals = handle_signals
         self.unix_socket = settings.unix_socket
+        self._unix_inode: int | None = None  # of the socket file this server bound (removed at shutdown if still it)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -65,6 +66,7 @@ class GatewayServer(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         if sockets is None and self.unix_socket:
             sockets = [self.config.bind_socket(), bind_unix_socket(self.unix_socket)]
+            self._unix_inode = os.stat(self.unix_socket).st_ino
         await super().startup(sockets)
         if self.started:
             log.info("gateway listening on %s:%d%s", self.config.host, self.port,
@@ -73,8 +75,9 @@ class GatewayServer(uvicorn.Server):
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         await super().shutdown(sockets)
-        if self.unix_socket:
-            with contextlib.suppress(FileNotFoundError):
+        # the file goes with the server, unless another process has bound the path since (a replacement)
+        with contextlib.suppress(FileNotFoundError):
+            if self._unix_inode is not None and os.stat(self.unix_socket).st_ino == self._unix_inode:
                 os.unlink(self.unix_socket)
 
     @property
