@@ -271,7 +271,7 @@ async def test_sigkill_of_the_router_restarts_it_on_a_fresh_edge_socket(up2: Up)
     """The router's process also serves the REST edge, which Envoy reaches on ``STATE/gateway.sock``: SIGKILLed, it
     leaves that socket file behind; the restarted one replaces it and the public port serves again."""
     sock = up2.state / "gateway.sock"
-    before = sock.stat().st_ino
+    before = sock.stat().st_ctime_ns  # (not its inode number: ext4 may give the new file the same one)
     victim = next(p for p in descendants(up2.proc.pid) if alive(p) and "router-gateway" in cmdline(p))
     t0 = time.monotonic()
     os.kill(victim, signal.SIGKILL)
@@ -281,7 +281,7 @@ async def test_sigkill_of_the_router_restarts_it_on_a_fresh_edge_socket(up2: Up)
         result = await stream_one(http, up2, max_tokens=2)
     print(f"\nrouter SIGKILLed: serving through Envoy again {time.monotonic() - t0:.1f}s after the kill")
     assert result["status"] == 200 and result["done"], result
-    assert sock.is_socket() and sock.stat().st_ino != before
+    assert sock.is_socket() and sock.stat().st_ctime_ns != before  # a new file, bound by the new process
     assert launcher_restarts(up2, "router") == 1
 
 

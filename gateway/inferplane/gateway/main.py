@@ -45,7 +45,9 @@ class GatewayServer(uvicorn.Server):
         self.ready = ready or asyncio.Event()
         self.handle_signals = handle_signals
         self.unix_socket = settings.unix_socket
-        self._unix_inode: int | None = None  # of the socket file this server bound (removed at shutdown if still it)
+        # the socket file this server bound, (inode, ctime ns): removed at shutdown if still it (an inode number
+        # alone is not enough: a file made after this one was unlinked may get the same number)
+        self._unix_file: tuple[int, int] | None = None
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -66,7 +68,7 @@ class GatewayServer(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         if sockets is None and self.unix_socket:
             sockets = [self.config.bind_socket(), bind_unix_socket(self.unix_socket)]
-            self._unix_inode = os.stat(self.unix_socket).st_ino
+            self._unix_file = _identity(self.unix_socket)
         await super().startup(sockets)
         if self.started:
             log.info("gateway listening on %s:%d%s", self.config.host, self.port,
@@ -77,7 +79,7 @@ class GatewayServer(uvicorn.Server):
         await super().shutdown(sockets)
         # the file goes with the server, unless another process has bound the path since (a replacement)
         with contextlib.suppress(FileNotFoundError):
-            if self._unix_inode is not None and os.stat(self.unix_socket).st_ino == self._unix_inode:
+            if self._unix_file is not None and _identity(self.unix_socket) == self._unix_file:
                 os.unlink(self.unix_socket)
 
     @property
@@ -87,6 +89,11 @@ class GatewayServer(uvicorn.Server):
             for sock in server.sockets:
                 return int(sock.getsockname()[1])
         return int(self.config.port)
+
+
+def _identity(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_ino, st.st_ctime_ns
 
 
 def bind_unix_socket(path: str) -> socket.socket:
